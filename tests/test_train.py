@@ -1,0 +1,141 @@
+"""The training loop in one process: learning, accumulation, NaN skipping, fp16 scaling, metrics, errors."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from titanlm.config import load_config
+from titanlm.config.job_config import GradScaler, LRScheduler
+from titanlm.loss_scaler import DynamicLossScaler
+from titanlm.metrics import METRIC_KEYS
+from titanlm.optim import lr_factor
+from titanlm.parallel import ParallelDims, ParallelismError
+from titanlm.train import Trainer
+from trainer_runs import REPO, TINY_ARGS, read_metrics, run_in_process
+
+
+def assert_records_close(actual: list[dict], expected: list[dict], rtol: float = 1e-5) -> None:
+    assert [r["step"] for r in actual] == [r["step"] for r in expected]
+    for got, want in zip(actual, expected):
+        for key in ("loss", "grad_norm"):
+            assert math.isclose(got[key], want[key], rel_tol=rtol), (key, got["step"], got[key], want[key])
+
+
+def test_demo_run_loss_falls(tmp_path, demo_cache) -> None:
+    records = run_in_process(tmp_path, [
+        "--data.dataset", "demo", "--data.cache_folder", str(demo_cache), "--training.steps", "40",
+        "--training.seq_len", "64", "--training.local_batch_size", "8", "--optimizer.lr", "3e-3",
+    ])
+    first, last = records[0]["loss"], sum(r["loss"] for r in records[-5:]) / 5
+    assert first > 6.5  # ~ln(vocab) at initialization
+    assert last < first - 2.0, [r["loss"] for r in records]
+
+
+def test_gradient_accumulation_equals_one_large_micro_batch(tmp_path) -> None:
+    accumulated = run_in_process(tmp_path / "a", ["--training.local_batch_size", "1", "--training.global_batch_size", "4"])
+    large = run_in_process(tmp_path / "b", ["--training.local_batch_size", "4"])
+    assert_records_close(accumulated, large)
+
+
+def test_nan_gradient_step_is_skipped_and_counted(tmp_path) -> None:
+    cfg = load_config([*TINY_ARGS, "--job.dump_folder", str(tmp_path)])
+    trainer = Trainer(cfg)
+    batches = iter(trainer.dataloader)
+    trainer.train_step(trainer.next_micro_batches(batches))
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    clean_loss_fn = trainer.loss_fn
+    trainer.loss_fn = lambda logits, labels: clean_loss_fn(logits, labels) * float("nan")
+    record = trainer.train_step(trainer.next_micro_batches(batches))
+    assert math.isnan(record["grad_norm"]) and record["inf_nan_skip_batches"] == 1
+    for name, param in trainer.model.named_parameters():
+        assert torch.equal(param.detach(), before[name]), f"{name} changed during a skipped step"
+    trainer.loss_fn = clean_loss_fn
+    record = trainer.train_step(trainer.next_micro_batches(batches))
+    assert math.isfinite(record["loss"]) and record["inf_nan_skip_batches"] == 1
+    trainer.close()
+
+
+def test_float16_loss_scale_backs_off_on_overflow_and_training_continues(tmp_path) -> None:
+    cfg = load_config([*TINY_ARGS, "--job.dump_folder", str(tmp_path), "--training.mixed_precision_param",
+                       "float16", "--grad_scaler.hysteresis", "1", "--grad_scaler.initial_scale", "1024"])
+    trainer = Trainer(cfg)
+    batches = iter(trainer.dataloader)
+    assert trainer.train_step(trainer.next_micro_batches(batches))["loss_scale"] == 1024
+    clean_loss_fn = trainer.loss_fn
+    trainer.loss_fn = lambda logits, labels: clean_loss_fn(logits, labels) * float("inf")
+    record = trainer.train_step(trainer.next_micro_batches(batches))
+    assert record["loss_scale"] == 512 and record["inf_nan_skip_batches"] == 1
+    trainer.loss_fn = clean_loss_fn
+    record = trainer.train_step(trainer.next_micro_batches(batches))
+    assert math.isfinite(record["grad_norm"]) and record["inf_nan_skip_batches"] == 1
+    trainer.close()
+
+
+def test_metrics_jsonl_has_the_documented_keys_every_log_step(tmp_path) -> None:
+    run_in_process(tmp_path, ["--metrics.log_freq", "2", "--metrics.enable_tensorboard"])
+    records = read_metrics(tmp_path)
+    assert [r["step"] for r in records] == [1, 2, 4, 5]
+    for record in records:
+        assert set(METRIC_KEYS) <= record.keys()
+        assert record["num_consumed_tokens"] == record["step"] * 4 * 32
+        assert record["tgs"] > 0 and record["tflops"] > 0 and record["mfu"] is None  # CPU: no known peak
+    assert any((tmp_path / "tb").iterdir())
+
+
+def test_lr_warms_up_then_decays_to_the_floor() -> None:
+    cfg = LRScheduler(warmup_steps=4, decay_type="cosine", min_lr_factor=0.1)
+    factors = [lr_factor(step, cfg, total_steps=20) for step in range(20)]
+    assert factors[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert all(a >= b for a, b in zip(factors[4:], factors[5:]))
+    assert factors[-1] == pytest.approx(0.1)
+    linear = LRScheduler(warmup_ratio=0.1, decay_type="linear", min_lr_factor=0.0)
+    assert lr_factor(1, linear, total_steps=20) == 1.0 and lr_factor(19, linear, total_steps=20) == pytest.approx(0.0)
+
+
+def test_dynamic_loss_scaler_follows_internevo_rules() -> None:
+    scaler = DynamicLossScaler(GradScaler(initial_scale=8, min_scale=2, max_scale=16, growth_interval=2, hysteresis=2))
+    scaler.update(overflow=True)
+    assert scaler.scale == 8  # the first overflow is absorbed by hysteresis
+    scaler.update(overflow=True)
+    assert scaler.scale == 4
+    scaler.update(overflow=True)
+    scaler.update(overflow=True)
+    assert scaler.scale == 2  # floored at min_scale
+    for _ in range(6):
+        scaler.update(overflow=False)
+    assert scaler.scale == 16  # grew every 2 clean steps, capped at max_scale
+    restored = DynamicLossScaler(GradScaler())
+    restored.load_state_dict(scaler.state_dict())
+    assert restored.state_dict() == scaler.state_dict()
+
+
+def test_parallel_degrees_that_do_not_fit_the_world_are_rejected() -> None:
+    cfg = load_config(["--parallelism.data_parallel_shard_degree", "3"])
+    with pytest.raises(ParallelismError, match=r"multiply to 3 .* but 2 processes"):
+        ParallelDims.from_config(cfg.parallelism, world_size=2)
+    cfg = load_config(["--parallelism.tensor_parallel_degree", "4"])
+    with pytest.raises(ParallelismError, match="world size 6 is not divisible"):
+        ParallelDims.from_config(cfg.parallelism, world_size=6)
+    dims = ParallelDims.from_config(load_config(["--parallelism.data_parallel_replicate_degree", "2"]).parallelism, 8)
+    assert (dims.dp_replicate, dims.dp_shard, dims.dp) == (2, 4, 8)
+
+
+def test_global_batch_must_be_a_multiple_of_local_batch_times_dp(tmp_path) -> None:
+    with pytest.raises(ValueError, match="training.global_batch_size 6 is not a multiple"):
+        run_in_process(tmp_path, ["--training.global_batch_size", "6"])
+
+
+def test_cli_reports_bad_input_in_one_line_and_exit_code_2(tmp_path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "titanlm.train", *TINY_ARGS, "--job.dump_folder", str(tmp_path),
+         "--parallelism.tensor_parallel_degree", "2", "--parallelism.data_parallel_shard_degree", "1"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    assert "error: [parallelism] degrees multiply to 2" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,51 @@
+"""Job configuration: the dataclasses (job_config) and how they are loaded (manager)."""
+
+from titanlm.config.job_config import (
+    ActivationCheckpoint,
+    Checkpoint,
+    Compile,
+    Data,
+    Debug,
+    Float8,
+    GradScaler,
+    Job,
+    JobConfig,
+    LRScheduler,
+    Metrics,
+    Model,
+    Optimizer,
+    Parallelism,
+    Training,
+)
+from titanlm.config.manager import (
+    ConfigError,
+    config_to_dict,
+    config_to_toml,
+    help_text,
+    load_config,
+    load_config_or_exit,
+)
+
+__all__ = [
+    "ActivationCheckpoint",
+    "Checkpoint",
+    "Compile",
+    "ConfigError",
+    "Data",
+    "Debug",
+    "Float8",
+    "GradScaler",
+    "Job",
+    "JobConfig",
+    "LRScheduler",
+    "Metrics",
+    "Model",
+    "Optimizer",
+    "Parallelism",
+    "Training",
+    "config_to_dict",
+    "config_to_toml",
+    "help_text",
+    "load_config",
+    "load_config_or_exit",
+]

@@ -1,0 +1,193 @@
+"""The job configuration: one dataclass per TOML section.
+
+Every field carries its default and a one-line help string; `--help`, the README table and the
+error messages are all generated from these, so this file is the single source of truth for
+configuration names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    """A dataclass field with a default, the one-line help shown by `--help` and, for string
+    fields with a fixed set of values, the allowed `choices` (checked when the config loads)."""
+    metadata = {"help": help, "choices": choices}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass
+class Job:
+    config_file: str = opt("", "TOML file to read; CLI overrides win over it")
+    dump_folder: str = opt("./outputs", "folder for logs, metrics.jsonl, TensorBoard and checkpoints")
+    description: str = opt("", "free text shown in the first log line")
+    print_config: bool = opt(False, "print the resolved configuration at start")
+
+
+@dataclass
+class Model:
+    name: str = opt(
+        "llama3",
+        "model family: llama3, internlm (v1) or internlm2",
+        choices=("llama3", "internlm", "internlm2"),
+    )
+    flavor: str = opt("debug", "size within the family, e.g. debug, 7B, 8B, 20B, 70B")
+    tokenizer_path: str = opt(
+        "", "tokenizer file (SentencePiece .model or tiktoken ranks); empty = none or the demo's"
+    )
+
+
+@dataclass
+class Training:
+    steps: int = opt(200, "number of optimizer steps")
+    seq_len: int = opt(2048, "tokens per sample (InternEvo SEQ_LEN)")
+    local_batch_size: int = opt(8, "samples per micro-batch on each data-parallel rank (micro_bsz)")
+    global_batch_size: int = opt(
+        -1,
+        "samples per optimizer step over all ranks; -1 = local_batch_size x dp degree. "
+        "Accumulation steps (micro_num) = global / (local x dp)",
+    )
+    max_norm: float = opt(1.0, "gradient clipping norm; <= 0 disables clipping (the norm is still logged)")
+    mixed_precision_param: str = opt(
+        "auto",
+        "parameter/compute dtype: auto (bfloat16 on GPU, float32 on CPU), bfloat16, float16, float32",
+        choices=("auto", "bfloat16", "float16", "float32"),
+    )
+    mixed_precision_reduce: str = opt(
+        "float32", "gradient reduce-scatter dtype: float32 or bfloat16", choices=("float32", "bfloat16")
+    )
+    skip_nan_inf_steps: bool = opt(True, "skip an optimizer step whose grad norm is inf/NaN and count it")
+
+
+@dataclass
+class GradScaler:
+    """Dynamic loss scaling for float16, with InternEvo's knobs (seed 004's grad_scaler)."""
+
+    initial_scale: float = opt(2.0**16, "starting loss scale")
+    min_scale: float = opt(1.0, "the scale never drops below this")
+    max_scale: float = opt(2.0**24, "the scale never grows above this")
+    growth_interval: int = opt(1000, "finite steps in a row before the scale grows")
+    growth_factor: float = opt(2.0, "multiplier applied when the scale grows")
+    backoff_factor: float = opt(0.5, "multiplier applied when the scale shrinks")
+    hysteresis: int = opt(2, "overflowing steps tolerated before the scale shrinks")
+
+
+@dataclass
+class Data:
+    dataset: str = opt(
+        "auto",
+        "random (random tokens), demo (bundled generated corpus + its tokenizer), bin (InternEvo "
+        "bin/meta folder); auto = bin when train_folder is set, else random",
+        choices=("auto", "random", "demo", "bin"),
+    )
+    train_folder: str = opt("", "InternEvo tokenized folder (type sub-folders of *.bin + *.bin.meta)")
+    cache_folder: str = opt("~/.cache/titanlm", "where the demo corpus and its tokenizer are generated")
+    num_workers: int = opt(0, "dataloader worker processes")
+
+
+@dataclass
+class Optimizer:
+    name: str = opt("AdamW", "optimizer: AdamW or Adam", choices=("AdamW", "Adam"))
+    lr: float = opt(3e-4, "peak learning rate")
+    beta1: float = opt(0.9, "Adam beta1")
+    beta2: float = opt(0.95, "Adam beta2")
+    eps: float = opt(1e-8, "Adam epsilon")
+    weight_decay: float = opt(0.1, "decoupled weight decay")
+    implementation: str = opt(
+        "auto",
+        "kernel: auto (fused on GPU, foreach on CPU), fused, foreach or for-loop",
+        choices=("auto", "fused", "foreach", "for-loop"),
+    )
+
+
+@dataclass
+class LRScheduler:
+    warmup_steps: int = opt(0, "linear warmup steps (set this or warmup_ratio, not both)")
+    warmup_ratio: float = opt(0.0, "warmup as a fraction of training.steps (InternEvo warmup_ratio)")
+    decay_type: str = opt(
+        "cosine", "decay after warmup: cosine, linear or constant", choices=("cosine", "linear", "constant")
+    )
+    min_lr_factor: float = opt(0.0, "floor of the decay as a fraction of lr (InternEvo eta_min / lr)")
+
+
+@dataclass
+class Parallelism:
+    data_parallel_replicate_degree: int = opt(1, "HSDP replicas (pure DDP-style replication)")
+    data_parallel_shard_degree: int = opt(-1, "FSDP shard group size; -1 = whatever the other degrees leave")
+    fsdp_reshard_after_forward: str = opt(
+        "default",
+        "free gathered params after forward: default (yes, except the root), always (ZeRO-3), "
+        "never (ZeRO-2: keep them for backward)",
+        choices=("default", "always", "never"),
+    )
+    tensor_parallel_degree: int = opt(1, "tensor parallel size (InternEvo tensor)")
+    pipeline_parallel_degree: int = opt(1, "pipeline parallel size (InternEvo pipeline)")
+    pipeline_parallel_schedule: str = opt("1F1B", "pipeline schedule name, e.g. GPipe, 1F1B, Interleaved1F1B")
+    context_parallel_degree: int = opt(1, "context parallel size (sequence split across ranks)")
+
+
+@dataclass
+class Checkpoint:
+    enable: bool = opt(False, "save checkpoints and resume from the newest one")
+    folder: str = opt("checkpoint", "checkpoint folder, relative to job.dump_folder")
+    interval: int = opt(500, "save every this many steps")
+    keep_latest_k: int = opt(0, "keep only the newest k checkpoints; 0 = keep all")
+    async_mode: str = opt(
+        "disabled",
+        "disabled, async or async_with_pinned_mem",
+        choices=("disabled", "async", "async_with_pinned_mem"),
+    )
+
+
+@dataclass
+class Metrics:
+    log_freq: int = opt(10, "log a metrics line every this many steps")
+    enable_tensorboard: bool = opt(False, "write TensorBoard scalars under job.dump_folder/tb")
+    peak_tflops: float = opt(-1.0, "device peak TFLOP/s for MFU; -1 = look the device up in the known table")
+
+
+@dataclass
+class ActivationCheckpoint:
+    mode: str = opt(
+        "none",
+        "activation checkpointing: none or full (recompute each block in backward)",
+        choices=("none", "full"),
+    )
+
+
+@dataclass
+class Compile:
+    enable: bool = opt(False, "torch.compile each transformer block and the loss")
+
+
+@dataclass
+class Float8:
+    enable: bool = opt(False, "float8 linear layers through torchao (GPU; lands with the parallelism work)")
+
+
+@dataclass
+class Debug:
+    seed: int = opt(42, "seed for weights, data order and dropout-free RNG use")
+    deterministic: bool = opt(False, "use deterministic kernels only (slower, bitwise repeatable)")
+
+
+@dataclass
+class JobConfig:
+    job: Job = field(default_factory=Job)
+    model: Model = field(default_factory=Model)
+    training: Training = field(default_factory=Training)
+    grad_scaler: GradScaler = field(default_factory=GradScaler)
+    data: Data = field(default_factory=Data)
+    optimizer: Optimizer = field(default_factory=Optimizer)
+    lr_scheduler: LRScheduler = field(default_factory=LRScheduler)
+    parallelism: Parallelism = field(default_factory=Parallelism)
+    checkpoint: Checkpoint = field(default_factory=Checkpoint)
+    metrics: Metrics = field(default_factory=Metrics)
+    activation_checkpoint: ActivationCheckpoint = field(default_factory=ActivationCheckpoint)
+    compile: Compile = field(default_factory=Compile)
+    float8: Float8 = field(default_factory=Float8)
+    debug: Debug = field(default_factory=Debug)

@@ -1,0 +1,175 @@
+"""One decoder-only Transformer for Llama3, InternLM (v1) and InternLM2.
+
+Pre-norm blocks of RMSNorm -> attention (RoPE, grouped-query, optional q/k/v/o bias) and
+RMSNorm -> SwiGLU MLP; untied input and output embeddings. The families differ only in the
+numbers of `ModelArgs`. Rotary embeddings use the "rotate half" layout of Hugging Face's Llama,
+so HF weights load without permuting q/k rows.
+
+The model is built on the meta device and materialized afterwards with `init_weights`, which
+gives the same values whatever the parallel layout (see its docstring).
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+from titanlm.models.attention import get_attention_backend
+from titanlm.models.flavors import ModelArgs
+
+INIT_STD = 0.02
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalize in float32 whatever the compute dtype, as the reference implementations do.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rope_cos_sin(
+    positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables [batch, 1, seq, head_dim] for integer positions [batch, seq]."""
+    freqs = positions.float()[..., None] * inv_freq.float()
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, attention_backend: str) -> None:
+        super().__init__()
+        self.head_dim = args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=args.attn_bias)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=args.attn_bias)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=args.attn_bias)
+        self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=args.attn_bias)
+        self.attend = get_attention_backend(attention_backend)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        bsz, seqlen, _ = x.shape
+        # -1 heads: under tensor parallelism each rank holds only its share of the heads.
+        q = self.wq(x).view(bsz, seqlen, -1, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(bsz, seqlen, -1, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(bsz, seqlen, -1, self.head_dim).transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        out = self.attend(q, k, v)
+        return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x); w1 is HF's gate_proj, w3 up_proj, w2 down_proj."""
+
+    def __init__(self, dim: int, ffn_dim: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, ffn_dim, bias=False)
+        self.w2 = nn.Linear(ffn_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, ffn_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs, attention_backend: str) -> None:
+        super().__init__()
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attention = Attention(args, attention_backend)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.feed_forward = FeedForward(args.dim, args.ffn_dim)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs, attention_backend: str = "sdpa") -> None:
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        # A dict keyed by layer index keeps parameter names stable when pipeline stages drop layers.
+        self.layers = nn.ModuleDict(
+            {str(i): TransformerBlock(args, attention_backend) for i in range(args.n_layers)}
+        )
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
+
+    def _inv_freq(self) -> torch.Tensor:
+        exponents = torch.arange(0, self.args.head_dim, 2, dtype=torch.int64).float() / self.args.head_dim
+        return 1.0 / (self.args.rope_theta**exponents)
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [batch, seq, vocab] for token ids [batch, seq]."""
+        h = self.tok_embeddings(input_ids)
+        if position_ids is None:
+            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        cos, sin = rope_cos_sin(position_ids, self.inv_freq, h.dtype)
+        for layer in self.layers.values():
+            h = layer(h, cos, sin)
+        return self.output(self.norm(h))
+
+    @torch.no_grad()
+    def init_weights(self, seed: int) -> None:
+        """Fill every parameter with values that depend only on (seed, parameter name).
+
+        Each parameter's full tensor is drawn from its own generator and each rank keeps its
+        shard, so FSDP, TP or PP layouts start from exactly the weights of a single process.
+        (DTensor's own RNG only offers that on CUDA.) Residual projections get GPT-2's depth
+        scaling of the standard deviation.
+        """
+        self.inv_freq.copy_(self._inv_freq().to(self.inv_freq.device))
+        residual_std = INIT_STD / (2 * self.args.n_layers) ** 0.5
+        for name, param in self.named_parameters():
+            name = canonical_param_name(name)
+            if name.endswith("norm.weight"):
+                _fill_(param, name, seed, lambda t, g: t.fill_(1.0))
+            elif name.endswith(".bias"):
+                _fill_(param, name, seed, lambda t, g: t.zero_())
+            else:
+                std = residual_std if name.endswith(("wo.weight", "w2.weight")) else INIT_STD
+                _fill_(param, name, seed, lambda t, g, s=std: t.normal_(0.0, s, generator=g))
+
+
+def canonical_param_name(name: str) -> str:
+    """The parameter name without the wrappers added by activation checkpointing or compile."""
+    for wrapper in ("_checkpoint_wrapped_module.", "_orig_mod."):
+        name = name.replace(wrapper, "")
+    return name
+
+
+def _fill_(param: torch.Tensor, name: str, seed: int, fill) -> None:
+    device = param.device
+    generator = torch.Generator(device=device)
+    generator.manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
+    full = fill(torch.empty(param.shape, dtype=torch.float32, device=device), generator)
+    if isinstance(param, DTensor):
+        local_shape, offset = compute_local_shape_and_global_offset(
+            param.shape, param.device_mesh, param.placements
+        )
+        index = tuple(slice(o, o + n) for o, n in zip(offset, local_shape))
+        param.to_local().copy_(full[index])
+    else:
+        param.copy_(full)
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,43 @@
+"""FSDP2: shard each block and the root over the data-parallel mesh (HSDP when it has 2 dims)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from titanlm.models.transformer import Transformer
+
+
+def apply_fsdp(
+    model: Transformer,
+    mesh: DeviceMesh,
+    param_dtype: torch.dtype,
+    reduce_dtype: torch.dtype,
+    reshard_after_forward: str,
+) -> None:
+    """Wrap every transformer block and then the root.
+
+    `reshard_after_forward`: "always" frees gathered parameters after forward (ZeRO-3 memory),
+    "never" keeps them until backward (ZeRO-2 traffic), "default" does the former for blocks and
+    skips it for the root, whose parameters backward needs first.
+
+    Gradients are summed, not averaged, across ranks: the loss is already normalised by the
+    global token count, so the sum is the exact gradient whatever the number of ranks. Gloo
+    has no PREMUL_SUM, hence force-sum reductions.
+    """
+    mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    block_reshard = reshard_after_forward != "never"
+    root_reshard = reshard_after_forward == "always"
+    for block in model.layers.values():
+        fully_shard(block, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=block_reshard)
+    fully_shard(model, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=root_reshard)
+    for module in model.modules():
+        if hasattr(module, "set_gradient_divide_factor"):
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)
+
+
+def fsdp_modules(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if hasattr(m, "set_requires_gradient_sync")]

@@ -1,0 +1,90 @@
+"""The parallel layout: degrees from `[parallelism]`, checked against the world size, and the mesh.
+
+The mesh has the dimensions (pp, dp_replicate, dp_shard, cp, tp), outermost first, so that
+tensor parallelism, the most communication-hungry, stays on neighbouring ranks (same node).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from titanlm.config.job_config import Parallelism
+
+
+class ParallelismError(ValueError):
+    """Degrees that do not fit the world size or each other."""
+
+
+@dataclass(frozen=True)
+class Meshes:
+    """The world mesh and the views each consumer needs.
+
+    `dp`: 1-D over every rank that sees different data (data sharding, loss and token counts).
+    `fsdp`: where parameters are sharded; 2-D (replicate, shard) for HSDP.
+    """
+
+    world: DeviceMesh
+    dp: DeviceMesh
+    fsdp: DeviceMesh
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    dp_replicate: int
+    dp_shard: int
+    cp: int
+    tp: int
+    pp: int
+    world_size: int
+
+    @classmethod
+    def from_config(cls, cfg: Parallelism, world_size: int) -> ParallelDims:
+        dp_replicate = cfg.data_parallel_replicate_degree
+        tp, pp, cp = cfg.tensor_parallel_degree, cfg.pipeline_parallel_degree, cfg.context_parallel_degree
+        others = dp_replicate * tp * pp * cp
+        dp_shard = cfg.data_parallel_shard_degree
+        if dp_shard == -1:
+            if world_size % others:
+                raise ParallelismError(
+                    f"world size {world_size} is not divisible by data_parallel_replicate_degree x "
+                    f"tensor_parallel_degree x pipeline_parallel_degree x context_parallel_degree = {others}; "
+                    "change the degrees in [parallelism] or the number of processes"
+                )
+            dp_shard = world_size // others
+        product = others * dp_shard
+        if product != world_size:
+            raise ParallelismError(
+                f"[parallelism] degrees multiply to {product} (dp_replicate {dp_replicate} x dp_shard "
+                f"{dp_shard} x cp {cp} x tp {tp} x pp {pp}) but {world_size} processes were launched; "
+                "make them equal, or set data_parallel_shard_degree = -1 to infer it"
+            )
+        return cls(dp_replicate, dp_shard, cp, tp, pp, world_size)
+
+    @property
+    def dp(self) -> int:
+        """Ranks that see different data."""
+        return self.dp_replicate * self.dp_shard
+
+    def build_meshes(self, device_type: str) -> Meshes:
+        names = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
+        sizes = (self.pp, self.dp_replicate, self.dp_shard, self.cp, self.tp)
+        world = init_device_mesh(device_type, sizes, mesh_dim_names=names)
+        dp = world["dp_replicate", "dp_shard"]._flatten("dp")
+        fsdp = world["dp_replicate", "dp_shard"] if self.dp_replicate > 1 else world["dp_shard"]
+        return Meshes(world=world, dp=dp, fsdp=fsdp)
+
+    def check_supported(self) -> None:
+        """Stop early on layouts this build cannot run yet, rather than failing deep inside."""
+        unsupported = {
+            "tensor_parallel_degree": self.tp,
+            "pipeline_parallel_degree": self.pp,
+            "context_parallel_degree": self.cp,
+        }
+        for key, degree in unsupported.items():
+            if degree > 1:
+                raise ParallelismError(
+                    f"parallelism.{key} = {degree} is not supported yet (tracked by the n-D parallelism "
+                    "issue); use data parallelism (data_parallel_shard/replicate_degree) for now"
+                )

@@ -1,0 +1,24 @@
+"""Apply every parallelism and wrapper to a meta-device model, in the one order that works.
+
+Activation checkpointing wraps blocks before compile (so recomputation is compiled too), and
+both come before FSDP, which must see the final module tree.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from titanlm.config.job_config import JobConfig
+from titanlm.models.transformer import Transformer
+from titanlm.parallel.activation_checkpoint import apply_ac
+from titanlm.parallel.compile import apply_compile
+from titanlm.parallel.fsdp import apply_fsdp
+from titanlm.parallel.parallel_dims import Meshes
+
+
+def parallelize(model: Transformer, meshes: Meshes, cfg: JobConfig, param_dtype: torch.dtype) -> None:
+    apply_ac(model, cfg.activation_checkpoint.mode)
+    if cfg.compile.enable:
+        apply_compile(model)
+    reduce_dtype = getattr(torch, cfg.training.mixed_precision_reduce)
+    apply_fsdp(model, meshes.fsdp, param_dtype, reduce_dtype, cfg.parallelism.fsdp_reshard_after_forward)
