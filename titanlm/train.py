@@ -22,6 +22,7 @@ from titanlm.distributed import init_distributed, set_determinism, shutdown
 from titanlm.loss_scaler import DynamicLossScaler
 from titanlm.metrics import MetricsLogger, device_peak_flops, peak_memory_gib
 from titanlm.models import Transformer, count_params, get_model_args
+from titanlm.models.attention import build_attention_backend
 from titanlm.models.flops import internevo_tflops, training_flops
 from titanlm.optim import build_lr_scheduler, build_optimizer
 from titanlm.parallel import ParallelDims, parallelize
@@ -83,8 +84,9 @@ class Trainer:
 
         self.model_args = get_model_args(cfg.model.name, cfg.model.flavor)
         self.param_dtype = resolve_param_dtype(tr.mixed_precision_param, self.device)
+        attention = build_attention_backend(cfg.model.attention_backend, self.device.type)
         with torch.device("meta"):
-            model = Transformer(self.model_args)
+            model = Transformer(self.model_args, attention)
         self.num_params = count_params(model)
         parallelize(model, self.meshes, cfg, self.param_dtype)
         model.to_empty(device=self.device)
@@ -133,9 +135,9 @@ class Trainer:
         loss_total = torch.zeros((), device=self.device)
         start = time.perf_counter()
         for mb in micro_batches:
-            input_ids = mb["input_ids"].to(self.device, non_blocking=True)
-            labels = mb["labels"].to(self.device, non_blocking=True)
-            loss = self.loss_fn(self.model(input_ids), labels) / global_tokens
+            mb = {key: value.to(self.device, non_blocking=True) for key, value in mb.items()}
+            logits = self.model(mb["input_ids"], mb.get("position_ids"), mb.get("document_ids"))
+            loss = self.loss_fn(logits, mb["labels"]) / global_tokens
             (loss * scale).backward()
             loss_total += loss.detach()
         self._synchronize()

@@ -24,6 +24,7 @@ from titanlm.config.manager import (
     help_text,
     load_config,
     load_config_or_exit,
+    reference_markdown,
 )
 
 __all__ = [
@@ -48,4 +49,5 @@ __all__ = [
     "help_text",
     "load_config",
     "load_config_or_exit",
+    "reference_markdown",
 ]

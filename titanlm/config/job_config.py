@@ -39,6 +39,12 @@ class Model:
     tokenizer_path: str = opt(
         "", "tokenizer file (SentencePiece .model or tiktoken ranks); empty = none or the demo's"
     )
+    attention_backend: str = opt(
+        "auto",
+        "attention kernel: auto (sdpa on CPU; varlen or flex on CUDA), sdpa, flex or varlen; "
+        "packed documents stay separate with every backend",
+        choices=("auto", "sdpa", "flex", "varlen"),
+    )
 
 
 @dataclass

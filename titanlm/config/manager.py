@@ -280,6 +280,19 @@ def help_text() -> str:
     return "\n".join(lines)
 
 
+def reference_markdown() -> str:
+    """The README's configuration table, generated so the documentation cannot drift."""
+    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for section_keys in _schema().values():
+        for key in section_keys.values():
+            choices = f" ({', '.join(key.choices)})" if key.choices else ""
+            meaning = f"{key.help}{choices}".replace("|", "\\|")
+            lines.append(
+                f"| `{key.path}` | {_type_name(key.type)} | `{_toml_value(key.default)}` | {meaning} |"
+            )
+    return "\n".join(lines)
+
+
 def load_config(argv: list[str] | None = None) -> JobConfig:
     """The job configuration from argv (default: sys.argv[1:]): CLI > TOML file > defaults.
 

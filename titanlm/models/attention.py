@@ -1,29 +1,183 @@
-"""The attention backend switch.
+"""Attention backends: causal attention, optionally kept inside each packed document.
 
-Every backend takes q, k, v as [batch, heads, seq, head_dim] (k and v may have fewer heads:
-grouped-query attention) and returns [batch, heads, seq, head_dim]. Only causal attention over
-the whole sequence exists so far; document-masked backends for packed samples join this table.
+A backend has two parts. `prepare(document_ids)` runs once per forward and turns the per-token
+document ids of a packed batch ([batch, seq]; equal id = same document, None = one sequence per
+row) into whatever the kernel wants: a boolean mask, a flex BlockMask, or cumulative sequence
+lengths. `__call__(q, k, v, prepared)` then runs in every layer, on q [batch, heads, seq, dim]
+and k, v with possibly fewer heads (grouped-query attention).
+
+| backend | document masks | runs on | notes |
+|---|---|---|---|
+| sdpa   | boolean block-diagonal causal mask | CPU, GPU | the reference; O(seq^2) mask memory |
+| flex   | flex_attention BlockMask           | GPU (CPU: forward only) | skips fully masked blocks |
+| varlen | cu_seqlens, flash-attn or torch varlen_attn | CUDA | no padding or mask work at all |
+
+`auto` picks sdpa on CPU; on CUDA it picks varlen when a varlen kernel is importable, else flex.
+Without document ids every backend is plain causal attention.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import inspect
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+class AttentionBackend:
+    name = ""
+
+    def prepare(self, document_ids: torch.Tensor | None) -> Any:
+        raise NotImplementedError
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prepared: Any) -> torch.Tensor:
+        raise NotImplementedError
 
 
-def sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal attention via PyTorch SDPA, which picks flash/memory-efficient/math kernels itself."""
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
+def _gqa(q: torch.Tensor, k: torch.Tensor) -> bool:
+    return k.shape[1] != q.shape[1]
 
 
-ATTENTION_BACKENDS: dict[str, AttentionFn] = {"sdpa": sdpa_causal}
+class SDPABackend(AttentionBackend):
+    name = "sdpa"
+
+    def prepare(self, document_ids: torch.Tensor | None) -> torch.Tensor | None:
+        if document_ids is None:
+            return None
+        seq = document_ids.shape[1]
+        same_document = document_ids[:, :, None] == document_ids[:, None, :]
+        causal = torch.ones(seq, seq, dtype=torch.bool, device=document_ids.device).tril()
+        return (same_document & causal)[:, None]
+
+    def __call__(self, q, k, v, prepared):
+        if prepared is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=_gqa(q, k))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=prepared, enable_gqa=_gqa(q, k))
 
 
-def get_attention_backend(name: str) -> AttentionFn:
-    if name not in ATTENTION_BACKENDS:
-        raise ValueError(f"attention backend '{name}' is unknown; choose one of {', '.join(ATTENTION_BACKENDS)}")
-    return ATTENTION_BACKENDS[name]
+@lru_cache(maxsize=1)
+def _compiled_flex_attention():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    # Eager flex_attention is a slow reference implementation; compiled, it is a fused kernel.
+    return torch.compile(flex_attention, dynamic=False)
+
+
+class FlexBackend(AttentionBackend):
+    name = "flex"
+
+    def prepare(self, document_ids: torch.Tensor | None):
+        if document_ids is None:
+            return None  # plain causal: __call__ uses a cached mask for the sequence length
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        def document_causal(b, h, q_idx, kv_idx):
+            return (q_idx >= kv_idx) & (document_ids[b, q_idx] == document_ids[b, kv_idx])
+
+        batch, seq = document_ids.shape
+        return create_block_mask(document_causal, batch, None, seq, seq, device=document_ids.device)
+
+    def __call__(self, q, k, v, prepared):
+        from torch.nn.attention.flex_attention import flex_attention
+
+        if prepared is None:
+            prepared = _causal_block_mask(q.shape[2], q.device.type, q.device.index)
+        flex = _compiled_flex_attention() if q.is_cuda else flex_attention
+        return flex(q, k, v, block_mask=prepared, enable_gqa=_gqa(q, k))
+
+
+@lru_cache(maxsize=8)
+def _causal_block_mask(seq: int, device_type: str, device_index: int | None):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    device = torch.device(device_type, device_index) if device_index is not None else torch.device(device_type)
+    return create_block_mask(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, None, None, seq, seq, device=device)
+
+
+@dataclass(frozen=True)
+class VarlenBatch:
+    cu_seqlens: torch.Tensor  # int32 [documents + 1], offsets into the flattened batch
+    max_seqlen: int
+
+
+def cu_seqlens_from_document_ids(document_ids: torch.Tensor) -> VarlenBatch:
+    """Document boundaries of a [batch, seq] id tensor, with row ends as boundaries too."""
+    batch, seq = document_ids.shape
+    flat = document_ids.flatten()
+    new_document = torch.ones_like(flat, dtype=torch.bool)
+    new_document[1:] = flat[1:] != flat[:-1]
+    new_document[::seq] = True
+    starts = new_document.nonzero().flatten()
+    ends = torch.tensor([batch * seq], device=flat.device)
+    cu_seqlens = torch.cat([starts, ends]).to(torch.int32)
+    return VarlenBatch(cu_seqlens, int((cu_seqlens[1:] - cu_seqlens[:-1]).max()))
+
+
+class VarlenBackend(AttentionBackend):
+    """Packed documents without masks: flash-attn's varlen kernel, else torch's varlen_attn."""
+
+    name = "varlen"
+
+    def __init__(self) -> None:
+        self._kernel = _varlen_kernel()
+        if self._kernel is None:
+            raise ValueError(
+                "model.attention_backend = 'varlen' needs CUDA and flash-attn (pip install flash-attn) or a "
+                "torch with torch.nn.attention.varlen; use 'sdpa' or 'flex' here"
+            )
+
+    def prepare(self, document_ids: torch.Tensor | None) -> VarlenBatch | None:
+        return None if document_ids is None else cu_seqlens_from_document_ids(document_ids)
+
+    def __call__(self, q, k, v, prepared):
+        batch, heads, seq, dim = q.shape
+        if prepared is None:
+            ids = torch.zeros(batch, seq, dtype=torch.int32, device=q.device)
+            prepared = cu_seqlens_from_document_ids(ids)
+        packed = [t.transpose(1, 2).reshape(batch * seq, t.shape[1], dim) for t in (q, k, v)]
+        out = self._kernel(*packed, prepared.cu_seqlens, prepared.max_seqlen)
+        return out.view(batch, seq, heads, dim).transpose(1, 2)
+
+
+def _varlen_kernel():
+    if not torch.cuda.is_available():
+        return None
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError:
+        flash_attn_varlen_func = None
+    if flash_attn_varlen_func is not None:
+        def flash(q, k, v, cu, max_len):
+            return flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, causal=True)
+
+        return flash
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    # torch 2.11 spells causality is_causal=True; later releases use a (-1, 0) window.
+    causal = {"is_causal": True} if "is_causal" in inspect.signature(varlen_attn).parameters else {
+        "window_size": (-1, 0)
+    }
+
+    def torch_varlen(q, k, v, cu, max_len):
+        return varlen_attn(q, k, v, cu, cu, max_len, max_len, enable_gqa=k.shape[1] != q.shape[1], **causal)
+
+    return torch_varlen
+
+
+BACKENDS = {"sdpa": SDPABackend, "flex": FlexBackend, "varlen": VarlenBackend}
+
+
+def build_attention_backend(name: str, device_type: str) -> AttentionBackend:
+    """The configured backend; `auto` = the fastest that supports document masks on this device."""
+    if name == "auto":
+        if device_type != "cuda":
+            return SDPABackend()
+        return VarlenBackend() if _varlen_kernel() is not None else FlexBackend()
+    if name not in BACKENDS:
+        raise ValueError(f"model.attention_backend '{name}' is unknown; choose auto or one of {', '.join(BACKENDS)}")
+    return BACKENDS[name]()

@@ -12,6 +12,7 @@ gives the same values whatever the parallel layout (see its docstring).
 from __future__ import annotations
 
 import zlib
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +20,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-from titanlm.models.attention import get_attention_backend
+from titanlm.models.attention import AttentionBackend, SDPABackend
 from titanlm.models.flavors import ModelArgs
 
 INIT_STD = 0.02
@@ -53,16 +54,16 @@ def rope_cos_sin(
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs, attention_backend: str) -> None:
+    def __init__(self, args: ModelArgs, backend: AttentionBackend) -> None:
         super().__init__()
         self.head_dim = args.head_dim
         self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=args.attn_bias)
         self.wk = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=args.attn_bias)
         self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=args.attn_bias)
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=args.attn_bias)
-        self.attend = get_attention_backend(attention_backend)
+        self.attend = backend
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Any) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
         # -1 heads: under tensor parallelism each rank holds only its share of the heads.
         q = self.wq(x).view(bsz, seqlen, -1, self.head_dim).transpose(1, 2)
@@ -70,7 +71,7 @@ class Attention(nn.Module):
         v = self.wv(x).view(bsz, seqlen, -1, self.head_dim).transpose(1, 2)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        out = self.attend(q, k, v)
+        out = self.attend(q, k, v, mask)
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
 
 
@@ -88,26 +89,27 @@ class FeedForward(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, args: ModelArgs, attention_backend: str) -> None:
+    def __init__(self, args: ModelArgs, backend: AttentionBackend) -> None:
         super().__init__()
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
-        self.attention = Attention(args, attention_backend)
+        self.attention = Attention(args, backend)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = FeedForward(args.dim, args.ffn_dim)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Any) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
 class Transformer(nn.Module):
-    def __init__(self, args: ModelArgs, attention_backend: str = "sdpa") -> None:
+    def __init__(self, args: ModelArgs, attention: AttentionBackend | None = None) -> None:
         super().__init__()
         self.args = args
+        self.attention_backend = attention or SDPABackend()
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         # A dict keyed by layer index keeps parameter names stable when pipeline stages drop layers.
         self.layers = nn.ModuleDict(
-            {str(i): TransformerBlock(args, attention_backend) for i in range(args.n_layers)}
+            {str(i): TransformerBlock(args, self.attention_backend) for i in range(args.n_layers)}
         )
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
@@ -117,14 +119,24 @@ class Transformer(nn.Module):
         exponents = torch.arange(0, self.args.head_dim, 2, dtype=torch.int64).float() / self.args.head_dim
         return 1.0 / (self.args.rope_theta**exponents)
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits [batch, seq, vocab] for token ids [batch, seq]."""
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits [batch, seq, vocab] for token ids [batch, seq].
+
+        Packed batches pass `position_ids` restarting at 0 per document and `document_ids`
+        (equal id = same document); attention then stays inside each document.
+        """
         h = self.tok_embeddings(input_ids)
         if position_ids is None:
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         cos, sin = rope_cos_sin(position_ids, self.inv_freq, h.dtype)
+        mask = self.attention_backend.prepare(document_ids)
         for layer in self.layers.values():
-            h = layer(h, cos, sin)
+            h = layer(h, cos, sin, mask)
         return self.output(self.norm(h))
 
     @torch.no_grad()

@@ -1,0 +1,13 @@
+"""Regenerate the configuration table in README.md from the config dataclasses."""
+
+from pathlib import Path
+
+from titanlm.config import reference_markdown
+
+START, END = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
+
+readme = Path(__file__).resolve().parents[1] / "README.md"
+text = readme.read_text(encoding="utf-8")
+head, rest = text.split(START)
+_, tail = rest.split(END)
+readme.write_text(f"{head}{START}\n{reference_markdown()}\n{END}{tail}", encoding="utf-8")
