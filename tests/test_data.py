@@ -346,11 +346,11 @@ def test_loader_errors(demo_cache, tmp_path):
     missing = str(tmp_path / "nope.model")
     with pytest.raises(FileNotFoundError, match=re.escape(missing) + ".*model.tokenizer_path"):
         build_dataloader(_cfg(demo_cache, tokenizer_path=missing), 0, 1, vocab_size=2048)
-    with pytest.raises(NotImplementedError, match="data.dataset = 'bin'"):
+    with pytest.raises(ValueError, match="needs data.train_folder"):
         build_dataloader(_cfg(demo_cache, "bin"), 0, 1, vocab_size=2048)
     cfg = _cfg(demo_cache, "auto")
-    cfg.data.train_folder = str(tmp_path)
-    with pytest.raises(NotImplementedError, match="use demo or random"):
+    cfg.data.train_folder = str(tmp_path)  # auto + a folder means bin; this one holds no data
+    with pytest.raises(ValueError, match="no .bin files"):
         build_dataloader(cfg, 0, 1, vocab_size=2048)
     with pytest.raises(ValueError, match="data.dataset = 'wiki'"):
         build_dataloader(_cfg(demo_cache, "wiki"), 0, 1, vocab_size=2048)

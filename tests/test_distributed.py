@@ -1,4 +1,8 @@
-"""Multi-process parity: every data-parallel layout trains exactly like one process (gloo, fp32)."""
+"""Multi-process parity: every parallel layout trains exactly like one process (gloo, fp32, CPU).
+
+Scenarios are grouped into one torchrun launch per world size (a launch costs 6-9 s, a scenario
+about 1 s). The oracle is one process with the same global batch of 8 samples.
+"""
 
 from __future__ import annotations
 
@@ -12,40 +16,64 @@ from trainer_runs import REPO, read_metrics, run_in_process, run_torchrun
 
 pytestmark = pytest.mark.multiprocess
 
-# Global batch 8 everywhere: one process with 8 samples per step is the oracle.
-SINGLE = ["--training.local_batch_size", "8"]
-TWO_RANK_LAYOUTS = {
-    "fsdp2": ["--training.local_batch_size", "4"],
-    "hsdp2x1": ["--training.local_batch_size", "4", "--parallelism.data_parallel_replicate_degree", "2"],
-    "fsdp2_zero2": ["--training.local_batch_size", "4", "--parallelism.fsdp_reshard_after_forward", "never"],
-    "fsdp2_accum2": ["--training.local_batch_size", "2", "--training.global_batch_size", "8"],
-    "fsdp2_full_ac": ["--training.local_batch_size", "4", "--activation_checkpoint.mode", "full"],
+INTERNLM = ["--model.name", "internlm"]  # MHA with q/k/v/o biases
+TP2 = ["--parallelism.tensor_parallel_degree", "2", "--training.local_batch_size", "8"]  # dp 1 on 2 ranks
+
+# name -> (family arguments shared with the oracle, layout arguments)
+TWO_RANK_LAYOUTS: dict[str, tuple[list[str], list[str]]] = {
+    "fsdp2": ([], ["--training.local_batch_size", "4"]),
+    "hsdp2x1": ([], ["--training.local_batch_size", "4", "--parallelism.data_parallel_replicate_degree", "2"]),
+    "fsdp2_zero2": ([], ["--training.local_batch_size", "4", "--parallelism.fsdp_reshard_after_forward", "never"]),
+    "fsdp2_accum2": ([], ["--training.local_batch_size", "2", "--training.global_batch_size", "8"]),
+    "fsdp2_full_ac": ([], ["--training.local_batch_size", "4", "--activation_checkpoint.mode", "full"]),
+    "tp2_sp_loss_parallel": ([], TP2),
+    "tp2_no_sp": ([], [*TP2, "--parallelism.sequence_parallel", "false"]),
+    "tp2_no_loss_parallel": ([], [*TP2, "--parallelism.disable_loss_parallel"]),
+    "tp2_internlm_bias": (INTERNLM, TP2),
 }
-FOUR_RANK_LAYOUTS = {
-    "fsdp4": ["--training.local_batch_size", "2"],
-    "hsdp2x2": ["--training.local_batch_size", "2", "--parallelism.data_parallel_replicate_degree", "2"],
+FOUR_RANK_LAYOUTS: dict[str, tuple[list[str], list[str]]] = {
+    "fsdp4": ([], ["--training.local_batch_size", "2"]),
+    "hsdp2x2": ([], ["--training.local_batch_size", "2", "--parallelism.data_parallel_replicate_degree", "2"]),
+    "fsdp2_tp2": ([], [*TP2, "--training.local_batch_size", "4"]),
 }
 
 
 @pytest.fixture(scope="module")
-def single_process_records(tmp_path_factory) -> list[dict]:
-    return run_in_process(tmp_path_factory.mktemp("single"), SINGLE)
+def oracle(tmp_path_factory):
+    """Single-process records per family, computed once."""
+    cache: dict[tuple[str, ...], list[dict]] = {}
+
+    def records(family: list[str]) -> list[dict]:
+        if tuple(family) not in cache:
+            folder = tmp_path_factory.mktemp("single")
+            cache[tuple(family)] = run_in_process(folder, [*family, "--training.local_batch_size", "8"])
+        return cache[tuple(family)]
+
+    return records
+
+
+def launch(nproc: int, layouts: dict[str, tuple[list[str], list[str]]], folder) -> dict[str, list[dict]]:
+    return run_torchrun(nproc, {name: [*family, *extra] for name, (family, extra) in layouts.items()}, folder)
 
 
 @pytest.fixture(scope="module")
 def two_rank_records(tmp_path_factory) -> dict[str, list[dict]]:
-    return run_torchrun(2, TWO_RANK_LAYOUTS, tmp_path_factory.mktemp("two"))
+    return launch(2, TWO_RANK_LAYOUTS, tmp_path_factory.mktemp("two"))
+
+
+@pytest.fixture(scope="module")
+def four_rank_records(tmp_path_factory) -> dict[str, list[dict]]:
+    return launch(4, FOUR_RANK_LAYOUTS, tmp_path_factory.mktemp("four"))
 
 
 @pytest.mark.parametrize("layout", sorted(TWO_RANK_LAYOUTS))
-def test_two_rank_layout_matches_single_process(layout, two_rank_records, single_process_records) -> None:
-    assert_records_close(two_rank_records[layout], single_process_records)
+def test_two_rank_layout_matches_single_process(layout, two_rank_records, oracle) -> None:
+    assert_records_close(two_rank_records[layout], oracle(TWO_RANK_LAYOUTS[layout][0]))
 
 
 @pytest.mark.parametrize("layout", sorted(FOUR_RANK_LAYOUTS))
-def test_four_rank_layout_matches_single_process(layout, tmp_path_factory, single_process_records) -> None:
-    records = run_torchrun(4, {layout: FOUR_RANK_LAYOUTS[layout]}, tmp_path_factory.mktemp(layout))
-    assert_records_close(records[layout], single_process_records)
+def test_four_rank_layout_matches_single_process(layout, four_rank_records, oracle) -> None:
+    assert_records_close(four_rank_records[layout], oracle(FOUR_RANK_LAYOUTS[layout][0]))
 
 
 def test_run_train_sh_with_two_processes_writes_metrics(tmp_path, demo_cache) -> None:

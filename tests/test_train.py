@@ -139,3 +139,14 @@ def test_cli_reports_bad_input_in_one_line_and_exit_code_2(tmp_path) -> None:
     assert result.returncode == 2
     assert "error: [parallelism] degrees multiply to 2" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_tensor_parallel_degree_must_divide_the_heads() -> None:
+    from titanlm.models import get_model_args
+    from titanlm.parallel.tensor_parallel import check_tp_divisibility
+
+    with pytest.raises(ParallelismError, match="tensor_parallel_degree 3 does not divide the model's n_heads"):
+        check_tp_divisibility(get_model_args("llama3", "8B"), 3)
+    with pytest.raises(ParallelismError, match="n_kv_heads"):
+        check_tp_divisibility(get_model_args("llama3", "8B"), 16)
+    check_tp_divisibility(get_model_args("llama3", "8B"), 8)

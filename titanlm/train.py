@@ -11,10 +11,13 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import loss_parallel
 
 from titanlm.config import JobConfig, config_to_toml, load_config_or_exit
 from titanlm.data import build_dataloader
@@ -26,6 +29,7 @@ from titanlm.models.attention import build_attention_backend
 from titanlm.models.flops import internevo_tflops, training_flops
 from titanlm.optim import build_lr_scheduler, build_optimizer
 from titanlm.parallel import ParallelDims, parallelize
+from titanlm.parallel.grad_norm import clip_grads_, global_grad_norm, scale_grads_
 
 logger = logging.getLogger("titanlm")
 
@@ -97,6 +101,8 @@ class Trainer:
         self.optimizer = build_optimizer(model, cfg.optimizer, self.device)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.lr_scheduler, tr.steps)
         self.loss_scaler = DynamicLossScaler(cfg.grad_scaler) if self.param_dtype == torch.float16 else None
+        vocab_sharded = self.parallel_dims.tp > 1 and not cfg.parallelism.disable_loss_parallel
+        self.loss_context: Callable[[], AbstractContextManager] = loss_parallel if vocab_sharded else nullcontext
         self.loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = (
             torch.compile(cross_entropy_sum) if cfg.compile.enable else cross_entropy_sum
         )
@@ -130,34 +136,33 @@ class Trainer:
         ranks, and FSDP sums gradients, so neither accumulation nor DP size changes the result.
         """
         label_tokens = sum((mb["labels"] != IGNORE_INDEX).sum() for mb in micro_batches)
-        global_tokens = self._all_reduce_dp(label_tokens.to(self.device, torch.float32)).clamp(min=1.0)
+        # A Python number: it divides both plain and vocab-sharded (DTensor) losses.
+        global_tokens = max(self._all_reduce_dp(label_tokens.to(self.device, torch.float32)).item(), 1.0)
         scale = self.loss_scaler.scale if self.loss_scaler else 1.0
         loss_total = torch.zeros((), device=self.device)
         start = time.perf_counter()
         for mb in micro_batches:
             mb = {key: value.to(self.device, non_blocking=True) for key, value in mb.items()}
-            logits = self.model(mb["input_ids"], mb.get("position_ids"), mb.get("document_ids"))
-            loss = self.loss_fn(logits, mb["labels"]) / global_tokens
-            (loss * scale).backward()
-            loss_total += loss.detach()
+            with self.loss_context():
+                logits = self.model(mb["input_ids"], mb.get("position_ids"), mb.get("document_ids"))
+                loss = self.loss_fn(logits, mb["labels"]) / global_tokens
+                (loss * scale).backward()
+            loss_total += loss.full_tensor().detach() if isinstance(loss, DTensor) else loss.detach()
         self._synchronize()
         return self._all_reduce_dp(loss_total), time.perf_counter() - start
 
     def clip_and_step(self) -> torch.Tensor:
         """Unscale, clip and step; an inf/NaN grad norm skips the update and is counted."""
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        grads = [p.grad for p in params]
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         if self.loss_scaler:
-            torch._foreach_mul_(grads, 1.0 / self.loss_scaler.scale)
-        grad_norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True)
-        if hasattr(grad_norm, "full_tensor"):
-            grad_norm = grad_norm.full_tensor()
+            scale_grads_(grads, 1.0 / self.loss_scaler.scale)
+        grad_norm = global_grad_norm(grads)
         finite = bool(torch.isfinite(grad_norm))
         if self.loss_scaler:
             self.loss_scaler.update(overflow=not finite)
         if finite or not self.cfg.training.skip_nan_inf_steps:
             if self.cfg.training.max_norm > 0:
-                torch.nn.utils.clip_grads_with_norm_(params, self.cfg.training.max_norm, grad_norm, foreach=True)
+                clip_grads_(grads, self.cfg.training.max_norm, grad_norm)
             self.optimizer.step()
         else:
             self.inf_nan_skip_batches += 1

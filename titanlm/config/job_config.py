@@ -93,6 +93,20 @@ class Data:
     train_folder: str = opt("", "InternEvo tokenized folder (type sub-folders of *.bin + *.bin.meta)")
     cache_folder: str = opt("~/.cache/titanlm", "where the demo corpus and its tokenizer are generated")
     num_workers: int = opt(0, "dataloader worker processes")
+    pack_sample_into_one: bool = opt(
+        False,
+        "bin data: attend across the documents packed in a row, positions 0..seq_len-1; false = attention "
+        "and positions restart at every document (InternEvo pack_sample_into_one)",
+    )
+    min_length: int = opt(0, "bin data: drop documents with fewer tokens than this (InternEvo MIN_LENGTH)")
+    dataset_weights: str = opt(
+        "",
+        "bin data: token share per type folder, e.g. 'en:0.7,code:0.3' (types left out are not used); "
+        "empty = natural proportions",
+    )
+    valid_folder: str = opt("", "bin/meta folder of validation data; empty = no validation")
+    valid_every: int = opt(0, "validate every this many steps; 0 = never")
+    valid_micro_num: int = opt(1, "validation micro-batches per step (InternEvo VALID_MICRO_NUM)")
 
 
 @dataclass
@@ -131,6 +145,12 @@ class Parallelism:
         choices=("default", "always", "never"),
     )
     tensor_parallel_degree: int = opt(1, "tensor parallel size (InternEvo tensor)")
+    sequence_parallel: bool = opt(
+        True, "with tensor parallelism, split norms/residuals along the sequence (Megatron SP)"
+    )
+    disable_loss_parallel: bool = opt(
+        False, "with tensor parallelism, gather full logits instead of a vocab-sharded cross-entropy"
+    )
     pipeline_parallel_degree: int = opt(1, "pipeline parallel size (InternEvo pipeline)")
     pipeline_parallel_schedule: str = opt("1F1B", "pipeline schedule name, e.g. GPipe, 1F1B, Interleaved1F1B")
     context_parallel_degree: int = opt(1, "context parallel size (sequence split across ranks)")
@@ -138,14 +158,45 @@ class Parallelism:
 
 @dataclass
 class Checkpoint:
-    enable: bool = opt(False, "save checkpoints and resume from the newest one")
+    """DCP checkpoints in {job.dump_folder}/{folder}/step-N (InternEvo's ckpt section); layout and
+    resume rules: titanlm/checkpoint/layout.py and manager.py."""
+
+    enable: bool = opt(
+        False,
+        "save checkpoints, resume from the newest complete one, and save then exit 0 on SIGTERM/SIGUSR1 "
+        "(InternEvo auto_resume)",
+    )
     folder: str = opt("checkpoint", "checkpoint folder, relative to job.dump_folder")
-    interval: int = opt(500, "save every this many steps")
-    keep_latest_k: int = opt(0, "keep only the newest k checkpoints; 0 = keep all")
+    interval: int = opt(500, "save every this many steps, and at the last step")
+    keep_latest_k: int = opt(0, "keep only the newest k complete checkpoints; 0 = keep all")
     async_mode: str = opt(
         "disabled",
-        "disabled, async or async_with_pinned_mem",
+        "disabled; async (write in a background thread while training goes on); async_with_pinned_mem "
+        "(a background process fed through pinned shared memory; GPU only, else async)",
         choices=("disabled", "async", "async_with_pinned_mem"),
+    )
+    load_step: int = opt(-1, "resume from step-N of folder; -1 = the newest complete checkpoint")
+    initial_load_path: str = opt(
+        "",
+        "DCP checkpoint to start from when folder holds none: a step-N folder of another run, a "
+        "step-N-model export or a converted HF model (InternEvo load_ckpt_info path)",
+    )
+    load_content: str = opt(
+        "all",
+        "what to take from initial_load_path: all, or a comma list of model, optimizer, lr_scheduler, "
+        "dataloader, train_state; e.g. model = weights only, from step 0 (InternEvo content). A resume "
+        "from folder always loads all",
+    )
+    last_save_model_only: bool = opt(
+        False, "at the last step save only the weights, as step-N-model in export_dtype, not a full checkpoint"
+    )
+    export_dtype: str = opt(
+        "float32", "dtype of the last_save_model_only weights", choices=("float32", "bfloat16", "float16")
+    )
+    stop_file: str = opt(
+        "",
+        "InternEvo stop file, read every step: N = save at step N and exit 0, -N = save at step N and "
+        "go on; empty = {job.dump_folder}/{folder}/STOP",
     )
 
 

@@ -1,5 +1,7 @@
-"""Data: tokenizers, the generated demo corpus, sharded resumable datasets and the dataloader."""
+"""Data: tokenizers, the generated demo corpus, bin/meta folders, packing and mixing, sharded
+resumable datasets and the dataloaders."""
 
+from titanlm.data.binmeta import BinMetaFolder
 from titanlm.data.datasets import (
     IGNORE_INDEX,
     RandomTokenDataset,
@@ -9,22 +11,33 @@ from titanlm.data.datasets import (
     window_sample,
 )
 from titanlm.data.demo import DemoAssets, ensure_demo_assets, generate_corpus
-from titanlm.data.loader import build_dataloader, tokens_in_batch
+from titanlm.data.loader import build_dataloader, build_valid_dataloader, tokens_in_batch
+from titanlm.data.mixing import parse_dataset_weights
+from titanlm.data.packing import Documents, PackedDataset, PackedRows, PackPlan, pack, packed_sample
 from titanlm.data.tokenizer import SentencePieceTokenizer, Tokenizer, build_tokenizer
 
 __all__ = [
     "IGNORE_INDEX",
+    "BinMetaFolder",
     "DemoAssets",
+    "Documents",
+    "PackPlan",
+    "PackedDataset",
+    "PackedRows",
     "RandomTokenDataset",
     "SentencePieceTokenizer",
     "ShardedStream",
     "TextTokenDataset",
     "Tokenizer",
     "build_dataloader",
+    "build_valid_dataloader",
     "build_tokenizer",
     "cut_window",
     "ensure_demo_assets",
     "generate_corpus",
+    "pack",
+    "packed_sample",
+    "parse_dataset_weights",
     "tokens_in_batch",
     "window_sample",
 ]

@@ -1,4 +1,5 @@
-"""`build_dataloader`: the dataset named by the config, batched by a resumable StatefulDataLoader."""
+"""`build_dataloader`: the dataset named by the config, batched by a resumable StatefulDataLoader;
+`build_valid_dataloader`: one fixed pass over `data.valid_folder`."""
 
 from __future__ import annotations
 
@@ -9,8 +10,11 @@ import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from titanlm.config.job_config import JobConfig
+from titanlm.data.binmeta import BinMetaFolder
 from titanlm.data.datasets import IGNORE_INDEX, RandomTokenDataset, ShardedStream, TextTokenDataset
 from titanlm.data.demo import ensure_demo_assets
+from titanlm.data.mixing import parse_dataset_weights
+from titanlm.data.packing import PackedDataset, PackedRows
 from titanlm.data.tokenizer import Tokenizer, build_tokenizer
 
 DATASETS = ("auto", "random", "demo", "bin")
@@ -34,37 +38,71 @@ def _encode_lines(tokenizer: Tokenizer, corpus_path: str) -> list[np.ndarray]:
 def build_dataloader(
     cfg: JobConfig, dp_rank: int, dp_world_size: int, vocab_size: int
 ) -> tuple[StatefulDataLoader, Tokenizer | None]:
-    """This rank's loader of {"input_ids", "labels"} LongTensor [local_batch_size, seq_len] batches.
+    """This rank's loader of {"input_ids", "labels"} LongTensor [local_batch_size, seq_len] batches;
+    bin data adds "position_ids", "document_ids" and "type_ids" (see `titanlm.data.packing`).
 
     Batches do not depend on data.num_workers (workers take turns by whole batches), and the
-    loader's state_dict/load_state_dict resume the exact stream. The tokenizer is None only for
-    random data without model.tokenizer_path.
+    loader's state_dict/load_state_dict resume the exact stream; for bin data also at another
+    data-parallel degree with the same global batch size. The tokenizer is None only for random
+    or bin data without model.tokenizer_path.
     """
     kind = cfg.data.dataset
     if kind not in DATASETS:
         raise ValueError(f"data.dataset = {kind!r} is not one of {', '.join(DATASETS)}")
     if kind == "auto":
         kind = "bin" if cfg.data.train_folder else "random"
-    if kind == "bin":
-        raise NotImplementedError(
-            "data.dataset = 'bin' (InternEvo bin/meta folders) lands with the data issue; use demo or random"
-        )
     seq_len, batch_size, seed = cfg.training.seq_len, cfg.training.local_batch_size, cfg.debug.seed
     common = dict(seq_len=seq_len, seed=seed, dp_rank=dp_rank, dp_world_size=dp_world_size,
                   worker_block=batch_size)
     path = cfg.model.tokenizer_path
     dataset: ShardedStream
-    if kind == "random":
-        tokenizer = _checked_tokenizer(path, vocab_size) if path else None
-        dataset = RandomTokenDataset(vocab_size=vocab_size, **common)
-    else:  # demo
+    if kind == "demo":
         assets = ensure_demo_assets(cfg.data.cache_folder)
         tokenizer = _checked_tokenizer(path or assets.tokenizer_path, vocab_size)
         dataset = TextTokenDataset(_encode_lines(tokenizer, assets.corpus_path), **common)
+    elif kind == "random":
+        tokenizer = _checked_tokenizer(path, vocab_size) if path else None
+        dataset = RandomTokenDataset(vocab_size=vocab_size, **common)
+    else:  # bin: already tokenized, the tokenizer is only for whoever decodes
+        tokenizer = _checked_tokenizer(path, vocab_size) if path else None
+        if not cfg.data.train_folder:
+            raise ValueError("data.dataset = 'bin' needs data.train_folder (type sub-folders of *.bin files)")
+        documents = BinMetaFolder(cfg.data.train_folder, cfg.data.min_length, vocab_size)
+        dataset = PackedDataset(
+            documents, pack_sample_into_one=cfg.data.pack_sample_into_one,
+            weights=parse_dataset_weights(cfg.data.dataset_weights, documents.types), **common,
+        )
+    return _stateful_loader(dataset, batch_size, cfg.data.num_workers), tokenizer
+
+
+def build_valid_dataloader(
+    cfg: JobConfig, dp_rank: int, dp_world_size: int, vocab_size: int
+) -> StatefulDataLoader | None:
+    """This rank's finite loader over `data.valid_folder`, or None when it is not set.
+
+    The documents are packed in stored order (no shuffle) like the training data; ranks take
+    disjoint rows, and every rank gets the same number of full batches, a multiple of
+    data.valid_micro_num (the last ones padded: labels -100, type_ids -1). Per-token "type_ids"
+    index `loader.dataset.types` (the valid folder's types) for a loss per type.
+    """
+    if not cfg.data.valid_folder:
+        return None
+    batch_size = cfg.training.local_batch_size
+    documents = BinMetaFolder(cfg.data.valid_folder, cfg.data.min_length, vocab_size)
+    dataset = PackedRows(
+        documents, cfg.training.seq_len, dp_rank, dp_world_size,
+        row_multiple=dp_world_size * batch_size * cfg.data.valid_micro_num,
+        pack_sample_into_one=cfg.data.pack_sample_into_one,
+    )
+    return _stateful_loader(dataset, batch_size, cfg.data.num_workers)
+
+
+def _stateful_loader(
+    dataset: ShardedStream | PackedRows, batch_size: int, num_workers: int
+) -> StatefulDataLoader:
     with warnings.catch_warnings():  # torchdata 0.11 calls torch.set_vital, deprecated in newer torch
         warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
-        loader = StatefulDataLoader(dataset, batch_size=batch_size, num_workers=cfg.data.num_workers)
-    return loader, tokenizer
+        return StatefulDataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
 
 
 def tokens_in_batch(batch: dict[str, torch.Tensor]) -> int:

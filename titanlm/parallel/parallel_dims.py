@@ -78,7 +78,6 @@ class ParallelDims:
     def check_supported(self) -> None:
         """Stop early on layouts this build cannot run yet, rather than failing deep inside."""
         unsupported = {
-            "tensor_parallel_degree": self.tp,
             "pipeline_parallel_degree": self.pp,
             "context_parallel_degree": self.cp,
         }
@@ -86,5 +85,5 @@ class ParallelDims:
             if degree > 1:
                 raise ParallelismError(
                     f"parallelism.{key} = {degree} is not supported yet (tracked by the n-D parallelism "
-                    "issue); use data parallelism (data_parallel_shard/replicate_degree) for now"
+                    "issue); use data or tensor parallelism for now"
                 )

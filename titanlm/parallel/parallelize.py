@@ -1,7 +1,8 @@
 """Apply every parallelism and wrapper to a meta-device model, in the one order that works.
 
-Activation checkpointing wraps blocks before compile (so recomputation is compiled too), and
-both come before FSDP, which must see the final module tree.
+Tensor parallelism first (it rewrites the linear layers into DTensor ones), then activation
+checkpointing wraps blocks before compile (so recomputation is compiled too), and FSDP last,
+because it must see the final module tree.
 """
 
 from __future__ import annotations
@@ -14,9 +15,17 @@ from titanlm.parallel.activation_checkpoint import apply_ac
 from titanlm.parallel.compile import apply_compile
 from titanlm.parallel.fsdp import apply_fsdp
 from titanlm.parallel.parallel_dims import Meshes
+from titanlm.parallel.tensor_parallel import apply_tp
 
 
 def parallelize(model: Transformer, meshes: Meshes, cfg: JobConfig, param_dtype: torch.dtype) -> None:
+    if meshes.world["tp"].size() > 1:
+        apply_tp(
+            model,
+            meshes.world["tp"],
+            sequence_parallel=cfg.parallelism.sequence_parallel,
+            loss_parallel=not cfg.parallelism.disable_loss_parallel,
+        )
     apply_ac(model, cfg.activation_checkpoint.mode)
     if cfg.compile.enable:
         apply_compile(model)

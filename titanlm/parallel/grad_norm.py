@@ -1,0 +1,47 @@
+"""The global gradient norm, and gradient scaling, over parameters sharded in different ways.
+
+Gradients can live on different meshes at once: TP-sharded weights on the (dp, tp) mesh,
+norm weights without sequence parallelism on the dp mesh alone, plain tensors in a one-rank
+job. Each group with the same mesh and placements gets one fused norm, turned into a full
+(replicated) value; the groups are then combined, so the result is the norm a single process
+would compute over the full gradients.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from torch.distributed.tensor import DTensor
+
+
+def _by_layout(grads: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """Gradients grouped so that each group can go through one foreach kernel."""
+    groups: dict[object, list[torch.Tensor]] = defaultdict(list)
+    for grad in grads:
+        key = (grad.device_mesh, tuple(grad.placements)) if isinstance(grad, DTensor) else None
+        groups[key].append(grad)
+    return list(groups.values())
+
+
+def scale_grads_(grads: list[torch.Tensor], factor: float) -> None:
+    for group in _by_layout(grads):
+        torch._foreach_mul_(group, factor)
+
+
+def clip_grads_(grads: list[torch.Tensor], max_norm: float, total_norm: torch.Tensor) -> None:
+    """Scale gradients down so their global norm is at most `max_norm` (no-op below it)."""
+    coefficient = max_norm / (float(total_norm) + 1e-6)
+    if coefficient < 1.0:
+        scale_grads_(grads, coefficient)
+
+
+def global_grad_norm(grads: list[torch.Tensor], norm_type: float = 2.0) -> torch.Tensor:
+    norms = []
+    for group in _by_layout(grads):
+        norm = torch.nn.utils.get_total_norm(group, norm_type=norm_type, foreach=True)
+        norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+    stacked = torch.stack(norms)
+    if norm_type == float("inf"):
+        return stacked.max()
+    return stacked.pow(norm_type).sum().pow(1.0 / norm_type)
