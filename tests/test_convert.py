@@ -1,0 +1,309 @@
+"""Checkpoint conversion: HF safetensors <-> titanlm DCP, with transformers as the numerical oracle."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import load_file, save_file
+
+from titanlm.models import FLAVORS, ModelArgs, Transformer
+from titanlm.models.hf_adapter import (
+    ConversionError,
+    args_from_hf_config,
+    from_hf,
+    pack_wqkv,
+    to_hf,
+    unpack_wqkv,
+)
+from titanlm.tools.convert import main
+
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+
+GQA = ModelArgs(dim=64, n_layers=2, n_heads=8, n_kv_heads=2, ffn_dim=160, vocab_size=300, rope_theta=500000.0)
+TINY_FLAVORS = {
+    "llama3": GQA,
+    "internlm": GQA.with_overrides(n_kv_heads=8, attn_bias=True, rope_theta=10000.0, vocab_size=128),
+    "internlm2": GQA.with_overrides(rope_theta=1000000.0, vocab_size=256),
+}
+TOKENS = torch.randint(0, 128, (2, 17), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(autouse=True)
+def tiny_flavors(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 'tiny' flavor per family, so that --model.flavor can name these test sizes."""
+    for family, args in TINY_FLAVORS.items():
+        monkeypatch.setitem(FLAVORS[family], "tiny", args)
+
+
+def _transformers():
+    return pytest.importorskip("transformers")
+
+
+def _hf_llama(args: ModelArgs, seed: int):
+    transformers = _transformers()
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=args.vocab_size, hidden_size=args.dim, intermediate_size=args.ffn_dim,
+        num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads,
+        num_key_value_heads=args.n_kv_heads, rope_theta=args.rope_theta, rms_norm_eps=args.norm_eps,
+        attention_bias=args.attn_bias, tie_word_embeddings=False, attn_implementation="eager",
+    )
+    model = transformers.LlamaForCausalLM(config).eval()
+    _perturb_norms_and_biases(model)
+    return model
+
+
+def _titanlm(args: ModelArgs, seed: int) -> Transformer:
+    model = Transformer(args)
+    model.init_weights(seed)
+    _perturb_norms_and_biases(model)
+    return model
+
+
+@torch.no_grad()
+def _perturb_norms_and_biases(model: torch.nn.Module) -> None:
+    """Init leaves norms at 1 and biases at 0, which would hide a dropped norm or bias."""
+    for name, param in model.named_parameters():
+        if name.endswith("bias") or "norm" in name:
+            param.normal_(0.0, 0.5)
+
+
+def _save_dcp(model: Transformer, path: Path) -> None:
+    """Like a trainer checkpoint: the model under "model", beside other state the tool must skip."""
+    state = {"model": model.state_dict(), "train_state": {"step": torch.tensor(7)}}
+    dcp.save(state, checkpoint_id=path, no_dist=True)
+
+
+def _load_dcp(args: ModelArgs, path: Path) -> Transformer:
+    model = Transformer(args)
+    dcp.load({"model": model.state_dict()}, checkpoint_id=path, no_dist=True)
+    return model
+
+
+def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        tensors.update(load_file(file))
+    return tensors
+
+
+def _convert(*argv: object) -> int:
+    return main([str(arg) for arg in argv])
+
+
+def _assert_same_logits(ours: Transformer, hf) -> None:
+    with torch.no_grad():
+        torch.testing.assert_close(ours(TOKENS), hf(TOKENS).logits, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["single-file", "sharded"])
+def test_hf_llama_to_dcp_gives_the_logits_of_transformers(tmp_path: Path, sharded: bool) -> None:
+    hf = _hf_llama(GQA, seed=0)
+    hf.save_pretrained(tmp_path / "hf", max_shard_size="40KB" if sharded else "1GB")
+    assert (tmp_path / "hf" / "model.safetensors.index.json").exists() == sharded
+
+    assert _convert("hf_to_dcp", tmp_path / "hf", tmp_path / "dcp") == 0
+    args = args_from_hf_config(json.loads((tmp_path / "hf" / "config.json").read_text()), "config.json")
+    assert args == GQA
+    _assert_same_logits(_load_dcp(args, tmp_path / "dcp"), hf)
+
+
+@pytest.mark.parametrize("family", sorted(TINY_FLAVORS))
+def test_dcp_to_hf_loads_in_stock_transformers_with_the_logits_of_titanlm(
+    tmp_path: Path, family: str
+) -> None:
+    ours = _titanlm(TINY_FLAVORS[family], seed=1)
+    _save_dcp(ours, tmp_path / "step-7")
+
+    assert _convert("dcp_to_hf", tmp_path / "step-7", tmp_path / "hf",
+                    "--model.name", family, "--model.flavor", "tiny") == 0
+    hf = _transformers().AutoModelForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager")
+    assert type(hf).__name__ == "LlamaForCausalLM"
+    _assert_same_logits(ours, hf)
+
+
+def test_hf_to_dcp_to_hf_round_trip_is_bitwise(tmp_path: Path) -> None:
+    _hf_llama(GQA, seed=2).to(torch.bfloat16).save_pretrained(tmp_path / "src", max_shard_size="40KB")
+
+    assert _convert("hf_to_dcp", tmp_path / "src", tmp_path / "dcp") == 0
+    assert _convert("dcp_to_hf", tmp_path / "dcp", tmp_path / "back", "--model.name", "llama3",
+                    "--model.flavor", "tiny", "--max_shard_size", "40KB") == 0
+
+    original, converted = _read_safetensors(tmp_path / "src"), _read_safetensors(tmp_path / "back")
+    assert converted.keys() == original.keys()
+    for key, tensor in original.items():
+        assert converted[key].dtype == tensor.dtype and torch.equal(converted[key], tensor), key
+    assert json.loads((tmp_path / "back" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+
+
+def test_wqkv_rows_are_grouped_per_kv_head_as_its_q_heads_then_k_then_v() -> None:
+    n_heads, n_kv_heads, head_dim, dim = 8, 2, 4, 3
+
+    def heads(first_value: int, count: int) -> torch.Tensor:
+        """Rows of head h all equal first_value + h, so each row shows which head it came from."""
+        rows = (first_value + torch.arange(count)).repeat_interleave(head_dim)
+        return rows[:, None].expand(-1, dim).float()
+
+    wq, wk, wv = heads(100, n_heads), heads(200, n_kv_heads), heads(300, n_kv_heads)
+    wqkv = pack_wqkv(wq, wk, wv, n_kv_heads)
+
+    blocks = wqkv.reshape(-1, head_dim, dim)
+    assert torch.all(blocks == blocks[:, :1, :1])
+    assert blocks[:, 0, 0].tolist() == [100, 101, 102, 103, 200, 300, 104, 105, 106, 107, 201, 301]
+    for unpacked, original in zip(unpack_wqkv(wqkv, n_heads, n_kv_heads), (wq, wk, wv)):
+        assert torch.equal(unpacked, original)
+
+
+@pytest.mark.parametrize("n_kv_heads", [2, 8], ids=["gqa", "mha"])
+def test_internlm2_packing_round_trip_is_exact_for_weights_and_biases(n_kv_heads: int) -> None:
+    args = GQA.with_overrides(n_kv_heads=n_kv_heads, attn_bias=True)
+    state = Transformer(args).state_dict()
+
+    packed = to_hf(state, args, "internlm2")
+    qkv_rows = (args.n_heads + 2 * n_kv_heads) * args.head_dim
+    assert packed["model.layers.1.attention.wqkv.weight"].shape == (qkv_rows, args.dim)
+    assert packed["model.layers.1.attention.wqkv.bias"].shape == (qkv_rows,)
+    assert not any(".wq." in key for key in packed)
+
+    unpacked = from_hf(packed, args, "internlm2")
+    assert unpacked.keys() == state.keys()
+    for key, tensor in state.items():
+        assert torch.equal(unpacked[key], tensor), key
+
+
+@pytest.mark.parametrize(
+    ("family", "architecture", "attention_key"),
+    [
+        ("internlm", "InternLMForCausalLM", "model.layers.0.self_attn.q_proj.bias"),
+        ("internlm2", "InternLM2ForCausalLM", "model.layers.0.attention.wqkv.weight"),
+    ],
+)
+def test_native_export_reads_back_into_the_same_weights(
+    tmp_path: Path, family: str, architecture: str, attention_key: str
+) -> None:
+    args = TINY_FLAVORS[family]
+    ours = _titanlm(args, seed=3)
+    _save_dcp(ours, tmp_path / "step-7")
+
+    assert _convert("dcp_to_hf", tmp_path / "step-7", tmp_path / "hf", "--model.name", family,
+                    "--model.flavor", "tiny", "--layout", "native") == 0
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert (config["model_type"], config["architectures"]) == (family, [architecture])
+    assert attention_key in _read_safetensors(tmp_path / "hf")
+
+    assert _convert("hf_to_dcp", tmp_path / "hf", tmp_path / "dcp", "--model.flavor", "tiny") == 0
+    back = _load_dcp(args, tmp_path / "dcp")
+    for (key, tensor), original in zip(back.state_dict().items(), ours.state_dict().values()):
+        assert torch.equal(tensor, original), key
+
+
+def test_a_flavor_that_does_not_match_the_hf_weights_is_refused_listing_the_fields(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _hf_llama(GQA, seed=4).save_pretrained(tmp_path / "hf")
+
+    assert _convert("hf_to_dcp", tmp_path / "hf", tmp_path / "dcp", "--model.name", "llama3",
+                    "--model.flavor", "debug") == 2
+    error = capsys.readouterr().err
+    assert "flavor that does not match the weights" in error
+    assert "dim: weights 64, flavor 256" in error and "n_layers: weights 2, flavor 4" in error
+    assert not (tmp_path / "dcp").exists()
+
+
+def test_a_flavor_that_does_not_match_the_dcp_weights_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _save_dcp(_titanlm(GQA, seed=5), tmp_path / "step-7")
+
+    assert _convert("dcp_to_hf", tmp_path / "step-7", tmp_path / "hf", "--model.name", "llama3",
+                    "--model.flavor", "debug") == 2
+    error = capsys.readouterr().err
+    assert "flavor that does not match the weights" in error
+    assert "dim: weights 64, flavor 256" in error and "n_layers: weights 2, flavor 4" in error
+    assert "n_kv_heads * head_dim: weights 16, flavor 128" in error
+    assert not (tmp_path / "hf").exists()
+
+
+def test_missing_and_unexpected_keys_are_listed_by_name(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _hf_llama(GQA, seed=6).save_pretrained(tmp_path / "hf")
+    weights = load_file(tmp_path / "hf" / "model.safetensors")
+    weights.pop("model.layers.1.mlp.up_proj.weight")
+    weights["lm_head.bias"] = torch.zeros(GQA.vocab_size)
+    save_file(weights, tmp_path / "hf" / "model.safetensors", metadata={"format": "pt"})
+
+    assert _convert("hf_to_dcp", tmp_path / "hf", tmp_path / "dcp") == 2
+    error = capsys.readouterr().err
+    assert "1 missing keys: model.layers.1.mlp.up_proj.weight" in error
+    assert "1 unexpected keys: lm_head.bias" in error
+
+
+def test_a_non_empty_output_folder_is_refused_unless_overwrite_and_inputs_stay_intact(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _hf_llama(GQA, seed=7).save_pretrained(tmp_path / "hf")
+    inputs = {path.name: path.read_bytes() for path in (tmp_path / "hf").iterdir()}
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("not ours")
+
+    assert _convert("hf_to_dcp", tmp_path / "hf", tmp_path / "out") == 2
+    assert "exists and is not empty" in capsys.readouterr().err
+    assert not (tmp_path / "out" / ".metadata").exists()
+    assert _convert("hf_to_dcp", tmp_path / "hf", tmp_path / "hf", "--overwrite") == 2
+    assert "is the input folder" in capsys.readouterr().err
+
+    assert _convert("hf_to_dcp", tmp_path / "hf", tmp_path / "out", "--overwrite") == 0
+    assert (tmp_path / "out" / ".metadata").exists() and (tmp_path / "out" / "keep.txt").exists()
+    assert {path.name: path.read_bytes() for path in (tmp_path / "hf").iterdir()} == inputs
+
+
+def _without_safetensors(folder: Path) -> None:
+    (folder / "model.safetensors").unlink()
+
+
+def _without_a_shard(folder: Path) -> None:
+    sorted(folder.glob("model-*.safetensors"))[-1].unlink()
+
+
+@pytest.mark.parametrize(
+    ("shard_size", "damage", "message"),
+    [
+        ("1GB", _without_safetensors, "has neither model.safetensors nor model.safetensors.index.json"),
+        ("40KB", _without_a_shard, "lists shards missing from"),
+    ],
+    ids=["no-weights", "missing-shard"],
+)
+def test_missing_hf_files_are_named(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                    shard_size: str, damage, message: str) -> None:
+    _hf_llama(GQA, seed=8).save_pretrained(tmp_path / "hf", max_shard_size=shard_size)
+    damage(tmp_path / "hf")
+    assert _convert("hf_to_dcp", tmp_path / "hf", tmp_path / "dcp") == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_folder_without_dcp_metadata_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "step-7").mkdir()
+    assert _convert("dcp_to_hf", tmp_path / "step-7", tmp_path / "hf", "--model.name", "llama3",
+                    "--model.flavor", "tiny") == 2
+    assert "has no .metadata file, so it is not a DCP checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "unsupported",
+    [
+        {"tie_word_embeddings": True},
+        {"hidden_act": "gelu"},
+        {"rope_scaling": {"rope_type": "llama3", "factor": 8.0}},
+    ],
+    ids=["tied-embeddings", "gelu", "llama3-rope-scaling"],
+)
+def test_configs_with_features_titanlm_lacks_are_refused(unsupported: dict) -> None:
+    config = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 8,
+              "intermediate_size": 160, "vocab_size": 300} | unsupported
+    with pytest.raises(ConversionError, match=next(iter(unsupported))):
+        args_from_hf_config(config, "config.json")
