@@ -96,7 +96,9 @@ class BinWriter:
         self._bin.close()
         fits = self._offset <= np.iinfo(np.int32).max
         dtype = np.int32 if self.meta_dtype == "int32" and fits else np.int64
-        meta = np.lib.format.open_memmap(self._meta_tmp, mode="w+", dtype=dtype, shape=(self.num_documents, 2))
+        meta = np.lib.format.open_memmap(
+            self._meta_tmp, mode="w+", dtype=dtype, shape=(self.num_documents, 2)
+        )
         self._rows.seek(0)
         block = 1 << 20
         for start in range(0, self.num_documents, block):
@@ -135,10 +137,10 @@ def _find_bins(root: str) -> tuple[list[tuple[str, str]], list[str]]:
         for name in sorted(names):
             path = os.path.join(folder, name)
             if name.endswith(META_SUFFIX):
-                if not os.path.isfile(path[: -len(".meta")]):
+                bin_name = name[: -len(".meta")]
+                if not os.path.isfile(os.path.join(folder, bin_name)):
                     problems.append(
-                        f"{path} has no {os.path.basename(path[: -len('.meta')])} beside it; restore the "
-                        f".bin or delete the stray .meta"
+                        f"{path} has no {bin_name} beside it; restore the .bin or delete the stray .meta"
                     )
             elif name.endswith(BIN_SUFFIX):
                 if not os.path.isfile(path + ".meta"):
@@ -193,12 +195,15 @@ def _load_meta(bin_path: str) -> np.ndarray:
     if offsets[-1] >= size:
         row = int(np.argmax(offsets >= size))
         raise DataFormatError(
-            f"{meta_path} row {row} points at byte {offsets[row]}, past the end of {bin_path} ({size} bytes): "
-            f"the .bin is truncated or the meta belongs to another file; re-copy the .bin or regenerate both"
+            f"{meta_path} row {row} points at byte {offsets[row]}, past the end of {bin_path} ({size} "
+            f"bytes): the .bin is truncated or the meta belongs to another file; re-copy the .bin or "
+            f"regenerate both"
         )
     if counts.min() < 0:
         row = int(np.argmax(counts < 0))
-        raise DataFormatError(f"{meta_path} row {row} has a negative token count {counts[row]}; {_REGENERATE}")
+        raise DataFormatError(
+            f"{meta_path} row {row} has a negative token count {counts[row]}; {_REGENERATE}"
+        )
     with open(bin_path, "rb") as f:
         f.seek(size - 1)
         if f.read(1) != b"\n":
@@ -269,8 +274,12 @@ class BinMetaFolder:
         self.vocab_size = vocab_size
         found, problems = _find_bins(root)
         if problems:
-            more = f" (and {len(problems) - 1} more problems: list them with " \
-                   f"`python -m titanlm.tools.inspect_data {root} --validate`)" if len(problems) > 1 else ""
+            more = (
+                f" (and {len(problems) - 1} more problems: list them with "
+                f"`python -m titanlm.tools.inspect_data {root} --validate`)"
+                if len(problems) > 1
+                else ""
+            )
             raise DataFormatError(problems[0] + more)
         self.files = [BinFile(path, type_name, _load_meta(path)) for path, type_name in found]
         self.types = sorted({f.type_name for f in self.files})
@@ -297,8 +306,7 @@ class BinMetaFolder:
         return int(self.files[f].meta[line, 1])
 
     def lengths(self) -> np.ndarray:
-        parts = [f.meta[k, 1] for f, k in zip(self.files, self._kept)]
-        return np.concatenate(parts) if parts else np.empty(0, np.int64)
+        return np.concatenate([f.meta[k, 1] for f, k in zip(self.files, self._kept)])
 
     def type_ids(self) -> np.ndarray:
         ids = [self.types.index(f.type_name) for f in self.files]

@@ -15,6 +15,7 @@ from abc import ABC, abstractmethod
 from typing import Callable, Iterator, Sequence
 
 import sentencepiece as spm
+import tiktoken
 
 _HINT = "set --model.tokenizer_path to a SentencePiece .model, tiktoken ranks file or HF tokenizer.json"
 
@@ -93,9 +94,17 @@ LLAMA3_SPLIT_PATTERN = (
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 _LLAMA3_NAMED_SPECIALS = (
-    "<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
-    "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>",
-    "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>",
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|reserved_special_token_0|>",
+    "<|reserved_special_token_1|>",
+    "<|finetune_right_pad_id|>",
+    "<|step_id|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eom_id|>",
+    "<|eot_id|>",
+    "<|python_tag|>",
     "<|image|>",
 )
 LLAMA3_NUM_SPECIAL_TOKENS = 256
@@ -168,8 +177,6 @@ class TiktokenTokenizer(Tokenizer):
     """
 
     def __init__(self, path: str):
-        import tiktoken
-
         self.path = path
         ranks = load_tiktoken_ranks(path)
         self.special_tokens = llama3_special_tokens(len(ranks))
@@ -233,7 +240,7 @@ class HuggingFaceTokenizer(Tokenizer):
     def _find(self, configured: str | dict | None, names: tuple[str, ...]) -> int:
         if isinstance(configured, dict):
             configured = configured.get("content")
-        for name in ((configured,) if configured else names):
+        for name in (configured,) if configured else names:
             i = self._tok.token_to_id(name)
             if i is not None:
                 return i
@@ -263,8 +270,8 @@ _BUILDERS: dict[str, Callable[[str], Tokenizer]] = {
 
 
 def detect_tokenizer_type(path: str) -> str:
-    """"huggingface" for JSON, "tiktoken" when the first line is `base64token rank`, else
-    "sentencepiece" (a binary protobuf, checked when it is loaded)."""
+    """The type of the file: "huggingface" for JSON, "tiktoken" when the first line is
+    `base64token rank`, else "sentencepiece" (a binary protobuf, checked when it is loaded)."""
     with open(path, "rb") as f:
         head = f.read(4096)
     if head.lstrip().startswith(b"{"):
