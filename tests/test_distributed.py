@@ -31,10 +31,18 @@ TWO_RANK_LAYOUTS: dict[str, tuple[list[str], list[str]]] = {
     "tp2_no_loss_parallel": ([], [*TP2, "--parallelism.disable_loss_parallel"]),
     "tp2_internlm_bias": (INTERNLM, TP2),
 }
+PP2 = ["--parallelism.pipeline_parallel_degree", "2", "--training.local_batch_size", "2",
+       "--training.global_batch_size", "8"]  # dp 1: 4 micro-batches of 2 per step
+for schedule in ("GPipe", "1F1B", "Interleaved1F1B", "LoopedBFS"):
+    TWO_RANK_LAYOUTS[f"pp2_{schedule}"] = ([], [*PP2, "--parallelism.pipeline_parallel_schedule", schedule])
+TWO_RANK_LAYOUTS["pp2_uneven_stages_internlm"] = (INTERNLM, [*PP2, "--parallelism.pipeline_parallel_stage_layers", "1,3"])
+
 FOUR_RANK_LAYOUTS: dict[str, tuple[list[str], list[str]]] = {
     "fsdp4": ([], ["--training.local_batch_size", "2"]),
     "hsdp2x2": ([], ["--training.local_batch_size", "2", "--parallelism.data_parallel_replicate_degree", "2"]),
     "fsdp2_tp2": ([], [*TP2, "--training.local_batch_size", "4"]),
+    "pp2_fsdp2": ([], [*PP2, "--training.local_batch_size", "1"]),
+    "pp2_tp2": ([], [*PP2, *TP2, "--training.local_batch_size", "2"]),
 }
 
 

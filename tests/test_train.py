@@ -150,3 +150,32 @@ def test_tensor_parallel_degree_must_divide_the_heads() -> None:
     with pytest.raises(ParallelismError, match="n_kv_heads"):
         check_tp_divisibility(get_model_args("llama3", "8B"), 16)
     check_tp_divisibility(get_model_args("llama3", "8B"), 8)
+
+
+def test_pipeline_stage_split_and_rank_assignment() -> None:
+    from titanlm.parallel.pipeline import stage_layer_counts, stages_of_rank
+
+    assert stage_layer_counts(10, 4, "") == [2, 3, 3, 2]  # the extra layers go to the middle stages
+    assert stage_layer_counts(8, 2, "3,5") == [3, 5]
+    with pytest.raises(ParallelismError, match="pipeline_parallel_stage_layers '3,4' must list 2"):
+        stage_layer_counts(8, 2, "3,4")
+    with pytest.raises(ParallelismError, match="4 pipeline stages but the model has only 2 layers"):
+        stage_layer_counts(2, 4, "")
+    assert stages_of_rank(1, 4, 2, v_style=False) == [1, 5]
+    assert stages_of_rank(1, 4, 2, v_style=True) == [1, 6]
+
+
+def test_pipeline_refuses_what_it_cannot_do_correctly() -> None:
+    from titanlm.parallel.pipeline import check_pipeline_supported
+
+    with pytest.raises(ParallelismError, match="'ZBVZeroBubble' loses weight gradients"):
+        check_pipeline_supported(load_config(["--parallelism.pipeline_parallel_schedule", "ZBVZeroBubble"]))
+    cfg = load_config(["--data.dataset", "bin", "--parallelism.pipeline_parallel_degree", "2"])
+    with pytest.raises(ParallelismError, match="set data.pack_sample_into_one = true"):
+        check_pipeline_supported(cfg)
+
+
+def test_compiled_blocks_and_loss_match_eager(tmp_path) -> None:
+    eager = run_in_process(tmp_path / "eager", ["--training.steps", "2"])
+    compiled = run_in_process(tmp_path / "compiled", ["--training.steps", "2", "--compile.enable"])
+    assert_records_close(compiled, eager, rtol=1e-5)

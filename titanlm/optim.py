@@ -11,7 +11,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from titanlm.config.job_config import LRScheduler, Optimizer
 
 
-def build_optimizer(model: nn.Module, cfg: Optimizer, device: torch.device) -> torch.optim.Optimizer:
+def build_optimizer(params: list[nn.Parameter], cfg: Optimizer, device: torch.device) -> torch.optim.Optimizer:
     impl = cfg.implementation
     if impl == "auto":
         impl = "fused" if device.type == "cuda" else "foreach"
@@ -24,7 +24,7 @@ def build_optimizer(model: nn.Module, cfg: Optimizer, device: torch.device) -> t
         foreach=impl == "foreach",
     )
     optimizer_cls = {"AdamW": torch.optim.AdamW, "Adam": torch.optim.Adam}[cfg.name]
-    return optimizer_cls(model.parameters(), **kwargs)
+    return optimizer_cls(params, **kwargs)
 
 
 def warmup_steps(cfg: LRScheduler, total_steps: int) -> int:

@@ -17,8 +17,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
+from torch.distributed.pipelining.schedules import _PipelineSchedule
 from torch.distributed.tensor.parallel import loss_parallel
 
+from titanlm.checkpoint import CheckpointManager, TrainState
 from titanlm.config import JobConfig, config_to_toml, load_config_or_exit
 from titanlm.data import build_dataloader
 from titanlm.distributed import init_distributed, set_determinism, shutdown
@@ -29,7 +31,9 @@ from titanlm.models.attention import build_attention_backend
 from titanlm.models.flops import internevo_tflops, training_flops
 from titanlm.optim import build_lr_scheduler, build_optimizer
 from titanlm.parallel import ParallelDims, parallelize
+from titanlm.parallel.context_parallel import shard_batch_for_cp
 from titanlm.parallel.grad_norm import clip_grads_, global_grad_norm, scale_grads_
+from titanlm.parallel.pipeline import build_schedule, check_pipeline_supported, pipeline_parts
 
 logger = logging.getLogger("titanlm")
 
@@ -53,11 +57,6 @@ def resolve_param_dtype(name: str, device: torch.device) -> torch.dtype:
 
 def reject_unavailable_features(cfg: JobConfig) -> None:
     """Refuse switches whose machinery has not landed, rather than silently ignoring them."""
-    if cfg.checkpoint.enable:
-        raise NotImplementedError(
-            "checkpoint.enable = true: DCP checkpointing lands with the checkpoint issue; "
-            "remove it for now (runs are not resumable yet)"
-        )
     if cfg.float8.enable:
         raise NotImplementedError("float8.enable = true: float8 training lands with the parallelism issue")
 
@@ -73,7 +72,9 @@ class Trainer:
         self.parallel_dims = ParallelDims.from_config(cfg.parallelism, self.dist.world_size)
         self.parallel_dims.check_supported()
         self.meshes = self.parallel_dims.build_meshes(self.device.type)
-        self.dp_group = self.meshes.dp.get_group()
+        # Every rank holding different tokens (dp x cp) adds to the step's token count and loss.
+        self.loss_group = self.meshes.loss.get_group()
+        self.cp_rank = self.meshes.world["cp"].get_local_rank()
 
         tr = cfg.training
         per_step = tr.local_batch_size * self.parallel_dims.dp
@@ -88,28 +89,27 @@ class Trainer:
 
         self.model_args = get_model_args(cfg.model.name, cfg.model.flavor)
         self.param_dtype = resolve_param_dtype(tr.mixed_precision_param, self.device)
-        attention = build_attention_backend(cfg.model.attention_backend, self.device.type)
-        with torch.device("meta"):
-            model = Transformer(self.model_args, attention)
-        self.num_params = count_params(model)
-        parallelize(model, self.meshes, cfg, self.param_dtype)
-        model.to_empty(device=self.device)
-        model.init_weights(cfg.debug.seed)
-        model.train()
-        self.model = model
-
-        self.optimizer = build_optimizer(model, cfg.optimizer, self.device)
-        self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.lr_scheduler, tr.steps)
         self.loss_scaler = DynamicLossScaler(cfg.grad_scaler) if self.param_dtype == torch.float16 else None
         vocab_sharded = self.parallel_dims.tp > 1 and not cfg.parallelism.disable_loss_parallel
         self.loss_context: Callable[[], AbstractContextManager] = loss_parallel if vocab_sharded else nullcontext
         self.loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = (
             torch.compile(cross_entropy_sum) if cfg.compile.enable else cross_entropy_sum
         )
+        self._pp_loss_factor = 1.0  # loss scale / global label tokens, set before each pipeline step
+        self.model_parts, self.pp_schedule = self._build_model()
+        self.model = self.model_parts[0]
+
+        self.optimizer = build_optimizer(
+            [p for part in self.model_parts for p in part.parameters()], cfg.optimizer, self.device
+        )
+        self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.lr_scheduler, tr.steps)
 
         dp_rank = self.meshes.dp.get_local_rank()
         self.dataloader, self.tokenizer = build_dataloader(
             cfg, dp_rank, self.parallel_dims.dp, self.model_args.vocab_size
+        )
+        self.checkpointer = CheckpointManager(
+            cfg, self.model_parts, self.optimizer, self.lr_scheduler, self.dataloader, dp_rank, self.device
         )
         self.peak_flops = device_peak_flops(self.device, self.param_dtype, cfg.metrics.peak_tflops)
         self.metrics = MetricsLogger(cfg.job.dump_folder, self.dist.is_main, cfg.metrics.enable_tensorboard)
@@ -124,23 +124,61 @@ class Trainer:
             f"mesh {dict(zip(self.meshes.world.mesh_dim_names, self.meshes.world.shape))}; device {self.device}; "
             f"global batch {global_batch} x {tr.seq_len} tokens, {self.accumulation_steps} micro-batch(es)/step"
         )
+        self.restore(self.checkpointer.load())
 
-    def _all_reduce_dp(self, value: torch.Tensor) -> torch.Tensor:
-        dist.all_reduce(value, group=self.dp_group)
+    def _build_model(self) -> tuple[list[Transformer], _PipelineSchedule | None]:
+        """Meta-device model -> pipeline stages (if any) -> parallelized, materialized parts."""
+        cfg = self.cfg
+        attention = build_attention_backend(cfg.model.attention_backend, self.device.type)
+        with torch.device("meta"):
+            model = Transformer(self.model_args, attention)
+        self.num_params = count_params(model)
+        pp = cfg.parallelism
+        if self.parallel_dims.pp > 1:
+            check_pipeline_supported(cfg)
+            parts, stage_ids, num_stages = pipeline_parts(
+                model, self.meshes.world["pp"], pp.pipeline_parallel_schedule,
+                pp.pipeline_parallel_virtual_stages, pp.pipeline_parallel_stage_layers,
+            )
+        else:
+            parts = [model]
+        for part in parts:
+            parallelize(part, self.meshes, cfg, self.param_dtype)
+            part.to_empty(device=self.device)
+            part.init_weights(cfg.debug.seed)
+            part.train()
+        if self.parallel_dims.pp == 1:
+            return parts, None
+        self.pp_has_first, self.pp_has_last = 0 in stage_ids, num_stages - 1 in stage_ids
+        schedule = build_schedule(
+            parts, stage_ids, num_stages, self.meshes.world["pp"], self.device, pp.pipeline_parallel_schedule,
+            n_microbatches=self.accumulation_steps,
+            loss_fn=lambda output, labels: self.loss_fn(output, labels) * self._pp_loss_factor,
+        )
+        return parts, schedule
+
+    def _sum_over_loss_group(self, value: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(value, group=self.loss_group)
         return value
 
     def forward_backward(self, micro_batches: list[Batch]) -> tuple[torch.Tensor, float]:
         """Accumulate gradients of the global mean token loss; return (that loss, seconds spent).
 
-        Each micro-batch's summed loss is divided by the label count of the whole step on all DP
-        ranks, and FSDP sums gradients, so neither accumulation nor DP size changes the result.
+        Each rank keeps its context-parallel share of every micro-batch. Each share's summed loss is
+        divided by the label count of the whole step on all DP x CP ranks, and FSDP (over dp_shard x
+        cp) sums gradients, so neither accumulation nor DP or CP size changes the result.
         """
+        micro_batches = [shard_batch_for_cp(mb, self.cp_rank, self.parallel_dims.cp) for mb in micro_batches]
         label_tokens = sum((mb["labels"] != IGNORE_INDEX).sum() for mb in micro_batches)
         # A Python number: it divides both plain and vocab-sharded (DTensor) losses.
-        global_tokens = max(self._all_reduce_dp(label_tokens.to(self.device, torch.float32)).item(), 1.0)
+        global_tokens = max(self._sum_over_loss_group(label_tokens.to(self.device, torch.float32)).item(), 1.0)
         scale = self.loss_scaler.scale if self.loss_scaler else 1.0
         loss_total = torch.zeros((), device=self.device)
         start = time.perf_counter()
+        if self.pp_schedule is not None:
+            loss_total = self._pipeline_forward_backward(micro_batches, global_tokens, scale)
+            self._synchronize()
+            return self._sum_over_loss_group(loss_total), time.perf_counter() - start
         for mb in micro_batches:
             mb = {key: value.to(self.device, non_blocking=True) for key, value in mb.items()}
             with self.loss_context():
@@ -149,14 +187,36 @@ class Trainer:
                 (loss * scale).backward()
             loss_total += loss.full_tensor().detach() if isinstance(loss, DTensor) else loss.detach()
         self._synchronize()
-        return self._all_reduce_dp(loss_total), time.perf_counter() - start
+        return self._sum_over_loss_group(loss_total), time.perf_counter() - start
+
+    def _pipeline_forward_backward(
+        self, micro_batches: list[Batch], global_tokens: float, scale: float
+    ) -> torch.Tensor:
+        """One schedule step over all micro-batches; the loss exists only on the last stage,
+        so it is summed over the pp group (other stages contribute zero)."""
+        inputs = torch.cat([mb["input_ids"] for mb in micro_batches]).to(self.device)
+        labels = torch.cat([mb["labels"] for mb in micro_batches]).to(self.device)
+        self._pp_loss_factor = scale / global_tokens
+        losses: list[torch.Tensor] = []
+        with self.loss_context():
+            self.pp_schedule.step(
+                *((inputs,) if self.pp_has_first else ()),
+                target=labels if self.pp_has_last else None,
+                losses=losses,
+            )
+        loss = torch.zeros((), device=self.device)
+        for value in losses:
+            loss += (value.full_tensor() if isinstance(value, DTensor) else value).detach() / scale
+        dist.all_reduce(loss, group=self.meshes.world["pp"].get_group())
+        return loss
 
     def clip_and_step(self) -> torch.Tensor:
         """Unscale, clip and step; an inf/NaN grad norm skips the update and is counted."""
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        grads = [p.grad for part in self.model_parts for p in part.parameters() if p.grad is not None]
         if self.loss_scaler:
             scale_grads_(grads, 1.0 / self.loss_scaler.scale)
-        grad_norm = global_grad_norm(grads)
+        pp_group = self.meshes.world["pp"].get_group() if self.parallel_dims.pp > 1 else None
+        grad_norm = global_grad_norm(grads, pp_group=pp_group)
         finite = bool(torch.isfinite(grad_norm))
         if self.loss_scaler:
             self.loss_scaler.update(overflow=not finite)
@@ -210,8 +270,22 @@ class Trainer:
     def next_micro_batches(self, batches: Iterator[Batch]) -> list[Batch]:
         return [next(batches) for _ in range(self.accumulation_steps)]
 
+    def train_state(self) -> TrainState:
+        loss_scaler = self.loss_scaler.state_dict() if self.loss_scaler else None
+        return TrainState(self.step, self.num_consumed_tokens, self.inf_nan_skip_batches, loss_scaler)
+
+    def restore(self, state: TrainState | None) -> None:
+        """Continue from a checkpoint's counters; None (nothing loaded, or weights only) starts at step 0."""
+        if state is None:
+            return
+        self.step, self.num_consumed_tokens = state.step, state.num_consumed_tokens
+        self.inf_nan_skip_batches = state.inf_nan_skip_batches
+        if self.loss_scaler and state.loss_scaler:
+            self.loss_scaler.load_state_dict(state.loss_scaler)
+
     def train(self) -> list[dict[str, float | int | None]]:
-        """Run to `training.steps`; returns the records of the logged steps."""
+        """Run to `training.steps`, or until a stop file or signal asks to stop after a save; returns
+        the records of the logged steps."""
         batches = iter(self.dataloader)
         records = []
         log_freq = self.cfg.metrics.log_freq
@@ -223,9 +297,12 @@ class Trainer:
             if self.step % log_freq == 0 or self.step == 1 or self.step == self.cfg.training.steps:
                 self.metrics.log(record)
                 records.append(record)
+            if self.checkpointer.step_end(self.train_state()):
+                break
         return records
 
     def close(self) -> None:
+        self.checkpointer.close()
         self.metrics.close()
 
 

@@ -152,7 +152,18 @@ class Parallelism:
         False, "with tensor parallelism, gather full logits instead of a vocab-sharded cross-entropy"
     )
     pipeline_parallel_degree: int = opt(1, "pipeline parallel size (InternEvo pipeline)")
-    pipeline_parallel_schedule: str = opt("1F1B", "pipeline schedule name, e.g. GPipe, 1F1B, Interleaved1F1B")
+    pipeline_parallel_schedule: str = opt(
+        "1F1B",
+        "pipeline schedule: GPipe, 1F1B (one stage per rank), Interleaved1F1B, LoopedBFS, "
+        "InterleavedZeroBubble (pipeline_parallel_virtual_stages per rank), ZBVZeroBubble, DualPipeV (2 per rank)",
+        choices=("GPipe", "1F1B", "Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble", "ZBVZeroBubble",
+                 "DualPipeV"),
+    )
+    pipeline_parallel_virtual_stages: int = opt(2, "stages per rank for the looped schedules")
+    pipeline_parallel_stage_layers: str = opt(
+        "", "layers per stage, comma-separated (e.g. '3,5,5,3' to lighten the embedding/output stages); "
+        "empty = even split"
+    )
     context_parallel_degree: int = opt(1, "context parallel size (sequence split across ranks)")
 
 

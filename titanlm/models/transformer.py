@@ -114,6 +114,9 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
+        # Set by sequence parallelism: hidden-state inputs (later pipeline stages) then hold only
+        # 1/hidden_seq_shards of the sequence, while rope tables must cover all of it.
+        self.hidden_seq_shards = 1
 
     def _inv_freq(self) -> torch.Tensor:
         exponents = torch.arange(0, self.args.head_dim, 2, dtype=torch.int64).float() / self.args.head_dim
@@ -121,23 +124,28 @@ class Transformer(nn.Module):
 
     def forward(
         self,
-        input_ids: torch.Tensor,
+        tokens: torch.Tensor,
         position_ids: torch.Tensor | None = None,
         document_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits [batch, seq, vocab] for token ids [batch, seq].
 
         Packed batches pass `position_ids` restarting at 0 per document and `document_ids`
-        (equal id = same document); attention then stays inside each document.
+        (equal id = same document); attention then stays inside each document. A pipeline stage
+        without the embedding takes hidden states [batch, seq, dim] instead of token ids, and
+        one without the output returns hidden states.
         """
-        h = self.tok_embeddings(input_ids)
+        h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         if position_ids is None:
-            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+            seq = tokens.shape[1] * (1 if self.tok_embeddings is not None else self.hidden_seq_shards)
+            position_ids = torch.arange(seq, device=tokens.device).expand(tokens.shape[0], seq)
         cos, sin = rope_cos_sin(position_ids, self.inv_freq, h.dtype)
         mask = self.attention_backend.prepare(document_ids)
         for layer in self.layers.values():
             h = layer(h, cos, sin, mask)
-        return self.output(self.norm(h))
+        if self.norm is not None:
+            h = self.norm(h)
+        return self.output(h) if self.output is not None else h
 
     @torch.no_grad()
     def init_weights(self, seed: int) -> None:

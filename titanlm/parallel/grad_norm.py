@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 import torch
+import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 
@@ -36,12 +37,21 @@ def clip_grads_(grads: list[torch.Tensor], max_norm: float, total_norm: torch.Te
         scale_grads_(grads, coefficient)
 
 
-def global_grad_norm(grads: list[torch.Tensor], norm_type: float = 2.0) -> torch.Tensor:
+def global_grad_norm(
+    grads: list[torch.Tensor], norm_type: float = 2.0, pp_group: dist.ProcessGroup | None = None
+) -> torch.Tensor:
+    """The norm over all gradients of the model; `pp_group` adds the other pipeline stages' shares."""
     norms = []
     for group in _by_layout(grads):
         norm = torch.nn.utils.get_total_norm(group, norm_type=norm_type, foreach=True)
         norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
-    stacked = torch.stack(norms)
+    stacked = torch.stack(norms) if norms else torch.zeros(1)
     if norm_type == float("inf"):
-        return stacked.max()
-    return stacked.pow(norm_type).sum().pow(1.0 / norm_type)
+        total = stacked.max()
+        if pp_group is not None:
+            dist.all_reduce(total, op=dist.ReduceOp.MAX, group=pp_group)
+        return total
+    total = stacked.pow(norm_type).sum()
+    if pp_group is not None:
+        dist.all_reduce(total, group=pp_group)
+    return total.pow(1.0 / norm_type)

@@ -21,13 +21,15 @@ class ParallelismError(ValueError):
 class Meshes:
     """The world mesh and the views each consumer needs.
 
-    `dp`: 1-D over every rank that sees different data (data sharding, loss and token counts).
-    `fsdp`: where parameters are sharded; 2-D (replicate, shard) for HSDP.
+    `dp`: 1-D over every rank that sees different data (data sharding).
+    `fsdp`: where parameters are sharded, dp_shard x cp; 2-D (replicate, shard) for HSDP.
+    `loss`: 1-D over every rank that holds different tokens, dp x cp (loss and token counts).
     """
 
     world: DeviceMesh
     dp: DeviceMesh
     fsdp: DeviceMesh
+    loss: DeviceMesh
 
 
 @dataclass(frozen=True)
@@ -72,18 +74,23 @@ class ParallelDims:
         sizes = (self.pp, self.dp_replicate, self.dp_shard, self.cp, self.tp)
         world = init_device_mesh(device_type, sizes, mesh_dim_names=names)
         dp = world["dp_replicate", "dp_shard"]._flatten("dp")
-        fsdp = world["dp_replicate", "dp_shard"] if self.dp_replicate > 1 else world["dp_shard"]
-        return Meshes(world=world, dp=dp, fsdp=fsdp)
+        if self.cp == 1:
+            fsdp = world["dp_replicate", "dp_shard"] if self.dp_replicate > 1 else world["dp_shard"]
+            return Meshes(world=world, dp=dp, fsdp=fsdp, loss=dp)
+        # cp ranks split the same rows: each holds part of the loss, and they shard parameters along
+        # with dp_shard. (replicate, shard x cp) is built as a view of dp x cp because torch deprecates
+        # slicing a flattened dim out of the root mesh.
+        loss = world["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp")
+        hsdp = loss._unflatten(0, (self.dp_replicate, self.dp_shard * self.cp), ("dp_replicate", "dp_shard_cp"))
+        fsdp = hsdp if self.dp_replicate > 1 else hsdp["dp_shard_cp"]
+        return Meshes(world=world, dp=dp, fsdp=fsdp, loss=loss)
 
     def check_supported(self) -> None:
         """Stop early on layouts this build cannot run yet, rather than failing deep inside."""
-        unsupported = {
-            "pipeline_parallel_degree": self.pp,
-            "context_parallel_degree": self.cp,
-        }
-        for key, degree in unsupported.items():
-            if degree > 1:
-                raise ParallelismError(
-                    f"parallelism.{key} = {degree} is not supported yet (tracked by the n-D parallelism "
-                    "issue); use data or tensor parallelism for now"
-                )
+        if self.cp > 1 and self.pp > 1:
+            # Pipeline stages receive token ids only, without the global positions and document ids
+            # that a cp rank's share of each row needs.
+            raise ParallelismError(
+                f"parallelism.context_parallel_degree = {self.cp} with pipeline_parallel_degree = {self.pp} "
+                "is not supported yet; use context parallelism with data or tensor parallelism"
+            )

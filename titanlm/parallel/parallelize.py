@@ -1,6 +1,7 @@
 """Apply every parallelism and wrapper to a meta-device model, in the one order that works.
 
-Tensor parallelism first (it rewrites the linear layers into DTensor ones), then activation
+Tensor parallelism first (it rewrites the linear layers into DTensor ones), then context
+parallelism swaps the shared attention backend (before wrappers hide the modules), activation
 checkpointing wraps blocks before compile (so recomputation is compiled too), and FSDP last,
 because it must see the final module tree.
 """
@@ -13,6 +14,7 @@ from titanlm.config.job_config import JobConfig
 from titanlm.models.transformer import Transformer
 from titanlm.parallel.activation_checkpoint import apply_ac
 from titanlm.parallel.compile import apply_compile
+from titanlm.parallel.context_parallel import apply_cp, check_cp_divisibility
 from titanlm.parallel.fsdp import apply_fsdp
 from titanlm.parallel.parallel_dims import Meshes
 from titanlm.parallel.tensor_parallel import apply_tp
@@ -26,6 +28,10 @@ def parallelize(model: Transformer, meshes: Meshes, cfg: JobConfig, param_dtype:
             sequence_parallel=cfg.parallelism.sequence_parallel,
             loss_parallel=not cfg.parallelism.disable_loss_parallel,
         )
+    cp, tp = meshes.world["cp"].size(), meshes.world["tp"].size()
+    if cp > 1:
+        check_cp_divisibility(cfg.training.seq_len, cp, tp if cfg.parallelism.sequence_parallel else 1)
+        apply_cp(model, meshes.world["cp"])
     apply_ac(model, cfg.activation_checkpoint.mode)
     if cfg.compile.enable:
         apply_compile(model)

@@ -38,6 +38,8 @@ def check_tp_divisibility(args: ModelArgs, tp: int) -> None:
 def apply_tp(model: Transformer, tp_mesh: DeviceMesh, sequence_parallel: bool, loss_parallel: bool) -> None:
     check_tp_divisibility(model.args, tp_mesh.size())
     between_blocks = Shard(1) if sequence_parallel else Replicate()
+    if sequence_parallel:
+        model.hidden_seq_shards = tp_mesh.size()
     parallelize_module(
         model,
         tp_mesh,

@@ -1,0 +1,146 @@
+"""Context parallelism: splitting every row over cp ranks trains exactly like one process.
+
+Unit tests pin the head+tail chunking and the attention mask against brute force. The torchrun
+scenarios (one launch per world size, gloo, fp32) compare loss and grad norm per step with one
+process that sees the same global batch of 8 rows, on random tokens (plain causal attention) and
+on packed bin data (document masks, labels cut at document ends).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from test_binmeta import write_internevo
+from test_train import assert_records_close
+from titanlm.models.attention import SDPABackend
+from titanlm.parallel import ParallelismError
+from titanlm.parallel.context_parallel import (
+    check_cp_divisibility,
+    cp_attention_mask,
+    cp_token_indices,
+    shard_batch_for_cp,
+)
+from trainer_runs import run_in_process, run_torchrun
+
+CP2 = ["--parallelism.context_parallel_degree", "2"]
+TP2 = ["--parallelism.tensor_parallel_degree", "2"]
+DP1_ON_2 = ["--training.local_batch_size", "8"]  # cp 2 on 2 ranks (or cp 2 x tp 2 on 4): dp 1
+DP2 = ["--training.local_batch_size", "4"]
+
+
+def test_each_rank_keeps_a_head_chunk_and_its_mirror_tail_chunk() -> None:
+    assert cp_token_indices(16, 0, 2).tolist() == [0, 1, 2, 3, 12, 13, 14, 15]
+    assert cp_token_indices(16, 1, 2).tolist() == [4, 5, 6, 7, 8, 9, 10, 11]
+    for cp in (1, 2, 4):
+        shares = torch.cat([cp_token_indices(32, rank, cp) for rank in range(cp)])
+        assert sorted(shares.tolist()) == list(range(32))
+
+
+def test_shard_keeps_every_token_with_its_global_position() -> None:
+    row = torch.arange(16)
+    batch = {"input_ids": torch.stack([row * 10, row * 10 + 1]), "labels": torch.stack([row, row])}
+    shard = shard_batch_for_cp(batch, cp_rank=1, cp_size=2)
+    kept = list(range(4, 12))
+    assert shard["position_ids"].tolist() == [kept, kept]
+    assert shard["input_ids"].tolist() == [[10 * t for t in kept], [10 * t + 1 for t in kept]]
+    assert shard["labels"].tolist() == [kept, kept]
+
+
+def test_shard_cuts_packed_positions_and_document_ids_alike() -> None:
+    positions = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2]])
+    documents = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2]])
+    batch = {"input_ids": torch.arange(8)[None], "position_ids": positions, "document_ids": documents}
+    shard = shard_batch_for_cp(batch, cp_rank=0, cp_size=2)  # chunks 0 and 3: tokens 0, 1, 6, 7
+    assert shard["position_ids"].tolist() == [[0, 1, 1, 2]]
+    assert shard["document_ids"].tolist() == [[0, 0, 2, 2]]
+
+
+@pytest.mark.parametrize("with_documents", [False, True])
+def test_mask_is_the_single_process_mask_restricted_to_local_queries(with_documents) -> None:
+    seq, cp = 24, 3
+    documents = torch.randint(0, 3, (2, seq), generator=torch.Generator().manual_seed(0)).sort(dim=1).values
+    keys = torch.cat([cp_token_indices(seq, rank, cp) for rank in range(cp)])  # gathered, rank-major
+    full = SDPABackend().prepare(documents if with_documents else torch.zeros_like(documents))
+    for rank in range(cp):
+        queries = cp_token_indices(seq, rank, cp)
+        docs = (documents[:, queries], documents[:, keys]) if with_documents else ()
+        mask = cp_attention_mask(queries, keys, *docs)
+        brute = [[[bool(full[b, 0, q, k]) for k in keys] for q in queries] for b in range(2)]
+        assert mask.expand(2, 1, -1, -1)[:, 0].tolist() == brute
+
+
+def test_seq_len_not_divisible_by_twice_cp_is_refused_naming_the_keys() -> None:
+    check_cp_divisibility(32, 2, 1)
+    with pytest.raises(ParallelismError, match=r"training.seq_len 30 .* 2 x parallelism.context_parallel_degree = 4"):
+        check_cp_divisibility(30, 2, 1)
+    check_cp_divisibility(32, 2, 2)  # 16 tokens per cp rank, 8 per tp rank
+    with pytest.raises(ParallelismError, match="parallelism.tensor_parallel_degree 8.*sequence_parallel = false"):
+        check_cp_divisibility(40, 2, 8)  # 20 tokens per cp rank
+
+
+def test_context_parallel_with_pipeline_parallel_is_refused() -> None:
+    from titanlm.parallel import ParallelDims
+
+    with pytest.raises(ParallelismError, match="context_parallel_degree = 2 with pipeline_parallel_degree = 2"):
+        ParallelDims(dp_replicate=1, dp_shard=1, cp=2, tp=1, pp=2, world_size=4).check_supported()
+
+
+@pytest.fixture(scope="module")
+def bin_args(tmp_path_factory) -> list[str]:
+    """A tiny InternEvo folder of short documents, so rows of 32 tokens pack several of them and
+    document boundaries fall inside and across the cp chunks."""
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(0, 2048, size=int(n)).tolist() for n in rng.integers(3, 20, size=60)]
+    root = tmp_path_factory.mktemp("bin")
+    write_internevo(root / "en" / "data.bin", docs)
+    return ["--data.dataset", "bin", "--data.train_folder", str(root), "--model.attention_backend", "sdpa"]
+
+
+@pytest.fixture(scope="module")
+def oracle(tmp_path_factory, bin_args):
+    """Single-process records with the whole global batch of 8 rows, per data source."""
+    sources = {"random": [], "bin": bin_args}
+    return {name: run_in_process(tmp_path_factory.mktemp(f"single_{name}"), [*args, *DP1_ON_2])
+            for name, args in sources.items()}
+
+
+# name -> (data source of the oracle, layout arguments)
+TWO_RANK_LAYOUTS = {
+    "cp2": ("random", [*CP2, *DP1_ON_2]),
+    "cp2_documents": ("bin", [*CP2, *DP1_ON_2]),
+}
+FOUR_RANK_LAYOUTS = {
+    "cp2_fsdp2": ("random", [*CP2, *DP2]),
+    "cp2_hsdp2x1": ("random", [*CP2, *DP2, "--parallelism.data_parallel_replicate_degree", "2"]),
+    "cp2_tp2": ("random", [*CP2, *TP2, *DP1_ON_2]),
+    "cp4_documents": ("bin", ["--parallelism.context_parallel_degree", "4", *DP1_ON_2]),
+}
+
+
+def launch(nproc: int, layouts: dict[str, tuple[str, list[str]]], folder, bin_args: list[str]) -> dict:
+    scenarios = {name: [*(bin_args if source == "bin" else []), *extra] for name, (source, extra) in layouts.items()}
+    return run_torchrun(nproc, scenarios, folder, timeout=240)
+
+
+@pytest.fixture(scope="module")
+def two_rank_records(tmp_path_factory, bin_args) -> dict[str, list[dict]]:
+    return launch(2, TWO_RANK_LAYOUTS, tmp_path_factory.mktemp("two"), bin_args)
+
+
+@pytest.fixture(scope="module")
+def four_rank_records(tmp_path_factory, bin_args) -> dict[str, list[dict]]:
+    return launch(4, FOUR_RANK_LAYOUTS, tmp_path_factory.mktemp("four"), bin_args)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("layout", sorted(TWO_RANK_LAYOUTS))
+def test_two_rank_cp_layout_matches_single_process(layout, two_rank_records, oracle) -> None:
+    assert_records_close(two_rank_records[layout], oracle[TWO_RANK_LAYOUTS[layout][0]])
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("layout", sorted(FOUR_RANK_LAYOUTS))
+def test_four_rank_cp_layout_matches_single_process(layout, four_rank_records, oracle) -> None:
+    assert_records_close(four_rank_records[layout], oracle[FOUR_RANK_LAYOUTS[layout][0]])

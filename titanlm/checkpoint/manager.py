@@ -1,0 +1,329 @@
+"""The checkpoint manager: when to save, where from to resume, and making saves visible only when complete.
+
+Every rank builds one and calls it at the same points, because DCP saves and loads are collectives.
+Decisions that depend on the file system (which checkpoint to resume from, whether the folder is
+writable) are taken on rank 0 and broadcast, so that ranks on different nodes never disagree, and
+a bad input raises the same error on every rank instead of leaving the others waiting.
+
+Where resumes come from:
+  1. `checkpoint.folder` holds complete checkpoints: the newest (or `load_step`), everything in it,
+     so that a restarted job continues exactly where it saved;
+  2. otherwise `initial_load_path`, restricted to `load_content` (InternEvo's load_ckpt_info): e.g.
+     the weights of a pretraining checkpoint for fine-tuning, starting at step 0;
+  3. otherwise the freshly initialized model.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+from titanlm.checkpoint import layout
+from titanlm.checkpoint.content import PARTS, CheckpointError, TrainingContent
+from titanlm.checkpoint.stop import Action, StopRequests
+from titanlm.checkpoint.train_state import TrainState
+from titanlm.config.job_config import JobConfig
+
+logger = logging.getLogger("titanlm")
+
+T = TypeVar("T")
+
+
+def parse_load_content(text: str, initial_load_path: str) -> tuple[str, ...]:
+    """The parts named by checkpoint.load_content, in PARTS order."""
+    if text.strip() == "all":
+        return PARTS
+    parts = {part.strip() for part in text.split(",")}
+    unknown = sorted(parts - set(PARTS))
+    if unknown:
+        raise CheckpointError(
+            f"checkpoint.load_content = {text!r}: unknown part(s) {', '.join(unknown)}; "
+            f"use all, or a comma list of {', '.join(PARTS)}"
+        )
+    if not initial_load_path:
+        raise CheckpointError(
+            f"checkpoint.load_content = {text!r} selects what to take from checkpoint.initial_load_path, "
+            "which is empty (a resume from checkpoint.folder always loads everything); set "
+            "initial_load_path, e.g. to a pretraining run's step-N folder"
+        )
+    return tuple(part for part in PARTS if part in parts)
+
+
+def initial_checkpoint(path: str) -> str:
+    """The DCP folder that checkpoint.initial_load_path names, or an error saying what it is instead.
+
+    A Hugging Face folder is recognised here, so that loading one directly can plug in at this spot.
+    """
+    key = f"checkpoint.initial_load_path {path}"
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{key} is not a folder; point it at a step-N folder or a converted model")
+    if layout.is_dcp_checkpoint(path):
+        return path
+    if layout.looks_like_hf_model(path):
+        raise CheckpointError(
+            f"{key} is a Hugging Face model; convert it first with `python -m titanlm.tools.convert "
+            f"hf_to_dcp {path} OUT_DIR` and set checkpoint.initial_load_path = OUT_DIR"
+        )
+    steps = layout.complete_steps(path)
+    if steps:
+        raise CheckpointError(
+            f"{key} is a checkpoint folder, not one checkpoint; point it at one of its step folders, "
+            f"e.g. {layout.step_dir(path, steps[-1])}"
+        )
+    raise CheckpointError(
+        f"{key} has no {layout.METADATA} file, so it is not a DCP checkpoint; point it at a step-N folder "
+        "or a converted model"
+    )
+
+
+def _check_writable(folder: str) -> None:
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise CheckpointError(
+            f"checkpoint folder {folder} is not writable ({error.strerror}); fix its permissions or point "
+            "job.dump_folder / checkpoint.folder elsewhere"
+        ) from None
+
+
+def _on_rank0(decide: Callable[[], T]) -> T:
+    """Run `decide` on rank 0 and give every rank its result, or raise its CheckpointError everywhere."""
+    box: list[Any] = [None]
+    if dist.get_rank() == 0:
+        try:
+            box[0] = (decide(), None)
+        except CheckpointError as error:
+            box[0] = (None, str(error))
+    dist.broadcast_object_list(box, src=0)
+    result, error = box[0]
+    if error is not None:
+        raise CheckpointError(error)
+    return result
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Rank 0's start-up decisions, shared by all ranks."""
+
+    source: str | None  # the checkpoint to load, if any
+    parts: tuple[str, ...]
+    fix: str  # what to do when `source` lacks some of `parts`
+    attempt: str  # names this attempt's .tmp folders, so a crashed attempt's are never reused
+
+
+@dataclass
+class _Save:
+    """A background save: published (renamed) by rank 0 once its future is done."""
+
+    tmp: str
+    final: str
+    started: float
+    future: Future
+    published: bool = False
+
+
+class CheckpointManager:
+    """Loads at start, saves after steps, and stops the run on request; inert when checkpoint.enable is off."""
+
+    def __init__(self, cfg: JobConfig, model_parts: list[nn.Module], optimizer: Optimizer,
+                 lr_scheduler: LRScheduler, dataloader: StatefulDataLoader, dp_rank: int,
+                 device: torch.device) -> None:
+        """Check the settings and the folder and choose what to resume from; nothing is loaded yet."""
+        self.cfg = cfg.checkpoint
+        self.enabled = self.cfg.enable
+        if not self.enabled:
+            return
+        self.folder = os.path.join(cfg.job.dump_folder, self.cfg.folder)
+        self.total_steps = cfg.training.steps
+        self.device = device
+        self.is_main = dist.get_rank() == 0
+        self.content = TrainingContent(model_parts, optimizer, lr_scheduler, dataloader, dp_rank)
+        self.export_dtype: torch.dtype = getattr(torch, self.cfg.export_dtype)
+        self.async_mode = self.cfg.async_mode
+        if self.async_mode == "async_with_pinned_mem" and device.type != "cuda":
+            if self.is_main:
+                logger.warning("checkpoint.async_mode = async_with_pinned_mem needs a GPU; using async")
+            self.async_mode = "async"
+        parts = parse_load_content(self.cfg.load_content, self.cfg.initial_load_path)
+        self.plan = _on_rank0(lambda: self._plan(parts))
+        # Background saves get their own gloo group: collectives of two threads must not interleave on one group.
+        self._async_group = dist.new_group(backend="gloo") if self.async_mode != "disabled" else None
+        self._stager = (
+            DefaultStager(StagingOptions(use_pinned_memory=True, use_shared_memory=True,
+                                         use_async_staging=False, use_non_blocking_copy=True))
+            if self.async_mode == "async_with_pinned_mem" else None
+        )
+        self._in_flight: _Save | None = None
+        self.stop: StopRequests | None = None
+
+    def _plan(self, parts: tuple[str, ...]) -> _Plan:
+        """Rank 0: check the folder, report leftovers, and pick the checkpoint to start from."""
+        _check_writable(self.folder)
+        stale = layout.leftovers(self.folder)
+        if stale:
+            logger.warning(
+                f"{self.folder} holds interrupted saves or deletions, which are never loaded nor deleted "
+                f"automatically: {', '.join(stale)}; remove them by hand once no job writes there"
+            )
+        export = layout.step_dir(self.folder, self.total_steps, model_only=True)
+        if self.cfg.last_save_model_only and os.path.exists(export):
+            raise CheckpointError(
+                f"{export} exists: this run already exported its final weights; move it away to export "
+                "again, or raise training.steps"
+            )
+        attempt = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+        source = self._resume_source(layout.complete_steps(self.folder))
+        if source is not None:
+            fix = "a resume needs a full checkpoint: move this one out of the folder, or pick another with load_step"
+            return _Plan(source, PARTS, fix, attempt)
+        if self.cfg.initial_load_path:
+            fix = "set checkpoint.load_content to parts it holds, e.g. model"
+            return _Plan(initial_checkpoint(self.cfg.initial_load_path), parts, fix, attempt)
+        return _Plan(None, (), "", attempt)
+
+    def _resume_source(self, steps: list[int]) -> str | None:
+        """The checkpoint of this run's folder to resume from: load_step's, else the newest, if any."""
+        load_step = self.cfg.load_step
+        if load_step >= 0:
+            if load_step not in steps:
+                available = ", ".join(f"step-{s}" for s in steps) or "none"
+                raise CheckpointError(
+                    f"checkpoint.load_step = {load_step}: {self.folder} has no complete step-{load_step} "
+                    f"(complete checkpoints: {available}); pick one of those, or -1 for the newest"
+                )
+            newer = [f"step-{s}" for s in steps if s > load_step]
+            if newer:
+                raise CheckpointError(
+                    f"checkpoint.load_step = {load_step}, but {self.folder} also holds newer {', '.join(newer)}, "
+                    "which this run would overwrite and a restart would resume from; move them out of the "
+                    "folder to go back to an earlier step"
+                )
+        elif not steps:
+            return None
+        source = layout.step_dir(self.folder, load_step if load_step >= 0 else steps[-1])
+        if not layout.is_dcp_checkpoint(source):
+            raise CheckpointError(
+                f"{source} has no {layout.METADATA} file, so it is not a complete DCP checkpoint (copied in "
+                "part?); move it out of the folder, or pick another with checkpoint.load_step"
+            )
+        if self.cfg.initial_load_path:
+            logger.info(f"resuming from {source}; checkpoint.initial_load_path only seeds runs without checkpoints")
+        return source
+
+    @torch.no_grad()
+    def load(self) -> TrainState | None:
+        """Restore what the plan names, then start listening for stop requests.
+
+        Returns the TrainState to continue from, or None when the run starts at step 0 (nothing to
+        load, or only parts without it, e.g. load_content = model).
+        """
+        if not self.enabled:
+            return None
+        state = None
+        if self.plan.source:
+            start = time.perf_counter()
+            state = self.content.load(self.plan.source, self.plan.parts, self.plan.fix)
+            where = f"; continuing after step {state.step}" if state else "; starting at step 0"
+            logger.info(
+                f"loaded {', '.join(self.plan.parts)} from {self.plan.source} in "
+                f"{time.perf_counter() - start:.1f}s{where}"
+            )
+        stop_file = self.cfg.stop_file or os.path.join(self.folder, "STOP")
+        self.stop = StopRequests(stop_file, self.is_main, self.device)
+        return state
+
+    def step_end(self, state: TrainState) -> bool:
+        """Save if due after this step (interval, last step, stop file, signal); True when the run must stop.
+
+        A collective: every rank calls it after every step.
+        """
+        if not self.enabled:
+            return False
+        self._publish_if_done()
+        action = self.stop.poll(state.step)
+        last = state.step >= self.total_steps
+        stop = action == Action.SAVE_AND_STOP
+        if last or stop:
+            self._save(state, blocking=True, model_only=last and self.cfg.last_save_model_only)
+        elif action == Action.SAVE or state.step % self.cfg.interval == 0:
+            self._save(state, blocking=False)
+        return stop
+
+    @torch.no_grad()
+    def _save(self, state: TrainState, blocking: bool, model_only: bool = False) -> None:
+        """Write step-N (or step-N-model) through a .tmp folder; in async mode only start writing.
+
+        At most one save is in flight: the previous one is finished (and published) first.
+        """
+        self._wait()
+        final = layout.step_dir(self.folder, state.step, model_only)
+        tmp = layout.tmp_dir(final, self.plan.attempt)
+        content = self.content
+        state_dict = content.model_state_dict(self.export_dtype) if model_only else content.state_dict(state)
+        started = time.perf_counter()
+        if blocking or self.async_mode == "disabled":
+            dcp.save(state_dict, checkpoint_id=tmp)
+            if self.is_main:
+                self._publish(tmp, final, started)
+            return
+        extra: dict[str, Any] = {}
+        if self._stager is not None:
+            extra = {"async_checkpointer_type": AsyncCheckpointerType.PROCESS, "async_stager": self._stager}
+        # Returns once the state is copied out, so the next optimizer step cannot race the writes.
+        future = dcp.async_save(state_dict, checkpoint_id=tmp, process_group=self._async_group, **extra)
+        logger.info(f"saving {final} in the background (training paused {time.perf_counter() - started:.2f}s)")
+        self._in_flight = _Save(tmp, final, started, future)
+
+    def _wait(self) -> None:
+        """Finish the background save, if any, on every rank; a failed save raises here on all of them."""
+        save, self._in_flight = self._in_flight, None
+        if save is None:
+            return
+        save.future.result()
+        if self.is_main and not save.published:
+            self._publish(save.tmp, save.final, save.started)
+
+    def _publish_if_done(self) -> None:
+        """Rank 0 renames a finished background save without waiting for the other ranks: DCP's last
+        step gathers every rank's write results on rank 0 before it writes .metadata, so rank 0's save
+        finishing means every rank's files are on disk. A failure is left for `_wait`, which all ranks reach."""
+        save = self._in_flight
+        if self.is_main and save and not save.published and save.future.done() and not save.future.exception():
+            self._publish(save.tmp, save.final, save.started)
+            save.published = True
+
+    def _publish(self, tmp: str, final: str, started: float) -> None:
+        layout.publish(tmp, final)
+        logger.info(f"saved {final} in {time.perf_counter() - started:.1f}s")
+        if self.cfg.keep_latest_k > 0:
+            removed = layout.prune(self.folder, self.cfg.keep_latest_k)
+            if removed:
+                logger.info(f"removed {', '.join(f'step-{s}' for s in removed)} (checkpoint.keep_latest_k)")
+
+    def close(self) -> None:
+        """Finish a save still in flight and give the signal handlers back."""
+        if not self.enabled:
+            return
+        self._wait()
+        if self._stager is not None:
+            self._stager.close()
+        if self.stop is not None:
+            self.stop.close()

@@ -1,0 +1,90 @@
+"""Requests to save and stop from outside the job: InternEvo's stop file, SIGTERM and SIGUSR1.
+
+Slurm sends SIGTERM (or, with `--signal`, SIGUSR1) some time before it kills a job. The handler only
+records the signal: saving inside a handler could interrupt a collective half-way. After each step
+the ranks combine their requests with one all_reduce(MAX), so either every rank saves or none does,
+even when the signal reached only some of them.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import signal
+import threading
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger("titanlm")
+
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class Action(enum.IntEnum):
+    """Ordered so that MAX over ranks picks the strongest request."""
+
+    NONE = 0
+    SAVE = 1  # stop file -N at step N
+    SAVE_AND_STOP = 2  # stop file N at step N, or a signal
+
+
+class StopRequests:
+    def __init__(self, stop_file: str, is_main: bool, device: torch.device) -> None:
+        """Install the signal handlers (the previous ones come back on `close`). Only rank 0 reads the
+        stop file, so that ranks never act on different versions of it."""
+        self.stop_file = stop_file
+        self.is_main = is_main
+        self.device = device
+        self._signal = 0
+        self._warned: set[str] = set()
+        self._previous: dict[int, object] = {}
+        if threading.current_thread() is threading.main_thread():  # Python allows handlers only there
+            for sig in SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self._signal = signum
+
+    def poll(self, step: int) -> Action:
+        """What to do after `step`, agreed by all ranks (a collective: every rank calls it every step)."""
+        request = torch.tensor(
+            [self._read_stop_file(step) if self.is_main else Action.NONE, self._signal], device=self.device
+        )
+        dist.all_reduce(request, op=dist.ReduceOp.MAX)
+        file_action, signum = (int(v) for v in request.tolist())
+        if signum:
+            logger.warning(f"{signal.Signals(signum).name} received: saving step {step} and stopping")
+            return Action.SAVE_AND_STOP
+        if file_action:
+            verb = "stopping" if file_action == Action.SAVE_AND_STOP else "continuing"
+            logger.info(f"stop file {self.stop_file} asks for step {step}: saving and {verb}")
+        return Action(file_action)
+
+    def _read_stop_file(self, step: int) -> Action:
+        """InternEvo's convention: the file holds N (save at step N, then stop) or -N (save and go on)."""
+        try:
+            with open(self.stop_file, encoding="utf-8") as f:
+                text = f.read().strip()
+        except FileNotFoundError:
+            return Action.NONE
+        try:
+            target = int(text)
+        except ValueError:
+            self._warn_once(f"stop file {self.stop_file} holds {text!r}, not an integer step N or -N; ignored")
+            return Action.NONE
+        if abs(target) == step:
+            return Action.SAVE_AND_STOP if target > 0 else Action.SAVE
+        if 0 < abs(target) < step:
+            self._warn_once(f"stop file {self.stop_file} asks for step {abs(target)}, already past; ignored")
+        return Action.NONE
+
+    def _warn_once(self, message: str) -> None:
+        if message not in self._warned:
+            self._warned.add(message)
+            logger.warning(message)
+
+    def close(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()

@@ -1,0 +1,155 @@
+"""Context parallelism: each cp rank holds a share of every sequence and gathers keys/values (Llama 3 style).
+
+Sharding: a row of S tokens is cut into 2 x cp chunks and rank r keeps chunks r and 2cp-1-r. A causal
+row has cheap early queries and expensive late ones; pairing a head chunk with its mirror tail chunk
+gives every rank the same attention work.
+
+Attention: each layer all-gathers k and v over the cp group (backward reduce-scatters their grads), so
+the local queries see the whole row. The gathered keys stay in rank-major order (rank 0's two chunks,
+then rank 1's, ...); the mask is built from every key's token index in the original row, so no reorder
+copy is needed. A query may attend a key iff key index <= query index and both share a document.
+Token indices, not `position_ids`, order the row: positions restart at every packed document.
+
+SDPA with that boolean mask runs on CPU (gloo) and GPU alike; the mask, built once per forward, is
+[batch, 1, S / cp, S] booleans (a cached [1, 1, S / cp, S] one without document ids). torch's ring
+attention (`torch.distributed.tensor.experimental.context_parallel`) is not wired in: it patches SDPA
+through global state, has no CPU kernel and takes no document masks.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed._functional_collectives as funcol
+from torch.distributed.device_mesh import DeviceMesh
+
+from titanlm.models.attention import AttentionBackend
+from titanlm.models.transformer import Attention, Transformer
+from titanlm.parallel.parallel_dims import ParallelismError
+
+Batch = dict[str, torch.Tensor]
+
+
+def check_cp_divisibility(seq_len: int, cp: int, sequence_parallel_degree: int) -> None:
+    """Stop at start-up, not in the first step, when a row cannot be cut evenly.
+
+    `sequence_parallel_degree`: the tp degree when sequence parallelism splits each rank's share
+    further, else 1.
+    """
+    if seq_len % (2 * cp):
+        raise ParallelismError(
+            f"training.seq_len {seq_len} is not divisible by 2 x parallelism.context_parallel_degree = {2 * cp} "
+            "(each cp rank keeps a head and a tail chunk of every row); choose a seq_len that is"
+        )
+    if (seq_len // cp) % sequence_parallel_degree:
+        raise ParallelismError(
+            f"training.seq_len {seq_len} / parallelism.context_parallel_degree {cp} = {seq_len // cp} tokens per "
+            f"cp rank is not divisible by parallelism.tensor_parallel_degree {sequence_parallel_degree} (sequence "
+            "parallelism splits them further); choose a seq_len divisible by cp x tp x 2, or set "
+            "parallelism.sequence_parallel = false"
+        )
+
+
+def cp_token_indices(seq_len: int, cp_rank: int, cp_size: int, device: torch.device | None = None) -> torch.Tensor:
+    """Indices in the original row of the tokens that `cp_rank` keeps: chunk r, then chunk 2cp-1-r."""
+    chunk = seq_len // (2 * cp_size)
+    head = torch.arange(cp_rank * chunk, (cp_rank + 1) * chunk, device=device)
+    tail_start = (2 * cp_size - 1 - cp_rank) * chunk
+    return torch.cat([head, torch.arange(tail_start, tail_start + chunk, device=device)])
+
+
+def shard_batch_for_cp(batch: Batch, cp_rank: int, cp_size: int) -> Batch:
+    """This rank's share of every [batch, seq] tensor of `batch` (see the module docstring).
+
+    Rotary embeddings need each kept token's position in the full row, so a batch without
+    `position_ids` gets 0..S-1 before it is cut.
+    """
+    if cp_size == 1:
+        return batch
+    rows, seq_len = batch["input_ids"].shape
+    check_cp_divisibility(seq_len, cp_size, 1)
+    if "position_ids" not in batch:
+        positions = torch.arange(seq_len, device=batch["input_ids"].device).expand(rows, seq_len)
+        batch = {**batch, "position_ids": positions}
+    index = cp_token_indices(seq_len, cp_rank, cp_size, batch["input_ids"].device)
+    return {key: value.index_select(1, index) for key, value in batch.items()}
+
+
+def cp_attention_mask(
+    query_index: torch.Tensor,
+    key_index: torch.Tensor,
+    query_documents: torch.Tensor | None = None,
+    key_documents: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Boolean SDPA mask [batch or 1, 1, queries, keys]: True where the query may attend the key.
+
+    `*_index`: token indices in the original row; `*_documents`: [batch, n] document ids or None
+    (one document per row).
+    """
+    allowed = key_index[None, :] <= query_index[:, None]
+    if query_documents is None:
+        return allowed[None, None]
+    same_document = query_documents[:, :, None] == key_documents[:, None, :]
+    return (allowed & same_document)[:, None]
+
+
+class AllGatherKVAttention(AttentionBackend):
+    """Attention of this rank's queries over the keys/values of the whole row, gathered over `cp_mesh`.
+
+    `prepare` gathers the document ids once per forward and builds the mask; each layer then gathers
+    k and v. Only SDPA takes an arbitrary query-by-key mask, so the wrapped backend must be sdpa.
+    """
+
+    name = "allgather_cp"
+
+    def __init__(self, inner: AttentionBackend, cp_mesh: DeviceMesh) -> None:
+        if inner.name != "sdpa":
+            raise ParallelismError(
+                f"parallelism.context_parallel_degree > 1 masks local queries against gathered keys, which "
+                f"model.attention_backend = '{inner.name}' cannot express; set model.attention_backend = 'sdpa'"
+            )
+        self.inner = inner
+        self.group = cp_mesh.get_group()
+        self.cp_rank = cp_mesh.get_local_rank()
+        self.cp_size = cp_mesh.size()
+        self._causal_masks: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+    def _indices(self, local_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Original-row indices of the local queries and of the gathered (rank-major) keys."""
+        seq_len = local_len * self.cp_size
+        keys = [cp_token_indices(seq_len, rank, self.cp_size, device) for rank in range(self.cp_size)]
+        return keys[self.cp_rank], torch.cat(keys)
+
+    def _gather_seq(self, tensor: torch.Tensor, seq_dim: int) -> torch.Tensor:
+        return funcol.all_gather_single_autograd(tensor.contiguous(), seq_dim, self.group)
+
+    def prepare(self, document_ids: torch.Tensor | None) -> torch.Tensor | None:
+        if document_ids is None:
+            return None  # plain causal: __call__ uses a cached mask for the local length
+        query_index, key_index = self._indices(document_ids.shape[1], document_ids.device)
+        key_documents = self._gather_seq(document_ids, 1)
+        return cp_attention_mask(query_index, key_index, document_ids, key_documents)
+
+    def _causal_mask(self, local_len: int, device: torch.device) -> torch.Tensor:
+        key = (local_len, device)
+        if key not in self._causal_masks:
+            self._causal_masks[key] = cp_attention_mask(*self._indices(local_len, device))
+        return self._causal_masks[key]
+
+    def __call__(self, q, k, v, prepared):
+        # One collective for k and v together: [2, batch, kv_heads, seq, dim], gathered along seq.
+        k_all, v_all = self._gather_seq(torch.stack((k, v)), 3).unbind(0)
+        mask = prepared if prepared is not None else self._causal_mask(q.shape[2], q.device)
+        return self.inner(q, k_all, v_all, mask)
+
+
+def apply_cp(model: Transformer, cp_mesh: DeviceMesh) -> None:
+    """Swap the model's shared attention backend for its all-gather-KV wrapper, in place.
+
+    All layers share one backend object; the model keeps it as `attention_backend` (for `prepare`)
+    and every `Attention` as `attend`, so both references are replaced.
+    """
+    backend = AllGatherKVAttention(model.attention_backend, cp_mesh)
+    model.attention_backend = backend
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.attend = backend
