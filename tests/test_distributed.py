@@ -35,6 +35,12 @@ PP2 = ["--parallelism.pipeline_parallel_degree", "2", "--training.local_batch_si
        "--training.global_batch_size", "8"]  # dp 1: 4 micro-batches of 2 per step
 for schedule in ("GPipe", "1F1B", "Interleaved1F1B", "LoopedBFS"):
     TWO_RANK_LAYOUTS[f"pp2_{schedule}"] = ([], [*PP2, "--parallelism.pipeline_parallel_schedule", schedule])
+TWO_RANK_LAYOUTS["fsdp2_float8_all_gather"] = (
+    ["--float8.enable"], ["--training.local_batch_size", "4", "--float8.enable_fsdp_float8_all_gather"]
+)
+# float8 scales activations by each rank's own amax (4 samples here, 8 in the oracle), so rounding
+# differs with the layout by design: measured 2e-4 on the loss and 4e-3 on the grad norm.
+RTOL = {"fsdp2_float8_all_gather": 1e-2}
 TWO_RANK_LAYOUTS["pp2_uneven_stages_internlm"] = (INTERNLM, [*PP2, "--parallelism.pipeline_parallel_stage_layers", "1,3"])
 
 FOUR_RANK_LAYOUTS: dict[str, tuple[list[str], list[str]]] = {
@@ -76,7 +82,7 @@ def four_rank_records(tmp_path_factory) -> dict[str, list[dict]]:
 
 @pytest.mark.parametrize("layout", sorted(TWO_RANK_LAYOUTS))
 def test_two_rank_layout_matches_single_process(layout, two_rank_records, oracle) -> None:
-    assert_records_close(two_rank_records[layout], oracle(TWO_RANK_LAYOUTS[layout][0]))
+    assert_records_close(two_rank_records[layout], oracle(TWO_RANK_LAYOUTS[layout][0]), RTOL.get(layout, 1e-5))
 
 
 @pytest.mark.parametrize("layout", sorted(FOUR_RANK_LAYOUTS))

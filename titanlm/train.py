@@ -22,7 +22,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 
 from titanlm.checkpoint import CheckpointManager, TrainState
 from titanlm.config import JobConfig, config_to_toml, load_config_or_exit
-from titanlm.data import build_dataloader
+from titanlm.data import build_dataloader, build_valid_dataloader
 from titanlm.distributed import init_distributed, set_determinism, shutdown
 from titanlm.loss_scaler import DynamicLossScaler
 from titanlm.metrics import MetricsLogger, device_peak_flops, peak_memory_gib
@@ -32,8 +32,10 @@ from titanlm.models.flops import internevo_tflops, training_flops
 from titanlm.optim import build_lr_scheduler, build_optimizer
 from titanlm.parallel import ParallelDims, parallelize
 from titanlm.parallel.context_parallel import shard_batch_for_cp
+from titanlm.parallel.float8 import precompute_scales
 from titanlm.parallel.grad_norm import clip_grads_, global_grad_norm, scale_grads_
 from titanlm.parallel.pipeline import build_schedule, check_pipeline_supported, pipeline_parts
+from titanlm.validation import validation_metrics
 
 logger = logging.getLogger("titanlm")
 
@@ -55,15 +57,8 @@ def resolve_param_dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
-def reject_unavailable_features(cfg: JobConfig) -> None:
-    """Refuse switches whose machinery has not landed, rather than silently ignoring them."""
-    if cfg.float8.enable:
-        raise NotImplementedError("float8.enable = true: float8 training lands with the parallelism issue")
-
-
 class Trainer:
     def __init__(self, cfg: JobConfig) -> None:
-        reject_unavailable_features(cfg)
         self.cfg = cfg
         self.dist = init_distributed()
         self.device = self.dist.device
@@ -108,6 +103,12 @@ class Trainer:
         self.dataloader, self.tokenizer = build_dataloader(
             cfg, dp_rank, self.parallel_dims.dp, self.model_args.vocab_size
         )
+        self.valid_loader = build_valid_dataloader(cfg, dp_rank, self.parallel_dims.dp, self.model_args.vocab_size)
+        if self.valid_loader is not None and self.parallel_dims.pp > 1:
+            raise ValueError(
+                "data.valid_folder with parallelism.pipeline_parallel_degree > 1 is not supported yet; "
+                "validate with a separate run without pipeline parallelism"
+            )
         self.checkpointer = CheckpointManager(
             cfg, self.model_parts, self.optimizer, self.lr_scheduler, self.dataloader, dp_rank, self.device
         )
@@ -161,6 +162,11 @@ class Trainer:
         dist.all_reduce(value, group=self.loss_group)
         return value
 
+    def _prepare(self, batch: Batch) -> Batch:
+        """This rank's context-parallel share of a batch, on the device."""
+        batch = shard_batch_for_cp(batch, self.cp_rank, self.parallel_dims.cp)
+        return {key: value.to(self.device, non_blocking=True) for key, value in batch.items()}
+
     def forward_backward(self, micro_batches: list[Batch]) -> tuple[torch.Tensor, float]:
         """Accumulate gradients of the global mean token loss; return (that loss, seconds spent).
 
@@ -168,10 +174,10 @@ class Trainer:
         divided by the label count of the whole step on all DP x CP ranks, and FSDP (over dp_shard x
         cp) sums gradients, so neither accumulation nor DP or CP size changes the result.
         """
-        micro_batches = [shard_batch_for_cp(mb, self.cp_rank, self.parallel_dims.cp) for mb in micro_batches]
+        micro_batches = [self._prepare(mb) for mb in micro_batches]
         label_tokens = sum((mb["labels"] != IGNORE_INDEX).sum() for mb in micro_batches)
         # A Python number: it divides both plain and vocab-sharded (DTensor) losses.
-        global_tokens = max(self._sum_over_loss_group(label_tokens.to(self.device, torch.float32)).item(), 1.0)
+        global_tokens = max(self._sum_over_loss_group(label_tokens.to(torch.float32)).item(), 1.0)
         scale = self.loss_scaler.scale if self.loss_scaler else 1.0
         loss_total = torch.zeros((), device=self.device)
         start = time.perf_counter()
@@ -180,7 +186,6 @@ class Trainer:
             self._synchronize()
             return self._sum_over_loss_group(loss_total), time.perf_counter() - start
         for mb in micro_batches:
-            mb = {key: value.to(self.device, non_blocking=True) for key, value in mb.items()}
             with self.loss_context():
                 logits = self.model(mb["input_ids"], mb.get("position_ids"), mb.get("document_ids"))
                 loss = self.loss_fn(logits, mb["labels"]) / global_tokens
@@ -194,8 +199,8 @@ class Trainer:
     ) -> torch.Tensor:
         """One schedule step over all micro-batches; the loss exists only on the last stage,
         so it is summed over the pp group (other stages contribute zero)."""
-        inputs = torch.cat([mb["input_ids"] for mb in micro_batches]).to(self.device)
-        labels = torch.cat([mb["labels"] for mb in micro_batches]).to(self.device)
+        inputs = torch.cat([mb["input_ids"] for mb in micro_batches])
+        labels = torch.cat([mb["labels"] for mb in micro_batches])
         self._pp_loss_factor = scale / global_tokens
         losses: list[torch.Tensor] = []
         with self.loss_context():
@@ -224,6 +229,7 @@ class Trainer:
             if self.cfg.training.max_norm > 0:
                 clip_grads_(grads, self.cfg.training.max_norm, grad_norm)
             self.optimizer.step()
+            precompute_scales(self.model_parts, self.cfg.float8)
         else:
             self.inf_nan_skip_batches += 1
         self.optimizer.zero_grad(set_to_none=True)
@@ -288,18 +294,37 @@ class Trainer:
         the records of the logged steps."""
         batches = iter(self.dataloader)
         records = []
-        log_freq = self.cfg.metrics.log_freq
+        log_freq, valid_every = self.cfg.metrics.log_freq, self.cfg.data.valid_every
+        logged_samples = self.step * self.global_batch
         while self.step < self.cfg.training.steps:
             wait_start = time.perf_counter()
             micro_batches = self.next_micro_batches(batches)
             data_time = time.perf_counter() - wait_start
             record = {**self.train_step(micro_batches), "data_time": data_time}
             if self.step % log_freq == 0 or self.step == 1 or self.step == self.cfg.training.steps:
+                record |= self._type_shares(logged_samples, self.step * self.global_batch)
+                logged_samples = self.step * self.global_batch
                 self.metrics.log(record)
                 records.append(record)
+            if self.valid_loader is not None and valid_every > 0 and self.step % valid_every == 0:
+                self.metrics.log({"step": self.step, **self.validate()})
             if self.checkpointer.step_end(self.train_state()):
                 break
         return records
+
+    def validate(self) -> dict[str, float]:
+        """Loss and perplexity over the whole validation set, overall and per data type."""
+        return validation_metrics(
+            self.model, self.valid_loader, self._prepare, self.loss_context,
+            self.valid_loader.dataset.types, self.loss_group, self.device,
+        )
+
+    def _type_shares(self, start: int, stop: int) -> dict[str, float]:
+        """Token share per data type in the global samples [start, stop), to check data.dataset_weights."""
+        shares = getattr(self.dataloader.dataset, "type_token_shares", None)
+        if shares is None or not self.dist.is_main or stop <= start:
+            return {}
+        return {f"token_share/{name}": share for name, share in shares(start, stop).items()}
 
     def close(self) -> None:
         self.checkpointer.close()

@@ -234,7 +234,11 @@ class Compile:
 
 @dataclass
 class Float8:
-    enable: bool = opt(False, "float8 linear layers through torchao (GPU; lands with the parallelism work)")
+    enable: bool = opt(False, "train Linear layers in float8 through torchao (all but the output layer)")
+    recipe_name: str = opt("tensorwise", "torchao float8 scaling recipe", choices=("tensorwise", "rowwise"))
+    enable_fsdp_float8_all_gather: bool = opt(
+        False, "all-gather FSDP parameters in float8 (tensorwise recipe only)"
+    )
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """Apply every parallelism and wrapper to a meta-device model, in the one order that works.
 
-Tensor parallelism first (it rewrites the linear layers into DTensor ones), then context
+float8 conversion first (it swaps nn.Linear for torchao's Float8Linear), then tensor parallelism
+(it rewrites the linear layers into DTensor ones), then context
 parallelism swaps the shared attention backend (before wrappers hide the modules), activation
 checkpointing wraps blocks before compile (so recomputation is compiled too), and FSDP last,
 because it must see the final module tree.
@@ -15,12 +16,15 @@ from titanlm.models.transformer import Transformer
 from titanlm.parallel.activation_checkpoint import apply_ac
 from titanlm.parallel.compile import apply_compile
 from titanlm.parallel.context_parallel import apply_cp, check_cp_divisibility
+from titanlm.parallel.float8 import apply_float8
 from titanlm.parallel.fsdp import apply_fsdp
 from titanlm.parallel.parallel_dims import Meshes
 from titanlm.parallel.tensor_parallel import apply_tp
 
 
 def parallelize(model: Transformer, meshes: Meshes, cfg: JobConfig, param_dtype: torch.dtype) -> None:
+    if cfg.float8.enable:
+        apply_float8(model, cfg.float8, tensor_parallel=meshes.world["tp"].size() > 1)
     if meshes.world["tp"].size() > 1:
         apply_tp(
             model,

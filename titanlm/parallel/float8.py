@@ -1,0 +1,60 @@
+"""float8 training through torchao: Linear layers compute in float8 with dynamic scaling.
+
+The output projection stays in high precision (its logits feed the loss directly, and its vocab
+dimension is often not a multiple of 16). With tensorwise scaling and FSDP, parameters can be
+all-gathered in float8 (half the bytes of bf16); their scales are then computed for all
+parameters at once after each optimizer step (`precompute_scales`). On CPU torchao emulates the
+float8 matmul, so numerics are testable here and speed only on Hopper-class GPUs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from torch import nn
+
+from titanlm.config.job_config import Float8
+from titanlm.parallel.parallel_dims import ParallelismError
+
+
+def _float8_api():
+    try:
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+    except ImportError as error:
+        raise ValueError(
+            "float8.enable = true needs torchao: pip install 'titanlm[gpu]' (or pip install torchao)"
+        ) from error
+    return Float8LinearConfig, convert_to_float8_training
+
+
+def apply_float8(model: nn.Module, cfg: Float8, tensor_parallel: bool) -> None:
+    if tensor_parallel:
+        raise ParallelismError(
+            "float8.enable with parallelism.tensor_parallel_degree > 1 is not supported yet; use FSDP/HSDP/PP"
+        )
+    if cfg.enable_fsdp_float8_all_gather and cfg.recipe_name != "tensorwise":
+        raise ValueError("float8.enable_fsdp_float8_all_gather needs float8.recipe_name = 'tensorwise'")
+    config_class, convert = _float8_api()
+    config = config_class.from_recipe_name(cfg.recipe_name)
+    if cfg.enable_fsdp_float8_all_gather:
+        config = dataclasses.replace(config, enable_fsdp_float8_all_gather=True)
+
+    def eligible(module: nn.Module, fqn: str) -> bool:
+        # float8 matmuls need both dimensions divisible by 16.
+        return (
+            isinstance(module, nn.Linear)
+            and not fqn.endswith("output")
+            and module.in_features % 16 == 0
+            and module.out_features % 16 == 0
+        )
+
+    convert(model, config=config, module_filter_fn=eligible)
+
+
+def precompute_scales(model_parts: list[nn.Module], cfg: Float8) -> None:
+    """One fused amax/scale computation for all float8 parameters before the next all-gather."""
+    if cfg.enable and cfg.enable_fsdp_float8_all_gather:
+        from torchao.float8 import precompute_float8_dynamic_scale_for_fsdp
+
+        for part in model_parts:
+            precompute_float8_dynamic_scale_for_fsdp(part)
