@@ -121,9 +121,9 @@ class TrainingContent:
     def load(self, path: str, parts: tuple[str, ...], fix: str) -> TrainState | None:
         """Restore `parts` from the DCP checkpoint at `path`; the TrainState when it is among them.
 
-        Everything is checked against the checkpoint's metadata before any tensor is read, so a
-        checkpoint that does not fit fails with its offending keys listed and leaves the run untouched.
-        `fix` completes the error raised when whole parts are absent.
+        Everything is checked against the checkpoint's metadata first, so a checkpoint that does not
+        fit fails, naming its offending keys, before any tensor is read. `fix` completes the error
+        raised when whole parts are absent.
         """
         saved = FileSystemReader(path).read_metadata().state_dict_metadata
         present = sorted({key.split(".", 1)[0] for key in saved})
