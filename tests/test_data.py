@@ -258,18 +258,23 @@ def test_dataset_resume_is_exact(kind, rank, world, consumed):
     assert _same(_take(iter(fresh), 6), reference)
 
 
-def test_text_state_is_epoch_and_position():
-    ds = _text()
-    it = iter(ds)
-    _take(it, ds.windows_per_epoch + 2)
-    assert ds.state_dict() == {"epoch": 1, "position": 2}
+def test_state_counts_global_samples_and_is_the_same_on_every_rank():
+    ranks = [_random(r, 2) for r in range(2)]
+    for ds in ranks:
+        _take(iter(ds), 3)
+    assert ranks[0].state_dict() == ranks[1].state_dict() == {"consumed_samples": 6, "dp_world_size": 2}
 
 
-def test_state_from_another_rank_is_refused():
-    ds = _random(0, 2)
-    _take(iter(ds), 3)
-    with pytest.raises(ValueError, match="dp rank 1 of 2"):
-        _random(1, 2).load_state_dict(ds.state_dict())
+def test_state_resumes_at_another_dp_degree_with_the_next_global_samples():
+    saved = _random(0, 2)
+    _take(iter(saved), 3)  # dp 2: global samples 0..5 consumed
+    single = _take(iter(_random(0, 1)), 12)
+    for rank in range(3):
+        resumed = _random(rank, 3)
+        resumed.load_state_dict(saved.state_dict())
+        assert _same(_take(iter(resumed), 2), [single[6 + rank], single[9 + rank]])
+    with pytest.raises(ValueError, match="keep training.global_batch_size"):
+        _random(0, 4).load_state_dict(saved.state_dict())  # 6 samples do not split over 4 ranks
 
 
 def _loader(kind: str, workers: int, batch: int = 2) -> StatefulDataLoader:

@@ -2,8 +2,8 @@
 
 Every dataset is a numbered global stream of samples: sample i goes to rank i % dp_world_size.
 So a global batch holds the same samples whatever the DP degree, and a multi-rank run is
-comparable with a single-process one. The state is the index of the next global sample, which
-makes resuming exact.
+comparable with a single-process one. The state is the number of global samples consumed, the
+same on every rank, so a run resumes exactly, at the same or at another DP degree.
 """
 
 from __future__ import annotations
@@ -60,22 +60,20 @@ class ShardedStream(IterableDataset):
             if (local // self.worker_block) % num_workers == worker:
                 yield self.sample(local * self.dp_world_size + self.dp_rank)
 
-    def _state_of(self, index: int) -> dict[str, Any]:
-        return {"sample_index": index}
-
-    def _index_of(self, state: dict[str, Any]) -> int:
-        return int(state["sample_index"])
-
     def state_dict(self) -> dict[str, Any]:
-        return self._state_of(self._next_local * self.dp_world_size + self.dp_rank)
+        consumed = self._next_local * self.dp_world_size
+        return {"consumed_samples": consumed, "dp_world_size": self.dp_world_size}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        local, rem = divmod(self._index_of(state) - self.dp_rank, self.dp_world_size)
-        if rem != 0 or local < 0:
+        consumed, saved_dp = int(state["consumed_samples"]), int(state["dp_world_size"])
+        per_batch = self.dp_world_size * self.worker_block
+        if consumed < 0 or consumed % per_batch:
             raise ValueError(
-                f"data state {state} was not saved by dp rank {self.dp_rank} of {self.dp_world_size}"
+                f"cannot resume data at data-parallel degree {self.dp_world_size} x local batch "
+                f"{self.worker_block}: the checkpoint (saved at degree {saved_dp}) consumed {consumed} "
+                f"samples, not a multiple of {per_batch}; keep training.global_batch_size when resuming"
             )
-        self._next_local = local
+        self._next_local = consumed // self.dp_world_size
 
 
 class RandomTokenDataset(ShardedStream):
@@ -127,10 +125,3 @@ class TextTokenDataset(ShardedStream):
     def sample(self, index: int) -> Sample:
         epoch, position = divmod(index, self.windows_per_epoch)
         return window_sample(cut_window(self._stream(epoch), position, self.seq_len))
-
-    def _state_of(self, index: int) -> dict[str, Any]:
-        epoch, position = divmod(index, self.windows_per_epoch)
-        return {"epoch": epoch, "position": position}
-
-    def _index_of(self, state: dict[str, Any]) -> int:
-        return int(state["epoch"]) * self.windows_per_epoch + int(state["position"])

@@ -216,21 +216,6 @@ class PackedDataset(ShardedStream):
         total = counts.sum()
         return {name: float(c / total) if total else 0.0 for name, c in zip(self.types, counts)}
 
-    def state_dict(self) -> dict[str, Any]:
-        consumed = self._next_local * self.dp_world_size
-        return {"consumed_samples": consumed, "dp_world_size": self.dp_world_size}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        consumed, saved_dp = int(state["consumed_samples"]), int(state["dp_world_size"])
-        per_batch = self.dp_world_size * self.worker_block
-        if consumed < 0 or consumed % per_batch:
-            raise ValueError(
-                f"cannot resume data at data-parallel degree {self.dp_world_size} x local batch "
-                f"{self.worker_block}: the checkpoint (saved at degree {saved_dp}) consumed {consumed} "
-                f"samples, not a multiple of {per_batch}; keep training.global_batch_size when resuming"
-            )
-        self._next_local = consumed // self.dp_world_size
-
 
 class PackedRows(Dataset):
     """One fixed pass over documents packed in their stored order (validation): this rank's rows.
