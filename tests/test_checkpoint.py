@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.distributed.tensor import DTensor
 from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
 from titanlm.checkpoint import CheckpointError, layout
@@ -70,7 +71,8 @@ def names(folder: Path) -> list[str]:
 
 
 def weights(trainer: Trainer) -> dict[str, torch.Tensor]:
-    return {k: v.full_tensor().clone() for k, v in get_model_state_dict(trainer.model).items()}
+    state = get_model_state_dict(trainer.model)
+    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).clone() for k, v in state.items()}
 
 
 def test_resume_in_a_new_trainer_reproduces_the_uninterrupted_run_bitwise(tmp_path, straight) -> None:

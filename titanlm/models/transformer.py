@@ -137,8 +137,9 @@ class Transformer(nn.Module):
         """
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         if position_ids is None:
+            # One row, broadcast over the batch: rope tables B times smaller than per-row positions.
             seq = tokens.shape[1] * (1 if self.tok_embeddings is not None else self.hidden_seq_shards)
-            position_ids = torch.arange(seq, device=tokens.device).expand(tokens.shape[0], seq)
+            position_ids = torch.arange(seq, device=tokens.device)[None]
         cos, sin = rope_cos_sin(position_ids, self.inv_freq, h.dtype)
         mask = self.attention_backend.prepare(document_ids)
         for layer in self.layers.values():

@@ -39,5 +39,9 @@ def parallelize(model: Transformer, meshes: Meshes, cfg: JobConfig, param_dtype:
     apply_ac(model, cfg.activation_checkpoint.mode)
     if cfg.compile.enable:
         apply_compile(model)
+    if meshes.world.size() == 1 and param_dtype == torch.float32:
+        # A one-process fp32 job has nothing to shard and no dtype to cast to: FSDP would only add a
+        # copy per block each way. (With other ranks, parameters must all be DTensors or none.)
+        return
     reduce_dtype = getattr(torch, cfg.training.mixed_precision_reduce)
     apply_fsdp(model, meshes.fsdp, param_dtype, reduce_dtype, cfg.parallelism.fsdp_reshard_after_forward)
