@@ -20,6 +20,7 @@ from titanlm.models.hf_adapter import (
     unpack_wqkv,
 )
 from titanlm.tools.convert import main
+from hf_models import hf_llama, perturb_norms_and_biases
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
@@ -43,33 +44,11 @@ def _transformers():
     return pytest.importorskip("transformers")
 
 
-def _hf_llama(args: ModelArgs, seed: int):
-    transformers = _transformers()
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
-        vocab_size=args.vocab_size, hidden_size=args.dim, intermediate_size=args.ffn_dim,
-        num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads,
-        num_key_value_heads=args.n_kv_heads, rope_theta=args.rope_theta, rms_norm_eps=args.norm_eps,
-        attention_bias=args.attn_bias, tie_word_embeddings=False, attn_implementation="eager",
-    )
-    model = transformers.LlamaForCausalLM(config).eval()
-    _perturb_norms_and_biases(model)
-    return model
-
-
 def _titanlm(args: ModelArgs, seed: int) -> Transformer:
     model = Transformer(args)
     model.init_weights(seed)
-    _perturb_norms_and_biases(model)
+    perturb_norms_and_biases(model)
     return model
-
-
-@torch.no_grad()
-def _perturb_norms_and_biases(model: torch.nn.Module) -> None:
-    """Init leaves norms at 1 and biases at 0, which would hide a dropped norm or bias."""
-    for name, param in model.named_parameters():
-        if name.endswith("bias") or "norm" in name:
-            param.normal_(0.0, 0.5)
 
 
 def _save_dcp(model: Transformer, path: Path) -> None:
@@ -102,7 +81,7 @@ def _assert_same_logits(ours: Transformer, hf) -> None:
 
 @pytest.mark.parametrize("sharded", [False, True], ids=["single-file", "sharded"])
 def test_hf_llama_to_dcp_gives_the_logits_of_transformers(tmp_path: Path, sharded: bool) -> None:
-    hf = _hf_llama(GQA, seed=0)
+    hf = hf_llama(GQA, seed=0)
     hf.save_pretrained(tmp_path / "hf", max_shard_size="40KB" if sharded else "1GB")
     assert (tmp_path / "hf" / "model.safetensors.index.json").exists() == sharded
 
@@ -127,7 +106,7 @@ def test_dcp_to_hf_loads_in_stock_transformers_with_the_logits_of_titanlm(
 
 
 def test_hf_to_dcp_to_hf_round_trip_is_bitwise(tmp_path: Path) -> None:
-    _hf_llama(GQA, seed=2).to(torch.bfloat16).save_pretrained(tmp_path / "src", max_shard_size="40KB")
+    hf_llama(GQA, seed=2).to(torch.bfloat16).save_pretrained(tmp_path / "src", max_shard_size="40KB")
 
     assert _convert("hf_to_dcp", tmp_path / "src", tmp_path / "dcp") == 0
     assert _convert("dcp_to_hf", tmp_path / "dcp", tmp_path / "back", "--model.name", "llama3",
@@ -204,7 +183,7 @@ def test_native_export_reads_back_into_the_same_weights(
 def test_a_flavor_that_does_not_match_the_hf_weights_is_refused_listing_the_fields(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    _hf_llama(GQA, seed=4).save_pretrained(tmp_path / "hf")
+    hf_llama(GQA, seed=4).save_pretrained(tmp_path / "hf")
 
     assert _convert("hf_to_dcp", tmp_path / "hf", tmp_path / "dcp", "--model.name", "llama3",
                     "--model.flavor", "debug") == 2
@@ -231,7 +210,7 @@ def test_a_flavor_that_does_not_match_the_dcp_weights_is_refused(
 def test_missing_and_unexpected_keys_are_listed_by_name(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    _hf_llama(GQA, seed=6).save_pretrained(tmp_path / "hf")
+    hf_llama(GQA, seed=6).save_pretrained(tmp_path / "hf")
     weights = load_file(tmp_path / "hf" / "model.safetensors")
     weights.pop("model.layers.1.mlp.up_proj.weight")
     weights["lm_head.bias"] = torch.zeros(GQA.vocab_size)
@@ -246,7 +225,7 @@ def test_missing_and_unexpected_keys_are_listed_by_name(
 def test_a_non_empty_output_folder_is_refused_unless_overwrite_and_inputs_stay_intact(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    _hf_llama(GQA, seed=7).save_pretrained(tmp_path / "hf")
+    hf_llama(GQA, seed=7).save_pretrained(tmp_path / "hf")
     inputs = {path.name: path.read_bytes() for path in (tmp_path / "hf").iterdir()}
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("not ours")
@@ -280,7 +259,7 @@ def _without_a_shard(folder: Path) -> None:
 )
 def test_missing_hf_files_are_named(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                     shard_size: str, damage, message: str) -> None:
-    _hf_llama(GQA, seed=8).save_pretrained(tmp_path / "hf", max_shard_size=shard_size)
+    hf_llama(GQA, seed=8).save_pretrained(tmp_path / "hf", max_shard_size=shard_size)
     damage(tmp_path / "hf")
     assert _convert("hf_to_dcp", tmp_path / "hf", tmp_path / "dcp") == 2
     assert message in capsys.readouterr().err

@@ -8,6 +8,7 @@ import torch
 from titanlm.models import FLAVORS, ModelArgs, Transformer, count_params, get_model_args
 from titanlm.models.flops import matmul_params, training_flops
 from titanlm.models.hf_adapter import from_hf_state_dict, to_hf_state_dict
+from hf_models import hf_llama
 
 # Published sizes (billions, 2 decimals) of the released checkpoints these flavors describe.
 PUBLISHED_BILLIONS = {
@@ -76,30 +77,13 @@ def test_init_weights_depends_only_on_seed_and_name() -> None:
     assert torch.all(first.norm.weight == 1)
 
 
-def _hf_llama(args: ModelArgs, seed: int):
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
-        vocab_size=args.vocab_size, hidden_size=args.dim, intermediate_size=args.ffn_dim,
-        num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads,
-        num_key_value_heads=args.n_kv_heads, rope_theta=args.rope_theta, rms_norm_eps=args.norm_eps,
-        attention_bias=args.attn_bias, tie_word_embeddings=False, attn_implementation="eager",
-    )
-    model = transformers.LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("bias") or "norm" in name:
-                param.normal_(0.0, 0.5)  # non-trivial values so a dropped bias or norm shows
-    return model
-
-
 @pytest.mark.parametrize(
     "args",
     [TINY, TINY.with_overrides(n_kv_heads=4, attn_bias=True, rope_theta=10000.0)],
     ids=["llama3-gqa", "internlm-mha-bias"],
 )
 def test_logits_equal_transformers_llama_with_the_same_weights(args: ModelArgs) -> None:
-    hf = _hf_llama(args, seed=0)
+    hf = hf_llama(args, seed=0)
     ours = Transformer(args)
     ours.load_state_dict(from_hf_state_dict(hf.state_dict()), strict=True)
     tokens = torch.randint(0, args.vocab_size, (2, 33))
@@ -109,7 +93,7 @@ def test_logits_equal_transformers_llama_with_the_same_weights(args: ModelArgs) 
 
 
 def test_position_ids_shift_rope_like_transformers() -> None:
-    hf = _hf_llama(TINY, seed=1)
+    hf = hf_llama(TINY, seed=1)
     ours = Transformer(TINY)
     ours.load_state_dict(from_hf_state_dict(hf.state_dict()))
     tokens = torch.randint(0, TINY.vocab_size, (1, 10))
