@@ -249,9 +249,27 @@ def test_initial_load_path_must_name_one_dcp_checkpoint(tmp_path, pretrained) ->
     dump = pretrained[0]
     expect_error(tmp_path, [INITIAL, str(dump / "checkpoint")], r"a checkpoint folder, not one checkpoint.*step-4")
     expect_error(tmp_path, [INITIAL, str(dump)], r"has no \.metadata file, so it is not a DCP checkpoint")
-    (tmp_path / "hf").mkdir()
-    (tmp_path / "hf" / "config.json").write_text("{}")
-    expect_error(tmp_path, [INITIAL, str(tmp_path / "hf")], r"Hugging Face model; .*tools\.convert hf_to_dcp")
+
+
+def test_training_starts_from_a_hugging_face_folder_with_its_weights(tmp_path) -> None:
+    from hf_models import hf_llama
+    from titanlm.models import get_model_args
+    from titanlm.models.hf_adapter import from_hf_state_dict
+
+    hf = hf_llama(get_model_args("llama3", "debug"), seed=3)
+    hf.save_pretrained(tmp_path / "hf")
+    expect_error(tmp_path, [INITIAL, str(tmp_path / "hf")],
+                 r"is a Hugging Face model, which holds weights only; set checkpoint\.load_content = model")
+    cfg = load_config([*TINY_ARGS, *CKPT, "--job.dump_folder", str(tmp_path / "run"), INITIAL, str(tmp_path / "hf"),
+                       "--checkpoint.load_content", "model"])
+    trainer = Trainer(cfg)
+    loaded = weights(trainer)
+    expected = from_hf_state_dict(hf.state_dict())
+    assert loaded.keys() == expected.keys()
+    for key, value in expected.items():
+        assert torch.equal(loaded[key], value), key
+    assert trainer.step == 0
+    trainer.close()
 
 
 def test_load_content_names_known_parts_of_an_initial_load_path(tmp_path, pretrained) -> None:

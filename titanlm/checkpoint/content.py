@@ -135,6 +135,25 @@ class TrainingContent:
         dcp.load(target, checkpoint_id=path)
         return self._apply(target)
 
+    def load_hf(self, path: str, parts: tuple[str, ...], name: str, flavor: str) -> None:
+        """Load the weights of a Hugging Face model folder (safetensors + config.json).
+
+        Every rank reads the full tensors and keeps its own shard, so loading needs one full copy
+        of the weights in each rank's CPU memory; for very large models convert to DCP first
+        (`python -m titanlm.tools.convert hf_to_dcp`), which loads shard by shard.
+        """
+        from titanlm.tools.convert import read_hf_model
+
+        if parts != ("model",):
+            raise CheckpointError(
+                f"checkpoint.initial_load_path {path} is a Hugging Face model, which holds weights only; "
+                "set checkpoint.load_content = model"
+            )
+        _, state = read_hf_model(path, name, flavor)
+        mine = set(get_model_state_dict(self.model))  # a pipeline stage holds only its own layers
+        state = {key: value for key, value in state.items() if key in mine}
+        set_model_state_dict(self.model, state, options=StateDictOptions(full_state_dict=True))
+
     def _targets(self, parts: tuple[str, ...], saved: Mapping[str, Any]) -> dict[str, Any]:
         """State dicts shaped like the saved parts, for DCP to fill in place."""
         target: dict[str, Any] = {}

@@ -68,18 +68,14 @@ def parse_load_content(text: str, initial_load_path: str) -> tuple[str, ...]:
 def initial_checkpoint(path: str) -> str:
     """The DCP folder that checkpoint.initial_load_path names, or an error saying what it is instead.
 
-    A Hugging Face folder is recognised here, so that loading one directly can plug in at this spot.
+    A Hugging Face model folder is accepted as well: its weights are read directly (see
+    TrainingContent.load_hf).
     """
     key = f"checkpoint.initial_load_path {path}"
     if not os.path.isdir(path):
         raise CheckpointError(f"{key} is not a folder; point it at a step-N folder or a converted model")
-    if layout.is_dcp_checkpoint(path):
+    if layout.is_dcp_checkpoint(path) or layout.looks_like_hf_model(path):
         return path
-    if layout.looks_like_hf_model(path):
-        raise CheckpointError(
-            f"{key} is a Hugging Face model; convert it first with `python -m titanlm.tools.convert "
-            f"hf_to_dcp {path} OUT_DIR` and set checkpoint.initial_load_path = OUT_DIR"
-        )
     steps = layout.complete_steps(path)
     if steps:
         raise CheckpointError(
@@ -152,6 +148,7 @@ class CheckpointManager:
         if not self.enabled:
             return
         self.folder = os.path.join(cfg.job.dump_folder, self.cfg.folder)
+        self.model_name, self.model_flavor = cfg.model.name, cfg.model.flavor
         self.total_steps = cfg.training.steps
         self.device = device
         self.is_main = dist.get_rank() == 0
@@ -240,7 +237,10 @@ class CheckpointManager:
         state = None
         if self.plan.source:
             start = time.perf_counter()
-            state = self.content.load(self.plan.source, self.plan.parts, self.plan.fix)
+            if layout.looks_like_hf_model(self.plan.source):
+                self.content.load_hf(self.plan.source, self.plan.parts, self.model_name, self.model_flavor)
+            else:
+                state = self.content.load(self.plan.source, self.plan.parts, self.plan.fix)
             where = f"; continuing after step {state.step}" if state else "; starting at step 0"
             logger.info(
                 f"loaded {', '.join(self.plan.parts)} from {self.plan.source} in "

@@ -56,19 +56,16 @@ _SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**1
 Shapes = dict[str, tuple[int, ...]]
 
 
-def hf_to_dcp(
-    hf_dir: str | Path,
-    out_dir: str | Path,
-    name: str | None = None,
-    flavor: str | None = None,
-    overwrite: bool = False,
-) -> ModelArgs:
-    """Write the HF checkpoint in `hf_dir` as a DCP checkpoint {"model": titanlm state dict}.
+def read_hf_model(
+    hf_dir: str | Path, name: str | None = None, flavor: str | None = None
+) -> tuple[ModelArgs, StateDict]:
+    """The HF checkpoint in `hf_dir` as titanlm ModelArgs and a full titanlm state dict.
 
     The model is derived from config.json; with `flavor` (and `name`, defaulting to the family of
-    the config's model_type) it must also equal that titanlm flavor. Tensors keep their dtype.
+    the config's model_type) it must also equal that titanlm flavor. Every tensor is checked
+    against the config before any is read; tensors keep their dtype.
     """
-    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    hf_dir = Path(hf_dir)
     _require_dir(hf_dir, "HF_DIR")
     if name is not None and flavor is None:
         raise ConversionError(
@@ -80,7 +77,6 @@ def hf_to_dcp(
     model_type = config["model_type"]
     if flavor is not None:
         check_flavor(args, name or FAMILY_OF_MODEL_TYPE[model_type], flavor, str(config_path))
-
     files = _safetensors_files(hf_dir)
     _check_tensors(
         _safetensors_shapes(files),
@@ -89,11 +85,24 @@ def hf_to_dcp(
         fix=f"the model {config_path} describes needs exactly these tensors; re-download the "
         "checkpoint or correct config.json",
     )
-    _prepare_output(out_dir, hf_dir, overwrite, _DCP_OUTPUTS)
     hf_state: StateDict = {}
     for file in files:
         hf_state.update(load_file(file))
-    _single_process_dcp(dcp.save, {MODEL_KEY: from_hf(hf_state, args, model_type)}, out_dir)
+    return args, from_hf(hf_state, args, model_type)
+
+
+def hf_to_dcp(
+    hf_dir: str | Path,
+    out_dir: str | Path,
+    name: str | None = None,
+    flavor: str | None = None,
+    overwrite: bool = False,
+) -> ModelArgs:
+    """Write the HF checkpoint in `hf_dir` as a DCP checkpoint {"model": titanlm state dict}."""
+    args, state = read_hf_model(hf_dir, name, flavor)
+    out_dir = Path(out_dir)
+    _prepare_output(out_dir, Path(hf_dir), overwrite, _DCP_OUTPUTS)
+    _single_process_dcp(dcp.save, {MODEL_KEY: state}, out_dir)
     return args
 
 
