@@ -197,3 +197,58 @@ def test_float8_training_tracks_full_precision_and_keeps_the_output_layer(tmp_pa
     for a, b in zip(fp8, full):
         assert math.isclose(a["loss"], b["loss"], rel_tol=1e-2), (a["loss"], b["loss"])
         assert a["loss"] != b["loss"]  # float8 really ran
+
+
+@pytest.mark.parametrize(
+    "ac", [["full"], ["full", "--activation_checkpoint.layer_fraction", "0.5"], ["selective"]],
+    ids=["full", "half_of_the_layers", "selective_op"],
+)
+def test_activation_checkpointing_changes_nothing_but_memory(tmp_path, ac) -> None:
+    plain = run_in_process(tmp_path / "plain", ["--training.steps", "3"])
+    recomputed = run_in_process(tmp_path / "ac", ["--training.steps", "3", "--activation_checkpoint.mode", *ac])
+    assert_records_close(recomputed, plain)
+
+
+def test_ac_layer_fraction_wraps_the_leading_blocks() -> None:
+    from titanlm.config.job_config import ActivationCheckpoint
+    from titanlm.models import Transformer, get_model_args
+    from titanlm.parallel.activation_checkpoint import apply_ac
+
+    with torch.device("meta"):
+        model = Transformer(get_model_args("llama3", "debug"))
+    apply_ac(model, ActivationCheckpoint(mode="full", layer_fraction=0.5))
+    wrapped = [type(block).__name__ == "CheckpointWrapper" for block in model.layers.values()]
+    assert wrapped == [True, True, False, False]
+
+
+def test_ac_modes_recompute_what_they_promise_in_backward() -> None:
+    """full re-runs the matmuls in backward; selective keeps them and re-runs only elementwise ops."""
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from titanlm.config.job_config import ActivationCheckpoint
+    from titanlm.models import Transformer, get_model_args
+    from titanlm.parallel.activation_checkpoint import apply_ac
+
+    class CountOps(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.counts: Counter = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.counts[func.overloadpacket.__name__] += 1
+            return func(*args, **(kwargs or {}))
+
+    def backward_ops(mode: str) -> Counter:
+        model = Transformer(get_model_args("llama3", "debug"))
+        model.init_weights(seed=0)
+        apply_ac(model, ActivationCheckpoint(mode=mode))
+        loss = model(torch.randint(0, 2048, (2, 64))).sum()
+        with CountOps() as counter:
+            loss.backward()
+        return counter.counts
+
+    none, selective, full = backward_ops("none"), backward_ops("selective"), backward_ops("full")
+    assert full["mm"] > selective["mm"] == none["mm"]  # only full recomputes the matmuls
+    assert selective["mul"] > none["mul"]  # selective recomputes the elementwise ops

@@ -222,8 +222,12 @@ class Metrics:
 class ActivationCheckpoint:
     mode: str = opt(
         "none",
-        "activation checkpointing: none or full (recompute each block in backward)",
-        choices=("none", "full"),
+        "recompute activations in backward: none, full (whole blocks) or selective (keep matmul and "
+        "attention outputs, recompute the elementwise ops)",
+        choices=("none", "full", "selective"),
+    )
+    layer_fraction: float = opt(
+        1.0, "full mode: share of the blocks (the first ones) to recompute (InternEvo checkpoint = 0.5)"
     )
 
 

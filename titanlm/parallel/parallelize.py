@@ -36,7 +36,7 @@ def parallelize(model: Transformer, meshes: Meshes, cfg: JobConfig, param_dtype:
     if cp > 1:
         check_cp_divisibility(cfg.training.seq_len, cp, tp if cfg.parallelism.sequence_parallel else 1)
         apply_cp(model, meshes.world["cp"])
-    apply_ac(model, cfg.activation_checkpoint.mode)
+    apply_ac(model, cfg.activation_checkpoint)
     if cfg.compile.enable:
         apply_compile(model)
     if meshes.world.size() == 1 and param_dtype == torch.float32:
