@@ -67,3 +67,45 @@ def test_sft_from_alpaca_trains_and_validates_per_type(tmp_path, demo_cache) -> 
     assert math.isclose(valid[1]["valid_loss/en"], valid[1]["valid_loss"])  # one type: "en"
     assert math.isclose(valid[1]["valid_ppl"], math.exp(valid[1]["valid_loss"]), rel_tol=1e-6)
     assert train[-1]["token_share/en"] == 1.0
+
+
+def test_validation_is_the_token_weighted_loss_per_type(tmp_path) -> None:
+    """Two types of different sizes: each figure equals cross-entropy computed directly."""
+    from contextlib import nullcontext
+
+    import numpy as np
+    import torch.nn.functional as F
+
+    from titanlm.distributed import init_distributed
+
+    from titanlm.data import build_valid_dataloader
+    from titanlm.models import Transformer, get_model_args
+    from titanlm.validation import validation_metrics
+    from test_binmeta import write_internevo
+
+    rng = np.random.default_rng(0)
+    for kind, count in (("en", 7), ("code", 3)):
+        write_internevo(tmp_path / "valid" / kind / "data.bin", [rng.integers(1, 2048, size=int(n)).tolist()
+                                                                   for n in rng.integers(5, 40, size=count)])
+    cfg = load_config([*TINY_ARGS, "--data.valid_folder", str(tmp_path / "valid"), "--training.seq_len", "64"])
+    loader = build_valid_dataloader(cfg, 0, 1, vocab_size=2048)
+    model = Transformer(get_model_args("llama3", "debug"))
+    model.init_weights(seed=0)
+    init_distributed()  # a one-rank group when no test made one yet
+    metrics = validation_metrics(model, loader, lambda batch: batch, nullcontext, loader.dataset.types,
+                                 torch.distributed.group.WORLD, torch.device("cpu"))
+    sums, counts = {}, {}
+    with torch.no_grad():
+        for batch in loader:
+            logits = model(batch["input_ids"], batch["position_ids"], batch["document_ids"])
+            losses = F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), reduction="none")
+            labelled = batch["labels"].flatten() != IGNORE_INDEX
+            for index, name in enumerate(loader.dataset.types):
+                chosen = labelled & (batch["type_ids"].flatten() == index)
+                sums[name] = sums.get(name, 0.0) + losses[chosen].sum().item()
+                counts[name] = counts.get(name, 0) + int(chosen.sum())
+    for name in ("en", "code"):
+        assert math.isclose(metrics[f"valid_loss/{name}"], sums[name] / counts[name], rel_tol=1e-6)
+    overall = sum(sums.values()) / sum(counts.values())
+    assert math.isclose(metrics["valid_loss"], overall, rel_tol=1e-6)
+    assert metrics["valid_loss/en"] != metrics["valid_loss/code"]

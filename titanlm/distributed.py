@@ -33,7 +33,8 @@ def init_distributed(timeout_s: int = 600) -> DistInfo:
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+        # Under `srun --gpus-per-task=1` each task sees one GPU whatever its local rank.
+        device = torch.device("cuda", local_rank % torch.cuda.device_count()) if use_cuda else torch.device("cpu")
         if use_cuda:
             torch.cuda.set_device(device)
         if not dist.is_initialized():

@@ -28,9 +28,9 @@ from titanlm.loss_scaler import DynamicLossScaler
 from titanlm.metrics import MetricsLogger, device_peak_flops, peak_memory_gib
 from titanlm.models import Transformer, count_params, get_model_args
 from titanlm.models.attention import build_attention_backend
-from titanlm.models.flops import internevo_tflops, training_flops
+from titanlm.models.flops import document_lengths, internevo_tflops, training_flops
 from titanlm.optim import build_lr_scheduler, build_optimizer
-from titanlm.parallel import ParallelDims, parallelize
+from titanlm.parallel import ParallelDims, ParallelismError, parallelize
 from titanlm.parallel.context_parallel import shard_batch_for_cp
 from titanlm.parallel.float8 import precompute_scales
 from titanlm.parallel.grad_norm import clip_grads_, global_grad_norm, scale_grads_
@@ -91,6 +91,7 @@ class Trainer:
             torch.compile(cross_entropy_sum) if cfg.compile.enable else cross_entropy_sum
         )
         self._pp_loss_factor = 1.0  # loss scale / global label tokens, set before each pipeline step
+        self.pp_group = self.meshes.world["pp"].get_group() if self.parallel_dims.pp > 1 else None
         self.model_parts, self.pp_schedule = self._build_model()
         self.model = self.model_parts[0]
 
@@ -120,6 +121,8 @@ class Trainer:
         self.inf_nan_skip_batches = 0
         if cfg.job.print_config:
             logger.info("resolved configuration:\n" + config_to_toml(cfg))
+        if cfg.job.description:
+            logger.info(cfg.job.description)
         logger.info(
             f"model {cfg.model.name}/{cfg.model.flavor}: {self.num_params:,} parameters, {self.param_dtype}; "
             f"mesh {dict(zip(self.meshes.world.mesh_dim_names, self.meshes.world.shape))}; device {self.device}; "
@@ -150,6 +153,13 @@ class Trainer:
             part.train()
         if self.parallel_dims.pp == 1:
             return parts, None
+        if self.accumulation_steps < self.parallel_dims.pp:
+            raise ParallelismError(
+                f"pipeline parallelism runs the step's micro-batches through {self.parallel_dims.pp} stages but "
+                f"the step has {self.accumulation_steps}; raise training.global_batch_size to at least "
+                f"training.local_batch_size x data-parallel degree x pipeline_parallel_degree = "
+                f"{self.cfg.training.local_batch_size * self.parallel_dims.dp * self.parallel_dims.pp}"
+            )
         self.pp_has_first, self.pp_has_last = 0 in stage_ids, num_stages - 1 in stage_ids
         schedule = build_schedule(
             parts, stage_ids, num_stages, self.meshes.world["pp"], self.device, pp.pipeline_parallel_schedule,
@@ -212,7 +222,7 @@ class Trainer:
         loss = torch.zeros((), device=self.device)
         for value in losses:
             loss += (value.full_tensor() if isinstance(value, DTensor) else value).detach() / scale
-        dist.all_reduce(loss, group=self.meshes.world["pp"].get_group())
+        dist.all_reduce(loss, group=self.pp_group)
         return loss
 
     def clip_and_step(self) -> torch.Tensor:
@@ -220,8 +230,7 @@ class Trainer:
         grads = [p.grad for part in self.model_parts for p in part.parameters() if p.grad is not None]
         if self.loss_scaler:
             scale_grads_(grads, 1.0 / self.loss_scaler.scale)
-        pp_group = self.meshes.world["pp"].get_group() if self.parallel_dims.pp > 1 else None
-        grad_norm = global_grad_norm(grads, pp_group=pp_group)
+        grad_norm = global_grad_norm(grads, pp_group=self.pp_group)
         finite = bool(torch.isfinite(grad_norm))
         if self.loss_scaler:
             self.loss_scaler.update(overflow=not finite)
@@ -249,7 +258,9 @@ class Trainer:
         step_tokens = self.global_batch * seq_len
         self.num_consumed_tokens += step_tokens
         world = self.dist.world_size
-        useful_flops = training_flops(self.model_args, [seq_len] * self.global_batch)
+        # This rank's rows stand for 1/dp of the global batch; attention counts real documents.
+        local_lengths = [n for mb in micro_batches for n in document_lengths(mb)]
+        useful_flops = training_flops(self.model_args, local_lengths) * self.parallel_dims.dp
         return {
             "step": self.step,
             "loss": loss.item(),

@@ -139,8 +139,8 @@ class TrainingContent:
         """Load the weights of a Hugging Face model folder (safetensors + config.json).
 
         Every rank reads the full tensors and keeps its own shard, so loading needs one full copy
-        of the weights in each rank's CPU memory; for very large models convert to DCP first
-        (`python -m titanlm.tools.convert hf_to_dcp`), which loads shard by shard.
+        of the weights in each rank's CPU memory. For very large models convert once to DCP
+        (`python -m titanlm.tools.convert hf_to_dcp`): training then reads only each rank's shards.
         """
         from titanlm.tools.convert import read_hf_model
 

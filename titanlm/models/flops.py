@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import torch
+
 from titanlm.models.flavors import ModelArgs
 
 
@@ -29,6 +31,21 @@ def training_flops(args: ModelArgs, document_lengths: Iterable[int]) -> float:
     tokens = sum(lengths)
     causal_pairs = sum(n * (n + 1) // 2 for n in lengths)
     return 6.0 * matmul_params(args) * tokens + 12.0 * args.n_layers * args.dim * causal_pairs
+
+
+def document_lengths(batch: dict[str, torch.Tensor]) -> list[int]:
+    """Lengths of the documents packed in a batch's rows (padding excluded); whole rows without ids."""
+    input_ids = batch["input_ids"]
+    document_ids = batch.get("document_ids")
+    if document_ids is None:
+        return [input_ids.shape[1]] * input_ids.shape[0]
+    type_ids = batch.get("type_ids")
+    lengths: list[int] = []
+    for row, ids in enumerate(document_ids):
+        if type_ids is not None:
+            ids = ids[type_ids[row] >= 0]  # padding carries type id -1
+        lengths += torch.unique_consecutive(ids, return_counts=True)[1].tolist()
+    return lengths
 
 
 def internevo_tflops(

@@ -31,7 +31,7 @@ def check_tp_divisibility(args: ModelArgs, tp: int) -> None:
         if value % tp:
             raise ParallelismError(
                 f"parallelism.tensor_parallel_degree {tp} does not divide the model's {name} ({value}); "
-                f"choose a degree that divides n_heads {args.n_heads} and n_kv_heads {args.n_kv_heads}"
+                f"choose a degree that divides {name}"
             )
 
 

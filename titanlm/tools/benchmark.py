@@ -6,7 +6,8 @@ Each system trains the same model (same initial weights, copied from titanlm's i
 random batch, with the same AdamW settings and gradient clipping. Peers:
   hf          a plain PyTorch loop over transformers.LlamaForCausalLM with SDPA attention (what
               LLaMA-Factory/XTuner users run), when transformers is installed;
-  torchtitan  reported as unavailable unless the `torchtitan` package is importable (it needs CUDA).
+  torchtitan  not run by this tool yet: it only reports whether the package is importable (torchtitan
+              hard-codes CUDA, so it can never run in the CPU mode).
 Systems run in interleaved rounds (A B A B ...) so drifting machine load hits all of them alike;
 the figure per system is the median step time over all timed steps, after warm-up steps in
 every round. Tokens counted: batch x seq_len per step (no padding in random batches).
@@ -30,6 +31,7 @@ from titanlm.config import load_config
 from titanlm.metrics import device_peak_flops, peak_memory_gib
 from titanlm.models.flops import training_flops
 from titanlm.models.hf_adapter import to_hf_state_dict
+from titanlm.models.transformer import canonical_param_name
 from titanlm.train import Trainer
 
 
@@ -70,9 +72,9 @@ def hf_system(trainer: Trainer, args: argparse.Namespace, batch: dict[str, torch
     )
     dtype = trainer.param_dtype
     model = transformers.LlamaForCausalLM(config).to(device=trainer.device, dtype=dtype)
-    full_state = {name: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach()
+    full_state = {canonical_param_name(name): (p.full_tensor() if hasattr(p, "full_tensor") else p).detach()
                   for name, p in trainer.model.state_dict().items()}
-    model.load_state_dict(to_hf_state_dict(full_state), strict=False)
+    model.load_state_dict(to_hf_state_dict(full_state), strict=True)
     if args.compile:
         model = torch.compile(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1,
