@@ -23,6 +23,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 from titanlm.checkpoint import CheckpointManager, TrainState
 from titanlm.config import JobConfig, config_to_toml, load_config_or_exit
 from titanlm.data import build_dataloader, build_valid_dataloader
+from titanlm.data.datasets import IGNORE_INDEX, Batch
 from titanlm.distributed import init_distributed, set_determinism, shutdown
 from titanlm.loss_scaler import DynamicLossScaler
 from titanlm.metrics import MetricsLogger, device_peak_flops, peak_memory_gib
@@ -39,8 +40,6 @@ from titanlm.validation import validation_metrics
 
 logger = logging.getLogger("titanlm")
 
-IGNORE_INDEX = -100
-Batch = dict[str, torch.Tensor]
 
 
 def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-IGNORE_INDEX = -100
-Batch = dict[str, torch.Tensor]
+from titanlm.data.datasets import IGNORE_INDEX, Batch
+
 
 
 @torch.no_grad()

@@ -40,6 +40,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from titanlm.checkpoint.train_state import TrainState
+from titanlm.models.hf_checkpoint import read_hf_model
 
 logger = logging.getLogger("titanlm")
 
@@ -142,8 +143,6 @@ class TrainingContent:
         of the weights in each rank's CPU memory. For very large models convert once to DCP
         (`python -m titanlm.tools.convert hf_to_dcp`): training then reads only each rank's shards.
         """
-        from titanlm.tools.convert import read_hf_model
-
         if parts != ("model",):
             raise CheckpointError(
                 f"checkpoint.initial_load_path {path} is a Hugging Face model, which holds weights only; "

@@ -106,7 +106,6 @@ class Data:
     )
     valid_folder: str = opt("", "bin/meta folder of validation data; empty = no validation")
     valid_every: int = opt(0, "validate every this many steps; 0 = never")
-    valid_micro_num: int = opt(1, "validation micro-batches per step (InternEvo VALID_MICRO_NUM)")
 
 
 @dataclass

@@ -17,7 +17,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 IGNORE_INDEX = -100  # label value the loss skips
 
-Sample = dict[str, torch.Tensor]
+Sample = dict[str, torch.Tensor]  # one sample: tensors [seq]
+Batch = dict[str, torch.Tensor]  # collated samples: tensors [batch, seq]
 
 
 def window_sample(tokens: np.ndarray) -> Sample:

@@ -81,8 +81,8 @@ def build_valid_dataloader(
     """This rank's finite loader over `data.valid_folder`, or None when it is not set.
 
     The documents are packed in stored order (no shuffle) like the training data; ranks take
-    disjoint rows, and every rank gets the same number of full batches, a multiple of
-    data.valid_micro_num (the last ones padded: labels -100, type_ids -1). Per-token "type_ids"
+    disjoint rows, and every rank gets the same number of full batches (the last ones padded:
+    labels -100, type_ids -1), so no rank waits alone in a collective. Per-token "type_ids"
     index `loader.dataset.types` (the valid folder's types) for a loss per type.
     """
     if not cfg.data.valid_folder:
@@ -91,7 +91,7 @@ def build_valid_dataloader(
     documents = BinMetaFolder(cfg.data.valid_folder, cfg.data.min_length, vocab_size)
     dataset = PackedRows(
         documents, cfg.training.seq_len, dp_rank, dp_world_size,
-        row_multiple=dp_world_size * batch_size * cfg.data.valid_micro_num,
+        row_multiple=dp_world_size * batch_size,
         pack_sample_into_one=cfg.data.pack_sample_into_one,
     )
     return _stateful_loader(dataset, batch_size, cfg.data.num_workers)

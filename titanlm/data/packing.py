@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -222,7 +222,7 @@ class PackedRows(Dataset):
 
     Row j * dp_world_size + dp_rank is this rank's sample j, so ranks hold disjoint shares. The
     rows are padded with all-padding rows (labels -100, type_ids -1) up to a multiple of
-    `row_multiple` (dp x batch x micro-batches per step): every rank then runs the same number of
+    `row_multiple` (dp x batch): every rank then runs the same number of
     full batches, as one with fewer would leave the others waiting in a collective.
     """
 

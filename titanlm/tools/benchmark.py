@@ -18,6 +18,7 @@ MFU uses the same useful-FLOPs formula as training (titanlm/models/flops.py) aga
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import statistics
 import time
@@ -141,12 +142,11 @@ def main(argv: list[str] | None = None) -> None:
         else:
             systems.append(hf)
     if "torchtitan" in peers:
-        try:
-            import torchtitan  # noqa: F401
-
-            notes["torchtitan"] = "installed, but its trainer hard-codes CUDA; run the GPU mode on a GPU machine"
-        except ImportError:
-            notes["torchtitan"] = "not installed (pip install torchtitan; it needs CUDA)"
+        installed = importlib.util.find_spec("torchtitan") is not None
+        notes["torchtitan"] = (
+            "installed, but not run by this tool yet (its trainer hard-codes CUDA)" if installed
+            else "not installed (pip install torchtitan; it needs CUDA)"
+        )
     run_rounds(systems, args.rounds, args.warmup, args.steps)
 
     tokens_per_step = args.batch * args.seq_len

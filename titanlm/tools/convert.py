@@ -23,72 +23,39 @@ from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from titanlm.models import FLAVORS, ModelArgs, Transformer
+from titanlm.models import FLAVORS, ModelArgs
 from titanlm.models.hf_adapter import (
-    FAMILY_OF_MODEL_TYPE,
     NATIVE_MODEL_TYPE,
     ConversionError,
     StateDict,
-    args_from_hf_config,
-    check_flavor,
     flavor_args,
-    from_hf,
     hf_config,
     to_hf,
+)
+from titanlm.models.hf_checkpoint import (
+    HF_INDEX,
+    HF_SINGLE,
+    SHOWN_KEYS,
+    Shapes,
+    check_tensors,
+    meta_state_dict,
+    read_hf_model,
+    require_dir,
+    tensor_shapes,
 )
 
 MODEL_KEY = "model"
 LAYOUTS = ("llama", "native")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-_HF_SINGLE = "model.safetensors"
-_HF_INDEX = "model.safetensors.index.json"
 # What each direction writes, so that --overwrite replaces exactly its own earlier output.
-_HF_OUTPUTS = ("model*.safetensors", _HF_INDEX, "config.json")
+_HF_OUTPUTS = ("model*.safetensors", HF_INDEX, "config.json")
 _DCP_OUTPUTS = ("*.distcp", ".metadata")
-_SHOWN = 10  # keys listed per kind of mismatch; the rest are counted
 _SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
-Shapes = dict[str, tuple[int, ...]]
-
-
-def read_hf_model(
-    hf_dir: str | Path, name: str | None = None, flavor: str | None = None
-) -> tuple[ModelArgs, StateDict]:
-    """The HF checkpoint in `hf_dir` as titanlm ModelArgs and a full titanlm state dict.
-
-    The model is derived from config.json; with `flavor` (and `name`, defaulting to the family of
-    the config's model_type) it must also equal that titanlm flavor. Every tensor is checked
-    against the config before any is read; tensors keep their dtype.
-    """
-    hf_dir = Path(hf_dir)
-    _require_dir(hf_dir, "HF_DIR")
-    if name is not None and flavor is None:
-        raise ConversionError(
-            "--model.name needs --model.flavor to check the weights against; add it or drop --model.name"
-        )
-    config_path = hf_dir / "config.json"
-    config = _read_json(config_path)
-    args = args_from_hf_config(config, str(config_path))
-    model_type = config["model_type"]
-    if flavor is not None:
-        check_flavor(args, name or FAMILY_OF_MODEL_TYPE[model_type], flavor, str(config_path))
-    files = _safetensors_files(hf_dir)
-    _check_tensors(
-        _safetensors_shapes(files),
-        _shapes(to_hf(_meta_state_dict(args), args, model_type)),
-        source=f"the safetensors in {hf_dir}",
-        fix=f"the model {config_path} describes needs exactly these tensors; re-download the "
-        "checkpoint or correct config.json",
-    )
-    hf_state: StateDict = {}
-    for file in files:
-        hf_state.update(load_file(file))
-    return args, from_hf(hf_state, args, model_type)
 
 
 def hf_to_dcp(
@@ -136,9 +103,9 @@ def dcp_to_hf(
             f"--model.name {name} --model.flavor {flavor} is a flavor that does not match the weights in "
             f"{dcp_dir} ({'; '.join(conflicts)}); pass the flavor the checkpoint was trained with"
         )
-    _check_tensors(
+    check_tensors(
         shapes,
-        _shapes(_meta_state_dict(args)),
+        tensor_shapes(meta_state_dict(args)),
         source=f"the '{MODEL_KEY}' entries of {dcp_dir}",
         fix="pass the --model.name/--model.flavor the checkpoint was trained with",
     )
@@ -164,16 +131,6 @@ def parse_size(text: str) -> int:
 
 # ---------------------------------------------------------------------------------------------
 # Checks
-
-
-def _meta_state_dict(args: ModelArgs) -> StateDict:
-    """The parameters a model of `args` has, without allocating them."""
-    with torch.device("meta"):
-        return Transformer(args).state_dict()
-
-
-def _shapes(state_dict: StateDict) -> Shapes:
-    return {key: tuple(tensor.shape) for key, tensor in state_dict.items()}
 
 
 def _flavor_conflicts(shapes: Shapes, args: ModelArgs) -> list[str]:
@@ -209,35 +166,6 @@ def _flavor_conflicts(shapes: Shapes, args: ModelArgs) -> list[str]:
     ]
 
 
-def _natural(key: str) -> list[tuple[int, int, str]]:
-    """Sort key putting layers.2 before layers.10."""
-    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in key.split(".")]
-
-
-def _check_tensors(actual: Shapes, expected: Shapes, source: str, fix: str) -> None:
-    """One error listing missing keys, unexpected keys and wrong shapes together."""
-    missing = sorted(expected.keys() - actual.keys(), key=_natural)
-    unexpected = sorted(actual.keys() - expected.keys(), key=_natural)
-    wrong = [
-        f"{key} {list(actual[key])} (expected {list(expected[key])})"
-        for key in sorted(expected.keys() & actual.keys(), key=_natural)
-        if actual[key] != expected[key]
-    ]
-    found = (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong))
-    problems = [
-        f"{len(items)} {label}: {', '.join(items[:_SHOWN])}{', ...' if len(items) > _SHOWN else ''}"
-        for label, items in found
-        if items
-    ]
-    if problems:
-        raise ConversionError(f"{source} do not fit the model: {'; '.join(problems)}. {fix}")
-
-
-def _require_dir(path: Path, role: str) -> None:
-    if not path.is_dir():
-        raise ConversionError(f"{role} '{path}' is not an existing folder")
-
-
 def _prepare_output(out_dir: Path, in_dir: Path, overwrite: bool, outputs: Sequence[str]) -> None:
     """Create `out_dir`, refusing a non-empty one unless --overwrite, and never the input folder."""
     if out_dir.resolve() == in_dir.resolve():
@@ -264,47 +192,6 @@ def _prepare_output(out_dir: Path, in_dir: Path, overwrite: bool, outputs: Seque
 # Hugging Face safetensors
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ConversionError(f"{path} is missing; a Hugging Face model folder needs it")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ConversionError(f"{path} is not valid JSON ({err})") from None
-
-
-def _safetensors_files(hf_dir: Path) -> list[Path]:
-    """The shards the index lists, or the single model.safetensors."""
-    index = hf_dir / _HF_INDEX
-    if index.is_file():
-        weight_map = _read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise ConversionError(f"{index} has no 'weight_map'; re-download it")
-        files = [hf_dir / file for file in sorted(set(weight_map.values()))]
-        absent = [file.name for file in files if not file.is_file()]
-        if absent:
-            raise ConversionError(
-                f"{index} lists shards missing from {hf_dir}: {', '.join(absent)}; download them"
-            )
-        return files
-    if (hf_dir / _HF_SINGLE).is_file():
-        return [hf_dir / _HF_SINGLE]
-    has_bin = any(hf_dir.glob("*.bin"))
-    hint = " (it has *.bin weights: re-save them with safe_serialization=True)" if has_bin else ""
-    raise ConversionError(f"{hf_dir} has neither {_HF_SINGLE} nor {_HF_INDEX}{hint}")
-
-
-def _safetensors_shapes(files: list[Path]) -> Shapes:
-    """Tensor shapes from the shard headers, so a mismatch is reported before any data is read."""
-    shapes: Shapes = {}
-    for file in files:
-        with safe_open(file, framework="pt") as handle:
-            for key in handle.keys():
-                if not key.endswith("rotary_emb.inv_freq"):  # a buffer older exports saved
-                    shapes[key] = tuple(handle.get_slice(key).get_shape())
-    return shapes
-
-
 def _write_safetensors(state: StateDict, out_dir: Path, shard_bytes: int) -> list[Path]:
     """HF's layout: one model.safetensors, or model-0000i-of-0000n shards plus an index."""
     shards: list[StateDict] = [{}]
@@ -318,8 +205,8 @@ def _write_safetensors(state: StateDict, out_dir: Path, shard_bytes: int) -> lis
         size += nbytes
     metadata = {"format": "pt"}  # transformers refuses safetensors files without it
     if len(shards) == 1:
-        save_file(shards[0], out_dir / _HF_SINGLE, metadata=metadata)
-        return [out_dir / _HF_SINGLE]
+        save_file(shards[0], out_dir / HF_SINGLE, metadata=metadata)
+        return [out_dir / HF_SINGLE]
     files, weight_map = [], {}
     for i, shard in enumerate(shards, start=1):
         file = out_dir / f"model-{i:05d}-of-{len(shards):05d}.safetensors"
@@ -328,8 +215,8 @@ def _write_safetensors(state: StateDict, out_dir: Path, shard_bytes: int) -> lis
         files.append(file)
     total = sum(t.numel() * t.element_size() for t in state.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (out_dir / _HF_INDEX).write_text(json.dumps(index, indent=2) + "\n")
-    return [*files, out_dir / _HF_INDEX]
+    (out_dir / HF_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    return [*files, out_dir / HF_INDEX]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -338,7 +225,7 @@ def _write_safetensors(state: StateDict, out_dir: Path, shard_bytes: int) -> lis
 
 def _dcp_model_entries(dcp_dir: Path) -> dict[str, TensorStorageMetadata]:
     """The tensors stored under "model", keyed by titanlm parameter name."""
-    _require_dir(dcp_dir, "DCP_DIR")
+    require_dir(dcp_dir, "DCP_DIR")
     if not (dcp_dir / ".metadata").is_file():
         raise ConversionError(
             f"{dcp_dir} has no .metadata file, so it is not a DCP checkpoint; pass a folder written by "
@@ -354,7 +241,7 @@ def _dcp_model_entries(dcp_dir: Path) -> dict[str, TensorStorageMetadata]:
     if not entries:
         top = sorted({key.split(".")[0] for key in stored})
         raise ConversionError(
-            f"{dcp_dir} has no '{MODEL_KEY}' entries (top-level keys: {', '.join(top[:_SHOWN])}); "
+            f"{dcp_dir} has no '{MODEL_KEY}' entries (top-level keys: {', '.join(top[:SHOWN_KEYS])}); "
             f"titanlm checkpoints keep the model under '{MODEL_KEY}'"
         )
     return entries

@@ -1,0 +1,147 @@
+"""Reading a Hugging Face model folder (config.json + safetensors) as titanlm weights.
+
+Shared by the conversion tool and by training that starts from an HF folder directly. Every
+tensor's name and shape is checked against the model config.json describes before any is read.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from titanlm.models.flavors import ModelArgs
+from titanlm.models.hf_adapter import (
+    FAMILY_OF_MODEL_TYPE,
+    ConversionError,
+    StateDict,
+    args_from_hf_config,
+    check_flavor,
+    from_hf,
+    to_hf,
+)
+from titanlm.models.transformer import Transformer
+
+Shapes = dict[str, tuple[int, ...]]
+HF_SINGLE = "model.safetensors"
+HF_INDEX = "model.safetensors.index.json"
+SHOWN_KEYS = 10  # keys listed per kind of mismatch; the rest are counted
+
+
+def meta_state_dict(args: ModelArgs) -> StateDict:
+    """The parameters a model of `args` has, without allocating them."""
+    with torch.device("meta"):
+        return Transformer(args).state_dict()
+
+
+def tensor_shapes(state_dict: StateDict) -> Shapes:
+    return {key: tuple(tensor.shape) for key, tensor in state_dict.items()}
+
+
+def natural_key(key: str) -> list[tuple[int, int, str]]:
+    """Sort key putting layers.2 before layers.10."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in key.split(".")]
+
+
+def check_tensors(actual: Shapes, expected: Shapes, source: str, fix: str) -> None:
+    """One error listing missing keys, unexpected keys and wrong shapes together."""
+    missing = sorted(expected.keys() - actual.keys(), key=natural_key)
+    unexpected = sorted(actual.keys() - expected.keys(), key=natural_key)
+    wrong = [
+        f"{key} {list(actual[key])} (expected {list(expected[key])})"
+        for key in sorted(expected.keys() & actual.keys(), key=natural_key)
+        if actual[key] != expected[key]
+    ]
+    found = (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong))
+    problems = [
+        f"{len(items)} {label}: {', '.join(items[:SHOWN_KEYS])}{', ...' if len(items) > SHOWN_KEYS else ''}"
+        for label, items in found
+        if items
+    ]
+    if problems:
+        raise ConversionError(f"{source} do not fit the model: {'; '.join(problems)}. {fix}")
+
+
+def require_dir(path: Path, role: str) -> None:
+    if not path.is_dir():
+        raise ConversionError(f"{role} '{path}' is not an existing folder")
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConversionError(f"{path} is missing; a Hugging Face model folder needs it")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConversionError(f"{path} is not valid JSON ({err})") from None
+
+
+def safetensors_files(hf_dir: Path) -> list[Path]:
+    """The shards the index lists, or the single model.safetensors."""
+    index = hf_dir / HF_INDEX
+    if index.is_file():
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ConversionError(f"{index} has no 'weight_map'; re-download it")
+        files = [hf_dir / file for file in sorted(set(weight_map.values()))]
+        absent = [file.name for file in files if not file.is_file()]
+        if absent:
+            raise ConversionError(
+                f"{index} lists shards missing from {hf_dir}: {', '.join(absent)}; download them"
+            )
+        return files
+    if (hf_dir / HF_SINGLE).is_file():
+        return [hf_dir / HF_SINGLE]
+    has_bin = any(hf_dir.glob("*.bin"))
+    hint = " (it has *.bin weights: re-save them with safe_serialization=True)" if has_bin else ""
+    raise ConversionError(f"{hf_dir} has neither {HF_SINGLE} nor {HF_INDEX}{hint}")
+
+
+def safetensors_shapes(files: list[Path]) -> Shapes:
+    """Tensor shapes from the shard headers, so a mismatch is reported before any data is read."""
+    shapes: Shapes = {}
+    for file in files:
+        with safe_open(file, framework="pt") as handle:
+            for key in handle.keys():
+                if not key.endswith("rotary_emb.inv_freq"):  # a buffer older exports saved
+                    shapes[key] = tuple(handle.get_slice(key).get_shape())
+    return shapes
+
+
+def read_hf_model(
+    hf_dir: str | Path, name: str | None = None, flavor: str | None = None
+) -> tuple[ModelArgs, StateDict]:
+    """The HF checkpoint in `hf_dir` as titanlm ModelArgs and a full titanlm state dict.
+
+    The model is derived from config.json; with `flavor` (and `name`, defaulting to the family of
+    the config's model_type) it must also equal that titanlm flavor. Every tensor is checked
+    against the config before any is read; tensors keep their dtype.
+    """
+    hf_dir = Path(hf_dir)
+    require_dir(hf_dir, "HF_DIR")
+    if name is not None and flavor is None:
+        raise ConversionError(
+            "--model.name needs --model.flavor to check the weights against; add it or drop --model.name"
+        )
+    config_path = hf_dir / "config.json"
+    config = read_json(config_path)
+    args = args_from_hf_config(config, str(config_path))
+    model_type = config["model_type"]
+    if flavor is not None:
+        check_flavor(args, name or FAMILY_OF_MODEL_TYPE[model_type], flavor, str(config_path))
+    files = safetensors_files(hf_dir)
+    check_tensors(
+        safetensors_shapes(files),
+        tensor_shapes(to_hf(meta_state_dict(args), args, model_type)),
+        source=f"the safetensors in {hf_dir}",
+        fix=f"the model {config_path} describes needs exactly these tensors; re-download the "
+        "checkpoint or correct config.json",
+    )
+    hf_state: StateDict = {}
+    for file in files:
+        hf_state.update(load_file(file))
+    return args, from_hf(hf_state, args, model_type)
