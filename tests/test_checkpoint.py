@@ -353,3 +353,13 @@ def test_sigterm_to_one_rank_saves_on_all_ranks_exits_0_and_the_run_resumes(tmp_
 
     resumed = run_in_process(tmp_path, [*run, *stop_at(tmp_path, stopped_at + 2)])
     assert [r["step"] for r in resumed] == [stopped_at + 1, stopped_at + 2]
+
+
+def test_float16_loss_scale_continues_after_a_resume(tmp_path) -> None:
+    fp16 = ["--training.mixed_precision_param", "float16", "--grad_scaler.growth_interval", "1",
+            "--grad_scaler.initial_scale", "1024", *CKPT, "--checkpoint.interval", "3"]
+    first = run_in_process(tmp_path, [*fp16, "--training.steps", "3"])
+    second = run_in_process(tmp_path, [*fp16, "--training.steps", "5"])
+    scales = [r["loss_scale"] for r in first + second]
+    assert [r["step"] for r in first + second] == [1, 2, 3, 4, 5]
+    assert scales == [2048, 4096, 8192, 16384, 32768]  # doubles after every clean step, across the resume
