@@ -1,4 +1,4 @@
-"""Context parallelism: splitting every row over cp ranks trains exactly like one process.
+"""Context parallelism (and pipeline stages on packed documents) train exactly like one process.
 
 Unit tests pin the head+tail chunking and the attention mask against brute force. The torchrun
 scenarios (one launch per world size, gloo, fp32) compare loss and grad norm per step with one
@@ -80,13 +80,6 @@ def test_seq_len_not_divisible_by_twice_cp_is_refused_naming_the_keys() -> None:
         check_cp_divisibility(40, 2, 8)  # 20 tokens per cp rank
 
 
-def test_context_parallel_with_pipeline_parallel_is_refused() -> None:
-    from titanlm.parallel import ParallelDims
-
-    with pytest.raises(ParallelismError, match="context_parallel_degree = 2 with pipeline_parallel_degree = 2"):
-        ParallelDims(dp_replicate=1, dp_shard=1, cp=2, tp=1, pp=2, world_size=4).check_supported()
-
-
 @pytest.fixture(scope="module")
 def bin_args(tmp_path_factory) -> list[str]:
     """A tiny InternEvo folder of short documents, so rows of 32 tokens pack several of them and
@@ -107,15 +100,19 @@ def oracle(tmp_path_factory, bin_args):
 
 
 # name -> (data source of the oracle, layout arguments)
+PP2 = ["--parallelism.pipeline_parallel_degree", "2", "--training.local_batch_size", "2",
+       "--training.global_batch_size", "8"]  # dp 1: 4 micro-batches of 2 rows
 TWO_RANK_LAYOUTS = {
     "cp2": ("random", [*CP2, *DP1_ON_2]),
     "cp2_documents": ("bin", [*CP2, *DP1_ON_2]),
+    "pp2_documents": ("bin", PP2),  # positions and document ids reach the later stage
 }
 FOUR_RANK_LAYOUTS = {
     "cp2_fsdp2": ("random", [*CP2, *DP2]),
     "cp2_hsdp2x1": ("random", [*CP2, *DP2, "--parallelism.data_parallel_replicate_degree", "2"]),
     "cp2_tp2": ("random", [*CP2, *TP2, *DP1_ON_2]),
     "cp4_documents": ("bin", ["--parallelism.context_parallel_degree", "4", *DP1_ON_2]),
+    "pp2_cp2_documents": ("bin", [*CP2, *PP2]),  # seed 000 combines pp and cp (with tp)
 }
 
 

@@ -64,7 +64,6 @@ class Trainer:
         set_determinism(cfg.debug.seed, cfg.debug.deterministic)
 
         self.parallel_dims = ParallelDims.from_config(cfg.parallelism, self.dist.world_size)
-        self.parallel_dims.check_supported()
         self.meshes = self.parallel_dims.build_meshes(self.device.type)
         # Every rank holding different tokens (dp x cp) adds to the step's token count and loss.
         self.loss_group = self.meshes.loss.get_group()
@@ -210,6 +209,10 @@ class Trainer:
         so it is summed over the pp group (other stages contribute zero)."""
         inputs = torch.cat([mb["input_ids"] for mb in micro_batches])
         labels = torch.cat([mb["labels"] for mb in micro_batches])
+        # Keyword tensors reach every stage of this rank (split per micro-batch), so later stages
+        # get the rope positions and document boundaries that activations do not carry.
+        per_stage = {key: torch.cat([mb[key] for mb in micro_batches])
+                     for key in ("position_ids", "document_ids") if key in micro_batches[0]}
         self._pp_loss_factor = scale / global_tokens
         losses: list[torch.Tensor] = []
         with self.loss_context():
@@ -217,6 +220,7 @@ class Trainer:
                 *((inputs,) if self.pp_has_first else ()),
                 target=labels if self.pp_has_last else None,
                 losses=losses,
+                **per_stage,
             )
         loss = torch.zeros((), device=self.device)
         for value in losses:

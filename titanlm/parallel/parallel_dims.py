@@ -84,13 +84,3 @@ class ParallelDims:
         hsdp = loss._unflatten(0, (self.dp_replicate, self.dp_shard * self.cp), ("dp_replicate", "dp_shard_cp"))
         fsdp = hsdp if self.dp_replicate > 1 else hsdp["dp_shard_cp"]
         return Meshes(world=world, dp=dp, fsdp=fsdp, loss=loss)
-
-    def check_supported(self) -> None:
-        """Stop early on layouts this build cannot run yet, rather than failing deep inside."""
-        if self.cp > 1 and self.pp > 1:
-            # Pipeline stages receive token ids only, without the global positions and document ids
-            # that a cp rank's share of each row needs.
-            raise ParallelismError(
-                f"parallelism.context_parallel_degree = {self.cp} with pipeline_parallel_degree = {self.pp} "
-                "is not supported yet; use context parallelism with data or tensor parallelism"
-            )

@@ -39,18 +39,12 @@ SPLIT_BACKWARD_SCHEDULES = ("interleavedzerobubble", "zbvzerobubble", "dualpipev
 
 
 def check_pipeline_supported(cfg: JobConfig) -> None:
-    """Later stages see only hidden states, so per-document positions and masks cannot reach them."""
+    """Refuse the schedules that do not train correctly (measured)."""
     schedule = cfg.parallelism.pipeline_parallel_schedule
     if schedule.lower() in SPLIT_BACKWARD_SCHEDULES:
         raise ParallelismError(
             f"parallelism.pipeline_parallel_schedule '{schedule}' loses weight gradients with FSDP2 stages on "
             "this torch (measured against a single process); use GPipe, 1F1B, Interleaved1F1B or LoopedBFS"
-        )
-    packs_documents = cfg.data.dataset == "bin" or (cfg.data.dataset == "auto" and cfg.data.train_folder)
-    if packs_documents and not cfg.data.pack_sample_into_one:
-        raise ParallelismError(
-            "parallelism.pipeline_parallel_degree > 1 does not support per-document attention yet; set "
-            "data.pack_sample_into_one = true (plain causal attention over each packed row)"
         )
 
 
