@@ -363,3 +363,18 @@ def test_float16_loss_scale_continues_after_a_resume(tmp_path) -> None:
     scales = [r["loss_scale"] for r in first + second]
     assert [r["step"] for r in first + second] == [1, 2, 3, 4, 5]
     assert scales == [2048, 4096, 8192, 16384, 32768]  # doubles after every clean step, across the resume
+
+
+@pytest.mark.multiprocess
+def test_an_fsdp_checkpoint_resumes_under_tensor_parallelism(tmp_path, straight) -> None:
+    """FSDP 2 ranks -> TP 2 ranks: DCP reshards the Shard(0) FSDP tensors into TP's column/row shards.
+    Tolerance 1e-5: TP alone changes the reduction order (about 2e-6 relative on the loss)."""
+    common = [*STEPS, *CKPT, *stop_at(tmp_path / "fsdp2totp2", 5)]
+    run_torchrun(2, {"fsdp2totp2": [*common, "--training.local_batch_size", "2"]}, tmp_path)
+    run_torchrun(2, {"fsdp2totp2": [*common, "--training.local_batch_size", "4",
+                                    "--parallelism.tensor_parallel_degree", "2"]}, tmp_path)
+    records = read_metrics(tmp_path / "fsdp2totp2")
+    assert [r["step"] for r in records] == list(range(1, 11))
+    for got, want in zip(records, straight):
+        for key in ("loss", "grad_norm"):
+            assert math.isclose(got[key], want[key], rel_tol=1e-5), (key, got["step"], got[key], want[key])
