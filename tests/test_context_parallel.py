@@ -14,11 +14,10 @@ import torch
 
 from test_binmeta import write_internevo
 from test_train import assert_records_close
-from titanlm.models.attention import SDPABackend
+from titanlm.models.attention import SDPABackend, document_causal_mask
 from titanlm.parallel import ParallelismError
 from titanlm.parallel.context_parallel import (
     check_cp_divisibility,
-    cp_attention_mask,
     cp_token_indices,
     shard_batch_for_cp,
 )
@@ -66,7 +65,7 @@ def test_mask_is_the_single_process_mask_restricted_to_local_queries(with_docume
     for rank in range(cp):
         queries = cp_token_indices(seq, rank, cp)
         docs = (documents[:, queries], documents[:, keys]) if with_documents else ()
-        mask = cp_attention_mask(queries, keys, *docs)
+        mask = document_causal_mask(queries, keys, *docs)
         brute = [[[bool(full[b, 0, q, k]) for k in keys] for q in queries] for b in range(2)]
         assert mask.expand(2, 1, -1, -1)[:, 0].tolist() == brute
 

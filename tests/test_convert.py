@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import json
 from pathlib import Path
 
@@ -27,8 +29,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 GQA = ModelArgs(dim=64, n_layers=2, n_heads=8, n_kv_heads=2, ffn_dim=160, vocab_size=300, rope_theta=500000.0)
 TINY_FLAVORS = {
     "llama3": GQA,
-    "internlm": GQA.with_overrides(n_kv_heads=8, attn_bias=True, rope_theta=10000.0, vocab_size=128),
-    "internlm2": GQA.with_overrides(rope_theta=1000000.0, vocab_size=256),
+    "internlm": replace(GQA, n_kv_heads=8, attn_bias=True, rope_theta=10000.0, vocab_size=128),
+    "internlm2": replace(GQA, rope_theta=1000000.0, vocab_size=256),
 }
 TOKENS = torch.randint(0, 128, (2, 17), generator=torch.Generator().manual_seed(0))
 
@@ -139,7 +141,7 @@ def test_wqkv_rows_are_grouped_per_kv_head_as_its_q_heads_then_k_then_v() -> Non
 
 @pytest.mark.parametrize("n_kv_heads", [2, 8], ids=["gqa", "mha"])
 def test_internlm2_packing_round_trip_is_exact_for_weights_and_biases(n_kv_heads: int) -> None:
-    args = GQA.with_overrides(n_kv_heads=n_kv_heads, attn_bias=True)
+    args = replace(GQA, n_kv_heads=n_kv_heads, attn_bias=True)
     state = Transformer(args).state_dict()
 
     packed = to_hf(state, args, "internlm2")

@@ -101,3 +101,28 @@ def test_run_train_sh_with_two_processes_writes_metrics(tmp_path, demo_cache) ->
     records = read_metrics(tmp_path)
     assert [r["step"] for r in records] == [1, 2, 3]
     assert "step=3" in result.stdout  # rank 0's log line reaches the console
+
+
+def test_run_train_sh_under_slurm_one_task_per_gpu(tmp_path, demo_cache) -> None:
+    """Two tasks started as `srun -n 2 --ntasks-per-node=2` would start them: the script takes rank,
+    world size and local rank from SLURM_* and runs the trainer directly (no torchrun)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    tasks = []
+    for rank in range(2):
+        env = {**os.environ, "SLURM_JOB_ID": "1", "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank),
+               "SLURM_NTASKS": "2", "SLURM_NNODES": "1", "SLURM_JOB_NODELIST": "localhost",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+        tasks.append(subprocess.Popen(
+            ["bash", "scripts/run_train.sh", "--training.steps", "2", "--training.seq_len", "32",
+             "--job.dump_folder", str(tmp_path), "--data.cache_folder", str(demo_cache), "--metrics.log_freq", "1"],
+            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        ))
+    outputs = [task.communicate(timeout=300) for task in tasks]
+    assert [task.returncode for task in tasks] == [0, 0], outputs[0][1][-3000:] + outputs[1][1][-3000:]
+    assert "step=2" in outputs[0][0] and "step=" not in outputs[1][0]  # only LOG_RANK 0 prints
+    assert "dp_shard': 2" in outputs[0][0]  # one world of two ranks, not two one-rank jobs
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -79,7 +81,7 @@ def test_init_weights_depends_only_on_seed_and_name() -> None:
 
 @pytest.mark.parametrize(
     "args",
-    [TINY, TINY.with_overrides(n_kv_heads=4, attn_bias=True, rope_theta=10000.0)],
+    [TINY, replace(TINY, n_kv_heads=4, attn_bias=True, rope_theta=10000.0)],
     ids=["llama3-gqa", "internlm-mha-bias"],
 )
 def test_logits_equal_transformers_llama_with_the_same_weights(args: ModelArgs) -> None:
@@ -105,7 +107,7 @@ def test_position_ids_shift_rope_like_transformers() -> None:
 
 
 def test_hf_names_round_trip() -> None:
-    state = Transformer(TINY.with_overrides(attn_bias=True)).state_dict()
+    state = Transformer(replace(TINY, attn_bias=True)).state_dict()
     assert from_hf_state_dict(to_hf_state_dict(state)).keys() == state.keys()
 
 

@@ -11,7 +11,7 @@ from titanlm.data.datasets import (
     window_sample,
 )
 from titanlm.data.demo import DemoAssets, ensure_demo_assets, generate_corpus
-from titanlm.data.loader import build_dataloader, build_valid_dataloader, tokens_in_batch
+from titanlm.data.loader import build_dataloader, build_valid_dataloader
 from titanlm.data.mixing import parse_dataset_weights
 from titanlm.data.packing import Documents, PackedDataset, PackedRows, PackPlan, pack, packed_sample
 from titanlm.data.tokenizer import SentencePieceTokenizer, Tokenizer, build_tokenizer
@@ -38,6 +38,5 @@ __all__ = [
     "pack",
     "packed_sample",
     "parse_dataset_weights",
-    "tokens_in_batch",
     "window_sample",
 ]

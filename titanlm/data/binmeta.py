@@ -301,10 +301,6 @@ class BinMetaFolder:
     def document_type(self, index: int) -> str:
         return self.files[self._locate(index)[0]].type_name
 
-    def document_length(self, index: int) -> int:
-        f, line = self._locate(index)
-        return int(self.files[f].meta[line, 1])
-
     def lengths(self) -> np.ndarray:
         return np.concatenate([f.meta[k, 1] for f, k in zip(self.files, self._kept)])
 

@@ -6,12 +6,11 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
-import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from titanlm.config.job_config import JobConfig
 from titanlm.data.binmeta import BinMetaFolder
-from titanlm.data.datasets import IGNORE_INDEX, RandomTokenDataset, ShardedStream, TextTokenDataset
+from titanlm.data.datasets import RandomTokenDataset, ShardedStream, TextTokenDataset
 from titanlm.data.demo import ensure_demo_assets
 from titanlm.data.mixing import parse_dataset_weights
 from titanlm.data.packing import PackedDataset, PackedRows
@@ -103,8 +102,3 @@ def _stateful_loader(
     with warnings.catch_warnings():  # torchdata 0.11 calls torch.set_vital, deprecated in newer torch
         warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
         return StatefulDataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
-
-
-def tokens_in_batch(batch: dict[str, torch.Tensor]) -> int:
-    """Tokens that carry a loss, the denominator for per-token loss and throughput."""
-    return int((batch["labels"] != IGNORE_INDEX).sum())

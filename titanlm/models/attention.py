@@ -41,16 +41,33 @@ def _gqa(q: torch.Tensor, k: torch.Tensor) -> bool:
     return k.shape[1] != q.shape[1]
 
 
+def document_causal_mask(
+    query_index: torch.Tensor,
+    key_index: torch.Tensor,
+    query_documents: torch.Tensor | None = None,
+    key_documents: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Boolean SDPA mask [batch or 1, 1, queries, keys]: True where the query may attend the key.
+
+    `*_index`: token indices in the original row (causality); `*_documents`: [batch, n] document
+    ids, or None for one document per row. Context parallelism passes a rank's queries against
+    the gathered keys; a whole row passes the same indices twice.
+    """
+    allowed = key_index[None, :] <= query_index[:, None]
+    if query_documents is None:
+        return allowed[None, None]
+    same_document = query_documents[:, :, None] == key_documents[:, None, :]
+    return (allowed & same_document)[:, None]
+
+
 class SDPABackend(AttentionBackend):
     name = "sdpa"
 
     def prepare(self, document_ids: torch.Tensor | None) -> torch.Tensor | None:
         if document_ids is None:
             return None
-        seq = document_ids.shape[1]
-        same_document = document_ids[:, :, None] == document_ids[:, None, :]
-        causal = torch.ones(seq, seq, dtype=torch.bool, device=document_ids.device).tril()
-        return (same_document & causal)[:, None]
+        index = torch.arange(document_ids.shape[1], device=document_ids.device)
+        return document_causal_mask(index, index, document_ids, document_ids)
 
     def __call__(self, q, k, v, prepared):
         if prepared is None:

@@ -6,7 +6,7 @@ shared/REFERENCE.md §4); the `debug` rows are tiny so that CPU runs and tests t
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -26,9 +26,6 @@ class ModelArgs:
     @property
     def head_dim(self) -> int:
         return self.dim // self.n_heads
-
-    def with_overrides(self, **changes: int | float | bool) -> ModelArgs:
-        return replace(self, **changes)
 
 
 _LLAMA3_VOCAB = 128256

@@ -22,11 +22,10 @@ import torch
 import torch.distributed._functional_collectives as funcol
 from torch.distributed.device_mesh import DeviceMesh
 
-from titanlm.models.attention import AttentionBackend
+from titanlm.data.datasets import Batch
+from titanlm.models.attention import AttentionBackend, document_causal_mask
 from titanlm.models.transformer import Attention, Transformer
 from titanlm.parallel.parallel_dims import ParallelismError
-
-Batch = dict[str, torch.Tensor]
 
 
 def check_cp_divisibility(seq_len: int, cp: int, sequence_parallel_degree: int) -> None:
@@ -74,24 +73,6 @@ def shard_batch_for_cp(batch: Batch, cp_rank: int, cp_size: int) -> Batch:
     return {key: value.index_select(1, index) for key, value in batch.items()}
 
 
-def cp_attention_mask(
-    query_index: torch.Tensor,
-    key_index: torch.Tensor,
-    query_documents: torch.Tensor | None = None,
-    key_documents: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Boolean SDPA mask [batch or 1, 1, queries, keys]: True where the query may attend the key.
-
-    `*_index`: token indices in the original row; `*_documents`: [batch, n] document ids or None
-    (one document per row).
-    """
-    allowed = key_index[None, :] <= query_index[:, None]
-    if query_documents is None:
-        return allowed[None, None]
-    same_document = query_documents[:, :, None] == key_documents[:, None, :]
-    return (allowed & same_document)[:, None]
-
-
 class AllGatherKVAttention(AttentionBackend):
     """Attention of this rank's queries over the keys/values of the whole row, gathered over `cp_mesh`.
 
@@ -127,12 +108,12 @@ class AllGatherKVAttention(AttentionBackend):
             return None  # plain causal: __call__ uses a cached mask for the local length
         query_index, key_index = self._indices(document_ids.shape[1], document_ids.device)
         key_documents = self._gather_seq(document_ids, 1)
-        return cp_attention_mask(query_index, key_index, document_ids, key_documents)
+        return document_causal_mask(query_index, key_index, document_ids, key_documents)
 
     def _causal_mask(self, local_len: int, device: torch.device) -> torch.Tensor:
         key = (local_len, device)
         if key not in self._causal_masks:
-            self._causal_masks[key] = cp_attention_mask(*self._indices(local_len, device))
+            self._causal_masks[key] = document_causal_mask(*self._indices(local_len, device))
         return self._causal_masks[key]
 
     def __call__(self, q, k, v, prepared):
