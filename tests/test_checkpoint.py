@@ -23,7 +23,7 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict
 from titanlm.checkpoint import CheckpointError, layout
 from titanlm.config import load_config
 from titanlm.train import Trainer
-from trainer_runs import REPO, TINY_ARGS, read_metrics, run_in_process, run_torchrun
+from trainer_runs import REPO, TINY_ARGS, read_metrics, run_in_process, run_torchrun, worker_env
 
 STEPS = ["--training.steps", "10", "--debug.deterministic"]
 CKPT = ["--checkpoint.enable", "--checkpoint.interval", "100"]  # saves only when a test asks for one
@@ -331,7 +331,7 @@ def test_sigterm_to_one_rank_saves_on_all_ranks_exits_0_and_the_run_resumes(tmp_
     job = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "titanlm.train",
          *TINY_ARGS, *run, "--training.local_batch_size", "2", "--job.dump_folder", str(tmp_path)],
-        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
+        cwd=REPO, env=worker_env(),
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     try:

@@ -46,6 +46,15 @@ def test_unknown_flavor_error_lists_the_choices() -> None:
         get_model_args("gpt", "debug")
 
 
+def test_n_layers_cuts_depth_and_keeps_width() -> None:
+    full = get_model_args("llama3", "8B")
+    cut = get_model_args("llama3", "8B", n_layers=8)
+    assert (cut.n_layers, cut.dim, cut.ffn_dim, cut.vocab_size) == (8, full.dim, full.ffn_dim, full.vocab_size)
+    assert full.n_layers == 32, "the flavor table itself must not change"
+    with pytest.raises(ValueError, match="model.n_layers must be 0"):
+        get_model_args("llama3", "8B", n_layers=-2)
+
+
 @pytest.mark.parametrize("family", ["llama3", "internlm", "internlm2"])
 def test_forward_shapes_and_gqa_bias_variants(family: str) -> None:
     args = get_model_args(family, "debug")

@@ -339,3 +339,19 @@ def test_inspect_data_validate_exits_1_listing_problems(tmp_path, demo_tokenizer
     )
     assert result.returncode == 1
     assert "1 problem(s)" in result.stdout and f"{bin_path} does not end with a newline" in result.stdout
+
+
+def test_benchmark_times_titanlm_and_the_hf_loop_on_one_shape(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    from titanlm.tools import benchmark
+
+    report_path = tmp_path / "bench.json"
+    benchmark.main(["--seq_len", "32", "--batch", "2", "--steps", "2", "--rounds", "1", "--warmup", "1",
+                    "--n_layers", "2", "--json", str(report_path), "--dump_folder", str(tmp_path / "out")])
+    report = json.loads(report_path.read_text())
+    assert report["model"] == "llama3/debug cut to 2 layers"
+    assert set(report["results"]) == {"titanlm", "hf"}
+    for result in report["results"].values():
+        assert result["timed_steps"] == 2 and result["tokens_per_s"] > 0
+    assert "needs CUDA" in report["notes"]["torchtitan"]
+    assert "titanlm/hf = " in capsys.readouterr().out

@@ -76,6 +76,25 @@ def test_float16_loss_scale_backs_off_on_overflow_and_training_continues(tmp_pat
     trainer.close()
 
 
+def test_one_process_low_precision_keeps_fp32_weights_and_computes_under_autocast(tmp_path) -> None:
+    fp32 = run_in_process(tmp_path / "fp32", ["--training.steps", "3"])
+    cfg = load_config([*TINY_ARGS, "--job.dump_folder", str(tmp_path / "bf16"), "--training.steps", "3",
+                       "--training.mixed_precision_param", "bfloat16"])
+    trainer = Trainer(cfg)
+    try:
+        assert all(type(p) is torch.nn.Parameter and p.dtype == torch.float32 for p in trainer.model.parameters())
+        tokens = torch.zeros(1, 8, dtype=torch.long, device=trainer.device)
+        with trainer.compute_context():
+            assert trainer.model(tokens).dtype == torch.bfloat16
+        assert trainer.model(tokens).dtype == torch.float32
+        bf16 = trainer.train()
+    finally:
+        trainer.close()
+    for got, want in zip(bf16, fp32, strict=True):
+        assert got["loss"] == pytest.approx(want["loss"], rel=2e-2)
+        assert got["loss"] != want["loss"], "bf16 compute really ran"
+
+
 def test_metrics_jsonl_has_the_documented_keys_every_log_step(tmp_path) -> None:
     run_in_process(tmp_path, ["--metrics.log_freq", "2", "--metrics.enable_tensorboard"])
     records = read_metrics(tmp_path)

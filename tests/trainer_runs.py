@@ -46,6 +46,12 @@ def read_metrics(dump_folder: Path) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
+def worker_env() -> dict[str, str]:
+    """This environment for worker processes, with the repository first on the import path."""
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
+
+
 def run_torchrun(nproc: int, scenarios: dict[str, list[str]], workdir: Path, timeout: int = 300) -> dict[str, list[dict]]:
     """Launch `nproc` gloo processes that train every scenario; return each scenario's records."""
     spec = workdir / "scenarios.json"
@@ -53,7 +59,7 @@ def run_torchrun(nproc: int, scenarios: dict[str, list[str]], workdir: Path, tim
                                 for name, extra in scenarios.items()}))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                str(Path(__file__).resolve()), str(spec)]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = worker_env()
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, f"torchrun failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
     return {name: read_metrics(workdir / name) for name in scenarios}

@@ -11,7 +11,8 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -32,8 +33,9 @@ from titanlm.models.attention import build_attention_backend
 from titanlm.models.flops import document_lengths, internevo_tflops, training_flops
 from titanlm.optim import build_lr_scheduler, build_optimizer
 from titanlm.parallel import ParallelDims, ParallelismError, parallelize
+from titanlm.parallel.parallelize import autocast_dtype
 from titanlm.parallel.context_parallel import shard_batch_for_cp
-from titanlm.parallel.float8 import precompute_scales
+from titanlm.parallel.float8 import float8_settings, precompute_scales
 from titanlm.parallel.grad_norm import clip_grads_, global_grad_norm, scale_grads_
 from titanlm.parallel.pipeline import build_schedule, check_pipeline_supported, pipeline_parts
 from titanlm.validation import validation_metrics
@@ -80,11 +82,16 @@ class Trainer:
         self.accumulation_steps = global_batch // per_step
         self.global_batch = global_batch
 
-        self.model_args = get_model_args(cfg.model.name, cfg.model.flavor)
+        self.model_args = get_model_args(cfg.model.name, cfg.model.flavor, cfg.model.n_layers)
         self.param_dtype = resolve_param_dtype(tr.mixed_precision_param, self.device)
         self.loss_scaler = DynamicLossScaler(cfg.grad_scaler) if self.param_dtype == torch.float16 else None
         vocab_sharded = self.parallel_dims.tp > 1 and not cfg.parallelism.disable_loss_parallel
         self.loss_context: Callable[[], AbstractContextManager] = loss_parallel if vocab_sharded else nullcontext
+        compute_dtype = autocast_dtype(self.dist.world_size, self.param_dtype)
+        self.compute_context: Callable[[], AbstractContextManager] = (
+            partial(torch.autocast, self.device.type, dtype=compute_dtype) if compute_dtype else nullcontext
+        )
+        self.float8 = float8_settings(cfg.float8, fsdp=self.dist.world_size > 1)
         self.loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = (
             torch.compile(cross_entropy_sum) if cfg.compile.enable else cross_entropy_sum
         )
@@ -195,8 +202,9 @@ class Trainer:
             return self._sum_over_loss_group(loss_total), time.perf_counter() - start
         for mb in micro_batches:
             with self.loss_context():
-                logits = self.model(mb["input_ids"], mb.get("position_ids"), mb.get("document_ids"))
-                loss = self.loss_fn(logits, mb["labels"]) / global_tokens
+                with self.compute_context():
+                    logits = self.model(mb["input_ids"], mb.get("position_ids"), mb.get("document_ids"))
+                    loss = self.loss_fn(logits, mb["labels"]) / global_tokens
                 (loss * scale).backward()
             loss_total += loss.full_tensor().detach() if isinstance(loss, DTensor) else loss.detach()
         self._synchronize()
@@ -241,7 +249,7 @@ class Trainer:
             if self.cfg.training.max_norm > 0:
                 clip_grads_(grads, self.cfg.training.max_norm, grad_norm)
             self.optimizer.step()
-            precompute_scales(self.model_parts, self.cfg.float8)
+            precompute_scales(self.model_parts, self.float8)
         else:
             self.inf_nan_skip_batches += 1
         self.optimizer.zero_grad(set_to_none=True)
@@ -326,10 +334,15 @@ class Trainer:
                 break
         return records
 
+    @contextmanager
+    def _forward_context(self) -> Iterator[None]:
+        with self.loss_context(), self.compute_context():
+            yield
+
     def validate(self) -> dict[str, float]:
         """Loss and perplexity over the whole validation set, overall and per data type."""
         return validation_metrics(
-            self.model, self.valid_loader, self._prepare, self.loss_context,
+            self.model, self.valid_loader, self._prepare, self._forward_context,
             self.valid_loader.dataset.types, self.loss_group, self.device,
         )
 

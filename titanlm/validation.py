@@ -26,7 +26,7 @@ def validation_metrics(
     model: nn.Module,
     batches: Iterable[Batch],
     prepare: Callable[[Batch], Batch],
-    loss_context: Callable[[], AbstractContextManager],
+    forward_context: Callable[[], AbstractContextManager],
     types: list[str],
     group: dist.ProcessGroup,
     device: torch.device,
@@ -40,7 +40,7 @@ def validation_metrics(
     for batch in batches:
         batch = prepare(batch)
         labels = batch["labels"].flatten()
-        with loss_context():
+        with forward_context():
             logits = model(batch["input_ids"], batch.get("position_ids"), batch.get("document_ids"))
             losses = F.cross_entropy(logits.flatten(0, 1).float(), labels, ignore_index=IGNORE_INDEX, reduction="none")
         if isinstance(losses, DTensor):

@@ -36,6 +36,7 @@ class Model:
         choices=("llama3", "internlm", "internlm2"),
     )
     flavor: str = opt("debug", "size within the family, e.g. debug, 7B, 8B, 20B, 70B")
+    n_layers: int = opt(0, "override the flavor's layer count, keeping its width (0 = the flavor's own)")
     tokenizer_path: str = opt(
         "", "tokenizer file (SentencePiece .model or tiktoken ranks); empty = none or the demo's"
     )

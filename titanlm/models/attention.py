@@ -150,10 +150,11 @@ class VarlenBackend(AttentionBackend):
         return None if document_ids is None else cu_seqlens_from_document_ids(document_ids)
 
     def __call__(self, q, k, v, prepared):
-        batch, heads, seq, dim = q.shape
         if prepared is None:
-            ids = torch.zeros(batch, seq, dtype=torch.int32, device=q.device)
-            prepared = cu_seqlens_from_document_ids(ids)
+            # One sequence per row: SDPA's flash kernel does the same work without cu_seqlens
+            # (whose max length would cost a host sync in every layer).
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=_gqa(q, k))
+        batch, heads, seq, dim = q.shape
         packed = [t.transpose(1, 2).reshape(batch * seq, t.shape[1], dim) for t in (q, k, v)]
         out = self._kernel(*packed, prepared.cu_seqlens, prepared.max_seqlen)
         return out.view(batch, seq, heads, dim).transpose(1, 2)
@@ -175,13 +176,18 @@ def _varlen_kernel():
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         return None
-    # torch 2.11 spells causality is_causal=True; later releases use a (-1, 0) window.
-    causal = {"is_causal": True} if "is_causal" in inspect.signature(varlen_attn).parameters else {
-        "window_size": (-1, 0)
-    }
+    parameters = inspect.signature(varlen_attn).parameters
+    # Early releases spell causality is_causal=True; later ones use a (-1, 0) window.
+    causal = {"is_causal": True} if "is_causal" in parameters else {"window_size": (-1, 0)}
+    native_gqa = "enable_gqa" in parameters
 
     def torch_varlen(q, k, v, cu, max_len):
-        return varlen_attn(q, k, v, cu, cu, max_len, max_len, enable_gqa=k.shape[1] != q.shape[1], **causal)
+        if k.shape[1] != q.shape[1]:
+            if native_gqa:
+                return varlen_attn(q, k, v, cu, cu, max_len, max_len, enable_gqa=True, **causal)
+            repeats = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
+        return varlen_attn(q, k, v, cu, cu, max_len, max_len, **causal)
 
     return torch_varlen
 

@@ -6,7 +6,7 @@ shared/REFERENCE.md §4); the `debug` rows are tiny so that CPU runs and tests t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -60,8 +60,11 @@ FLAVORS: dict[str, dict[str, ModelArgs]] = {
 }
 
 
-def get_model_args(name: str, flavor: str) -> ModelArgs:
-    """Look up a flavor, failing with the valid choices when the name is unknown."""
+def get_model_args(name: str, flavor: str, n_layers: int = 0) -> ModelArgs:
+    """Look up a flavor, failing with the valid choices when the name is unknown.
+
+    `n_layers` > 0 keeps the flavor's width but changes its depth: a full-width model cut to fit one
+    device is how throughput at real layer shapes is measured (benchmarks, smoke runs)."""
     if name not in FLAVORS:
         raise ValueError(f"model.name '{name}' is unknown; choose one of {', '.join(FLAVORS)}")
     family = FLAVORS[name]
@@ -70,4 +73,6 @@ def get_model_args(name: str, flavor: str) -> ModelArgs:
             f"model.flavor '{flavor}' does not exist for model.name '{name}'; "
             f"choose one of {', '.join(family)}"
         )
-    return family[flavor]
+    if n_layers < 0:
+        raise ValueError(f"model.n_layers must be 0 (the flavor's own depth) or a positive count, not {n_layers}")
+    return replace(family[flavor], n_layers=n_layers) if n_layers else family[flavor]

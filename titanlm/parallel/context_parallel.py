@@ -101,7 +101,8 @@ class AllGatherKVAttention(AttentionBackend):
         return keys[self.cp_rank], torch.cat(keys)
 
     def _gather_seq(self, tensor: torch.Tensor, seq_dim: int) -> torch.Tensor:
-        return funcol.all_gather_single_autograd(tensor.contiguous(), seq_dim, self.group)
+        # all_gather_tensor_autograd exists in every supported torch (2.11 lacks all_gather_single_autograd).
+        return funcol.all_gather_tensor_autograd(tensor.contiguous(), seq_dim, self.group)
 
     def prepare(self, document_ids: torch.Tensor | None) -> torch.Tensor | None:
         if document_ids is None:

@@ -27,7 +27,9 @@ def _float8_api():
     return Float8LinearConfig, convert_to_float8_training
 
 
-def apply_float8(model: nn.Module, cfg: Float8, tensor_parallel: bool) -> None:
+def apply_float8(model: nn.Module, cfg: Float8, tensor_parallel: bool, output_name: str = "output") -> None:
+    """Swap eligible Linear layers for torchao's float8 ones in place; `output_name` (the vocab
+    projection, "lm_head" in transformers models) stays in high precision."""
     if tensor_parallel:
         raise ParallelismError(
             "float8.enable with parallelism.tensor_parallel_degree > 1 is not supported yet; use FSDP/HSDP/PP"
@@ -43,12 +45,17 @@ def apply_float8(model: nn.Module, cfg: Float8, tensor_parallel: bool) -> None:
         # float8 matmuls need both dimensions divisible by 16.
         return (
             isinstance(module, nn.Linear)
-            and not fqn.endswith("output")
+            and not fqn.endswith(output_name)
             and module.in_features % 16 == 0
             and module.out_features % 16 == 0
         )
 
     convert(model, config=config, module_filter_fn=eligible)
+
+
+def float8_settings(cfg: Float8, fsdp: bool) -> Float8:
+    """The float8 settings in effect: without FSDP (one process) there is no all-gather to do in float8."""
+    return cfg if fsdp else dataclasses.replace(cfg, enable_fsdp_float8_all_gather=False)
 
 
 def precompute_scales(model_parts: list[nn.Module], cfg: Float8) -> None:

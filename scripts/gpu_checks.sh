@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# The GPU checks and measurements behind docs/benchmarks.md, in parts that each fit a 10-minute slot:
+#   scripts/gpu_checks.sh tests      CUDA tests (-m cuda), the README debug run on CUDA, and the CPU
+#                                    suite against this machine's torch (GPU hidden, gloo, xdist)
+#   scripts/gpu_checks.sh ladder A   titanlm vs the HF loop on an 8-layer cut of Llama3-8B at seq 8192,
+#                                    rungs A (eager, compile) or B (+selective AC, +float8);
+#                                    T: all four rungs, titanlm alone
+#   scripts/gpu_checks.sh titan      torchtitan's own trainer on the same shape, same rungs
+#   scripts/gpu_checks.sh profile N  scripts/profile_step.py on that shape (eager), then titanlm's throughput
+# Wheels for packages the machine lacks go in .whl/ (see docs/benchmarks.md); logs go to $OUT or ./gpu_logs.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-./gpu_logs}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+WHEELS=${WHEELS:-.whl}
+if compgen -G "$WHEELS/*.whl" >/dev/null; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl \
+        || exit 1
+    export PYTHONPATH=/tmp/site:$PWD
+else
+    export PYTHONPATH=$PWD
+fi
+export PYTHONUNBUFFERED=1
+$PY -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')"
+
+bench() {  # bench NAME ARGS...: one rung of the ladder, its JSON kept under $OUT
+    local name=$1; shift
+    echo "=== $name: $*"
+    $PY -m titanlm.tools.benchmark --model.flavor 8B --n_layers 8 --seq_len 8192 --batch 1 \
+        --warmup 3 --steps 10 --rounds 1 --json "$OUT/$name.json" --dump_folder /tmp/bench "$@" 2>&1 \
+        | grep -v "^[0-9-]* [0-9:,]* INFO" | tail -12
+}
+
+case ${1:-} in
+tests)
+    (CUDA_VISIBLE_DEVICES= timeout 540 $PY -m pytest -q -x -n 10 -m "not cuda" \
+        >"$OUT/cpu_suite.log" 2>&1; echo "cpu suite exit $?" >>"$OUT/cpu_suite.log") &
+    timeout 300 $PY -m pytest -q -rs tests/test_cuda.py tests/test_attention.py \
+        "tests/test_train.py::test_one_process_low_precision_keeps_fp32_weights_and_computes_under_autocast" 2>&1 | tee "$OUT/cuda_tests.log" | tail -15
+    timeout 120 $PY -m titanlm.train --job.config_file train_configs/debug_model.toml --job.dump_folder /tmp/debug \
+        2>&1 | grep -E "step=(1|50|100)," | cut -c1-400
+    wait
+    tail -5 "$OUT/cpu_suite.log"
+    ;;
+ladder)
+    if [ "${2:-A}" = T ]; then  # titanlm alone, every rung
+        bench t_eager --peers ""
+        bench t_compile --peers "" --compile
+        bench t_compile_sac --peers "" --compile --ac selective
+        bench t_compile_sac_float8 --peers "" --compile --ac selective --float8
+    elif [ "${2:-A}" = A ]; then
+        bench eager --peers hf
+        bench compile --peers hf --compile
+    else
+        bench compile_sac --peers hf --compile --ac selective
+        bench compile_sac_float8 --peers hf --compile --ac selective --float8
+    fi
+    ;;
+profile)  # profile NAME [overrides]: where an eager step's time goes, then its throughput alone
+    name=${2:-eager}; shift 2 || shift
+    $PY scripts/profile_step.py --model.flavor 8B --model.n_layers 8 --training.seq_len 8192 \
+        --training.local_batch_size 1 --top 30 "$@" 2>&1 | grep -v "INFO\|USDT" | tee "$OUT/profile_$name.txt"
+    bench "titanlm_$name" --peers ""
+    ;;
+titan)
+    bench titan_eager --peers torchtitan
+    bench titan_compile_sac_float8 --peers torchtitan --compile --ac selective --float8
+    ;;
+*)
+    echo "usage: scripts/gpu_checks.sh tests | ladder A|B | titan | profile NAME" >&2
+    exit 2
+    ;;
+esac

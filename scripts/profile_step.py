@@ -1,0 +1,89 @@
+"""Where a training step's time goes: torch.profiler over a few steps of random batches, as one table.
+
+    python scripts/profile_step.py --model.flavor 8B --model.n_layers 8 --training.seq_len 8192 \
+        --training.local_batch_size 1 [any other titanlm override] [--steps 3] [--top 25]
+
+Prints the top kernels by device time (CPU ops on a CPU machine) and the step's time split into
+kinds (matmul, attention, normalization, elementwise, optimizer, copies/casts, communication).
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from titanlm.config import load_config
+from titanlm.train import Trainer
+
+KINDS = [  # first match wins; kernel names vary by library, so these are substrings, lower case
+    ("communication", ("nccl", "all_gather", "reduce_scatter", "allreduce", "gloo")),
+    ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),
+    ("matmul", ("gemm", "sm90_xmma", "cutlass", "matmul", "aten::mm", "addmm", "_scaled_mm", "nvjet")),
+    ("optimizer", ("adam", "multi_tensor", "foreach")),
+    ("normalization", ("norm", "rsqrt")),
+    ("copies/casts", ("copy", "cast", "to_copy", "cat", "fill")),
+    ("elementwise", ("elementwise", "vectorized", "unrolled", "triton", "silu", "mul", "add", "neg", "reduce")),
+]
+
+
+def kind_of(name: str) -> str:
+    lowered = name.lower()
+    for kind, fragments in KINDS:
+        if any(fragment in lowered for fragment in fragments):
+            return kind
+    return "other"
+
+
+def pop_int(argv: list[str], flag: str, default: int) -> int:
+    if flag in argv:
+        index = argv.index(flag)
+        value = int(argv[index + 1])
+        del argv[index : index + 2]
+        return value
+    return default
+
+
+def main(argv: list[str]) -> None:
+    steps, top = pop_int(argv, "--steps", 3), pop_int(argv, "--top", 25)
+    cfg = load_config(["--data.dataset", "random", "--training.steps", str(10**9), *argv])
+    trainer = Trainer(cfg)
+    vocab, seq, batch = trainer.model_args.vocab_size, cfg.training.seq_len, cfg.training.local_batch_size
+    tokens = torch.randint(0, vocab, (batch, seq + 1), generator=torch.Generator().manual_seed(0))
+    micro_batch = {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}
+    for _ in range(3):
+        trainer.train_step([micro_batch])
+    on_gpu = trainer.device.type == "cuda"
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if on_gpu else [])]
+    with profile(activities=activities) as prof:
+        records = [trainer.train_step([micro_batch]) for _ in range(steps)]
+    trainer.close()
+
+    averages = prof.key_averages()
+    if on_gpu:  # device kernels only: the CPU-side op rows would count each kernel twice
+        events = [e for e in averages if e.device_type == torch.autograd.DeviceType.CUDA and e.self_device_time_total]
+    else:
+        events = [e for e in averages if e.self_cpu_time_total > 0]
+
+    def spent(e) -> float:
+        return (e.self_device_time_total if on_gpu else e.self_cpu_time_total) / 1e3 / steps  # ms per step
+
+    events.sort(key=spent, reverse=True)
+    total = sum(spent(e) for e in events)
+    step_ms = 1e3 * sum(r["step_time"] for r in records) / steps
+    print(f"step {step_ms:.1f} ms wall; {total:.1f} ms of {'kernels' if on_gpu else 'CPU ops'} per step")
+    by_kind: dict[str, float] = {}
+    for event in events:
+        by_kind[kind_of(event.key)] = by_kind.get(kind_of(event.key), 0.0) + spent(event)
+    for kind, ms in sorted(by_kind.items(), key=lambda item: -item[1]):
+        print(f"  {kind:<14} {ms:8.1f} ms  {ms / total:6.1%}")
+    print(f"{'ms/step':>8} {'calls':>6}  kernel")
+    for event in events[:top]:
+        name = re.sub(r"\s+", " ", event.key)[:110]
+        print(f"{spent(event):8.2f} {event.count // steps:>6}  {name}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
