@@ -9,10 +9,11 @@ kinds (matmul, attention, normalization, elementwise, optimizer, copies/casts, c
 
 from __future__ import annotations
 
-import re
 import sys
+from collections import defaultdict
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from titanlm.config import load_config
@@ -61,28 +62,31 @@ def main(argv: list[str]) -> None:
         records = [trainer.train_step([micro_batch]) for _ in range(steps)]
     trainer.close()
 
-    averages = prof.key_averages()
-    if on_gpu:  # device kernels only: the CPU-side op rows would count each kernel twice
-        events = [e for e in averages if e.device_type == torch.autograd.DeviceType.CUDA and e.self_device_time_total]
-    else:
-        events = [e for e in averages if e.self_cpu_time_total > 0]
-
-    def spent(e) -> float:
-        return (e.self_device_time_total if on_gpu else e.self_cpu_time_total) / 1e3 / steps  # ms per step
-
-    events.sort(key=spent, reverse=True)
-    total = sum(spent(e) for e in events)
+    # Kernels (or CPU ops) by name, in ms per step; user annotations such as "Optimizer.step" or
+    # "FSDP::pre_forward" span other work and would count it twice.
+    spent: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for event in prof.events():
+        if getattr(event, "is_user_annotation", False):
+            continue
+        if on_gpu and event.device_type == DeviceType.CUDA:
+            spent[event.name][0] += event.time_range.elapsed_us() / 1e3 / steps
+        elif not on_gpu and event.device_type == DeviceType.CPU:
+            spent[event.name][0] += event.self_cpu_time_total / 1e3 / steps
+        else:
+            continue
+        spent[event.name][1] += 1 / steps
+    rows = sorted(spent.items(), key=lambda item: -item[1][0])
+    total = sum(ms for ms, _ in spent.values())
     step_ms = 1e3 * sum(r["step_time"] for r in records) / steps
     print(f"step {step_ms:.1f} ms wall; {total:.1f} ms of {'kernels' if on_gpu else 'CPU ops'} per step")
-    by_kind: dict[str, float] = {}
-    for event in events:
-        by_kind[kind_of(event.key)] = by_kind.get(kind_of(event.key), 0.0) + spent(event)
+    by_kind: dict[str, float] = defaultdict(float)
+    for name, (ms, _) in rows:
+        by_kind[kind_of(name)] += ms
     for kind, ms in sorted(by_kind.items(), key=lambda item: -item[1]):
         print(f"  {kind:<14} {ms:8.1f} ms  {ms / total:6.1%}")
     print(f"{'ms/step':>8} {'calls':>6}  kernel")
-    for event in events[:top]:
-        name = re.sub(r"\s+", " ", event.key)[:110]
-        print(f"{spent(event):8.2f} {event.count // steps:>6}  {name}")
+    for name, (ms, calls) in rows[:top]:
+        print(f"{ms:8.2f} {round(calls):>6}  {' '.join(name.split())[:110]}")
 
 
 if __name__ == "__main__":

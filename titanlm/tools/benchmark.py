@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from titanlm.config import load_config
 from titanlm.config.job_config import Float8
+from titanlm.distributed import shutdown
 from titanlm.metrics import device_peak_flops, peak_memory_gib
 from titanlm.models.flavors import ModelArgs
 from titanlm.models.flops import training_flops
@@ -299,3 +300,4 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+    shutdown()
