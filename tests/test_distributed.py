@@ -12,6 +12,7 @@ import subprocess
 import pytest
 
 from test_train import assert_records_close
+from titanlm.parallel.pipeline import schedule_available
 from trainer_runs import REPO, read_metrics, run_in_process, run_torchrun
 
 pytestmark = pytest.mark.multiprocess
@@ -33,7 +34,8 @@ TWO_RANK_LAYOUTS: dict[str, tuple[list[str], list[str]]] = {
 }
 PP2 = ["--parallelism.pipeline_parallel_degree", "2", "--training.local_batch_size", "2",
        "--training.global_batch_size", "8"]  # dp 1: 4 micro-batches of 2 per step
-for schedule in ("GPipe", "1F1B", "Interleaved1F1B", "LoopedBFS"):
+SCHEDULES = ("GPipe", "1F1B", "Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble", "ZBVZeroBubble", "DualPipeV")
+for schedule in filter(schedule_available, SCHEDULES):  # DualPipeV only where this torch has it
     TWO_RANK_LAYOUTS[f"pp2_{schedule}"] = ([], [*PP2, "--parallelism.pipeline_parallel_schedule", schedule])
 TWO_RANK_LAYOUTS["fsdp2_float8_all_gather"] = (
     ["--float8.enable"], ["--training.local_batch_size", "4", "--float8.enable_fsdp_float8_all_gather"]
@@ -48,6 +50,8 @@ FOUR_RANK_LAYOUTS: dict[str, tuple[list[str], list[str]]] = {
     "hsdp2x2": ([], ["--training.local_batch_size", "2", "--parallelism.data_parallel_replicate_degree", "2"]),
     "fsdp2_tp2": ([], [*TP2, "--training.local_batch_size", "4"]),
     "pp2_fsdp2": ([], [*PP2, "--training.local_batch_size", "1"]),
+    "pp2_fsdp2_zbv": ([], [*PP2, "--training.local_batch_size", "1", "--parallelism.pipeline_parallel_schedule",
+                           "ZBVZeroBubble"]),
     "pp2_tp2": ([], [*PP2, *TP2, "--training.local_batch_size", "2"]),
 }
 

@@ -184,12 +184,20 @@ def test_pipeline_stage_split_and_rank_assignment() -> None:
     assert stages_of_rank(1, 4, 2, v_style=True) == [1, 6]
 
 
-def test_pipeline_refuses_what_it_cannot_do_correctly() -> None:
+def test_zero_bubble_schedules_need_parameters_kept_until_the_weight_pass() -> None:
     from titanlm.parallel.pipeline import check_pipeline_supported
 
-    with pytest.raises(ParallelismError, match="'ZBVZeroBubble' loses weight gradients"):
-        check_pipeline_supported(load_config(["--parallelism.pipeline_parallel_schedule", "ZBVZeroBubble"]))
-    check_pipeline_supported(load_config(["--parallelism.pipeline_parallel_schedule", "Interleaved1F1B"]))
+    from titanlm.parallel.fsdp import reshard_policy
+
+    zbv = ["--parallelism.pipeline_parallel_schedule", "ZBVZeroBubble"]
+    with pytest.raises(ParallelismError, match="'ZBVZeroBubble' computes weight gradients after FSDP2 has resharded"):
+        check_pipeline_supported(load_config([*zbv, "--parallelism.fsdp_reshard_after_forward", "always"]))
+    check_pipeline_supported(load_config(zbv))
+    check_pipeline_supported(load_config(["--parallelism.pipeline_parallel_schedule", "Interleaved1F1B",
+                                          "--parallelism.fsdp_reshard_after_forward", "always"]))
+    assert reshard_policy("default", pipeline_parallel=True) == "never"
+    assert reshard_policy("default", pipeline_parallel=False) == "default"
+    assert reshard_policy("always", pipeline_parallel=True) == "always"
 
 
 def test_compiled_blocks_and_loss_match_eager(tmp_path) -> None:

@@ -140,8 +140,8 @@ class Parallelism:
     data_parallel_shard_degree: int = opt(-1, "FSDP shard group size; -1 = whatever the other degrees leave")
     fsdp_reshard_after_forward: str = opt(
         "default",
-        "free gathered params after forward: default (yes, except the root), always (ZeRO-3), "
-        "never (ZeRO-2: keep them for backward)",
+        "free gathered params after forward: default (yes, except the root; never under pipeline "
+        "parallelism), always (ZeRO-3), never (ZeRO-2: keep them for backward)",
         choices=("default", "always", "never"),
     )
     tensor_parallel_degree: int = opt(1, "tensor parallel size (InternEvo tensor)")

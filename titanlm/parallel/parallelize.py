@@ -17,7 +17,7 @@ from titanlm.parallel.activation_checkpoint import apply_ac
 from titanlm.parallel.compile import apply_compile
 from titanlm.parallel.context_parallel import apply_cp, check_cp_divisibility
 from titanlm.parallel.float8 import apply_float8, float8_settings
-from titanlm.parallel.fsdp import apply_fsdp
+from titanlm.parallel.fsdp import apply_fsdp, reshard_policy
 from titanlm.parallel.parallel_dims import Meshes
 from titanlm.parallel.tensor_parallel import apply_tp
 
@@ -55,4 +55,5 @@ def parallelize(model: Transformer, meshes: Meshes, cfg: JobConfig, param_dtype:
         # Nothing to shard (see autocast_dtype). With other ranks, parameters must all be DTensors or none.
         return
     reduce_dtype = getattr(torch, cfg.training.mixed_precision_reduce)
-    apply_fsdp(model, meshes.fsdp, param_dtype, reduce_dtype, cfg.parallelism.fsdp_reshard_after_forward)
+    reshard = reshard_policy(cfg.parallelism.fsdp_reshard_after_forward, meshes.world["pp"].size() > 1)
+    apply_fsdp(model, meshes.fsdp, param_dtype, reduce_dtype, reshard)
