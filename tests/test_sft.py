@@ -92,8 +92,11 @@ def test_validation_is_the_token_weighted_loss_per_type(tmp_path) -> None:
     model = Transformer(get_model_args("llama3", "debug"))
     model.init_weights(seed=0)
     init_distributed()  # a one-rank group when no test made one yet
-    metrics = validation_metrics(model, loader, lambda batch: batch, nullcontext, loader.dataset.types,
-                                 torch.distributed.group.WORLD, torch.device("cpu"))
+    def logits_of(batch):
+        return model(batch["input_ids"], batch["position_ids"], batch["document_ids"])
+
+    metrics = validation_metrics(logits_of, loader, lambda batch: batch, nullcontext, loader.dataset.types,
+                                 [torch.distributed.group.WORLD, None], torch.device("cpu"))
     sums, counts = {}, {}
     with torch.no_grad():
         for batch in loader:

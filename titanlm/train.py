@@ -37,7 +37,7 @@ from titanlm.parallel.parallelize import autocast_dtype
 from titanlm.parallel.context_parallel import shard_batch_for_cp
 from titanlm.parallel.float8 import float8_settings, precompute_scales
 from titanlm.parallel.grad_norm import clip_grads_, global_grad_norm, scale_grads_
-from titanlm.parallel.pipeline import build_schedule, check_pipeline_supported, pipeline_parts
+from titanlm.parallel.pipeline import build_schedule, check_pipeline_supported, pipeline_forward, pipeline_parts
 from titanlm.validation import validation_metrics
 
 logger = logging.getLogger("titanlm")
@@ -110,11 +110,6 @@ class Trainer:
             cfg, dp_rank, self.parallel_dims.dp, self.model_args.vocab_size
         )
         self.valid_loader = build_valid_dataloader(cfg, dp_rank, self.parallel_dims.dp, self.model_args.vocab_size)
-        if self.valid_loader is not None and self.parallel_dims.pp > 1:
-            raise ValueError(
-                "data.valid_folder with parallelism.pipeline_parallel_degree > 1 is not supported yet; "
-                "validate with a separate run without pipeline parallelism"
-            )
         self.checkpointer = CheckpointManager(
             cfg, self.model_parts, self.optimizer, self.lr_scheduler, self.dataloader, dp_rank, self.device
         )
@@ -145,7 +140,7 @@ class Trainer:
         pp = cfg.parallelism
         if self.parallel_dims.pp > 1:
             check_pipeline_supported(cfg)
-            parts, stage_ids, num_stages = pipeline_parts(
+            parts, stage_ids, self.pp_stage_owners = pipeline_parts(
                 model, self.meshes.world["pp"], pp.pipeline_parallel_schedule,
                 pp.pipeline_parallel_virtual_stages, pp.pipeline_parallel_stage_layers,
             )
@@ -165,6 +160,8 @@ class Trainer:
                 f"training.local_batch_size x data-parallel degree x pipeline_parallel_degree = "
                 f"{self.cfg.training.local_batch_size * self.parallel_dims.dp * self.parallel_dims.pp}"
             )
+        num_stages = len(self.pp_stage_owners)
+        self.pp_stage_ids = stage_ids
         self.pp_has_first, self.pp_has_last = 0 in stage_ids, num_stages - 1 in stage_ids
         schedule = build_schedule(
             parts, stage_ids, num_stages, self.meshes.world["pp"], self.device, pp.pipeline_parallel_schedule,
@@ -341,9 +338,24 @@ class Trainer:
 
     def validate(self) -> dict[str, float]:
         """Loss and perplexity over the whole validation set, overall and per data type."""
-        return validation_metrics(
-            self.model, self.valid_loader, self._prepare, self._forward_context,
-            self.valid_loader.dataset.types, self.loss_group, self.device,
+        for part in self.model_parts:
+            part.eval()
+        try:
+            return validation_metrics(
+                self._validation_logits, self.valid_loader, self._prepare, self._forward_context,
+                self.valid_loader.dataset.types, [self.loss_group, self.pp_group], self.device,
+            )
+        finally:
+            for part in self.model_parts:
+                part.train()
+
+    def _validation_logits(self, batch: Batch) -> torch.Tensor | None:
+        """Logits of a prepared batch; under pipeline parallelism only the last stage's rank has them."""
+        extra = {"position_ids": batch.get("position_ids"), "document_ids": batch.get("document_ids")}
+        if self.pp_schedule is None:
+            return self.model(batch["input_ids"], **extra)
+        return pipeline_forward(
+            self.model_parts, self.pp_stage_ids, self.pp_stage_owners, self.pp_group, batch["input_ids"], **extra
         )
 
     def _type_shares(self, start: int, stop: int) -> dict[str, float]:

@@ -14,7 +14,6 @@ from contextlib import AbstractContextManager
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import nn
 from torch.distributed.tensor import DTensor
 
 from titanlm.data.datasets import IGNORE_INDEX, Batch
@@ -23,17 +22,18 @@ from titanlm.data.datasets import IGNORE_INDEX, Batch
 
 @torch.no_grad()
 def validation_metrics(
-    model: nn.Module,
+    logits_of: Callable[[Batch], torch.Tensor | None],
     batches: Iterable[Batch],
     prepare: Callable[[Batch], Batch],
     forward_context: Callable[[], AbstractContextManager],
     types: list[str],
-    group: dist.ProcessGroup,
+    groups: list[dist.ProcessGroup | None],
     device: torch.device,
 ) -> dict[str, float]:
-    """`prepare` moves a batch to the device and cuts this rank's share (context parallelism)."""
-    was_training = model.training
-    model.eval()
+    """`prepare` moves a batch to the device and cuts this rank's share (context parallelism);
+    `logits_of` runs the model in eval mode and returns None on ranks without logits (pipeline
+    stages before the last), which then add nothing; `groups` are the groups to sum over (the
+    data x context ranks, and the pipeline ranks; None = absent)."""
     # Index len(types) holds the totals over all labelled tokens; the others one type each.
     loss_sums = torch.zeros(len(types) + 1, device=device, dtype=torch.float64)
     counts = torch.zeros(len(types) + 1, device=device, dtype=torch.float64)
@@ -41,7 +41,9 @@ def validation_metrics(
         batch = prepare(batch)
         labels = batch["labels"].flatten()
         with forward_context():
-            logits = model(batch["input_ids"], batch.get("position_ids"), batch.get("document_ids"))
+            logits = logits_of(batch)
+            if logits is None:
+                continue
             losses = F.cross_entropy(logits.flatten(0, 1).float(), labels, ignore_index=IGNORE_INDEX, reduction="none")
         if isinstance(losses, DTensor):
             losses = losses.full_tensor()
@@ -53,9 +55,9 @@ def validation_metrics(
             typed = type_ids >= 0
             loss_sums.index_add_(0, type_ids[typed], losses[typed])
             counts.index_add_(0, type_ids[typed], torch.ones_like(losses[typed]))
-    dist.all_reduce(loss_sums, group=group)
-    dist.all_reduce(counts, group=group)
-    model.train(was_training)
+    for group in filter(None, groups):
+        dist.all_reduce(loss_sums, group=group)
+        dist.all_reduce(counts, group=group)
     metrics: dict[str, float] = {}
     for name, total, count in zip([*(f"/{t}" for t in types), ""], loss_sums.tolist(), counts.tolist()):
         if count > 0:

@@ -16,6 +16,7 @@ import copy
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import (
@@ -113,8 +114,8 @@ def split_stage(model: Transformer, stage: int, num_stages: int, counts: list[in
 
 def pipeline_parts(
     model: Transformer, pp_mesh: DeviceMesh, schedule: str, virtual_stages: int, stage_layers: str
-) -> tuple[list[Transformer], list[int], int]:
-    """This rank's stage models, their stage indices, and the total number of stages."""
+) -> tuple[list[Transformer], list[int], list[int]]:
+    """This rank's stage models, their stage indices, and the pp rank that owns each stage."""
     schedule_class = get_schedule_class(schedule)
     v_style = schedule.lower() in V_SCHEDULES
     single = issubclass(schedule_class, PipelineScheduleSingle)
@@ -128,7 +129,11 @@ def pipeline_parts(
     num_stages = pp_size * stages_per_rank
     counts = stage_layer_counts(model.args.n_layers, num_stages, stage_layers)
     stage_ids = stages_of_rank(pp_mesh.get_local_rank(), pp_size, stages_per_rank, v_style)
-    return [split_stage(model, s, num_stages, counts) for s in stage_ids], stage_ids, num_stages
+    owners = [0] * num_stages
+    for rank in range(pp_size):
+        for stage in stages_of_rank(rank, pp_size, stages_per_rank, v_style):
+            owners[stage] = rank
+    return [split_stage(model, s, num_stages, counts) for s in stage_ids], stage_ids, owners
 
 
 def build_schedule(
@@ -150,3 +155,54 @@ def build_schedule(
     if issubclass(schedule_class, PipelineScheduleMulti):
         return schedule_class(stages, n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=False)
     return schedule_class(stages[0], n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=False)
+
+
+@torch.no_grad()
+def pipeline_forward(
+    parts: list[Transformer],
+    stage_ids: list[int],
+    owners: list[int],
+    pp_group: dist.ProcessGroup,
+    tokens: torch.Tensor,
+    **stage_kwargs: torch.Tensor | None,
+) -> torch.Tensor | None:
+    """Forward only, one batch through every stage in order (validation; no schedule, no
+    micro-batches): returns the last stage's output on the rank that owns it, None elsewhere.
+
+    Every rank walks the stages in increasing order, so each send meets the matching receive.
+    Activations between stages are plain tensors; their shape and dtype travel first, since a
+    later stage cannot know them (sequence sharding, compute dtype) without asking.
+    """
+    me = dist.get_rank(pp_group)
+    local = dict(zip(stage_ids, parts))
+    hidden: torch.Tensor | None = tokens
+    for stage, owner in enumerate(owners):
+        if owner != me:
+            continue
+        if stage > 0 and owners[stage - 1] != me:
+            hidden = _receive(dist.get_global_rank(pp_group, owners[stage - 1]), pp_group, tokens.device)
+        hidden = local[stage](hidden, **stage_kwargs)
+        if stage + 1 < len(owners) and owners[stage + 1] != me:
+            _send(hidden, dist.get_global_rank(pp_group, owners[stage + 1]), pp_group)
+    return hidden if owners[-1] == me else None
+
+
+_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+_HEADER = 8  # dtype index, ndim, then up to 6 dimensions
+
+
+def _send(tensor: torch.Tensor, dst: int, group: dist.ProcessGroup) -> None:
+    header = torch.zeros(_HEADER, dtype=torch.int64, device=tensor.device)
+    header[0], header[1] = _DTYPES.index(tensor.dtype), tensor.dim()
+    header[2 : 2 + tensor.dim()] = torch.tensor(tensor.shape)
+    dist.send(header, dst, group=group)
+    dist.send(tensor.contiguous(), dst, group=group)
+
+
+def _receive(src: int, group: dist.ProcessGroup, device: torch.device) -> torch.Tensor:
+    header = torch.empty(_HEADER, dtype=torch.int64, device=device)
+    dist.recv(header, src, group=group)
+    dtype_index, ndim, *dims = header.tolist()
+    tensor = torch.empty(dims[:ndim], dtype=_DTYPES[dtype_index], device=device)
+    dist.recv(tensor, src, group=group)
+    return tensor
