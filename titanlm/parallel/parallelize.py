@@ -35,8 +35,7 @@ def autocast_dtype(world_size: int, param_dtype: torch.dtype) -> torch.dtype | N
 
 def parallelize(model: Transformer, meshes: Meshes, cfg: JobConfig, param_dtype: torch.dtype) -> None:
     if cfg.float8.enable:
-        apply_float8(model, float8_settings(cfg.float8, fsdp=meshes.world.size() > 1),
-                     tensor_parallel=meshes.world["tp"].size() > 1)
+        apply_float8(model, float8_settings(cfg.float8, fsdp=meshes.world.size() > 1))
     if meshes.world["tp"].size() > 1:
         apply_tp(
             model,

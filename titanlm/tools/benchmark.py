@@ -103,7 +103,7 @@ def hf_system(model_args: ModelArgs, weights: dict[str, torch.Tensor], device: t
     elif args.ac == "selective":
         note = "no op-level selective checkpointing in transformers: the HF loop ran without any"
     if args.float8:
-        apply_float8(model, Float8(enable=True), tensor_parallel=False, output_name="lm_head")
+        apply_float8(model, Float8(enable=True), output_name="lm_head")
     forward = torch.compile(model) if args.compile else model
     fused = device.type == "cuda"
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1,
