@@ -333,9 +333,14 @@ def config_to_dict(cfg: JobConfig) -> dict[str, dict[str, Any]]:
     return dataclasses.asdict(cfg)
 
 
-def config_to_toml(cfg: JobConfig) -> str:
-    """TOML text of every section and key; load_config reads it back to an equal JobConfig."""
+def tables_to_toml(tables: dict[str, dict[str, Any]]) -> str:
+    """TOML text of flat tables of scalars and lists (a job config, ours or a peer trainer's)."""
     lines: list[str] = []
-    for section, values in config_to_dict(cfg).items():
+    for section, values in tables.items():
         lines += [f"[{section}]", *(f"{name} = {_toml_value(v)}" for name, v in values.items()), ""]
     return "\n".join(lines)
+
+
+def config_to_toml(cfg: JobConfig) -> str:
+    """TOML text of every section and key; load_config reads it back to an equal JobConfig."""
+    return tables_to_toml(config_to_dict(cfg))

@@ -56,6 +56,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from titanlm.config.manager import tables_to_toml
+
 FLAVOR = "titanlm_peer"
 FLOAT8_CONVERTER = "quantize.linear.float8"  # torchtitan 0.2.x name of the float8 Linear converter
 BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
@@ -146,18 +148,6 @@ def write_tokenizer(folder: Path, corpus: Path, vocab_size: int) -> int:
     return size
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)  # a JSON string is a valid TOML basic string
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"no TOML form for {value!r}")
-
-
 def job_config(*, work: Path, seq_len: int, batch: int, total_steps: int, warmup: int,
                compile: bool, ac: str, float8: bool) -> dict[str, dict[str, Any]]:
     """torchtitan 0.2.x job config sections (TOML tables) for the peer run."""
@@ -190,12 +180,7 @@ def job_config(*, work: Path, seq_len: int, batch: int, total_steps: int, warmup
 
 
 def write_toml(path: Path, config: dict[str, dict[str, Any]]) -> None:
-    lines = []
-    for table, values in config.items():
-        lines.append(f"[{table}]")
-        lines += [f"{key} = {_toml_value(value)}" for key, value in values.items()]
-        lines.append("")
-    path.write_text("\n".join(lines))
+    path.write_text(tables_to_toml(config))
 
 
 def ffn_args(dim: int, ffn_dim: int) -> tuple[float | None, int]:
