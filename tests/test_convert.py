@@ -195,6 +195,18 @@ def test_a_flavor_that_does_not_match_the_hf_weights_is_refused_listing_the_fiel
     assert not (tmp_path / "dcp").exists()
 
 
+def test_a_norm_epsilon_unlike_the_flavors_is_reported_and_converted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """InternLM v1's HF config says rms_norm_eps 1e-6 where InternEvo (and the flavor) use 1e-5."""
+    hf_llama(replace(GQA, norm_eps=1e-6), seed=8).save_pretrained(tmp_path / "hf")
+    with caplog.at_level("WARNING"):
+        assert _convert("hf_to_dcp", tmp_path / "hf", tmp_path / "dcp", "--model.name", "llama3",
+                        "--model.flavor", "tiny") == 0
+    assert "norm_eps is 1e-06 in its config and 1e-05 in --model.flavor tiny" in caplog.text
+    assert (tmp_path / "dcp").exists()
+
+
 def test_a_flavor_that_does_not_match_the_dcp_weights_is_refused(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

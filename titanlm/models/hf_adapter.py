@@ -11,6 +11,7 @@ An HF checkpoint's layout is named by its config's `model_type`:
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import fields
 from typing import Any
@@ -18,6 +19,8 @@ from typing import Any
 import torch
 
 from titanlm.models.flavors import ModelArgs, get_model_args
+
+logger = logging.getLogger(__name__)
 
 StateDict = dict[str, torch.Tensor]
 
@@ -320,13 +323,22 @@ def _check_rope_scaling(config: dict[str, Any], source: str) -> None:
                 )
 
 
+# Fields that change no weight and barely change numerics: reported, never a reason to refuse.
+# InternLM v1's HF configs say rms_norm_eps 1e-6 while InternEvo trains it with 1e-5 (seed 004).
+NUMERICS_ONLY = ("norm_eps",)
+
+
 def check_flavor(args: ModelArgs, name: str, flavor: str, source: str) -> None:
     """Refuse a flavor that does not match the weights, listing every field that differs."""
     expected = flavor_args(name, flavor)
+    for field in NUMERICS_ONLY:
+        if getattr(args, field) != getattr(expected, field):
+            logger.warning("%s: %s is %s in its config and %s in --model.flavor %s; training uses the flavor's",
+                           source, field, getattr(args, field), getattr(expected, field), flavor)
     differences = [
         f"{f.name}: weights {getattr(args, f.name)}, flavor {getattr(expected, f.name)}"
         for f in fields(ModelArgs)
-        if getattr(args, f.name) != getattr(expected, f.name)
+        if f.name not in NUMERICS_ONLY and getattr(args, f.name) != getattr(expected, f.name)
     ]
     if differences:
         raise ConversionError(
