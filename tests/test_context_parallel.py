@@ -21,6 +21,7 @@ from titanlm.parallel.context_parallel import (
     cp_token_indices,
     shard_batch_for_cp,
 )
+from titanlm.parallel.pipeline import schedule_available
 from trainer_runs import read_metrics, run_in_process, run_torchrun
 
 CP2 = ["--parallelism.context_parallel_degree", "2"]
@@ -125,7 +126,8 @@ TWO_RANK_LAYOUTS = {
     "cp2": ("random", [*CP2, *DP1_ON_2]),
     "cp2_documents": ("bin", [*CP2, *DP1_ON_2]),
     "pp2_documents": ("bin", PP2),  # positions and document ids reach the later stage
-    "pp2_zbv_documents": ("bin", [*PP2, "--parallelism.pipeline_parallel_schedule", "ZBVZeroBubble"]),
+    **({"pp2_zbv_documents": ("bin", [*PP2, "--parallelism.pipeline_parallel_schedule", "ZBVZeroBubble"])}
+       if schedule_available("ZBVZeroBubble") else {}),
 }
 FOUR_RANK_LAYOUTS = {
     "cp2_fsdp2": ("random", [*CP2, *DP2]),

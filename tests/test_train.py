@@ -189,10 +189,10 @@ def test_zero_bubble_schedules_need_parameters_kept_until_the_weight_pass() -> N
 
     from titanlm.parallel.fsdp import reshard_policy
 
-    zbv = ["--parallelism.pipeline_parallel_schedule", "ZBVZeroBubble"]
-    with pytest.raises(ParallelismError, match="'ZBVZeroBubble' computes weight gradients after FSDP2 has resharded"):
-        check_pipeline_supported(load_config([*zbv, "--parallelism.fsdp_reshard_after_forward", "always"]))
-    check_pipeline_supported(load_config(zbv))
+    zero_bubble = ["--parallelism.pipeline_parallel_schedule", "InterleavedZeroBubble"]
+    with pytest.raises(ParallelismError, match="'InterleavedZeroBubble' computes weight gradients after FSDP2"):
+        check_pipeline_supported(load_config([*zero_bubble, "--parallelism.fsdp_reshard_after_forward", "always"]))
+    check_pipeline_supported(load_config(zero_bubble))
     check_pipeline_supported(load_config(["--parallelism.pipeline_parallel_schedule", "Interleaved1F1B",
                                           "--parallelism.fsdp_reshard_after_forward", "always"]))
     assert reshard_policy("default", pipeline_parallel=True) == "never"

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import tempfile
 import time
 from collections.abc import Callable
@@ -186,7 +187,9 @@ class CheckpointManager:
                 f"{export} exists: this run already exported its final weights; move it away to export "
                 "again, or raise training.steps"
             )
-        attempt = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+        # Time and pid name the attempt for people; the random part keeps two attempts of one process
+        # in one second (a quick crash and resume) from sharing, and so publishing, a leftover folder.
+        attempt = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{secrets.token_hex(3)}"
         source = self._resume_source(layout.complete_steps(self.folder))
         if source is not None:
             fix = "a resume needs a full checkpoint: move this one out of the folder, or pick another with load_step"

@@ -40,12 +40,24 @@ V_SCHEDULES = ("zbvzerobubble", "dualpipev")
 SPLIT_BACKWARD_SCHEDULES = ("interleavedzerobubble", "zbvzerobubble", "dualpipev")
 
 
+# V schedules put two adjacent stages on one rank. torch 2.11's stage initialization sends their
+# shapes to the rank itself, which fails ("Pair is not connected" on gloo); measured working on
+# 2.13, 2.12 untested.
+V_SCHEDULES_MIN_TORCH = (2, 13)
+
+
+def _torch_version() -> tuple[int, int]:
+    major, minor = torch.__version__.split(".")[:2]
+    return int(major), int(minor)
+
+
 def schedule_available(schedule: str) -> bool:
+    """Whether this torch has the schedule and runs it correctly."""
     try:
         get_schedule_class(schedule)
     except ValueError:
         return False
-    return True
+    return schedule.lower() not in V_SCHEDULES or _torch_version() >= V_SCHEDULES_MIN_TORCH
 
 
 def check_pipeline_supported(cfg: JobConfig) -> None:
@@ -53,8 +65,8 @@ def check_pipeline_supported(cfg: JobConfig) -> None:
     schedule = cfg.parallelism.pipeline_parallel_schedule
     if not schedule_available(schedule):
         raise ParallelismError(
-            f"parallelism.pipeline_parallel_schedule '{schedule}' is not in torch {torch.__version__}; "
-            "choose another schedule or a newer torch"
+            f"parallelism.pipeline_parallel_schedule '{schedule}' is not in torch {torch.__version__} or does not "
+            "run correctly there (the V schedules need torch >= 2.13); choose another schedule or a newer torch"
         )
     if schedule.lower() in SPLIT_BACKWARD_SCHEDULES and cfg.parallelism.fsdp_reshard_after_forward == "always":
         raise ParallelismError(
