@@ -10,9 +10,9 @@ import os
 import subprocess
 
 import pytest
-import torch
 
 from test_train import assert_records_close
+from titanlm.parallel.float8 import cpu_takes_row_scales
 from titanlm.parallel.pipeline import schedule_available
 from trainer_runs import REPO, read_metrics, run_in_process, run_torchrun
 
@@ -47,20 +47,8 @@ TWO_RANK_LAYOUTS["fsdp2_float8_all_gather"] = (
 # later steps drift by quantization noise, as the shards' matmuls round differently.
 TWO_RANK_LAYOUTS["tp2_float8_tensorwise"] = (["--float8.enable"], TP2)
 RTOL = {"fsdp2_float8_all_gather": 1e-2, "tp2_float8_tensorwise": 1e-2, "tp2_float8_rowwise": 1e-2}
-
-
-def cpu_rowwise_float8() -> bool:
-    """torch 2.11's CPU _scaled_mm takes per-tensor scales only; rowwise float8 needs 2.13 on CPU."""
-    a = torch.ones(16, 16).to(torch.float8_e4m3fn)
-    try:
-        torch._scaled_mm(a, a.t(), scale_a=torch.ones(16, 1), scale_b=torch.ones(1, 16), out_dtype=torch.float32)
-    except RuntimeError:
-        return False
-    return True
-
-
 FLOAT8_TP = ["tp2_float8_tensorwise"]
-if cpu_rowwise_float8():
+if cpu_takes_row_scales():  # rowwise float8 on CPU needs torch >= 2.13
     TWO_RANK_LAYOUTS["tp2_float8_rowwise"] = (["--float8.enable", "--float8.recipe_name", "rowwise"], TP2)
     FLOAT8_TP.append("tp2_float8_rowwise")
 TWO_RANK_LAYOUTS["pp2_uneven_stages_internlm"] = (INTERNLM, [*PP2, "--parallelism.pipeline_parallel_stage_layers", "1,3"])

@@ -200,6 +200,16 @@ def test_zero_bubble_schedules_need_parameters_kept_until_the_weight_pass() -> N
     assert reshard_policy("always", pipeline_parallel=True) == "always"
 
 
+def test_rowwise_float8_on_a_cpu_without_row_scales_is_refused_in_one_line(monkeypatch) -> None:
+    from titanlm.config.job_config import Float8
+    from titanlm.parallel import float8
+
+    monkeypatch.setattr(float8, "cpu_takes_row_scales", lambda: False)  # as torch 2.11's CPU matmul
+    with pytest.raises(ValueError, match="float8.recipe_name 'rowwise' needs a GPU or torch >= 2.13 on CPU"):
+        float8.check_float8_device(Float8(enable=True, recipe_name="rowwise"), torch.device("cpu"))
+    float8.check_float8_device(Float8(enable=True, recipe_name="tensorwise"), torch.device("cpu"))
+
+
 def test_compiled_blocks_and_loss_match_eager(tmp_path) -> None:
     eager = run_in_process(tmp_path / "eager", ["--training.steps", "2"])
     compiled = run_in_process(tmp_path / "compiled", ["--training.steps", "2", "--compile.enable"])

@@ -35,7 +35,7 @@ from titanlm.optim import build_lr_scheduler, build_optimizer
 from titanlm.parallel import ParallelDims, ParallelismError, parallelize
 from titanlm.parallel.parallelize import autocast_dtype
 from titanlm.parallel.context_parallel import shard_batch_for_cp
-from titanlm.parallel.float8 import float8_settings, precompute_scales
+from titanlm.parallel.float8 import check_float8_device, float8_settings, precompute_scales
 from titanlm.parallel.grad_norm import clip_grads_, global_grad_norm, scale_grads_
 from titanlm.parallel.pipeline import build_schedule, check_pipeline_supported, pipeline_forward, pipeline_parts
 from titanlm.validation import validation_metrics
@@ -91,6 +91,7 @@ class Trainer:
         self.compute_context: Callable[[], AbstractContextManager] = (
             partial(torch.autocast, self.device.type, dtype=compute_dtype) if compute_dtype else nullcontext
         )
+        check_float8_device(cfg.float8, self.device)
         self.float8 = float8_settings(cfg.float8, fsdp=self.dist.world_size > 1)
         self.loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = (
             torch.compile(cross_entropy_sum) if cfg.compile.enable else cross_entropy_sum

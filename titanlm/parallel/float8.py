@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
 from torch import nn
 
 from titanlm.config.job_config import Float8
@@ -53,6 +54,25 @@ def apply_float8(model: nn.Module, cfg: Float8, output_name: str = "output") -> 
         )
 
     convert(model, config=config, module_filter_fn=eligible)
+
+
+def check_float8_device(cfg: Float8, device: torch.device) -> None:
+    """Refuse, in one line, a recipe this device's float8 matmul cannot run."""
+    if cfg.enable and cfg.recipe_name == "rowwise" and device.type == "cpu" and not cpu_takes_row_scales():
+        raise ValueError(
+            f"float8.recipe_name 'rowwise' needs a GPU or torch >= 2.13 on CPU (torch {torch.__version__}'s CPU "
+            "float8 matmul takes one scale per tensor); use float8.recipe_name = 'tensorwise'"
+        )
+
+
+def cpu_takes_row_scales() -> bool:
+    """Whether the CPU float8 matmul accepts per-row scales (torch 2.11's does not; 2.13's does)."""
+    a = torch.ones(16, 16).to(torch.float8_e4m3fn)
+    try:
+        torch._scaled_mm(a, a.t(), scale_a=torch.ones(16, 1), scale_b=torch.ones(1, 16), out_dtype=torch.float32)
+    except RuntimeError:
+        return False
+    return True
 
 
 def float8_settings(cfg: Float8, fsdp: bool) -> Float8:
