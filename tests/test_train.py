@@ -42,6 +42,12 @@ def test_gradient_accumulation_equals_one_large_micro_batch(tmp_path) -> None:
     assert_records_close(accumulated, large)
 
 
+def test_chunked_loss_trains_like_the_full_logits(tmp_path) -> None:
+    full = run_in_process(tmp_path / "full", [])
+    chunked = run_in_process(tmp_path / "chunked", ["--training.loss_chunk_tokens", "24"])  # 128 tokens: 6 chunks
+    assert_records_close(chunked, full)
+
+
 def test_nan_gradient_step_is_skipped_and_counted(tmp_path) -> None:
     cfg = load_config([*TINY_ARGS, "--job.dump_folder", str(tmp_path)])
     trainer = Trainer(cfg)

@@ -72,6 +72,11 @@ class Trainer:
         self.cp_rank = self.meshes.world["cp"].get_local_rank()
 
         tr = cfg.training
+        if tr.loss_chunk_tokens and (self.parallel_dims.tp > 1 or self.parallel_dims.pp > 1):
+            raise ParallelismError(
+                "training.loss_chunk_tokens works without tensor and pipeline parallelism (with TP, loss "
+                "parallelism already splits the logits over the vocabulary); set it to 0"
+            )
         per_step = tr.local_batch_size * self.parallel_dims.dp
         global_batch = tr.global_batch_size if tr.global_batch_size > 0 else per_step
         if global_batch % per_step:
@@ -100,6 +105,7 @@ class Trainer:
         self.pp_group = self.meshes.world["pp"].get_group() if self.parallel_dims.pp > 1 else None
         self.model_parts, self.pp_schedule = self._build_model()
         self.model = self.model_parts[0]
+        self.model.loss_chunk_tokens = tr.loss_chunk_tokens
 
         self.optimizer = build_optimizer(
             [p for part in self.model_parts for p in part.parameters()], cfg.optimizer, self.device
@@ -201,12 +207,17 @@ class Trainer:
         for mb in micro_batches:
             with self.loss_context():
                 with self.compute_context():
-                    logits = self.model(mb["input_ids"], mb.get("position_ids"), mb.get("document_ids"))
-                    loss = self.loss_fn(logits, mb["labels"]) / global_tokens
+                    loss = self._summed_loss(mb) / global_tokens
                 (loss * scale).backward()
             loss_total += loss.full_tensor().detach() if isinstance(loss, DTensor) else loss.detach()
         self._synchronize()
         return self._sum_over_loss_group(loss_total), time.perf_counter() - start
+
+    def _summed_loss(self, mb: Batch) -> torch.Tensor:
+        inputs = (mb["input_ids"], mb.get("position_ids"), mb.get("document_ids"))
+        if self.cfg.training.loss_chunk_tokens:
+            return self.model(*inputs, labels=mb["labels"])  # the model computes it, chunk by chunk
+        return self.loss_fn(self.model(*inputs), mb["labels"])
 
     def _pipeline_forward_backward(
         self, micro_batches: list[Batch], global_tokens: float, scale: float

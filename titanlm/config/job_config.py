@@ -58,6 +58,11 @@ class Training:
         "samples per optimizer step over all ranks; -1 = local_batch_size x dp degree. "
         "Accumulation steps (micro_num) = global / (local x dp)",
     )
+    loss_chunk_tokens: int = opt(
+        0,
+        "compute the output projection and loss this many tokens at a time, recomputing each chunk in "
+        "backward, so the full [tokens, vocab] logits never exist (long sequences, large vocabularies); 0 = off",
+    )
     max_norm: float = opt(1.0, "gradient clipping norm; <= 0 disables clipping (the norm is still logged)")
     mixed_precision_param: str = opt(
         "auto",

@@ -209,6 +209,7 @@ def _range_rules() -> dict[str, tuple[Callable[[Any], bool], str]]:
         "metrics.log_freq": at_least_one,
         "checkpoint.interval": at_least_one,
         "checkpoint.keep_latest_k": (lambda v: v >= 0, ">= 0"),
+        "training.loss_chunk_tokens": (lambda v: v >= 0, ">= 0 (0 = off)"),
         "lr_scheduler.warmup_steps": (lambda v: v >= 0, ">= 0"),
         "lr_scheduler.warmup_ratio": (lambda v: 0 <= v < 1, "in [0, 1)"),
         "lr_scheduler.min_lr_factor": (lambda v: 0 <= v <= 1, "in [0, 1]"),

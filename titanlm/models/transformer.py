@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+from torch.utils.checkpoint import checkpoint
 
 from titanlm.models.attention import AttentionBackend, SDPABackend
 from titanlm.models.flavors import ModelArgs
@@ -115,6 +116,8 @@ class Transformer(nn.Module):
         # Set by sequence parallelism: hidden-state inputs (later pipeline stages) then hold only
         # 1/hidden_seq_shards of the sequence, while rope tables must cover all of it.
         self.hidden_seq_shards = 1
+        # Set by the trainer (training.loss_chunk_tokens): see chunked_cross_entropy_sum.
+        self.loss_chunk_tokens = 0
 
     def _inv_freq(self) -> torch.Tensor:
         exponents = torch.arange(0, self.args.head_dim, 2, dtype=torch.int64).float() / self.args.head_dim
@@ -125,8 +128,11 @@ class Transformer(nn.Module):
         tokens: torch.Tensor,
         position_ids: torch.Tensor | None = None,
         document_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits [batch, seq, vocab] for token ids [batch, seq].
+        """Logits [batch, seq, vocab] for token ids [batch, seq]; with `labels`, the summed token
+        cross-entropy instead (computed in chunks of `loss_chunk_tokens` when set). The loss is
+        computed here, not by the caller, so that FSDP has the output weight gathered for it.
 
         Packed batches pass `position_ids` restarting at 0 per document and `document_ids`
         (equal id = same document); attention then stays inside each document. A pipeline stage
@@ -144,7 +150,11 @@ class Transformer(nn.Module):
             h = layer(h, cos, sin, mask)
         if self.norm is not None:
             h = self.norm(h)
-        return self.output(h) if self.output is not None else h
+        if self.output is None:
+            return h
+        if labels is None:
+            return self.output(h)
+        return chunked_cross_entropy_sum(h, self.output.weight, labels, self.loss_chunk_tokens or h.shape[0] * h.shape[1])
 
     @torch.no_grad()
     def init_weights(self, seed: int) -> None:
@@ -166,6 +176,29 @@ class Transformer(nn.Module):
             else:
                 std = residual_std if name.endswith(("wo.weight", "w2.weight")) else INIT_STD
                 _fill_(param, name, seed, lambda t, g, s=std: t.normal_(0.0, s, generator=g))
+
+
+def _cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    # float32 logits whatever the compute dtype; labels of -100 (IGNORE_INDEX) add nothing.
+    return F.cross_entropy(F.linear(hidden, weight).float(), labels, reduction="sum")
+
+
+def chunked_cross_entropy_sum(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_tokens: int
+) -> torch.Tensor:
+    """Summed cross-entropy of `hidden @ weight.T` against `labels`, `chunk_tokens` tokens at a time.
+
+    Each chunk's logits are recomputed in backward instead of kept, so at most one chunk of the
+    [tokens, vocab] float32 logits exists at once (at 32K tokens and a 128K vocabulary the whole
+    would be 16 GiB), for one extra output-projection forward.
+    """
+    hidden, labels = hidden.flatten(0, 1), labels.flatten()
+    if chunk_tokens >= hidden.shape[0]:
+        return _cross_entropy_sum(hidden, weight, labels)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for hidden_chunk, label_chunk in zip(hidden.split(chunk_tokens), labels.split(chunk_tokens)):
+        total = total + checkpoint(_cross_entropy_sum, hidden_chunk, weight, label_chunk, use_reentrant=False)
+    return total
 
 
 def canonical_param_name(name: str) -> str:
