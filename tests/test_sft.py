@@ -9,9 +9,11 @@ import random
 import torch
 
 from titanlm.config import load_config
+from titanlm.data.datasets import IGNORE_INDEX
 from titanlm.data.demo import ensure_demo_assets
+from titanlm.models.transformer import cross_entropy_sum
 from titanlm.tools.tokenize_alpaca import main as tokenize_alpaca
-from titanlm.train import IGNORE_INDEX, Trainer, cross_entropy_sum
+from titanlm.train import Trainer
 from trainer_runs import TINY_ARGS, read_metrics
 
 

@@ -16,7 +16,6 @@ from functools import partial
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 from torch.distributed.pipelining.schedules import _PipelineSchedule
 from torch.distributed.tensor.parallel import loss_parallel
@@ -30,10 +29,11 @@ from titanlm.loss_scaler import DynamicLossScaler
 from titanlm.metrics import MetricsLogger, device_peak_flops, peak_memory_gib
 from titanlm.models import Transformer, count_params, get_model_args
 from titanlm.models.attention import build_attention_backend
+from titanlm.models.transformer import cross_entropy_sum
 from titanlm.models.flops import document_lengths, internevo_tflops, training_flops
 from titanlm.optim import build_lr_scheduler, build_optimizer
 from titanlm.parallel import ParallelDims, ParallelismError, parallelize
-from titanlm.parallel.parallelize import autocast_dtype
+from titanlm.parallel.parallelize import autocast_dtype, fsdp_applies
 from titanlm.parallel.context_parallel import shard_batch_for_cp
 from titanlm.parallel.float8 import check_float8_device, float8_settings, precompute_scales
 from titanlm.parallel.grad_norm import clip_grads_, global_grad_norm, scale_grads_
@@ -42,13 +42,6 @@ from titanlm.validation import validation_metrics
 
 logger = logging.getLogger("titanlm")
 
-
-
-def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed token cross-entropy in float32; the caller divides by the global label count."""
-    return F.cross_entropy(
-        logits.flatten(0, 1).float(), labels.flatten(0, 1), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
 
 
 def resolve_param_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -97,7 +90,7 @@ class Trainer:
             partial(torch.autocast, self.device.type, dtype=compute_dtype) if compute_dtype else nullcontext
         )
         check_float8_device(cfg.float8, self.device)
-        self.float8 = float8_settings(cfg.float8, fsdp=self.dist.world_size > 1)
+        self.float8 = float8_settings(cfg.float8, fsdp=fsdp_applies(self.dist.world_size))
         self.loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = (
             torch.compile(cross_entropy_sum) if cfg.compile.enable else cross_entropy_sum
         )
@@ -105,7 +98,6 @@ class Trainer:
         self.pp_group = self.meshes.world["pp"].get_group() if self.parallel_dims.pp > 1 else None
         self.model_parts, self.pp_schedule = self._build_model()
         self.model = self.model_parts[0]
-        self.model.loss_chunk_tokens = tr.loss_chunk_tokens
 
         self.optimizer = build_optimizer(
             [p for part in self.model_parts for p in part.parameters()], cfg.optimizer, self.device
@@ -154,7 +146,7 @@ class Trainer:
         else:
             parts = [model]
         for part in parts:
-            parallelize(part, self.meshes, cfg, self.param_dtype)
+            parallelize(part, self.meshes, cfg, self.param_dtype, self.float8)
             part.to_empty(device=self.device)
             part.init_weights(cfg.debug.seed)
             part.train()
@@ -216,7 +208,8 @@ class Trainer:
     def _summed_loss(self, mb: Batch) -> torch.Tensor:
         inputs = (mb["input_ids"], mb.get("position_ids"), mb.get("document_ids"))
         if self.cfg.training.loss_chunk_tokens:
-            return self.model(*inputs, labels=mb["labels"])  # the model computes it, chunk by chunk
+            # The model computes it, chunk by chunk.
+            return self.model(*inputs, labels=mb["labels"], loss_chunk_tokens=self.cfg.training.loss_chunk_tokens)
         return self.loss_fn(self.model(*inputs), mb["labels"])
 
     def _pipeline_forward_backward(

@@ -116,8 +116,6 @@ class Transformer(nn.Module):
         # Set by sequence parallelism: hidden-state inputs (later pipeline stages) then hold only
         # 1/hidden_seq_shards of the sequence, while rope tables must cover all of it.
         self.hidden_seq_shards = 1
-        # Set by the trainer (training.loss_chunk_tokens): see chunked_cross_entropy_sum.
-        self.loss_chunk_tokens = 0
 
     def _inv_freq(self) -> torch.Tensor:
         exponents = torch.arange(0, self.args.head_dim, 2, dtype=torch.int64).float() / self.args.head_dim
@@ -129,9 +127,10 @@ class Transformer(nn.Module):
         position_ids: torch.Tensor | None = None,
         document_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        loss_chunk_tokens: int = 0,
     ) -> torch.Tensor:
         """Logits [batch, seq, vocab] for token ids [batch, seq]; with `labels`, the summed token
-        cross-entropy instead (computed in chunks of `loss_chunk_tokens` when set). The loss is
+        cross-entropy instead, `loss_chunk_tokens` tokens at a time (0 = all at once). The loss is
         computed here, not by the caller, so that FSDP has the output weight gathered for it.
 
         Packed batches pass `position_ids` restarting at 0 per document and `document_ids`
@@ -154,7 +153,7 @@ class Transformer(nn.Module):
             return h
         if labels is None:
             return self.output(h)
-        return chunked_cross_entropy_sum(h, self.output.weight, labels, self.loss_chunk_tokens or h.shape[0] * h.shape[1])
+        return chunked_cross_entropy_sum(h, self.output.weight, labels, loss_chunk_tokens)
 
     @torch.no_grad()
     def init_weights(self, seed: int) -> None:
@@ -178,26 +177,32 @@ class Transformer(nn.Module):
                 _fill_(param, name, seed, lambda t, g, s=std: t.normal_(0.0, s, generator=g))
 
 
-def _cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    # float32 logits whatever the compute dtype; labels of -100 (IGNORE_INDEX) add nothing.
-    return F.cross_entropy(F.linear(hidden, weight).float(), labels, reduction="sum")
+def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed token cross-entropy in float32; the caller divides by the global label count.
+    Labels of -100 (titanlm.data.datasets.IGNORE_INDEX) add nothing."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(0, 1), ignore_index=-100, reduction="sum")
+
+
+def _projected_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return cross_entropy_sum(F.linear(hidden, weight)[None], labels[None])
 
 
 def chunked_cross_entropy_sum(
     hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_tokens: int
 ) -> torch.Tensor:
-    """Summed cross-entropy of `hidden @ weight.T` against `labels`, `chunk_tokens` tokens at a time.
+    """Summed cross-entropy of `hidden @ weight.T` against `labels`, `chunk_tokens` tokens at a
+    time (0 = all at once).
 
     Each chunk's logits are recomputed in backward instead of kept, so at most one chunk of the
     [tokens, vocab] float32 logits exists at once (at 32K tokens and a 128K vocabulary the whole
     would be 16 GiB), for one extra output-projection forward.
     """
     hidden, labels = hidden.flatten(0, 1), labels.flatten()
-    if chunk_tokens >= hidden.shape[0]:
-        return _cross_entropy_sum(hidden, weight, labels)
+    if chunk_tokens <= 0 or chunk_tokens >= hidden.shape[0]:
+        return _projected_cross_entropy_sum(hidden, weight, labels)
     total = hidden.new_zeros((), dtype=torch.float32)
     for hidden_chunk, label_chunk in zip(hidden.split(chunk_tokens), labels.split(chunk_tokens)):
-        total = total + checkpoint(_cross_entropy_sum, hidden_chunk, weight, label_chunk, use_reentrant=False)
+        total = total + checkpoint(_projected_cross_entropy_sum, hidden_chunk, weight, label_chunk, use_reentrant=False)
     return total
 
 

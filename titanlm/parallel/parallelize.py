@@ -11,31 +11,40 @@ from __future__ import annotations
 
 import torch
 
-from titanlm.config.job_config import JobConfig
+from titanlm.config.job_config import Float8, JobConfig
 from titanlm.models.transformer import Transformer
 from titanlm.parallel.activation_checkpoint import apply_ac
 from titanlm.parallel.compile import apply_compile
 from titanlm.parallel.context_parallel import apply_cp, check_cp_divisibility
-from titanlm.parallel.float8 import apply_float8, float8_settings
+from titanlm.parallel.float8 import apply_float8
 from titanlm.parallel.fsdp import apply_fsdp, reshard_policy
 from titanlm.parallel.parallel_dims import Meshes
 from titanlm.parallel.tensor_parallel import apply_tp
 
 
-def autocast_dtype(world_size: int, param_dtype: torch.dtype) -> torch.dtype | None:
-    """The dtype a one-process job computes in under torch.autocast, or None.
+def fsdp_applies(world_size: int) -> bool:
+    """Whether parameters are FSDP2-wrapped: always with several ranks (where parameters must all
+    be DTensors or none), never with one.
 
     One process has nothing to shard: FSDP2 would only copy and cast every parameter twice per
     step and re-gather the bf16 copies for backward (measured: 11% of an H100 step on an 8-layer
-    Llama3-8B cut). Such a job keeps fp32 weights and gets its low-precision compute from autocast,
-    as torchtitan does; checkpoints hold the same fp32 weights either way.
+    Llama3-8B cut). Such a job keeps fp32 weights and gets its low-precision compute from autocast
+    (`autocast_dtype`), as torchtitan does; checkpoints hold the same fp32 weights either way.
     """
-    return param_dtype if world_size == 1 and param_dtype != torch.float32 else None
+    return world_size > 1
 
 
-def parallelize(model: Transformer, meshes: Meshes, cfg: JobConfig, param_dtype: torch.dtype) -> None:
-    if cfg.float8.enable:
-        apply_float8(model, float8_settings(cfg.float8, fsdp=meshes.world.size() > 1))
+def autocast_dtype(world_size: int, param_dtype: torch.dtype) -> torch.dtype | None:
+    """The dtype a job computes in under torch.autocast (one without FSDP), or None."""
+    return None if fsdp_applies(world_size) or param_dtype == torch.float32 else param_dtype
+
+
+def parallelize(
+    model: Transformer, meshes: Meshes, cfg: JobConfig, param_dtype: torch.dtype, float8: Float8
+) -> None:
+    """`float8`: the settings in effect (`float8_settings` of cfg.float8 for this world)."""
+    if float8.enable:
+        apply_float8(model, float8)
     if meshes.world["tp"].size() > 1:
         apply_tp(
             model,
@@ -50,8 +59,7 @@ def parallelize(model: Transformer, meshes: Meshes, cfg: JobConfig, param_dtype:
     apply_ac(model, cfg.activation_checkpoint)
     if cfg.compile.enable:
         apply_compile(model)
-    if meshes.world.size() == 1:
-        # Nothing to shard (see autocast_dtype). With other ranks, parameters must all be DTensors or none.
+    if not fsdp_applies(meshes.world.size()):
         return
     reduce_dtype = getattr(torch, cfg.training.mixed_precision_reduce)
     reshard = reshard_policy(cfg.parallelism.fsdp_reshard_after_forward, meshes.world["pp"].size() > 1)

@@ -13,7 +13,7 @@ gradient clipping; titanlm and the HF loop also start from the same weights (tit
   torchtitan  torchtitan's own trainer, launched with torchrun on a generated job config of the same
               shape (CUDA only; see titanlm/tools/torchtitan_peer.py).
 On CPU, titanlm and the HF loop run in interleaved rounds (A B A B ...) so drifting machine load
-hits both alike. On CUDA a large model and its optimizer state fit only once, so systems run one
+hits both alike. On CUDA (or with --sequential) a large model and its optimizer state fit only once, so systems run one
 after another, each freed before the next starts, and each gets its own peak-memory figure.
 The figure per system is the median step time over all timed steps, after warm-up steps in every
 round. Tokens counted: batch x seq_len per step (no padding in random batches). MFU uses the same
@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -53,7 +54,7 @@ Batch = dict[str, torch.Tensor]
 @dataclass
 class System:
     name: str
-    step: Callable[[], None]
+    step: Callable[[], None] | None  # None once a sequential run has released the system
     times: list[float] = field(default_factory=list)
     peak_memory_gib: float | None = None
 
@@ -150,16 +151,19 @@ def release_device_memory(device: torch.device) -> None:
 
 
 def run_sequential(system: System, device: torch.device, rounds: int, warmup: int, steps: int) -> str:
-    """Time one system alone (built after the previous one was freed) and record its peak memory;
-    returns why it could not finish ("" when it did)."""
+    """Time one system alone (built after the previous one was freed), record its peak memory and
+    release what its step holds; returns why it could not finish ("" when it did)."""
+    outcome = ""
     try:
         for _ in range(rounds):
             time_steps(system, warmup, steps)
+        system.peak_memory_gib = peak_memory_gib(device)
     except torch.OutOfMemoryError:
         system.times.clear()
-        return f"out of GPU memory ({torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB allocated at the peak)"
-    system.peak_memory_gib = peak_memory_gib(device)
-    return ""
+        outcome = f"out of GPU memory ({torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB allocated at the peak)"
+    system.step = None
+    release_device_memory(device)
+    return outcome
 
 
 def torchtitan_result(model_args: ModelArgs, args: argparse.Namespace) -> dict:
@@ -191,6 +195,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=5, help="timed steps per system per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--peers", default="hf,torchtitan", help="comma list of hf, torchtitan; empty = none")
+    parser.add_argument("--sequential", action="store_true",
+                        help="one system after another, each freed before the next (always on CUDA)")
     parser.add_argument("--peak_tflops", type=float, default=-1.0)
     parser.add_argument("--json", default="", help="also write the results to this file")
     parser.add_argument("--dump_folder", default="./outputs/benchmark")
@@ -206,16 +212,15 @@ def main(argv: list[str] | None = None) -> None:
     tokens = torch.randint(0, model_args.vocab_size, (args.batch, args.seq_len + 1),
                            generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}
-    titanlm = System("titanlm", lambda: trainer.train_step([batch]))
+    titanlm = System("titanlm", partial(trainer.train_step, [batch]))
     weights = full_state_on_cpu(trainer) if "hf" in peers else {}
     notes: dict[str, str] = {}
     systems = [titanlm]
-    sequential = device.type == "cuda"
+    sequential = args.sequential or device.type == "cuda"
     if sequential:
+        trainer.close()  # its files; the model and optimizer live on in the step until the run releases it
+        del trainer
         notes["titanlm"] = run_sequential(titanlm, device, args.rounds, args.warmup, args.steps)
-        trainer.close()
-        del trainer, titanlm.step
-        release_device_memory(device)
     if "hf" in peers:
         try:
             hf, notes["hf"] = hf_system(model_args, weights, device, compute_dtype, args, batch)
@@ -226,8 +231,6 @@ def main(argv: list[str] | None = None) -> None:
             systems.append(hf)
             if sequential:
                 notes["hf"] += run_sequential(hf, device, args.rounds, args.warmup, args.steps)
-                del hf.step
-                release_device_memory(device)
     if not sequential:
         run_interleaved(systems, args.rounds, args.warmup, args.steps)
         trainer.close()
