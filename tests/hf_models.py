@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from titanlm.models import ModelArgs
+from titanlm.models.hf_adapter import hf_config
 
 
 def perturb_norms_and_biases(model: torch.nn.Module) -> None:
@@ -16,16 +17,14 @@ def perturb_norms_and_biases(model: torch.nn.Module) -> None:
                 param.normal_(0.0, 0.5)
 
 
-def hf_llama(args: ModelArgs, seed: int):
-    """A random `LlamaForCausalLM` with titanlm's hyper-parameters, eager attention, in eval mode."""
+def hf_llama(args: ModelArgs, seed: int, bos_id: int | None = None, eos_id: int | None = None):
+    """A random `LlamaForCausalLM` with titanlm's hyper-parameters (RoPE scaling and tying included),
+    eager attention, in eval mode. Its config is built the way a Hub config.json spells it."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
-        vocab_size=args.vocab_size, hidden_size=args.dim, intermediate_size=args.ffn_dim,
-        num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads,
-        num_key_value_heads=args.n_kv_heads, rope_theta=args.rope_theta, rms_norm_eps=args.norm_eps,
-        attention_bias=args.attn_bias, tie_word_embeddings=False, attn_implementation="eager",
-    )
+    spelled = hf_config(args, "llama", torch.float32, bos_id, eos_id)
+    spelled.pop("torch_dtype")
+    config = transformers.LlamaConfig(**spelled, attn_implementation="eager")
     model = transformers.LlamaForCausalLM(config).eval()
     perturb_norms_and_biases(model)
     return model

@@ -26,7 +26,8 @@ from hf_models import hf_llama, perturb_norms_and_biases
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
-GQA = ModelArgs(dim=64, n_layers=2, n_heads=8, n_kv_heads=2, ffn_dim=160, vocab_size=300, rope_theta=500000.0)
+GQA = ModelArgs(dim=64, n_layers=2, n_heads=8, n_kv_heads=2, ffn_dim=160, vocab_size=300, rope_theta=500000.0,
+                max_seq_len=2048)
 TINY_FLAVORS = {
     "llama3": GQA,
     "internlm": replace(GQA, n_kv_heads=8, attn_bias=True, rope_theta=10000.0, vocab_size=128),
@@ -289,11 +290,14 @@ def test_a_folder_without_dcp_metadata_is_named(tmp_path: Path, capsys: pytest.C
 @pytest.mark.parametrize(
     "unsupported",
     [
-        {"tie_word_embeddings": True},
         {"hidden_act": "gelu"},
-        {"rope_scaling": {"rope_type": "llama3", "factor": 8.0}},
+        {"mlp_bias": True},
+        {"rope_scaling": {"rope_type": "yarn", "factor": 8.0}},
+        {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}},
+        {"sliding_window": 4096},
+        {"head_dim": 16},
     ],
-    ids=["tied-embeddings", "gelu", "llama3-rope-scaling"],
+    ids=["gelu", "mlp-bias", "yarn-rope-scaling", "linear-rope-parameters", "sliding-window", "head-dim"],
 )
 def test_configs_with_features_titanlm_lacks_are_refused(unsupported: dict) -> None:
     config = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 8,

@@ -29,7 +29,7 @@ from titanlm.loss_scaler import DynamicLossScaler
 from titanlm.metrics import MetricsLogger, device_peak_flops, peak_memory_gib
 from titanlm.models import Transformer, count_params, get_model_args
 from titanlm.models.attention import build_attention_backend
-from titanlm.models.transformer import cross_entropy_sum
+from titanlm.models.transformer import cross_entropy_sum, materialize
 from titanlm.models.flops import document_lengths, internevo_tflops, training_flops
 from titanlm.optim import build_lr_scheduler, build_optimizer
 from titanlm.parallel import ParallelDims, ParallelismError, parallelize
@@ -147,7 +147,7 @@ class Trainer:
             parts = [model]
         for part in parts:
             parallelize(part, self.meshes, cfg, self.param_dtype, self.float8)
-            part.to_empty(device=self.device)
+            materialize(part, self.device)
             part.init_weights(cfg.debug.seed)
             part.train()
         if self.parallel_dims.pp == 1:

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from titanlm.models.flavors import ModelArgs, get_model_args
+from titanlm.models.flavors import ModelArgs, RopeScaling, get_model_args
 
 logger = logging.getLogger(__name__)
 
@@ -196,11 +196,16 @@ _REMOTE_CODE = {
 }
 
 
-def hf_config(args: ModelArgs, model_type: str, dtype: torch.dtype) -> dict[str, Any]:
+def hf_config(
+    args: ModelArgs, model_type: str, dtype: torch.dtype, bos_id: int | None = None, eos_id: int | None = None
+) -> dict[str, Any]:
     """config.json for HF `model_type`, with the field names that model's config class reads.
 
     `llama` loads in stock transformers; `internlm`/`internlm2` need the release's remote-code
     files (configuration_*.py, modeling_*.py) copied next to it, as `auto_map` points there.
+    RoPE scaling uses the Hub's spelling (`rope_theta` beside `rope_scaling`), which every
+    transformers release reads. `bos_id`/`eos_id` come from the tokenizer; without them
+    transformers would assume Llama 2's 1 and 2.
     """
     _check_model_type(model_type)
     config: dict[str, Any] = {
@@ -212,18 +217,25 @@ def hf_config(args: ModelArgs, model_type: str, dtype: torch.dtype) -> dict[str,
         "num_key_value_heads": args.n_kv_heads,
         "hidden_act": "silu",
         "rms_norm_eps": args.norm_eps,
-        "tie_word_embeddings": False,
+        "max_position_embeddings": args.max_seq_len,
+        "tie_word_embeddings": args.tie_embeddings,
         "torch_dtype": str(dtype).removeprefix("torch."),
     }
+    config |= {key: value for key, value in (("bos_token_id", bos_id), ("eos_token_id", eos_id)) if value is not None}
     if model_type == "llama":
         return config | {
             "architectures": ["LlamaForCausalLM"],
             "model_type": "llama",
             "head_dim": args.head_dim,
             "rope_theta": args.rope_theta,
+            "rope_scaling": _hub_rope_scaling(args.rope_scaling),
             "attention_bias": args.attn_bias,
             "mlp_bias": False,
         }
+    if args.rope_scaling and args.rope_scaling.kind != "dynamic":
+        raise ConversionError(
+            f"{model_type}'s remote code has no '{args.rope_scaling.kind}' RoPE scaling; export with --layout llama"
+        )
     architecture, config_class, modeling = _REMOTE_CODE[model_type]
     config |= {
         "architectures": [architecture],
@@ -236,29 +248,47 @@ def hf_config(args: ModelArgs, model_type: str, dtype: torch.dtype) -> dict[str,
         "bias": args.attn_bias,
     }
     if model_type == "internlm2":
-        return config | {"rope_theta": args.rope_theta, "rope_scaling": None}
+        scaling = {"type": "dynamic", "factor": args.rope_scaling.factor} if args.rope_scaling else None
+        return config | {"rope_theta": args.rope_theta, "rope_scaling": scaling}
     if args.n_kv_heads != args.n_heads:
         raise ConversionError(
             "InternLM (v1) remote code has no grouped-query attention, but the model has "
             f"n_kv_heads={args.n_kv_heads} < n_heads={args.n_heads}; export with --layout llama"
         )
     del config["num_key_value_heads"]
-    # "origin" is InternLM's plain RoPE; its default "dynamic" rescales beyond the trained length.
-    return config | {"rotary": {"base": args.rope_theta, "type": "origin"}}
+    # "origin" is InternLM's plain RoPE; its "dynamic" rescales beyond the trained length.
+    rotary = {"base": args.rope_theta, "type": "dynamic" if args.rope_scaling else "origin"}
+    if args.rope_scaling:
+        rotary["scaling_factor"] = args.rope_scaling.factor
+    return config | {"rotary": rotary}
+
+
+def _hub_rope_scaling(scaling: RopeScaling | None) -> dict[str, Any] | None:
+    if scaling is None:
+        return None
+    if scaling.kind == "dynamic":
+        return {"rope_type": "dynamic", "factor": scaling.factor}
+    return {
+        "rope_type": "llama3",
+        "factor": scaling.factor,
+        "low_freq_factor": scaling.low_freq_factor,
+        "high_freq_factor": scaling.high_freq_factor,
+        "original_max_position_embeddings": scaling.original_max_seq_len,
+    }
 
 
 def args_from_hf_config(config: dict[str, Any], source: str) -> ModelArgs:
     """The ModelArgs an HF config.json describes (model_type llama, internlm or internlm2).
 
-    Architectural options titanlm lacks (tied embeddings, other activations, MLP biases, RoPE
-    scaling that changes the frequencies within the trained length) are refused rather than
-    silently dropped, since the converted model would compute something else.
+    Architectural options the Transformer cannot express (other activations, MLP biases, other
+    RoPE types, sliding windows, a head_dim other than dim / heads) are refused, naming the key,
+    rather than silently dropped, since the model would compute something else.
     """
     model_type = config.get("model_type")
     if model_type not in FAMILY_OF_MODEL_TYPE:
         raise ConversionError(
-            f"{source}: model_type '{model_type}' is not supported; titanlm converts "
-            f"{', '.join(FAMILY_OF_MODEL_TYPE)}"
+            f"{source}: model_type '{model_type}' is not supported; titanlm reads "
+            f"{', '.join(FAMILY_OF_MODEL_TYPE)} (Llama 3.x, InternLM, InternLM2/2.5)"
         )
 
     def need(key: str) -> Any:
@@ -270,16 +300,15 @@ def args_from_hf_config(config: dict[str, Any], source: str) -> ModelArgs:
     dim = need("hidden_size")
     unsupported = {
         "hidden_act": (config.get("hidden_act", "silu"), "silu"),
-        "tie_word_embeddings": (config.get("tie_word_embeddings", False), False),
         "mlp_bias": (config.get("mlp_bias", False), False),
         "head_dim": (config.get("head_dim") or dim // n_heads, dim // n_heads),
+        "sliding_window": (config.get("sliding_window") if config.get("use_sliding_window", True) else None, None),
     }
     for key, (value, supported) in unsupported.items():
         if value != supported:
             raise ConversionError(
-                f"{source}: {key}={value!r} is not supported by titanlm (it needs {supported!r})"
+                f"{source}: {key}={value!r} is not supported by titanlm's Transformer (it needs {supported!r})"
             )
-    _check_rope_scaling(config, source)
     if model_type == "llama":
         attn_bias = config.get("attention_bias", False)
     else:  # InternLM's remote configs default to bias=True
@@ -294,6 +323,9 @@ def args_from_hf_config(config: dict[str, Any], source: str) -> ModelArgs:
         rope_theta=float(_rope_theta(config)),
         norm_eps=config.get("rms_norm_eps", 1e-6),  # the default of all three HF config classes
         attn_bias=bool(attn_bias),
+        rope_scaling=_rope_scaling(config, source),
+        tie_embeddings=bool(config.get("tie_word_embeddings", False)),
+        max_seq_len=int(config.get("max_position_embeddings", 2048)),  # LlamaConfig's default
     )
 
 
@@ -309,23 +341,62 @@ def _rope_theta(config: dict[str, Any]) -> float:
     return 10000.0
 
 
-def _check_rope_scaling(config: dict[str, Any], source: str) -> None:
-    # "dynamic" (InternLM's NTK scaling) changes nothing up to max_position_embeddings, so the
-    # weights convert exactly; every other scheme changes the frequencies themselves.
-    for key, type_key in (("rope_scaling", "type"), ("rope_parameters", "rope_type"), ("rotary", "type")):
+def _rope_scaling(config: dict[str, Any], source: str) -> RopeScaling | None:
+    """The scaling under the Hub's `rope_scaling`, transformers 5's `rope_parameters` or InternLM's
+    `rotary`; plain RoPE gives None."""
+    for key in ("rope_scaling", "rope_parameters", "rotary"):
         scaling = config.get(key)
-        if isinstance(scaling, dict):
-            kind = scaling.get(type_key) or scaling.get("rope_type")
-            if kind not in (None, "default", "origin", "dynamic"):
-                raise ConversionError(
-                    f"{source}: {key} type '{kind}' is not supported by titanlm's RoPE "
-                    "(only plain RoPE and dynamic NTK are)"
+        if not isinstance(scaling, dict):
+            continue
+        kind = scaling.get("rope_type") or scaling.get("type")
+        if kind in (None, "default", "origin"):
+            return None
+        factor = scaling.get("factor", scaling.get("scaling_factor", 1.0))
+        if kind == "dynamic":
+            return RopeScaling("dynamic", factor=float(factor))
+        if kind == "llama3":
+            try:
+                return RopeScaling(
+                    "llama3",
+                    factor=float(scaling["factor"]),
+                    low_freq_factor=float(scaling["low_freq_factor"]),
+                    high_freq_factor=float(scaling["high_freq_factor"]),
+                    original_max_seq_len=int(scaling["original_max_position_embeddings"]),
                 )
+            except KeyError as missing:
+                raise ConversionError(f"{source}: {key} of type llama3 lacks {missing}") from None
+        raise ConversionError(
+            f"{source}: {key} type '{kind}' is not supported by titanlm's RoPE (it has plain RoPE, Llama 3.1's "
+            "'llama3' scaling and InternLM2's 'dynamic')"
+        )
+    return None
 
 
 # Fields that change no weight and barely change numerics: reported, never a reason to refuse.
 # InternLM v1's HF configs say rms_norm_eps 1e-6 while InternEvo trains it with 1e-5 (seed 004).
 NUMERICS_ONLY = ("norm_eps",)
+# Fields that change nothing within the trained length: max_seq_len, and "dynamic" RoPE scaling
+# (InternLM2.5's), which only acts beyond it. Neither is a reason to refuse a flavor.
+LENGTH_ONLY = ("max_seq_len",)
+
+
+def same_within_length(a: RopeScaling | None, b: RopeScaling | None) -> bool:
+    """Whether two RoPE scalings give the same frequencies up to the trained length."""
+    def effective(scaling: RopeScaling | None) -> RopeScaling | None:
+        return None if scaling is None or scaling.kind == "dynamic" else scaling
+
+    return effective(a) == effective(b)
+
+
+def flavor_differences(args: ModelArgs, expected: ModelArgs) -> list[str]:
+    """The ModelArgs fields in which a flavor would compute something other than `args`."""
+    return [
+        f"{f.name}: weights {getattr(args, f.name)}, flavor {getattr(expected, f.name)}"
+        for f in fields(ModelArgs)
+        if f.name not in NUMERICS_ONLY + LENGTH_ONLY
+        and getattr(args, f.name) != getattr(expected, f.name)
+        and not (f.name == "rope_scaling" and same_within_length(args.rope_scaling, expected.rope_scaling))
+    ]
 
 
 def check_flavor(args: ModelArgs, name: str, flavor: str, source: str) -> None:
@@ -335,11 +406,7 @@ def check_flavor(args: ModelArgs, name: str, flavor: str, source: str) -> None:
         if getattr(args, field) != getattr(expected, field):
             logger.warning("%s: %s is %s in its config and %s in --model.flavor %s; training uses the flavor's",
                            source, field, getattr(args, field), getattr(expected, field), flavor)
-    differences = [
-        f"{f.name}: weights {getattr(args, f.name)}, flavor {getattr(expected, f.name)}"
-        for f in fields(ModelArgs)
-        if f.name not in NUMERICS_ONLY and getattr(args, f.name) != getattr(expected, f.name)
-    ]
+    differences = flavor_differences(args, expected)
     if differences:
         raise ConversionError(
             f"--model.name {name} --model.flavor {flavor} is a flavor that does not match the weights "

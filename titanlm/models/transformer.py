@@ -1,8 +1,8 @@
 """One decoder-only Transformer for Llama3, InternLM (v1) and InternLM2.
 
 Pre-norm blocks of RMSNorm -> attention (RoPE, grouped-query, optional q/k/v/o bias) and
-RMSNorm -> SwiGLU MLP; untied input and output embeddings. The families differ only in the
-numbers of `ModelArgs`. Rotary embeddings use the "rotate half" layout of Hugging Face's Llama,
+RMSNorm -> SwiGLU MLP; input and output embeddings untied, or tied as one Parameter (Llama 3.2
+1B/3B). The families differ only in the numbers of `ModelArgs`. Rotary embeddings use the "rotate half" layout of Hugging Face's Llama,
 so HF weights load without permuting q/k rows.
 
 The model is built on the meta device and materialized afterwards with `init_weights`, which
@@ -41,6 +41,13 @@ class RMSNorm(nn.Module):
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
+
+
+def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
+    """RoPE inverse frequencies [head_dim / 2] in float32, with the model's scaling applied once."""
+    exponents = torch.arange(0, args.head_dim, 2, dtype=torch.int64).float() / args.head_dim
+    inv_freq = 1.0 / (args.rope_theta**exponents)
+    return args.rope_scaling.scaled_inv_freq(inv_freq) if args.rope_scaling else inv_freq
 
 
 def rope_cos_sin(
@@ -112,14 +119,23 @@ class Transformer(nn.Module):
         )
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
-        self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
+        self.tie_embeddings_()
+        if args.tie_embeddings:
+            # State dicts hold a tied matrix once, as tok_embeddings.weight (checkpoints, exports, HF).
+            self._register_state_dict_hook(_drop_tied_output)
+            self.register_load_state_dict_pre_hook(_fill_tied_output)
+        self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
         # Set by sequence parallelism: hidden-state inputs (later pipeline stages) then hold only
         # 1/hidden_seq_shards of the sequence, while rope tables must cover all of it.
         self.hidden_seq_shards = 1
 
-    def _inv_freq(self) -> torch.Tensor:
-        exponents = torch.arange(0, self.args.head_dim, 2, dtype=torch.int64).float() / self.args.head_dim
-        return 1.0 / (self.args.rope_theta**exponents)
+    def tie_embeddings_(self) -> None:
+        """With tied embeddings, make the output projection's weight the embedding's Parameter.
+
+        Called again by whatever replaces either Parameter (tensor parallelism distributes each
+        module's weight on its own), so the model never holds two copies."""
+        if self.args.tie_embeddings and self.tok_embeddings is not None and self.output is not None:
+            self.output.weight = self.tok_embeddings.weight
 
     def forward(
         self,
@@ -164,7 +180,7 @@ class Transformer(nn.Module):
         (DTensor's own RNG only offers that on CUDA.) Residual projections get GPT-2's depth
         scaling of the standard deviation.
         """
-        self.inv_freq.copy_(self._inv_freq().to(self.inv_freq.device))
+        self.inv_freq.copy_(rope_inv_freq(self.args).to(self.inv_freq.device))
         residual_std = INIT_STD / (2 * self.args.n_layers) ** 0.5
         for name, param in self.named_parameters():
             name = canonical_param_name(name)
@@ -175,6 +191,18 @@ class Transformer(nn.Module):
             else:
                 std = residual_std if name.endswith(("wo.weight", "w2.weight")) else INIT_STD
                 _fill_(param, name, seed, lambda t, g, s=std: t.normal_(0.0, s, generator=g))
+
+
+TIED_ALIAS = "output.weight"  # of "tok_embeddings.weight" when the embeddings are tied
+
+
+def _drop_tied_output(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    state_dict.pop(prefix + TIED_ALIAS, None)
+
+
+def _fill_tied_output(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+    if prefix + "tok_embeddings.weight" in state_dict:
+        state_dict[prefix + TIED_ALIAS] = state_dict[prefix + "tok_embeddings.weight"]
 
 
 def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -229,4 +257,18 @@ def _fill_(param: torch.Tensor, name: str, seed: int, fill) -> None:
 
 
 def count_params(model: nn.Module) -> int:
+    """Distinct parameters: a tied embedding counts once."""
     return sum(p.numel() for p in model.parameters())
+
+
+def materialize(model: nn.Module, device: torch.device) -> None:
+    """Allocate a meta-device model on `device` (values still to be filled by `init_weights`).
+
+    Tensors are swapped in place rather than replaced, so a Parameter shared by two modules
+    (tied embeddings) stays one Parameter, also under FSDP2."""
+    swap = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        model.to_empty(device=device)
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(swap)

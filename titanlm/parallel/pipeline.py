@@ -128,6 +128,12 @@ def pipeline_parts(
     model: Transformer, pp_mesh: DeviceMesh, schedule: str, virtual_stages: int, stage_layers: str
 ) -> tuple[list[Transformer], list[int], list[int]]:
     """This rank's stage models, their stage indices, and the pp rank that owns each stage."""
+    if model.args.tie_embeddings:
+        raise ParallelismError(
+            "the model ties its input and output embeddings, which pipeline parallelism would place on the "
+            "first and last stages with no shared gradient; set parallelism.pipeline_parallel_degree = 1 "
+            "(use FSDP or tensor parallelism for this model)"
+        )
     schedule_class = get_schedule_class(schedule)
     v_style = schedule.lower() in V_SCHEDULES
     single = issubclass(schedule_class, PipelineScheduleSingle)

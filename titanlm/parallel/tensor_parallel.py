@@ -53,6 +53,8 @@ def apply_tp(model: Transformer, tp_mesh: DeviceMesh, sequence_parallel: bool, l
             **({"norm": SequenceParallel()} if sequence_parallel else {}),
         },
     )
+    # Both plans shard their weight over the vocabulary (Shard(0)), so a tied pair stays one DTensor.
+    model.tie_embeddings_()
     # Blocks take (x, cos, sin, mask): only x is distributed; rope tables and masks stay local.
     gather_x = PrepareModuleInput(
         input_layouts=(between_blocks, None, None, None),
