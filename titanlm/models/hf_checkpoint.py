@@ -80,6 +80,30 @@ def read_json(path: Path) -> dict[str, Any]:
         raise ConversionError(f"{path} is not valid JSON ({err})") from None
 
 
+# A tokenizer in an HF folder: the file the tokenizer is read from, in order of preference (the fast
+# tokenizer.json, else a SentencePiece or tiktoken tokenizer.model), and the files that go with it.
+TOKENIZER_MAIN_FILES = ("tokenizer.json", "tokenizer.model")
+TOKENIZER_COMPANIONS = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "tokenizer.model",
+                        "tokenizer.json", "generation_config.json")
+
+
+def tokenizer_file(folder: Path) -> Path | None:
+    """The tokenizer file of an HF model (or tokenizer) folder, or None."""
+    for name in TOKENIZER_MAIN_FILES:
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def tokenizer_files(tokenizer: Path) -> list[Path]:
+    """The tokenizer file and the companions beside it that HF's AutoTokenizer reads (its config,
+    special tokens, remote tokenization code), so a copy of them loads the same anywhere."""
+    folder = tokenizer.parent
+    companions = [folder / name for name in TOKENIZER_COMPANIONS if (folder / name).is_file()]
+    code = sorted(folder.glob("tokenization_*.py"))
+    return list(dict.fromkeys([tokenizer, *companions, *code]))
+
+
 def safetensors_files(hf_dir: Path) -> list[Path]:
     """The shards the index lists, or the single model.safetensors."""
     index = hf_dir / HF_INDEX

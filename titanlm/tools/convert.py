@@ -247,6 +247,15 @@ def _dcp_model_entries(dcp_dir: Path) -> dict[str, TensorStorageMetadata]:
     return entries
 
 
+def read_dcp_model_state(dcp_dir: str | Path, dtype: torch.dtype | None = None) -> StateDict:
+    """The "model" entries of a DCP checkpoint as full tensors in this one process (any saving
+    layout: DCP reassembles the shards), in their stored dtype or `dtype`."""
+    stored = _dcp_model_entries(Path(dcp_dir))
+    state = {key: torch.empty(meta.size, dtype=meta.properties.dtype) for key, meta in stored.items()}
+    _single_process_dcp(dcp.load, {MODEL_KEY: state}, Path(dcp_dir))
+    return {key: tensor.to(dtype) for key, tensor in state.items()} if dtype else state
+
+
 def _single_process_dcp(operation: Callable[..., Any], state: dict[str, Any], path: Path) -> None:
     """dcp.save or dcp.load in this one process; no process group is needed."""
     with warnings.catch_warnings():

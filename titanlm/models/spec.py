@@ -1,0 +1,166 @@
+"""Which model a run trains, resolved once: family, architecture, starting weights and tokenizer.
+
+A run names its model either by flavor (`model.name` + `model.flavor`, a row of flavors.py) or by a
+Hugging Face folder (`model.hf_path`), whose config.json gives the architecture, whose tokenizer
+files give the tokenizer and whose safetensors give the starting weights.
+
+Every checkpoint titanlm writes carries the resolved spec as `titanlm_model.json` plus a copy of the
+tokenizer files under `tokenizer/`, so that export and generation need no model flags and still work
+when the original folders are gone.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from titanlm.config.job_config import Model
+from titanlm.models.flavors import FLAVORS, ModelArgs, RopeScaling, get_model_args, with_layers
+from titanlm.models.hf_adapter import FAMILY_OF_MODEL_TYPE, ConversionError, args_from_hf_config, flavor_differences
+from titanlm.models.hf_checkpoint import read_json, require_dir, tokenizer_file, tokenizer_files
+
+DEFAULT_NAME, DEFAULT_FLAVOR = "llama3", "debug"
+RECORD_FILE = "titanlm_model.json"
+RECORD_TOKENIZER_DIR = "tokenizer"
+_RECORD_VERSION = 1
+
+
+class ModelSpecError(ConversionError):
+    """A model setting, HF folder or record that cannot be used; the message names it and the fix."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    family: str  # llama3, internlm or internlm2: picks chat format and native HF layout
+    args: ModelArgs
+    flavor: str = ""  # the flavor's name; "" for a model described by an HF config.json
+    hf_path: str = ""  # HF folder the starting weights come from; "" = none
+    tokenizer_path: str = ""  # tokenizer file; "" = none
+
+    def describe(self) -> str:
+        """For log lines: 'llama3/8B' or 'llama3 from ./Llama-3.2-1B'."""
+        return f"{self.family}/{self.flavor}" if self.flavor else f"{self.family} from {self.hf_path}"
+
+
+def resolve_model_spec(model: Model) -> ModelSpec:
+    """The model a [model] config section names. Pure but for reading config.json and listing files.
+
+    With `hf_path`, `name`/`flavor` are optional; when set they must agree with the folder, since a
+    user who names both expects one model and must not silently get the other.
+    """
+    tokenizer = _tokenizer_setting(model.tokenizer_path)
+    if not model.hf_path:
+        name, flavor = model.name or DEFAULT_NAME, model.flavor or DEFAULT_FLAVOR
+        return ModelSpec(name, get_model_args(name, flavor, model.n_layers), flavor, tokenizer_path=tokenizer)
+    folder = Path(model.hf_path).expanduser()
+    require_dir(folder, "model.hf_path")
+    config_path = folder / "config.json"
+    args = args_from_hf_config(read_json(config_path), str(config_path))
+    family = FAMILY_OF_MODEL_TYPE[read_json(config_path)["model_type"]]
+    if model.name and model.name != family:
+        raise ModelSpecError(
+            f"model.name = {model.name!r} disagrees with model.hf_path {folder}, whose config.json describes a "
+            f"{family} model; drop model.name (the folder decides) or point hf_path at a {model.name} model"
+        )
+    if model.flavor:
+        differences = flavor_differences(args, get_model_args(model.name or family, model.flavor))
+        if differences:
+            raise ModelSpecError(
+                f"model.flavor = {model.flavor!r} disagrees with model.hf_path {folder} ({'; '.join(differences)}); "
+                "drop model.flavor (the folder decides) or point hf_path at that model"
+            )
+    if not tokenizer:
+        found = tokenizer_file(folder)
+        if found is None:
+            raise ModelSpecError(
+                f"model.hf_path {folder} has no tokenizer (tokenizer.json or tokenizer.model); copy the model's "
+                "tokenizer files there, or set model.tokenizer_path"
+            )
+        tokenizer = str(found)
+    return ModelSpec(family, with_layers(args, model.n_layers), model.flavor, str(folder), tokenizer)
+
+
+def _tokenizer_setting(path: str) -> str:
+    """model.tokenizer_path as a file: a folder (an HF model or tokenizer folder) gives its tokenizer file."""
+    if not path:
+        return ""
+    full = Path(path).expanduser()
+    if full.is_dir():
+        found = tokenizer_file(full)
+        if found is None:
+            raise ModelSpecError(
+                f"model.tokenizer_path {path} is a folder without tokenizer.json or tokenizer.model; point it at "
+                "the tokenizer file or a folder that has one"
+            )
+        return str(found)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# The record in every checkpoint
+
+
+def write_record(folder: str | Path, spec: ModelSpec) -> None:
+    """`titanlm_model.json` and a copy of the tokenizer files in checkpoint `folder`."""
+    folder = Path(folder)
+    tokenizer = ""
+    if spec.tokenizer_path:
+        target = folder / RECORD_TOKENIZER_DIR
+        target.mkdir(parents=True, exist_ok=True)
+        for file in tokenizer_files(Path(spec.tokenizer_path)):
+            shutil.copy2(file, target / file.name)
+        tokenizer = f"{RECORD_TOKENIZER_DIR}/{Path(spec.tokenizer_path).name}"
+    record = {
+        "version": _RECORD_VERSION,
+        "family": spec.family,
+        "flavor": spec.flavor,
+        "args": asdict(spec.args),
+        "tokenizer": tokenizer,
+    }
+    (folder / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def read_record(folder: str | Path) -> ModelSpec | None:
+    """The spec a checkpoint records, with its tokenizer path inside the checkpoint; None for
+    checkpoints written before records existed."""
+    path = Path(folder) / RECORD_FILE
+    if not path.is_file():
+        return None
+    record = read_json(path)
+    try:
+        fields = dict(record["args"])
+        if fields.get("rope_scaling"):
+            fields["rope_scaling"] = RopeScaling(**fields["rope_scaling"])
+        args = ModelArgs(**fields)
+        family = record["family"]
+    except (KeyError, TypeError) as err:
+        raise ModelSpecError(f"{path} is not a titanlm model record ({err}); it was edited or damaged") from None
+    if family not in FLAVORS:
+        raise ModelSpecError(f"{path}: family {family!r} is unknown; it was edited or damaged")
+    tokenizer = str(Path(folder) / record["tokenizer"]) if record.get("tokenizer") else ""
+    return ModelSpec(family, args, record.get("flavor", ""), tokenizer_path=tokenizer)
+
+
+def checkpoint_spec(folder: str | Path, name: str | None = None, flavor: str | None = None) -> ModelSpec:
+    """The model of a DCP checkpoint: its record, or for older checkpoints the flavor named by flags.
+
+    Flags given next to a record must agree with it."""
+    recorded = read_record(folder)
+    if recorded is None:
+        if not (name and flavor):
+            raise ModelSpecError(
+                f"{folder} has no {RECORD_FILE} (it predates checkpoints that record their model); pass "
+                "--model.name and --model.flavor as the checkpoint was trained"
+            )
+        return ModelSpec(name, get_model_args(name, flavor), flavor)
+    if name and name != recorded.family:
+        raise ModelSpecError(f"--model.name {name} disagrees with {folder}/{RECORD_FILE} ({recorded.family}); drop it")
+    if flavor:
+        differences = flavor_differences(recorded.args, get_model_args(name or recorded.family, flavor))
+        if differences:
+            raise ModelSpecError(
+                f"--model.flavor {flavor} disagrees with {folder}/{RECORD_FILE} ({'; '.join(differences)}); drop it"
+            )
+    return recorded
