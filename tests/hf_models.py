@@ -1,6 +1,9 @@
-"""Tiny Hugging Face Llama models for parity tests (transformers is a dev dependency)."""
+"""Tiny Hugging Face Llama models and tokenizers for parity tests (transformers is a dev dependency)."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,3 +31,40 @@ def hf_llama(args: ModelArgs, seed: int, bos_id: int | None = None, eos_id: int 
     model = transformers.LlamaForCausalLM(config).eval()
     perturb_norms_and_biases(model)
     return model
+
+
+TINY_SPECIALS = ("<s>", "</s>", "<|im_start|>", "<|im_end|>")  # ids 0-3: bos, eos and ChatML's markers
+_TINY_CORPUS = (
+    "the quick brown fox jumps over the lazy dog.",
+    "a cat sat on the mat and looked at the moon.",
+    "What is the colour of the sky? It is blue.",
+    "user\nassistant\nsystem\nHello there, how are you today?",
+)
+
+
+def write_tiny_tokenizer(folder: Path, vocab_size: int = 300, chat_template: str | None = None) -> Path:
+    """A byte-level BPE trained on a few sentences, saved in `folder` as tokenizer.json plus a
+    tokenizer_config.json (bos `<s>`, eos `</s>`, optional chat template), which titanlm's
+    HuggingFaceTokenizer and transformers' AutoTokenizer both read; returns tokenizer.json.
+    Every id is below `vocab_size`, so a model of that vocabulary can use it."""
+    pytest.importorskip("tokenizers")
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(TINY_SPECIALS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(_TINY_CORPUS, trainer)
+    assert tokenizer.get_vocab_size() <= vocab_size
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>"}
+    if chat_template is not None:
+        config["chat_template"] = chat_template
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return folder / "tokenizer.json"

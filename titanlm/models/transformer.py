@@ -69,7 +69,9 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=args.attn_bias)
         self.attend = backend
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Any) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Any, cache: LayerKV | None = None
+    ) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
         # -1 heads: under tensor parallelism each rank holds only its share of the heads.
         q = self.wq(x).view(bsz, seqlen, -1, self.head_dim).transpose(1, 2)
@@ -77,6 +79,8 @@ class Attention(nn.Module):
         v = self.wv(x).view(bsz, seqlen, -1, self.head_dim).transpose(1, 2)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
+        if cache is not None:
+            k, v = cache.extend(k, v)
         out = self.attend(q, k, v, mask)
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
 
@@ -102,8 +106,10 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = FeedForward(args.dim, args.ffn_dim)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Any) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, mask)
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Any, cache: LayerKV | None = None
+    ) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask, cache=cache)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -144,6 +150,7 @@ class Transformer(nn.Module):
         document_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         loss_chunk_tokens: int = 0,
+        cache: KVCache | None = None,
     ) -> torch.Tensor:
         """Logits [batch, seq, vocab] for token ids [batch, seq]; with `labels`, the summed token
         cross-entropy instead, `loss_chunk_tokens` tokens at a time (0 = all at once). The loss is
@@ -153,6 +160,10 @@ class Transformer(nn.Module):
         (equal id = same document); attention then stays inside each document. A pipeline stage
         without the embedding takes hidden states [batch, seq, dim] instead of token ids, and
         one without the output returns hidden states.
+
+        With a `cache` (generation), the tokens continue the ones it holds and are added to it;
+        only the last position's logits [batch, 1, vocab] are computed, as that is all a decoding
+        step needs.
         """
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         if position_ids is None:
@@ -160,9 +171,15 @@ class Transformer(nn.Module):
             seq = tokens.shape[1] * (1 if self.tok_embeddings is not None else self.hidden_seq_shards)
             position_ids = torch.arange(seq, device=tokens.device)[None]
         cos, sin = rope_cos_sin(position_ids, self.inv_freq, h.dtype)
-        mask = self.attention_backend.prepare(document_ids)
-        for layer in self.layers.values():
-            h = layer(h, cos, sin, mask)
+        if cache is None:
+            mask = self.attention_backend.prepare(document_ids)
+            for layer in self.layers.values():
+                h = layer(h, cos, sin, mask)
+        else:
+            mask = cache.mask(h.shape[1])
+            for layer, layer_cache in zip(self.layers.values(), cache.layers, strict=True):
+                h = layer(h, cos, sin, mask, cache=layer_cache)
+            h = h[:, -1:]
         if self.norm is not None:
             h = self.norm(h)
         if self.output is None:
@@ -191,6 +208,45 @@ class Transformer(nn.Module):
             else:
                 std = residual_std if name.endswith(("wo.weight", "w2.weight")) else INIT_STD
                 _fill_(param, name, seed, lambda t, g, s=std: t.normal_(0.0, s, generator=g))
+
+
+class LayerKV:
+    """One layer's cached keys and values, [batch, kv_heads, max_len, head_dim] each."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.length = 0  # positions stored
+
+    def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new positions' keys and values; all of them so far."""
+        start, self.length = self.length, self.length + k.shape[2]
+        self.keys[:, :, start : self.length] = k
+        self.values[:, :, start : self.length] = v
+        return self.keys[:, :, : self.length], self.values[:, :, : self.length]
+
+
+class KVCache:
+    """Keys and values of every layer for generation, so each new token is fed through once.
+
+    `key_valid` [batch, max_len] is False at left padding, which no other position may attend.
+    Decoding passes `mask` to the sdpa backend, which takes an explicit boolean mask as it is.
+    """
+
+    def __init__(self, args: ModelArgs, key_valid: torch.Tensor, dtype: torch.dtype) -> None:
+        batch, max_len = key_valid.shape
+        shape = (batch, args.n_kv_heads, max_len, args.head_dim)
+        self.key_valid = key_valid
+        self.layers = [LayerKV(shape, dtype, key_valid.device) for _ in range(args.n_layers)]
+
+    def mask(self, seq: int) -> torch.Tensor:
+        """SDPA mask [batch, 1, seq, length + seq] of the next `seq` positions: causal, skipping
+        padding. Each position always sees itself, so that padding rows do not turn into NaN."""
+        start = self.layers[0].length
+        keys = torch.arange(start + seq, device=self.key_valid.device)
+        queries = keys[start:, None]
+        allowed = (keys <= queries) & self.key_valid[:, None, : start + seq]
+        return (allowed | (keys == queries))[:, None]
 
 
 TIED_ALIAS = "output.weight"  # of "tok_embeddings.weight" when the embeddings are tied
