@@ -29,6 +29,7 @@ TWO_RANK_LAYOUTS: dict[str, tuple[list[str], list[str]]] = {
     "fsdp2_accum2": ([], ["--training.local_batch_size", "2", "--training.global_batch_size", "8"]),
     "fsdp2_full_ac": ([], ["--training.local_batch_size", "4", "--activation_checkpoint.mode", "full"]),
     "fsdp2_chunked_loss": ([], ["--training.local_batch_size", "4", "--training.loss_chunk_tokens", "40"]),
+    "fsdp2_cpu_offload": ([], ["--training.local_batch_size", "4", "--parallelism.fsdp_cpu_offload"]),
     "tp2_sp_loss_parallel": ([], TP2),
     "tp2_no_sp": ([], [*TP2, "--parallelism.sequence_parallel", "false"]),
     "tp2_no_loss_parallel": ([], [*TP2, "--parallelism.disable_loss_parallel"]),

@@ -11,10 +11,12 @@ from torch.optim.lr_scheduler import LambdaLR
 from titanlm.config.job_config import LRScheduler, Optimizer
 
 
-def build_optimizer(params: list[nn.Parameter], cfg: Optimizer, device: torch.device) -> torch.optim.Optimizer:
+def build_optimizer(params: list[nn.Parameter], cfg: Optimizer) -> torch.optim.Optimizer:
     impl = cfg.implementation
     if impl == "auto":
-        impl = "fused" if device.type == "cuda" else "foreach"
+        # Where the parameters live, not where the model computes: under FSDP CPU offload they are
+        # in host memory and the step runs on the CPU.
+        impl = "fused" if all(p.device.type == "cuda" for p in params) else "foreach"
     kwargs = dict(
         lr=cfg.lr,
         betas=(cfg.beta1, cfg.beta2),

@@ -1,10 +1,13 @@
-"""FSDP2: shard each block and the root over the data-parallel mesh (HSDP when it has 2 dims)."""
+"""FSDP2: shard each block and the root over the data-parallel mesh (HSDP when it has 2 dims),
+optionally keeping the shards in host memory (CPU offload)."""
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
 from titanlm.models.transformer import Transformer
 
@@ -22,6 +25,7 @@ def apply_fsdp(
     param_dtype: torch.dtype,
     reduce_dtype: torch.dtype,
     reshard_after_forward: str,
+    cpu_offload: bool,
 ) -> None:
     """Wrap every transformer block and then the root.
 
@@ -32,13 +36,19 @@ def apply_fsdp(
     Gradients are summed, not averaged, across ranks: the loss is already normalised by the
     global token count, so the sum is the exact gradient whatever the number of ranks. Gloo
     has no PREMUL_SUM, hence force-sum reductions.
+
+    `cpu_offload`: parameter, gradient and optimizer-state shards live in host memory; FSDP copies
+    a block's shards to the device before its all-gather and its gradient shards back after the
+    reduce-scatter. Pinned memory makes those copies asynchronous; it needs CUDA.
     """
     mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    offload_policy = CPUOffloadPolicy(pin_memory=mesh.device_type == "cuda") if cpu_offload else OffloadPolicy()
+    shard = partial(fully_shard, mesh=mesh, mp_policy=mp_policy, offload_policy=offload_policy)
     block_reshard = reshard_after_forward != "never"
     root_reshard = reshard_after_forward == "always"
     for block in model.layers.values():
-        fully_shard(block, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=block_reshard)
-    fully_shard(model, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=root_reshard)
+        shard(block, reshard_after_forward=block_reshard)
+    shard(model, reshard_after_forward=root_reshard)
     for module in model.modules():
         if hasattr(module, "set_gradient_divide_factor"):
             module.set_gradient_divide_factor(1.0)

@@ -5,6 +5,10 @@ norm weights without sequence parallelism on the dp mesh alone, plain tensors in
 job. Each group with the same mesh and placements gets one fused norm, turned into a full
 (replicated) value; the groups are then combined, so the result is the norm a single process
 would compute over the full gradients.
+
+Under FSDP CPU offload the gradient shards are in host memory while the mesh communicates on the
+GPU (NCCL has no CPU tensors): each group's norm is computed where its gradients are and only that
+scalar moves to the mesh's device to be reduced.
 """
 
 from __future__ import annotations
@@ -44,7 +48,9 @@ def global_grad_norm(
     norms = []
     for group in _by_layout(grads):
         norm = torch.nn.utils.get_total_norm(group, norm_type=norm_type, foreach=True)
-        norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+        if isinstance(norm, DTensor):
+            norm = norm.to(norm.device_mesh.device_type).full_tensor()
+        norms.append(norm)
     stacked = torch.stack(norms) if norms else torch.zeros(1)
     if norm_type == float("inf"):
         total = stacked.max()
