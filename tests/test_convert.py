@@ -216,7 +216,7 @@ def test_a_flavor_that_does_not_match_the_dcp_weights_is_refused(
     assert _convert("dcp_to_hf", tmp_path / "step-7", tmp_path / "hf", "--model.name", "llama3",
                     "--model.flavor", "debug") == 2
     error = capsys.readouterr().err
-    assert "flavor that does not match the weights" in error
+    assert "the model llama3/debug does not match the weights" in error
     assert "dim: weights 64, flavor 256" in error and "n_layers: weights 2, flavor 4" in error
     assert "n_kv_heads * head_dim: weights 16, flavor 128" in error
     assert not (tmp_path / "hf").exists()

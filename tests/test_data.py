@@ -340,7 +340,7 @@ def test_random_and_auto_loaders(tmp_path):
 
 
 def test_loader_errors(demo_cache, tmp_path):
-    with pytest.raises(ValueError, match=r"model.tokenizer_path.*512 tokens.*vocab_size is 100"):
+    with pytest.raises(ValueError, match=r"tokenizer.*512 tokens.*vocab_size is 100"):
         build_dataloader(_cfg(demo_cache), 0, 1, vocab_size=100)
     missing = str(tmp_path / "nope.model")
     with pytest.raises(FileNotFoundError, match=re.escape(missing) + ".*model.tokenizer_path"):

@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import replace
 from functools import partial
 
 import torch
@@ -23,17 +24,19 @@ from torch.distributed.tensor.parallel import loss_parallel
 from titanlm.checkpoint import CheckpointManager, TrainState
 from titanlm.config import JobConfig, config_to_toml, load_config_or_exit
 from titanlm.data import build_dataloader, build_valid_dataloader
+from titanlm.data.loader import dataset_kind
 from titanlm.data.datasets import IGNORE_INDEX, Batch
 from titanlm.distributed import init_distributed, set_determinism, shutdown
 from titanlm.loss_scaler import DynamicLossScaler
 from titanlm.metrics import MetricsLogger, device_peak_flops, peak_memory_gib
-from titanlm.models import Transformer, count_params, get_model_args
+from titanlm.models import Transformer, count_params
+from titanlm.models.spec import resolve_model_spec, warn_beyond_trained_length
 from titanlm.models.attention import build_attention_backend
-from titanlm.models.transformer import cross_entropy_sum, materialize
+from titanlm.models.transformer import cross_entropy_sum
 from titanlm.models.flops import document_lengths, internevo_tflops, training_flops
 from titanlm.optim import build_lr_scheduler, build_optimizer
 from titanlm.parallel import ParallelDims, ParallelismError, parallelize
-from titanlm.parallel.parallelize import autocast_dtype, fsdp_applies
+from titanlm.parallel.parallelize import autocast_dtype, fsdp_applies, materialize_parallelized
 from titanlm.parallel.context_parallel import shard_batch_for_cp
 from titanlm.parallel.float8 import check_float8_device, float8_settings, precompute_scales
 from titanlm.parallel.grad_norm import clip_grads_, global_grad_norm, scale_grads_
@@ -80,17 +83,21 @@ class Trainer:
         self.accumulation_steps = global_batch // per_step
         self.global_batch = global_batch
 
-        self.model_args = get_model_args(cfg.model.name, cfg.model.flavor, cfg.model.n_layers)
+        self.model_spec = resolve_model_spec(cfg.model)
+        self.model_args = self.model_spec.args
+        warn_beyond_trained_length(self.model_args, tr.seq_len)
+        dataset_kind(cfg)  # refuses a data path the run would ignore before the model is built
         self.param_dtype = resolve_param_dtype(tr.mixed_precision_param, self.device)
         self.loss_scaler = DynamicLossScaler(cfg.grad_scaler) if self.param_dtype == torch.float16 else None
         vocab_sharded = self.parallel_dims.tp > 1 and not cfg.parallelism.disable_loss_parallel
         self.loss_context: Callable[[], AbstractContextManager] = loss_parallel if vocab_sharded else nullcontext
-        compute_dtype = autocast_dtype(self.dist.world_size, self.param_dtype)
+        fsdp = fsdp_applies(self.dist.world_size, cfg.parallelism.fsdp_cpu_offload)
+        compute_dtype = autocast_dtype(fsdp, self.param_dtype)
         self.compute_context: Callable[[], AbstractContextManager] = (
             partial(torch.autocast, self.device.type, dtype=compute_dtype) if compute_dtype else nullcontext
         )
         check_float8_device(cfg.float8, self.device)
-        self.float8 = float8_settings(cfg.float8, fsdp=fsdp_applies(self.dist.world_size))
+        self.float8 = float8_settings(cfg.float8, fsdp=fsdp)
         self.loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = (
             torch.compile(cross_entropy_sum) if cfg.compile.enable else cross_entropy_sum
         )
@@ -99,18 +106,19 @@ class Trainer:
         self.model_parts, self.pp_schedule = self._build_model()
         self.model = self.model_parts[0]
 
-        self.optimizer = build_optimizer(
-            [p for part in self.model_parts for p in part.parameters()], cfg.optimizer, self.device
-        )
+        self.optimizer = build_optimizer([p for part in self.model_parts for p in part.parameters()], cfg.optimizer)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.lr_scheduler, tr.steps)
 
         dp_rank = self.meshes.dp.get_local_rank()
         self.dataloader, self.tokenizer = build_dataloader(
-            cfg, dp_rank, self.parallel_dims.dp, self.model_args.vocab_size
+            cfg, dp_rank, self.parallel_dims.dp, self.model_args.vocab_size, self.model_spec.tokenizer_path
         )
         self.valid_loader = build_valid_dataloader(cfg, dp_rank, self.parallel_dims.dp, self.model_args.vocab_size)
+        # Checkpoints record the tokenizer the run really uses (the demo corpus brings its own).
+        self.model_spec = replace(self.model_spec, tokenizer_path=self.tokenizer.path if self.tokenizer else "")
         self.checkpointer = CheckpointManager(
-            cfg, self.model_parts, self.optimizer, self.lr_scheduler, self.dataloader, dp_rank, self.device
+            cfg, self.model_spec, self.model_parts, self.optimizer, self.lr_scheduler, self.dataloader, dp_rank,
+            self.device,
         )
         self.peak_flops = device_peak_flops(self.device, self.param_dtype, cfg.metrics.peak_tflops)
         self.metrics = MetricsLogger(cfg.job.dump_folder, self.dist.is_main, cfg.metrics.enable_tensorboard)
@@ -123,11 +131,31 @@ class Trainer:
         if cfg.job.description:
             logger.info(cfg.job.description)
         logger.info(
-            f"model {cfg.model.name}/{cfg.model.flavor}: {self.num_params:,} parameters, {self.param_dtype}; "
+            f"model {self.model_spec.describe()}: {self.num_params:,} parameters, {self.param_dtype}; "
             f"mesh {dict(zip(self.meshes.world.mesh_dim_names, self.meshes.world.shape))}; device {self.device}; "
             f"global batch {global_batch} x {tr.seq_len} tokens, {self.accumulation_steps} micro-batch(es)/step"
         )
+        for line in self._provenance():
+            logger.info(line)
         self.restore(self.checkpointer.load())
+
+    def _provenance(self) -> list[str]:
+        """Where the weights, tokenizer and data come from, and what the run writes where."""
+        cfg = self.cfg
+        data = {
+            "demo": f"the demo corpus in {cfg.data.cache_folder}",
+            "random": "random tokens (set data.train_folder to train on real data)",
+            "bin": f"the tokenized folder {cfg.data.train_folder}",
+        }[dataset_kind(cfg)]
+        valid = f"; validation on {cfg.data.valid_folder}" if cfg.data.valid_folder else ""
+        tokenizer = self.tokenizer.path if self.tokenizer else "none"
+        writes = f"metrics to {os.path.join(cfg.job.dump_folder, 'metrics.jsonl')}"
+        return [
+            f"weights: {self.checkpointer.start_description(cfg.debug.seed)}",
+            f"tokenizer: {tokenizer}",
+            f"data: {data}{valid}",
+            f"writes: {writes}; {self.checkpointer.save_description()}",
+        ]
 
     def _build_model(self) -> tuple[list[Transformer], _PipelineSchedule | None]:
         """Meta-device model -> pipeline stages (if any) -> parallelized, materialized parts."""
@@ -147,7 +175,7 @@ class Trainer:
             parts = [model]
         for part in parts:
             parallelize(part, self.meshes, cfg, self.param_dtype, self.float8)
-            materialize(part, self.device)
+            materialize_parallelized(part, self.device, cfg.parallelism.fsdp_cpu_offload)
             part.init_weights(cfg.debug.seed)
             part.train()
         if self.parallel_dims.pp == 1:

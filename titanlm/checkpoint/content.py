@@ -40,6 +40,8 @@ from torch.optim.lr_scheduler import LRScheduler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from titanlm.checkpoint.train_state import TrainState
+from titanlm.models.flavors import ModelArgs
+from titanlm.models.hf_adapter import flavor_differences
 from titanlm.models.hf_checkpoint import read_hf_model
 
 logger = logging.getLogger("titanlm")
@@ -136,8 +138,8 @@ class TrainingContent:
         dcp.load(target, checkpoint_id=path)
         return self._apply(target)
 
-    def load_hf(self, path: str, parts: tuple[str, ...], name: str, flavor: str) -> None:
-        """Load the weights of a Hugging Face model folder (safetensors + config.json).
+    def load_hf(self, path: str, parts: tuple[str, ...], args: ModelArgs) -> None:
+        """Load the weights of a Hugging Face model folder (safetensors + config.json) into a model of `args`.
 
         Every rank reads the full tensors and keeps its own shard, so loading needs one full copy
         of the weights in each rank's CPU memory. For very large models convert once to DCP
@@ -148,7 +150,13 @@ class TrainingContent:
                 f"checkpoint.initial_load_path {path} is a Hugging Face model, which holds weights only; "
                 "set checkpoint.load_content = model"
             )
-        _, state = read_hf_model(path, name, flavor)
+        hf_args, state = read_hf_model(path)
+        differences = flavor_differences(hf_args, args)
+        if differences:
+            raise CheckpointError(
+                f"the Hugging Face model in {path} is not this run's model ({'; '.join(differences)}); start from "
+                "weights of the same architecture, or set model.hf_path to that folder"
+            )
         mine = set(get_model_state_dict(self.model))  # a pipeline stage holds only its own layers
         state = {key: value for key, value in state.items() if key in mine}
         set_model_state_dict(self.model, state, options=StateDictOptions(full_state_dict=True))

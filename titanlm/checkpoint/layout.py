@@ -4,6 +4,7 @@
         step-500/                    complete full checkpoint (DCP: .metadata + one .distcp per rank)
         step-1000/
         step-1000-model/             complete model-only export (checkpoint.last_save_model_only)
+        step-1000-hf/                Hugging Face folder of the last step (checkpoint.last_save_in_hf)
         step-1500.tmp-<attempt>/     a save in progress, or left by a crash: never loaded
         step-500.deleting/           being removed by keep_latest_k (a crash may leave it)
         STOP                         the default stop file
@@ -25,11 +26,15 @@ from pathlib import Path
 
 METADATA = ".metadata"  # written by DCP last, by the coordinator rank
 _COMPLETE = re.compile(r"step-(\d+)")
-_OURS = re.compile(r"step-\d+(-model)?(\.tmp-.+|\.deleting)")
+_OURS = re.compile(r"step-\d+(-model|-hf)?(\.tmp-.+|\.deleting)")
 
 
 def step_dir(folder: str, step: int, model_only: bool = False) -> str:
     return os.path.join(folder, f"step-{step}-model" if model_only else f"step-{step}")
+
+
+def hf_dir(folder: str, step: int) -> str:
+    return os.path.join(folder, f"step-{step}-hf")
 
 
 def tmp_dir(final: str, attempt: str) -> str:

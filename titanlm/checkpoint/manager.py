@@ -5,12 +5,17 @@ Decisions that depend on the file system (which checkpoint to resume from, wheth
 writable) are taken on rank 0 and broadcast, so that ranks on different nodes never disagree, and
 a bad input raises the same error on every rank instead of leaving the others waiting.
 
-Where resumes come from:
-  1. `checkpoint.folder` holds complete checkpoints: the newest (or `load_step`), everything in it,
-     so that a restarted job continues exactly where it saved;
+Where a run starts from:
+  1. with checkpoints on, `checkpoint.folder` holding complete checkpoints: the newest (or
+     `load_step`), everything in it, so that a restarted job continues exactly where it saved;
   2. otherwise `initial_load_path`, restricted to `load_content` (InternEvo's load_ckpt_info): e.g.
      the weights of a pretraining checkpoint for fine-tuning, starting at step 0;
-  3. otherwise the freshly initialized model.
+  3. otherwise the weights of `model.hf_path`, starting at step 0;
+  4. otherwise the freshly initialized model.
+Starting weights (2, 3) are loaded whether or not checkpoints are saved: a fine-tune must never
+start from random weights because saving is off.
+
+Every checkpoint gets the run's model record (titanlm/models/spec.py) before it is published.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import secrets
 import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -37,9 +43,12 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from titanlm.checkpoint import layout
 from titanlm.checkpoint.content import PARTS, CheckpointError, TrainingContent
+from titanlm.checkpoint.hf_export import export_hf_folder
+from titanlm.checkpoint.single_process import read_model_state
 from titanlm.checkpoint.stop import Action, StopRequests
 from titanlm.checkpoint.train_state import TrainState
 from titanlm.config.job_config import JobConfig
+from titanlm.models.spec import ModelSpec, write_record
 
 logger = logging.getLogger("titanlm")
 
@@ -138,29 +147,38 @@ class _Save:
 
 
 class CheckpointManager:
-    """Loads at start, saves after steps, and stops the run on request; inert when checkpoint.enable is off."""
+    """Loads at start, saves after steps, and stops the run on request; with checkpoint.enable off it
+    only loads the starting weights, if any."""
 
-    def __init__(self, cfg: JobConfig, model_parts: list[nn.Module], optimizer: Optimizer,
+    def __init__(self, cfg: JobConfig, spec: ModelSpec, model_parts: list[nn.Module], optimizer: Optimizer,
                  lr_scheduler: LRScheduler, dataloader: StatefulDataLoader, dp_rank: int,
                  device: torch.device) -> None:
-        """Check the settings and the folder and choose what to resume from; nothing is loaded yet."""
+        """Check the settings and the folder and choose what to start from; nothing is loaded yet.
+
+        `spec` is the run's model, with the tokenizer it actually uses: recorded in every save."""
         self.cfg = cfg.checkpoint
         self.enabled = self.cfg.enable
-        if not self.enabled:
-            return
+        self.spec = spec
         self.folder = os.path.join(cfg.job.dump_folder, self.cfg.folder)
-        self.model_name, self.model_flavor = cfg.model.name, cfg.model.flavor
         self.total_steps = cfg.training.steps
         self.device = device
         self.is_main = dist.get_rank() == 0
         self.content = TrainingContent(model_parts, optimizer, lr_scheduler, dataloader, dp_rank)
+        parts = parse_load_content(self.cfg.load_content, self.cfg.initial_load_path)
+        if self.cfg.last_save_in_hf and not self.enabled:
+            raise CheckpointError(
+                "checkpoint.last_save_in_hf exports the final checkpoint, but checkpoint.enable is off; set "
+                "checkpoint.enable = true as well"
+            )
+        if not self.enabled:
+            self.plan = _on_rank0(lambda: self._starting_weights(parts, attempt=""))
+            return
         self.export_dtype: torch.dtype = getattr(torch, self.cfg.export_dtype)
         self.async_mode = self.cfg.async_mode
         if self.async_mode == "async_with_pinned_mem" and device.type != "cuda":
             if self.is_main:
                 logger.warning("checkpoint.async_mode = async_with_pinned_mem needs a GPU; using async")
             self.async_mode = "async"
-        parts = parse_load_content(self.cfg.load_content, self.cfg.initial_load_path)
         self.plan = _on_rank0(lambda: self._plan(parts))
         # Background saves get their own gloo group: collectives of two threads must not interleave on one group.
         self._async_group = dist.new_group(backend="gloo") if self.async_mode != "disabled" else None
@@ -182,11 +200,13 @@ class CheckpointManager:
                 f"automatically: {', '.join(stale)}; remove them by hand once no job writes there"
             )
         export = layout.step_dir(self.folder, self.total_steps, model_only=True)
-        if self.cfg.last_save_model_only and os.path.exists(export):
-            raise CheckpointError(
-                f"{export} exists: this run already exported its final weights; move it away to export "
-                "again, or raise training.steps"
-            )
+        hf_export = layout.hf_dir(self.folder, self.total_steps)
+        for path, asked in ((export, self.cfg.last_save_model_only), (hf_export, self.cfg.last_save_in_hf)):
+            if asked and os.path.exists(path):
+                raise CheckpointError(
+                    f"{path} exists: this run already exported its final weights; move it away to export "
+                    "again, or raise training.steps"
+                )
         # Time and pid name the attempt for people; the random part keeps two attempts of one process
         # in one second (a quick crash and resume) from sharing, and so publishing, a leftover folder.
         attempt = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{secrets.token_hex(3)}"
@@ -194,9 +214,15 @@ class CheckpointManager:
         if source is not None:
             fix = "a resume needs a full checkpoint: move this one out of the folder, or pick another with load_step"
             return _Plan(source, PARTS, fix, attempt)
+        return self._starting_weights(parts, attempt)
+
+    def _starting_weights(self, parts: tuple[str, ...], attempt: str) -> _Plan:
+        """Rank 0: the plan of a run that resumes nothing: initial_load_path, else model.hf_path."""
         if self.cfg.initial_load_path:
             fix = "set checkpoint.load_content to parts it holds, e.g. model"
             return _Plan(initial_checkpoint(self.cfg.initial_load_path), parts, fix, attempt)
+        if self.spec.hf_path:
+            return _Plan(self.spec.hf_path, ("model",), "", attempt)
         return _Plan(None, (), "", attempt)
 
     def _resume_source(self, steps: list[int]) -> str | None:
@@ -228,6 +254,24 @@ class CheckpointManager:
             logger.info(f"resuming from {source}; checkpoint.initial_load_path only seeds runs without checkpoints")
         return source
 
+    def start_description(self, seed: int) -> str:
+        """Where the run's weights come from, for the first log lines."""
+        source = self.plan.source
+        if source is None:
+            return f"freshly initialized (debug.seed {seed})"
+        if self.plan.parts == PARTS and self.enabled and os.path.dirname(os.path.abspath(source)) == os.path.abspath(self.folder):
+            return f"resumed from {source}"
+        kind = "Hugging Face folder" if source == self.spec.hf_path else "checkpoint.initial_load_path"
+        return f"{', '.join(self.plan.parts)} from {kind} {source}"
+
+    def save_description(self) -> str:
+        """What the run saves where, for the first log lines."""
+        hf = f", and a Hugging Face folder step-{self.total_steps}-hf at the end" if self.cfg.last_save_in_hf else ""
+        if not self.enabled:
+            return f"no checkpoints (checkpoint.enable is off){hf.replace(', and', '; but')}"
+        last = "weights only at the end" if self.cfg.last_save_model_only else "a full checkpoint at the end"
+        return f"checkpoints to {self.folder} every {self.cfg.interval} steps and {last}{hf}"
+
     @torch.no_grad()
     def load(self) -> TrainState | None:
         """Restore what the plan names, then start listening for stop requests.
@@ -235,13 +279,11 @@ class CheckpointManager:
         Returns the TrainState to continue from, or None when the run starts at step 0 (nothing to
         load, or only parts without it, e.g. load_content = model).
         """
-        if not self.enabled:
-            return None
         state = None
         if self.plan.source:
             start = time.perf_counter()
-            if layout.looks_like_hf_model(self.plan.source):
-                self.content.load_hf(self.plan.source, self.plan.parts, self.model_name, self.model_flavor)
+            if layout.looks_like_hf_model(self.plan.source) and not layout.is_dcp_checkpoint(self.plan.source):
+                self.content.load_hf(self.plan.source, self.plan.parts, self.spec.args)
             else:
                 state = self.content.load(self.plan.source, self.plan.parts, self.plan.fix)
             where = f"; continuing after step {state.step}" if state else "; starting at step 0"
@@ -249,6 +291,8 @@ class CheckpointManager:
                 f"loaded {', '.join(self.plan.parts)} from {self.plan.source} in "
                 f"{time.perf_counter() - start:.1f}s{where}"
             )
+        if not self.enabled:
+            return state
         stop_file = self.cfg.stop_file or os.path.join(self.folder, "STOP")
         self.stop = StopRequests(stop_file, self.is_main, self.device)
         return state
@@ -266,6 +310,8 @@ class CheckpointManager:
         stop = action == Action.SAVE_AND_STOP
         if last or stop:
             self._save(state, blocking=True, model_only=last and self.cfg.last_save_model_only)
+            if last and self.cfg.last_save_in_hf and self.is_main:
+                self._export_hf(layout.step_dir(self.folder, state.step, self.cfg.last_save_model_only), state.step)
         elif action == Action.SAVE or state.step % self.cfg.interval == 0:
             self._save(state, blocking=False)
         return stop
@@ -314,12 +360,23 @@ class CheckpointManager:
             save.published = True
 
     def _publish(self, tmp: str, final: str, started: float) -> None:
+        write_record(tmp, self.spec)
         layout.publish(tmp, final)
         logger.info(f"saved {final} in {time.perf_counter() - started:.1f}s")
         if self.cfg.keep_latest_k > 0:
             removed = layout.prune(self.folder, self.cfg.keep_latest_k)
             if removed:
                 logger.info(f"removed {', '.join(f'step-{s}' for s in removed)} (checkpoint.keep_latest_k)")
+
+    def _export_hf(self, saved: str, step: int) -> None:
+        """Rank 0: the checkpoint just saved as a Hugging Face folder step-N-hf, published like a save."""
+        started = time.perf_counter()
+        final = layout.hf_dir(self.folder, step)
+        tmp = layout.tmp_dir(final, self.plan.attempt)
+        os.makedirs(tmp)
+        export_hf_folder(read_model_state(saved), self.spec, Path(tmp), self.export_dtype)
+        layout.publish(tmp, final)
+        logger.info(f"exported {final} for transformers in {time.perf_counter() - started:.1f}s")
 
     def close(self) -> None:
         """Finish a save still in flight and give the signal handlers back."""

@@ -31,14 +31,25 @@ class Job:
 @dataclass
 class Model:
     name: str = opt(
-        "llama3",
-        "model family: llama3, internlm (v1) or internlm2",
-        choices=("llama3", "internlm", "internlm2"),
+        "",
+        "model family: llama3, internlm (v1) or internlm2; empty = llama3, or the family of model.hf_path",
+        choices=("", "llama3", "internlm", "internlm2"),
     )
-    flavor: str = opt("debug", "size within the family, e.g. debug, 7B, 8B, 20B, 70B")
+    flavor: str = opt(
+        "",
+        "size within the family, e.g. debug, 8B, 3.1-8B, 3.2-1B, 1.8B, 7B, 20B; empty = debug, or the model "
+        "of model.hf_path",
+    )
+    hf_path: str = opt(
+        "",
+        "Hugging Face model folder (config.json, safetensors, tokenizer files): the architecture, the tokenizer "
+        "and, when there is no checkpoint to resume, the starting weights",
+    )
     n_layers: int = opt(0, "override the flavor's layer count, keeping its width (0 = the flavor's own)")
     tokenizer_path: str = opt(
-        "", "tokenizer file (SentencePiece .model or tiktoken ranks); empty = none or the demo's"
+        "",
+        "tokenizer file (SentencePiece .model, tiktoken ranks or tokenizer.json) or a folder holding one; "
+        "empty = model.hf_path's, the demo's, or none",
     )
     attention_backend: str = opt(
         "auto",
@@ -149,6 +160,11 @@ class Parallelism:
         "parallelism), always (ZeRO-3), never (ZeRO-2: keep them for backward)",
         choices=("default", "always", "never"),
     )
+    fsdp_cpu_offload: bool = opt(
+        False,
+        "keep parameters, gradients and optimizer state in host memory (FSDP2 CPUOffloadPolicy, also on one "
+        "GPU); costs a host-device copy of each block per pass, and the optimizer step runs on the CPU",
+    )
     tensor_parallel_degree: int = opt(1, "tensor parallel size (InternEvo tensor)")
     sequence_parallel: bool = opt(
         True, "with tensor parallelism, split norms/residuals along the sequence (Megatron SP)"
@@ -207,7 +223,13 @@ class Checkpoint:
         False, "at the last step save only the weights, as step-N-model in export_dtype, not a full checkpoint"
     )
     export_dtype: str = opt(
-        "float32", "dtype of the last_save_model_only weights", choices=("float32", "bfloat16", "float16")
+        "float32", "dtype of the last_save_model_only and last_save_in_hf weights",
+        choices=("float32", "bfloat16", "float16"),
+    )
+    last_save_in_hf: bool = opt(
+        False,
+        "at the last step also write a Hugging Face folder (safetensors, config.json, tokenizer) as step-N-hf, "
+        "loadable with transformers' AutoModelForCausalLM",
     )
     stop_file: str = opt(
         "",

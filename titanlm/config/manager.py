@@ -126,6 +126,11 @@ def _parse_text(key: _Key, text: str) -> Any:
         raise ConfigError(f"{key.path} must be {_expected(key.type)}, got {text!r} (from {_CLI})") from None
 
 
+def _choices_text(choices: tuple[str, ...]) -> str:
+    """The allowed values as a user types them; the empty string (= "decide for me") is shown as ""."""
+    return ", ".join(choice or '""' for choice in choices)
+
+
 def _check_value(key: _Key, value: Any, source: str) -> Any:
     """Check a typed value against the key's type and choices. An int is accepted (and converted)
     for a float field, never a float for an int field, and a bool is never a number."""
@@ -139,7 +144,7 @@ def _check_value(key: _Key, value: Any, source: str) -> Any:
     elif not isinstance(value, key.type) or (key.type is int and not is_number):
         raise ConfigError(f"{key.path} must be {_expected(key.type)}, got {value!r} (from {source})")
     if key.choices and value not in key.choices:
-        allowed = ", ".join(key.choices)
+        allowed = _choices_text(key.choices)
         raise ConfigError(f"{key.path} must be one of {allowed}; got {value!r} (from {source})")
     return value
 
@@ -274,7 +279,7 @@ def help_text() -> str:
     for section, section_keys in _schema().items():
         lines += ["", f"[{section}]"]
         for key in section_keys.values():
-            choices = f" [choices: {', '.join(key.choices)}]" if key.choices else ""
+            choices = f" [choices: {_choices_text(key.choices)}]" if key.choices else ""
             lines.append(
                 f"  --{key.path:<{width}}({_type_name(key.type)}, default: {_toml_value(key.default)})  "
                 f"{key.help}{choices}"
@@ -287,7 +292,7 @@ def reference_markdown() -> str:
     lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
     for section_keys in _schema().values():
         for key in section_keys.values():
-            choices = f" ({', '.join(key.choices)})" if key.choices else ""
+            choices = f" ({_choices_text(key.choices)})" if key.choices else ""
             meaning = f"{key.help}{choices}".replace("|", "\\|")
             lines.append(
                 f"| `{key.path}` | {_type_name(key.type)} | `{_toml_value(key.default)}` | {meaning} |"

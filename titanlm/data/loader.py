@@ -23,10 +23,26 @@ def _checked_tokenizer(path: str, vocab_size: int) -> Tokenizer:
     tokenizer = build_tokenizer(path)
     if tokenizer.vocab_size > vocab_size:
         raise ValueError(
-            f"model.tokenizer_path {path!r} has {tokenizer.vocab_size} tokens but the model's vocab_size "
-            f"is {vocab_size}; pick a model flavor with vocab_size >= {tokenizer.vocab_size}"
+            f"the tokenizer {path!r} has {tokenizer.vocab_size} tokens but the model's vocab_size "
+            f"is {vocab_size}; pick a model with vocab_size >= {tokenizer.vocab_size}, or another model.tokenizer_path"
         )
     return tokenizer
+
+
+def dataset_kind(cfg: JobConfig) -> str:
+    """The dataset a run reads: data.dataset with `auto` resolved. A data.train_folder that the
+    chosen dataset would ignore is refused, so a path the user gave is never silently unused."""
+    kind = cfg.data.dataset
+    if kind not in DATASETS:
+        raise ValueError(f"data.dataset = {kind!r} is not one of {', '.join(DATASETS)}")
+    if kind == "auto":
+        return "bin" if cfg.data.train_folder else "random"
+    if kind != "bin" and cfg.data.train_folder:
+        raise ValueError(
+            f"data.train_folder = {cfg.data.train_folder!r} is set but data.dataset = {kind!r} would not read it; "
+            "set data.dataset = 'bin' (or 'auto') to train on the folder, or drop data.train_folder"
+        )
+    return kind
 
 
 def _encode_lines(tokenizer: Tokenizer, corpus_path: str) -> list[np.ndarray]:
@@ -35,25 +51,23 @@ def _encode_lines(tokenizer: Tokenizer, corpus_path: str) -> list[np.ndarray]:
 
 
 def build_dataloader(
-    cfg: JobConfig, dp_rank: int, dp_world_size: int, vocab_size: int
+    cfg: JobConfig, dp_rank: int, dp_world_size: int, vocab_size: int, tokenizer_path: str | None = None
 ) -> tuple[StatefulDataLoader, Tokenizer | None]:
     """This rank's loader of {"input_ids", "labels"} LongTensor [local_batch_size, seq_len] batches;
     bin data adds "position_ids", "document_ids" and "type_ids" (see `titanlm.data.packing`).
 
     Batches do not depend on data.num_workers (workers take turns by whole batches), and the
     loader's state_dict/load_state_dict resume the exact stream; for bin data also at another
-    data-parallel degree with the same global batch size. The tokenizer is None only for random
-    or bin data without model.tokenizer_path.
+    data-parallel degree with the same global batch size. `tokenizer_path` is the model's as the
+    trainer resolved it (model.tokenizer_path, or model.hf_path's; None = model.tokenizer_path as
+    set); the demo corpus brings its own when it is empty.
+    The tokenizer is None only for random or bin data without one.
     """
-    kind = cfg.data.dataset
-    if kind not in DATASETS:
-        raise ValueError(f"data.dataset = {kind!r} is not one of {', '.join(DATASETS)}")
-    if kind == "auto":
-        kind = "bin" if cfg.data.train_folder else "random"
+    kind = dataset_kind(cfg)
     seq_len, batch_size, seed = cfg.training.seq_len, cfg.training.local_batch_size, cfg.debug.seed
     common = dict(seq_len=seq_len, seed=seed, dp_rank=dp_rank, dp_world_size=dp_world_size,
                   worker_block=batch_size)
-    path = cfg.model.tokenizer_path
+    path = cfg.model.tokenizer_path if tokenizer_path is None else tokenizer_path
     dataset: ShardedStream
     if kind == "demo":
         assets = ensure_demo_assets(cfg.data.cache_folder)

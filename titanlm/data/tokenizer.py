@@ -11,11 +11,15 @@ import base64
 import json
 import os
 import re
+import shutil
 from abc import ABC, abstractmethod
+from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import sentencepiece as spm
 import tiktoken
+
+from titanlm.models.hf_checkpoint import tokenizer_files
 
 _HINT = "set --model.tokenizer_path to a SentencePiece .model, tiktoken ranks file or HF tokenizer.json"
 
@@ -296,3 +300,56 @@ def build_tokenizer(path: str, kind: str = "auto") -> Tokenizer:
         raise
     except Exception as e:  # each library has its own error types for a malformed file
         raise TokenizerFileError(f"cannot load {path!r} as a {kind} tokenizer ({e}); {_HINT}") from e
+
+
+def export_hf_tokenizer(tokenizer_path: str, out_dir: Path) -> Tokenizer:
+    """Copy a tokenizer into an HF model folder so that transformers' AutoTokenizer loads it; return it.
+
+    An HF tokenizer folder is copied with its companions (tokenizer_config.json, special tokens,
+    generation_config.json, remote tokenization code). A bare SentencePiece or tiktoken file gets the
+    tokenizer_config.json that tells transformers how to read it, with its bos/eos (and, for
+    tiktoken, Llama 3's 256 special tokens); without one transformers would guess Llama 2's.
+    """
+    tokenizer = build_tokenizer(tokenizer_path)
+    source = Path(tokenizer_path).expanduser()
+    companions = tokenizer_files(source)
+    has_config = any(file.name == "tokenizer_config.json" for file in companions)
+    kind = detect_tokenizer_type(str(source))
+    for file in companions:
+        name = file.name if has_config or file != source else _HF_TOKENIZER_NAME[kind]
+        shutil.copy2(file, out_dir / name)
+    if not has_config:
+        config = _hf_tokenizer_config(tokenizer, kind)
+        (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return tokenizer
+
+
+_HF_TOKENIZER_NAME = {"sentencepiece": "tokenizer.model", "tiktoken": "tokenizer.model", "huggingface": "tokenizer.json"}
+_HF_TOKENIZER_CLASS = {
+    "sentencepiece": "LlamaTokenizer",
+    "tiktoken": "PreTrainedTokenizerFast",
+    "huggingface": "PreTrainedTokenizerFast",
+}
+
+
+def _hf_tokenizer_config(tokenizer: Tokenizer, kind: str) -> dict:
+    config: dict = {"tokenizer_class": _HF_TOKENIZER_CLASS[kind], "add_bos_token": True, "add_eos_token": False}
+    for role, token_id in (("bos_token", tokenizer.bos_id), ("eos_token", tokenizer.eos_id)):
+        if token_id >= 0:
+            config[role] = _piece(tokenizer, token_id)
+    if kind == "tiktoken":
+        config["added_tokens_decoder"] = {
+            str(token_id): {"content": name, "special": True, "lstrip": False, "rstrip": False,
+                            "normalized": False, "single_word": False}
+            for name, token_id in tokenizer.special_tokens.items()
+        }
+    return config
+
+
+def _piece(tokenizer: Tokenizer, token_id: int) -> str:
+    """The spelling of a special token (decoding would drop SentencePiece's <s>)."""
+    if isinstance(tokenizer, TiktokenTokenizer):
+        return next(name for name, i in tokenizer.special_tokens.items() if i == token_id)
+    if isinstance(tokenizer, SentencePieceTokenizer):
+        return tokenizer._sp.id_to_piece(token_id)
+    return tokenizer.decode([token_id])

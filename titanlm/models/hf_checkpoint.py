@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from titanlm.models.flavors import ModelArgs
 from titanlm.models.hf_adapter import (
@@ -129,10 +129,15 @@ def safetensors_shapes(files: list[Path]) -> Shapes:
     """Tensor shapes from the shard headers, so a mismatch is reported before any data is read."""
     shapes: Shapes = {}
     for file in files:
-        with safe_open(file, framework="pt") as handle:
-            for key in handle.keys():
-                if not key.endswith("rotary_emb.inv_freq"):  # a buffer older exports saved
-                    shapes[key] = tuple(handle.get_slice(key).get_shape())
+        try:
+            with safe_open(file, framework="pt") as handle:
+                for key in handle.keys():
+                    if not key.endswith("rotary_emb.inv_freq"):  # a buffer older exports saved
+                        shapes[key] = tuple(handle.get_slice(key).get_shape())
+        except Exception as err:  # SafetensorError for a damaged header
+            raise ConversionError(
+                f"{file} cannot be read ({err}); the file is damaged or truncated: re-download it"
+            ) from None
     return shapes
 
 
@@ -157,15 +162,63 @@ def read_hf_model(
     model_type = config["model_type"]
     if flavor is not None:
         check_flavor(args, name or FAMILY_OF_MODEL_TYPE[model_type], flavor, str(config_path))
-    files = safetensors_files(hf_dir)
-    check_tensors(
-        safetensors_shapes(files),
-        tensor_shapes(to_hf(meta_state_dict(args), args, model_type)),
-        source=f"the safetensors in {hf_dir}",
-        fix=f"the model {config_path} describes needs exactly these tensors; re-download the "
-        "checkpoint or correct config.json",
-    )
+    files = check_hf_weights(hf_dir, args, model_type)
+    ignored = _tied_output_names(model_type) if args.tie_embeddings else ()
     hf_state: StateDict = {}
     for file in files:
-        hf_state.update(load_file(file))
-    return args, from_hf(hf_state, args, model_type)
+        hf_state.update(_load_safetensors(file))
+    return args, from_hf({k: v for k, v in hf_state.items() if k not in ignored}, args, model_type)
+
+
+def check_hf_weights(hf_dir: Path, args: ModelArgs, model_type: str) -> list[Path]:
+    """The safetensors files of `hf_dir`, checked from their headers alone (cheap: no tensor is read)
+    to hold exactly the tensors of a model of `args`."""
+    files = safetensors_files(hf_dir)
+    # A tied model's output is its embedding; some exports store the copy anyway, which HF ignores too.
+    ignored = _tied_output_names(model_type) if args.tie_embeddings else ()
+    check_tensors(
+        {key: shape for key, shape in safetensors_shapes(files).items() if key not in ignored},
+        tensor_shapes(to_hf(meta_state_dict(args), args, model_type)),
+        source=f"the safetensors in {hf_dir}",
+        fix=f"the model {hf_dir / 'config.json'} describes needs exactly these tensors; re-download the "
+        "checkpoint or correct config.json",
+    )
+    return files
+
+
+def _tied_output_names(model_type: str) -> tuple[str, ...]:
+    return ("output.weight",) if model_type == "internlm2" else ("lm_head.weight",)
+
+
+def _load_safetensors(file: Path) -> StateDict:
+    try:
+        return load_file(file)
+    except Exception as err:  # safetensors raises its own SafetensorError for damaged files
+        raise ConversionError(f"{file} cannot be read ({err}); the file is damaged or truncated: re-download it") from None
+
+
+def write_safetensors(state: StateDict, out_dir: Path, shard_bytes: int) -> list[Path]:
+    """HF's layout: one model.safetensors, or model-0000i-of-0000n shards plus an index."""
+    shards: list[StateDict] = [{}]
+    size = 0
+    for key, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = tensor.contiguous()
+        size += nbytes
+    metadata = {"format": "pt"}  # transformers refuses safetensors files without it
+    if len(shards) == 1:
+        save_file(shards[0], out_dir / HF_SINGLE, metadata=metadata)
+        return [out_dir / HF_SINGLE]
+    files, weight_map = [], {}
+    for i, shard in enumerate(shards, start=1):
+        file = out_dir / f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, file, metadata=metadata)
+        weight_map.update(dict.fromkeys(shard, file.name))
+        files.append(file)
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out_dir / HF_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    return [*files, out_dir / HF_INDEX]

@@ -12,6 +12,7 @@ when the original folders are gone.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,7 +20,9 @@ from pathlib import Path
 from titanlm.config.job_config import Model
 from titanlm.models.flavors import FLAVORS, ModelArgs, RopeScaling, get_model_args, with_layers
 from titanlm.models.hf_adapter import FAMILY_OF_MODEL_TYPE, ConversionError, args_from_hf_config, flavor_differences
-from titanlm.models.hf_checkpoint import read_json, require_dir, tokenizer_file, tokenizer_files
+from titanlm.models.hf_checkpoint import check_hf_weights, read_json, require_dir, tokenizer_file, tokenizer_files
+
+logger = logging.getLogger("titanlm")
 
 DEFAULT_NAME, DEFAULT_FLAVOR = "llama3", "debug"
 RECORD_FILE = "titanlm_model.json"
@@ -57,8 +60,9 @@ def resolve_model_spec(model: Model) -> ModelSpec:
     folder = Path(model.hf_path).expanduser()
     require_dir(folder, "model.hf_path")
     config_path = folder / "config.json"
-    args = args_from_hf_config(read_json(config_path), str(config_path))
-    family = FAMILY_OF_MODEL_TYPE[read_json(config_path)["model_type"]]
+    config = read_json(config_path)
+    args = args_from_hf_config(config, str(config_path))
+    family = FAMILY_OF_MODEL_TYPE[config["model_type"]]
     if model.name and model.name != family:
         raise ModelSpecError(
             f"model.name = {model.name!r} disagrees with model.hf_path {folder}, whose config.json describes a "
@@ -79,6 +83,7 @@ def resolve_model_spec(model: Model) -> ModelSpec:
                 "tokenizer files there, or set model.tokenizer_path"
             )
         tokenizer = str(found)
+    check_hf_weights(folder, args, config["model_type"])  # before any work, not when loading
     return ModelSpec(family, with_layers(args, model.n_layers), model.flavor, str(folder), tokenizer)
 
 
@@ -96,6 +101,17 @@ def _tokenizer_setting(path: str) -> str:
             )
         return str(found)
     return path
+
+
+def warn_beyond_trained_length(args: ModelArgs, seq_len: int) -> None:
+    """Say when a run trains past the model's length with "dynamic" RoPE scaling, which would only
+    start acting there: titanlm keeps plain RoPE, so the model learns the longer positions as such."""
+    if args.rope_scaling and args.rope_scaling.kind == "dynamic" and seq_len > args.max_seq_len:
+        logger.warning(
+            f"training.seq_len {seq_len} is beyond the model's max_position_embeddings {args.max_seq_len}, where its "
+            "'dynamic' (NTK) RoPE scaling would rescale positions; titanlm trains plain RoPE at every length, so "
+            "the fine-tuned model learns these positions unscaled"
+        )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,61 +1,56 @@
-"""Convert between Hugging Face safetensors checkpoints and titanlm's DCP checkpoints.
+"""Convert between Hugging Face model folders and titanlm's DCP checkpoints.
 
     python -m titanlm.tools.convert hf_to_dcp HF_DIR OUT_DIR [--model.name NAME --model.flavor FLAVOR]
-    python -m titanlm.tools.convert dcp_to_hf DCP_DIR OUT_DIR --model.name NAME --model.flavor FLAVOR
-        [--layout llama|native] [--dtype bfloat16|float16|float32] [--max_shard_size 5GB]
+    python -m titanlm.tools.convert dcp_to_hf DCP_DIR OUT_DIR [--layout llama|native]
+        [--dtype bfloat16|float16|float32] [--max_shard_size 5GB] [--tokenizer_path PATH]
 
-The DCP side keeps the model under the top-level key "model", as the trainer's checkpoints do, so
-a converted HF model can be the trainer's `checkpoint.initial_load_path` and a trainer's `step-N/`
-folder can be exported. Keys, shapes and the flavor are checked in full before anything is
-written, and inputs are only ever read.
+The DCP side keeps the model under the top-level key "model", as the trainer's checkpoints do, and
+carries the model record (titanlm_model.json + tokenizer copy), so a converted HF model can be the
+trainer's `checkpoint.initial_load_path` and any trainer checkpoint exports with no model flags.
+Checkpoints from before records existed need `--model.name`/`--model.flavor`. Keys, shapes and
+the model are checked in full before anything is written, and inputs are only ever read.
+
+Output is written into a temporary sibling folder and moved into place only when complete, so a
+failed conversion never damages an earlier one in OUT_DIR.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import re
+import secrets
+import shutil
 import sys
-import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
-from safetensors.torch import save_file
-from torch.distributed.checkpoint import FileSystemReader
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+from titanlm.checkpoint.hf_export import LAYOUTS, export_hf_folder
+from titanlm.checkpoint.single_process import MODEL_KEY, dcp_model_entries, read_model_state, single_process_dcp
 from titanlm.models import FLAVORS, ModelArgs
-from titanlm.models.hf_adapter import (
-    NATIVE_MODEL_TYPE,
-    ConversionError,
-    StateDict,
-    flavor_args,
-    hf_config,
-    to_hf,
-)
+from titanlm.models.hf_adapter import FAMILY_OF_MODEL_TYPE, ConversionError, flavor_differences
 from titanlm.models.hf_checkpoint import (
     HF_INDEX,
-    HF_SINGLE,
-    SHOWN_KEYS,
     Shapes,
     check_tensors,
     meta_state_dict,
     read_hf_model,
-    require_dir,
+    read_json,
     tensor_shapes,
+    tokenizer_file,
 )
+from titanlm.models.spec import ModelSpec, checkpoint_spec, write_record
 
-MODEL_KEY = "model"
-LAYOUTS = ("llama", "native")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # What each direction writes, so that --overwrite replaces exactly its own earlier output.
-_HF_OUTPUTS = ("model*.safetensors", HF_INDEX, "config.json")
-_DCP_OUTPUTS = ("*.distcp", ".metadata")
+_HF_OUTPUTS = ("model*.safetensors", HF_INDEX, "config.json", "tokenizer*", "special_tokens_map.json",
+               "added_tokens.json", "generation_config.json", "tokenization_*.py")
+_DCP_OUTPUTS = ("*.distcp", ".metadata", "titanlm_model.json", "tokenizer")
 _SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
-
 
 
 def hf_to_dcp(
@@ -64,61 +59,62 @@ def hf_to_dcp(
     name: str | None = None,
     flavor: str | None = None,
     overwrite: bool = False,
-) -> ModelArgs:
-    """Write the HF checkpoint in `hf_dir` as a DCP checkpoint {"model": titanlm state dict}."""
+) -> ModelSpec:
+    """Write the HF checkpoint in `hf_dir` as a DCP checkpoint {"model": titanlm state dict} with
+    its model record and, when the folder has one, its tokenizer."""
+    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     args, state = read_hf_model(hf_dir, name, flavor)
-    out_dir = Path(out_dir)
-    _prepare_output(out_dir, Path(hf_dir), overwrite, _DCP_OUTPUTS)
-    _single_process_dcp(dcp.save, {MODEL_KEY: state}, out_dir)
-    return args
+    family = name or FAMILY_OF_MODEL_TYPE[read_json(hf_dir / "config.json")["model_type"]]
+    tokenizer = tokenizer_file(hf_dir)
+    spec = ModelSpec(family, args, flavor or "", str(hf_dir), str(tokenizer) if tokenizer else "")
+    with _staged_output(out_dir, hf_dir, overwrite, _DCP_OUTPUTS) as staging:
+        single_process_dcp(dcp.save, {MODEL_KEY: state}, staging)
+        write_record(staging, spec)
+    return spec
 
 
 def dcp_to_hf(
     dcp_dir: str | Path,
     out_dir: str | Path,
-    name: str,
-    flavor: str,
+    name: str | None = None,
+    flavor: str | None = None,
     layout: str = "llama",
     dtype: str | None = None,
     max_shard_size: str = "5GB",
     overwrite: bool = False,
+    tokenizer_path: str = "",
 ) -> list[Path]:
-    """Write the "model" entries of a DCP checkpoint as HF safetensors + config.json.
+    """Write the "model" entries of a DCP checkpoint as an HF folder: safetensors, config.json and
+    the tokenizer the checkpoint records (or `tokenizer_path`).
 
-    `layout` "llama" loads in stock transformers whatever the family; "native" writes the
-    family's own HF layout (InternLM2's packed wqkv, InternLM's config), which needs the
-    release's remote code. `dtype` None keeps the checkpoint's. Returns the files written.
+    The model comes from the checkpoint's record; `name`/`flavor` are needed only for checkpoints
+    without one. `dtype` None keeps the checkpoint's. Returns the files written.
     """
     dcp_dir, out_dir = Path(dcp_dir), Path(out_dir)
     if layout not in LAYOUTS:
         raise ConversionError(f"--layout '{layout}' is unknown; choose one of {', '.join(LAYOUTS)}")
-    args = flavor_args(name, flavor)
-    model_type = "llama" if layout == "llama" else NATIVE_MODEL_TYPE[name]
     shard_bytes = parse_size(max_shard_size)
-    stored = _dcp_model_entries(dcp_dir)
+    stored = dcp_model_entries(dcp_dir)
+    spec = checkpoint_spec(dcp_dir, name, flavor)
+    if tokenizer_path:
+        spec = replace(spec, tokenizer_path=tokenizer_path)
     shapes = {key: tuple(meta.size) for key, meta in stored.items()}
-    conflicts = _flavor_conflicts(shapes, args)
+    conflicts = _flavor_conflicts(shapes, spec.args)
     if conflicts:
         raise ConversionError(
-            f"--model.name {name} --model.flavor {flavor} is a flavor that does not match the weights in "
-            f"{dcp_dir} ({'; '.join(conflicts)}); pass the flavor the checkpoint was trained with"
+            f"the model {spec.describe()} does not match the weights in {dcp_dir} ({'; '.join(conflicts)}); "
+            "pass the --model.name/--model.flavor the checkpoint was trained with"
         )
     check_tensors(
         shapes,
-        tensor_shapes(meta_state_dict(args)),
+        tensor_shapes(meta_state_dict(spec.args)),
         source=f"the '{MODEL_KEY}' entries of {dcp_dir}",
         fix="pass the --model.name/--model.flavor the checkpoint was trained with",
     )
     target = DTYPES[dtype] if dtype else stored["tok_embeddings.weight"].properties.dtype
-    config = hf_config(args, model_type, target)
-
-    _prepare_output(out_dir, dcp_dir, overwrite, _HF_OUTPUTS)
-    state = {key: torch.empty(meta.size, dtype=meta.properties.dtype) for key, meta in stored.items()}
-    _single_process_dcp(dcp.load, {MODEL_KEY: state}, dcp_dir)
-    hf_state = to_hf({key: tensor.to(target) for key, tensor in state.items()}, args, model_type)
-    files = _write_safetensors(hf_state, out_dir, shard_bytes)
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    return [*files, out_dir / "config.json"]
+    with _staged_output(out_dir, dcp_dir, overwrite, _HF_OUTPUTS) as staging:
+        files = export_hf_folder(read_model_state(dcp_dir), spec, staging, target, layout, shard_bytes)
+    return [out_dir / file.name for file in files]
 
 
 def parse_size(text: str) -> int:
@@ -166,102 +162,49 @@ def _flavor_conflicts(shapes: Shapes, args: ModelArgs) -> list[str]:
     ]
 
 
-def _prepare_output(out_dir: Path, in_dir: Path, overwrite: bool, outputs: Sequence[str]) -> None:
-    """Create `out_dir`, refusing a non-empty one unless --overwrite, and never the input folder."""
-    if out_dir.resolve() == in_dir.resolve():
-        raise ConversionError(
-            f"OUT_DIR '{out_dir}' is the input folder; write the conversion to another folder"
-        )
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ConversionError(f"OUT_DIR '{out_dir}' exists and is not a folder; choose another path")
-    if out_dir.exists() and any(out_dir.iterdir()):
-        if not overwrite:
+class _staged_output:
+    """A temporary sibling of OUT_DIR to write into, moved into place only when the block succeeds.
+
+    OUT_DIR is checked first (never the input folder; empty or absent unless --overwrite). On
+    success an --overwrite replaces only the files an earlier conversion wrote there (`outputs`),
+    so stale shards cannot sit beside a new index; on failure the staging folder is removed and
+    OUT_DIR is untouched.
+    """
+
+    def __init__(self, out_dir: Path, in_dir: Path, overwrite: bool, outputs: Sequence[str]) -> None:
+        if out_dir.resolve() == in_dir.resolve():
+            raise ConversionError(f"OUT_DIR '{out_dir}' is the input folder; write the conversion to another folder")
+        if out_dir.exists() and not out_dir.is_dir():
+            raise ConversionError(f"OUT_DIR '{out_dir}' exists and is not a folder; choose another path")
+        if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
             raise ConversionError(
                 f"OUT_DIR '{out_dir}' exists and is not empty; choose a new or empty folder, or pass "
                 "--overwrite to replace the files an earlier conversion wrote there"
             )
-        # Stale shards of an earlier run would otherwise sit beside the new index.
-        for pattern in outputs:
-            for path in out_dir.glob(pattern):
-                if path.is_file():
+        self.out_dir, self.outputs = out_dir, outputs
+        self.staging = out_dir.parent / f".{out_dir.name}.tmp-{secrets.token_hex(4)}"
+
+    def __enter__(self) -> Path:
+        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+        self.staging.mkdir()
+        return self.staging
+
+    def __exit__(self, error_type: type | None, *rest: Any) -> None:
+        if error_type is not None:
+            shutil.rmtree(self.staging, ignore_errors=True)
+            return
+        if not self.out_dir.exists():
+            self.staging.rename(self.out_dir)
+            return
+        for pattern in self.outputs:
+            for path in self.out_dir.glob(pattern):
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
                     path.unlink()
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-
-# ---------------------------------------------------------------------------------------------
-# Hugging Face safetensors
-
-
-def _write_safetensors(state: StateDict, out_dir: Path, shard_bytes: int) -> list[Path]:
-    """HF's layout: one model.safetensors, or model-0000i-of-0000n shards plus an index."""
-    shards: list[StateDict] = [{}]
-    size = 0
-    for key, tensor in state.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][key] = tensor.contiguous()
-        size += nbytes
-    metadata = {"format": "pt"}  # transformers refuses safetensors files without it
-    if len(shards) == 1:
-        save_file(shards[0], out_dir / HF_SINGLE, metadata=metadata)
-        return [out_dir / HF_SINGLE]
-    files, weight_map = [], {}
-    for i, shard in enumerate(shards, start=1):
-        file = out_dir / f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, file, metadata=metadata)
-        weight_map.update(dict.fromkeys(shard, file.name))
-        files.append(file)
-    total = sum(t.numel() * t.element_size() for t in state.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (out_dir / HF_INDEX).write_text(json.dumps(index, indent=2) + "\n")
-    return [*files, out_dir / HF_INDEX]
-
-
-# ---------------------------------------------------------------------------------------------
-# DCP
-
-
-def _dcp_model_entries(dcp_dir: Path) -> dict[str, TensorStorageMetadata]:
-    """The tensors stored under "model", keyed by titanlm parameter name."""
-    require_dir(dcp_dir, "DCP_DIR")
-    if not (dcp_dir / ".metadata").is_file():
-        raise ConversionError(
-            f"{dcp_dir} has no .metadata file, so it is not a DCP checkpoint; pass a folder written by "
-            "hf_to_dcp or a trainer checkpoint folder such as <dump_folder>/checkpoint/step-1000"
-        )
-    stored = FileSystemReader(dcp_dir).read_metadata().state_dict_metadata
-    prefix = f"{MODEL_KEY}."
-    entries = {
-        key.removeprefix(prefix): meta
-        for key, meta in stored.items()
-        if key.startswith(prefix) and isinstance(meta, TensorStorageMetadata)
-    }
-    if not entries:
-        top = sorted({key.split(".")[0] for key in stored})
-        raise ConversionError(
-            f"{dcp_dir} has no '{MODEL_KEY}' entries (top-level keys: {', '.join(top[:SHOWN_KEYS])}); "
-            f"titanlm checkpoints keep the model under '{MODEL_KEY}'"
-        )
-    return entries
-
-
-def read_dcp_model_state(dcp_dir: str | Path, dtype: torch.dtype | None = None) -> StateDict:
-    """The "model" entries of a DCP checkpoint as full tensors in this one process (any saving
-    layout: DCP reassembles the shards), in their stored dtype or `dtype`."""
-    stored = _dcp_model_entries(Path(dcp_dir))
-    state = {key: torch.empty(meta.size, dtype=meta.properties.dtype) for key, meta in stored.items()}
-    _single_process_dcp(dcp.load, {MODEL_KEY: state}, Path(dcp_dir))
-    return {key: tensor.to(dtype) for key, tensor in state.items()} if dtype else state
-
-
-def _single_process_dcp(operation: Callable[..., Any], state: dict[str, Any], path: Path) -> None:
-    """dcp.save or dcp.load in this one process; no process group is needed."""
-    with warnings.catch_warnings():
-        # no_dist already says so; torch still warns that it assumes a single process.
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        operation(state, checkpoint_id=path, no_dist=True)
+        for path in self.staging.iterdir():
+            path.rename(self.out_dir / path.name)
+        self.staging.rmdir()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,7 +213,8 @@ def _single_process_dcp(operation: Callable[..., Any], state: dict[str, Any], pa
 
 def _matching_flavors(args: ModelArgs) -> list[str]:
     return [f"--model.name {name} --model.flavor {flavor}"
-            for name, flavors in FLAVORS.items() for flavor, known in flavors.items() if known == args]
+            for name, flavors in FLAVORS.items() for flavor, known in flavors.items()
+            if not flavor_differences(args, known)]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -293,10 +237,14 @@ def _parser() -> argparse.ArgumentParser:
                                     help="DCP checkpoint (e.g. a trainer step-N folder) -> HF folder")
     to_hf_cmd.add_argument("dcp_dir", help="DCP checkpoint folder (with .metadata)")
     to_hf_cmd.add_argument("out_dir", help="new or empty folder for the HF model")
-    to_hf_cmd.add_argument("--model.name", dest="name", choices=sorted(FLAVORS), required=True,
-                           help="model family the checkpoint was trained as")
-    to_hf_cmd.add_argument("--model.flavor", dest="flavor", required=True,
-                           help="flavor the checkpoint was trained as")
+    to_hf_cmd.add_argument("--model.name", dest="name", choices=sorted(FLAVORS),
+                           help="model family the checkpoint was trained as (only for checkpoints without "
+                           "titanlm_model.json)")
+    to_hf_cmd.add_argument("--model.flavor", dest="flavor",
+                           help="flavor the checkpoint was trained as (only for checkpoints without "
+                           "titanlm_model.json)")
+    to_hf_cmd.add_argument("--tokenizer_path", default="",
+                           help="tokenizer to ship with the export (default: the one the checkpoint records)")
     to_hf_cmd.add_argument("--layout", choices=LAYOUTS, default="llama",
                            help="llama: LlamaForCausalLM, loads in stock transformers (default); "
                            "native: the family's own HF names and config (needs its remote code)")
@@ -315,13 +263,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = _parser().parse_args(argv)
     try:
         if options.command == "hf_to_dcp":
-            args = hf_to_dcp(options.hf_dir, options.out_dir, options.name, options.flavor, options.overwrite)
-            flavors = _matching_flavors(args) or ["a new flavor in titanlm/models/flavors.py (none matches)"]
-            print(f"wrote DCP checkpoint {options.out_dir} for {args}; "
-                  f"train from it with {' or '.join(flavors)}")
+            spec = hf_to_dcp(options.hf_dir, options.out_dir, options.name, options.flavor, options.overwrite)
+            model = _matching_flavors(spec.args) or [f"--model.hf_path {options.hf_dir}"]
+            print(f"wrote DCP checkpoint {options.out_dir} ({spec.family}, {spec.args.n_layers} layers, dim "
+                  f"{spec.args.dim}{', tokenizer included' if spec.tokenizer_path else ', no tokenizer found'}); "
+                  f"train from it with {' or '.join(model)} --checkpoint.initial_load_path {options.out_dir} "
+                  "--checkpoint.load_content model")
         else:
             files = dcp_to_hf(options.dcp_dir, options.out_dir, options.name, options.flavor, options.layout,
-                              options.dtype, options.max_shard_size, options.overwrite)
+                              options.dtype, options.max_shard_size, options.overwrite, options.tokenizer_path)
             print(f"wrote {len(files)} files to {options.out_dir}")
     except ConversionError as err:
         print(f"error: {err}", file=sys.stderr)
