@@ -201,10 +201,24 @@ def test_tied_embeddings_under_fsdp2_and_tp2_match_one_process(tmp_path: Path, d
     oracle = run_in_process(tmp_path / "one", model)
     runs = run_torchrun(2, {
         "fsdp2": [*model, "--training.local_batch_size", "2"],
-        "tp2": [*model, "--parallelism.tensor_parallel_degree", "2"],
+        "fsdp2_full_ac": [*model, "--training.local_batch_size", "2", "--activation_checkpoint.mode", "full"],
+        "tp2_loss_parallel": [*model, "--parallelism.tensor_parallel_degree", "2"],
+        "cp2": [*model, "--parallelism.context_parallel_degree", "2"],
     }, tmp_path)
     for name, records in runs.items():
         assert_records_close(records, oracle)
+
+
+def test_tied_embeddings_compile_and_float8(tmp_path: Path, demo_cache: Path) -> None:
+    """Compiled blocks match eager; float8 (every Linear but the tied output) tracks full precision."""
+    pytest.importorskip("torchao.float8")
+    folder = hf_folder(tmp_path / "hf", replace(TIED, dim=64, n_heads=4, ffn_dim=192), demo_cache)
+    model = [NO_FLAVOR, "--model.hf_path", str(folder), "--training.steps", "2"]
+    eager = run_in_process(tmp_path / "eager", model)
+    assert_records_close(run_in_process(tmp_path / "compiled", [*model, "--compile.enable"]), eager, rtol=1e-5)
+    float8 = run_in_process(tmp_path / "float8", [*model, "--float8.enable"])
+    assert_records_close(float8, eager, rtol=2e-2)
+    assert float8[0]["loss"] != eager[0]["loss"]
 
 
 # ---------------------------------------------------------------------------------------------

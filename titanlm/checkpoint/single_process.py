@@ -17,8 +17,10 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+from titanlm.models.flavors import ModelArgs
 from titanlm.models.hf_adapter import ConversionError, StateDict
-from titanlm.models.hf_checkpoint import SHOWN_KEYS, require_dir
+from titanlm.models.hf_checkpoint import SHOWN_KEYS, Shapes, check_tensors, meta_state_dict, require_dir, tensor_shapes
+from titanlm.models.spec import ModelSpec, checkpoint_spec
 
 MODEL_KEY = "model"
 
@@ -45,6 +47,59 @@ def dcp_model_entries(dcp_dir: Path) -> dict[str, TensorStorageMetadata]:
             f"titanlm checkpoints keep the model under '{MODEL_KEY}'"
         )
     return entries
+
+
+def checked_checkpoint_spec(dcp_dir: Path, name: str | None = None, flavor: str | None = None) -> ModelSpec:
+    """The model of a DCP checkpoint (its record, or the flavor flags of an older one), checked
+    against the stored tensors before any is read."""
+    shapes = {key: tuple(meta.size) for key, meta in dcp_model_entries(dcp_dir).items()}
+    spec = checkpoint_spec(dcp_dir, name, flavor)
+    conflicts = _flavor_conflicts(shapes, spec.args)
+    if conflicts:
+        raise ConversionError(
+            f"the model {spec.describe()} does not match the weights in {dcp_dir} ({'; '.join(conflicts)}); "
+            "pass the --model.name/--model.flavor the checkpoint was trained with"
+        )
+    check_tensors(
+        shapes,
+        tensor_shapes(meta_state_dict(spec.args)),
+        source=f"the '{MODEL_KEY}' entries of {dcp_dir}",
+        fix="pass the --model.name/--model.flavor the checkpoint was trained with",
+    )
+    return spec
+
+
+def _flavor_conflicts(shapes: Shapes, args: ModelArgs) -> list[str]:
+    """The ModelArgs fields that stored shapes contradict, as "field: weights X, flavor Y".
+
+    Shapes reveal head counts only through the rows of wk (n_kv_heads * head_dim), so that
+    product stands in for them; a flavor differing only in n_heads at equal widths goes unseen.
+    """
+
+    def size(key: str, axis: int = 0) -> int | None:
+        return shapes[key][axis] if key in shapes else None
+
+    seen = {
+        "dim": size("tok_embeddings.weight", 1),
+        "vocab_size": size("tok_embeddings.weight"),
+        "n_layers": len({key.split(".")[1] for key in shapes if key.startswith("layers.")}),
+        "ffn_dim": size("layers.0.feed_forward.w1.weight"),
+        "n_kv_heads * head_dim": size("layers.0.attention.wk.weight"),
+        "attn_bias": "layers.0.attention.wq.bias" in shapes,
+    }
+    wanted = {
+        "dim": args.dim,
+        "vocab_size": args.vocab_size,
+        "n_layers": args.n_layers,
+        "ffn_dim": args.ffn_dim,
+        "n_kv_heads * head_dim": args.n_kv_heads * args.head_dim,
+        "attn_bias": args.attn_bias,
+    }
+    return [
+        f"{field}: weights {value}, flavor {wanted[field]}"
+        for field, value in seen.items()
+        if value is not None and value != wanted[field]
+    ]
 
 
 def read_model_state(dcp_dir: str | Path, dtype: torch.dtype | None = None) -> StateDict:

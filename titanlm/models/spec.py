@@ -19,8 +19,21 @@ from pathlib import Path
 
 from titanlm.config.job_config import Model
 from titanlm.models.flavors import FLAVORS, ModelArgs, RopeScaling, get_model_args, with_layers
-from titanlm.models.hf_adapter import FAMILY_OF_MODEL_TYPE, ConversionError, args_from_hf_config, flavor_differences
-from titanlm.models.hf_checkpoint import check_hf_weights, read_json, require_dir, tokenizer_file, tokenizer_files
+from titanlm.models.hf_adapter import (
+    FAMILY_OF_MODEL_TYPE,
+    ConversionError,
+    StateDict,
+    args_from_hf_config,
+    flavor_differences,
+)
+from titanlm.models.hf_checkpoint import (
+    check_hf_weights,
+    read_hf_model,
+    read_json,
+    require_dir,
+    tokenizer_file,
+    tokenizer_files,
+)
 
 logger = logging.getLogger("titanlm")
 
@@ -85,6 +98,17 @@ def resolve_model_spec(model: Model) -> ModelSpec:
         tokenizer = str(found)
     check_hf_weights(folder, args, config["model_type"])  # before any work, not when loading
     return ModelSpec(family, with_layers(args, model.n_layers), model.flavor, str(folder), tokenizer)
+
+
+def read_hf_folder(
+    folder: Path, name: str | None = None, flavor: str | None = None
+) -> tuple[ModelSpec, StateDict]:
+    """The model of an HF folder (family from its model_type, tokenizer file if it has one) and its
+    weights as a titanlm state dict; `flavor` (with `name`) must match it when given."""
+    args, state = read_hf_model(folder, name, flavor)
+    family = name or FAMILY_OF_MODEL_TYPE[read_json(folder / "config.json")["model_type"]]
+    tokenizer = tokenizer_file(folder)
+    return ModelSpec(family, args, flavor or "", str(folder), str(tokenizer) if tokenizer else ""), state
 
 
 def _tokenizer_setting(path: str) -> str:

@@ -43,7 +43,7 @@ from titanlm.distributed import shutdown
 from titanlm.metrics import device_peak_flops, peak_memory_gib
 from titanlm.models.flavors import ModelArgs
 from titanlm.models.flops import training_flops
-from titanlm.models.hf_adapter import to_hf_state_dict
+from titanlm.models.hf_adapter import hf_config, to_hf_state_dict
 from titanlm.models.transformer import canonical_param_name
 from titanlm.parallel.float8 import apply_float8
 from titanlm.train import Trainer
@@ -88,16 +88,13 @@ def hf_system(model_args: ModelArgs, weights: dict[str, torch.Tensor], device: t
         import transformers
     except ImportError:
         return None, "transformers is not installed"
-    config = transformers.LlamaConfig(
-        vocab_size=model_args.vocab_size, hidden_size=model_args.dim, intermediate_size=model_args.ffn_dim,
-        num_hidden_layers=model_args.n_layers, num_attention_heads=model_args.n_heads,
-        num_key_value_heads=model_args.n_kv_heads, rope_theta=model_args.rope_theta,
-        rms_norm_eps=model_args.norm_eps, attention_bias=model_args.attn_bias, tie_word_embeddings=False,
-        attn_implementation="sdpa", max_position_embeddings=max(args.seq_len, 2048),
-    )
+    # The config.json titanlm exports for this model (RoPE scaling and tying included).
+    spelled = hf_config(model_args, "llama", torch.float32)
+    spelled.pop("torch_dtype")
+    config = transformers.LlamaConfig(**spelled, attn_implementation="sdpa")
     # What a careful user writes: fp32 master weights, low-precision compute under autocast.
     model = transformers.LlamaForCausalLM(config).to(device)
-    model.load_state_dict(to_hf_state_dict(weights), strict=True)
+    model.load_state_dict(to_hf_state_dict(weights), strict=not model_args.tie_embeddings)
     note = ""
     if args.ac == "full":
         model.gradient_checkpointing_enable()

@@ -30,20 +30,17 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from titanlm.checkpoint.hf_export import LAYOUTS, export_hf_folder
-from titanlm.checkpoint.single_process import MODEL_KEY, dcp_model_entries, read_model_state, single_process_dcp
-from titanlm.models import FLAVORS, ModelArgs
-from titanlm.models.hf_adapter import FAMILY_OF_MODEL_TYPE, ConversionError, flavor_differences
-from titanlm.models.hf_checkpoint import (
-    HF_INDEX,
-    Shapes,
-    check_tensors,
-    meta_state_dict,
-    read_hf_model,
-    read_json,
-    tensor_shapes,
-    tokenizer_file,
+from titanlm.checkpoint.single_process import (
+    MODEL_KEY,
+    checked_checkpoint_spec,
+    dcp_model_entries,
+    read_model_state,
+    single_process_dcp,
 )
-from titanlm.models.spec import ModelSpec, checkpoint_spec, write_record
+from titanlm.models import FLAVORS, ModelArgs
+from titanlm.models.hf_adapter import ConversionError, flavor_differences
+from titanlm.models.hf_checkpoint import HF_INDEX
+from titanlm.models.spec import ModelSpec, read_hf_folder, write_record
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # What each direction writes, so that --overwrite replaces exactly its own earlier output.
@@ -63,10 +60,7 @@ def hf_to_dcp(
     """Write the HF checkpoint in `hf_dir` as a DCP checkpoint {"model": titanlm state dict} with
     its model record and, when the folder has one, its tokenizer."""
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
-    args, state = read_hf_model(hf_dir, name, flavor)
-    family = name or FAMILY_OF_MODEL_TYPE[read_json(hf_dir / "config.json")["model_type"]]
-    tokenizer = tokenizer_file(hf_dir)
-    spec = ModelSpec(family, args, flavor or "", str(hf_dir), str(tokenizer) if tokenizer else "")
+    spec, state = read_hf_folder(hf_dir, name, flavor)
     with _staged_output(out_dir, hf_dir, overwrite, _DCP_OUTPUTS) as staging:
         single_process_dcp(dcp.save, {MODEL_KEY: state}, staging)
         write_record(staging, spec)
@@ -94,24 +88,10 @@ def dcp_to_hf(
     if layout not in LAYOUTS:
         raise ConversionError(f"--layout '{layout}' is unknown; choose one of {', '.join(LAYOUTS)}")
     shard_bytes = parse_size(max_shard_size)
-    stored = dcp_model_entries(dcp_dir)
-    spec = checkpoint_spec(dcp_dir, name, flavor)
+    spec = checked_checkpoint_spec(dcp_dir, name, flavor)
     if tokenizer_path:
         spec = replace(spec, tokenizer_path=tokenizer_path)
-    shapes = {key: tuple(meta.size) for key, meta in stored.items()}
-    conflicts = _flavor_conflicts(shapes, spec.args)
-    if conflicts:
-        raise ConversionError(
-            f"the model {spec.describe()} does not match the weights in {dcp_dir} ({'; '.join(conflicts)}); "
-            "pass the --model.name/--model.flavor the checkpoint was trained with"
-        )
-    check_tensors(
-        shapes,
-        tensor_shapes(meta_state_dict(spec.args)),
-        source=f"the '{MODEL_KEY}' entries of {dcp_dir}",
-        fix="pass the --model.name/--model.flavor the checkpoint was trained with",
-    )
-    target = DTYPES[dtype] if dtype else stored["tok_embeddings.weight"].properties.dtype
+    target = DTYPES[dtype] if dtype else dcp_model_entries(dcp_dir)["tok_embeddings.weight"].properties.dtype
     with _staged_output(out_dir, dcp_dir, overwrite, _HF_OUTPUTS) as staging:
         files = export_hf_folder(read_model_state(dcp_dir), spec, staging, target, layout, shard_bytes)
     return [out_dir / file.name for file in files]
@@ -123,43 +103,6 @@ def parse_size(text: str) -> int:
     if not match or match.group(2) not in _SIZE_UNITS or float(match.group(1)) <= 0:
         raise ConversionError(f"--max_shard_size '{text}' is not a size; use e.g. 5GB, 500MB or a byte count")
     return int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
-
-
-# ---------------------------------------------------------------------------------------------
-# Checks
-
-
-def _flavor_conflicts(shapes: Shapes, args: ModelArgs) -> list[str]:
-    """The ModelArgs fields that stored shapes contradict, as "field: weights X, flavor Y".
-
-    Shapes reveal head counts only through the rows of wk (n_kv_heads * head_dim), so that
-    product stands in for them; a flavor differing only in n_heads at equal widths goes unseen.
-    """
-
-    def size(key: str, axis: int = 0) -> int | None:
-        return shapes[key][axis] if key in shapes else None
-
-    seen = {
-        "dim": size("tok_embeddings.weight", 1),
-        "vocab_size": size("tok_embeddings.weight"),
-        "n_layers": len({key.split(".")[1] for key in shapes if key.startswith("layers.")}),
-        "ffn_dim": size("layers.0.feed_forward.w1.weight"),
-        "n_kv_heads * head_dim": size("layers.0.attention.wk.weight"),
-        "attn_bias": "layers.0.attention.wq.bias" in shapes,
-    }
-    wanted = {
-        "dim": args.dim,
-        "vocab_size": args.vocab_size,
-        "n_layers": args.n_layers,
-        "ffn_dim": args.ffn_dim,
-        "n_kv_heads * head_dim": args.n_kv_heads * args.head_dim,
-        "attn_bias": args.attn_bias,
-    }
-    return [
-        f"{field}: weights {value}, flavor {wanted[field]}"
-        for field, value in seen.items()
-        if value is not None and value != wanted[field]
-    ]
 
 
 class _staged_output:

@@ -27,21 +27,14 @@ from pathlib import Path
 
 import torch
 
-from titanlm.checkpoint.single_process import MODEL_KEY, dcp_model_entries, read_model_state
+from titanlm.checkpoint.single_process import checked_checkpoint_spec, read_model_state
 from titanlm.data.chat_templates import CHAT_FORMATS, END_OF_TURN, render_chat
 from titanlm.data.tokenizer import Tokenizer, build_tokenizer
 from titanlm.generation import Completion, Sampling, generate, inference_model
 from titanlm.models import FLAVORS
-from titanlm.models.hf_adapter import FAMILY_OF_MODEL_TYPE, StateDict
-from titanlm.models.hf_checkpoint import (
-    check_tensors,
-    meta_state_dict,
-    read_hf_model,
-    read_json,
-    tensor_shapes,
-    tokenizer_file,
-)
-from titanlm.models.spec import ModelSpec, checkpoint_spec
+from titanlm.models.hf_adapter import StateDict
+from titanlm.models.hf_checkpoint import read_json, tokenizer_file
+from titanlm.models.spec import ModelSpec, read_hf_folder
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -62,19 +55,9 @@ def load_checkpoint(
             "checkpoint folder"
         )
     if (folder / ".metadata").is_file():
-        spec = checkpoint_spec(folder, name, flavor)
-        check_tensors(
-            {key: tuple(meta.size) for key, meta in dcp_model_entries(folder).items()},
-            tensor_shapes(meta_state_dict(spec.args)),
-            source=f"the '{MODEL_KEY}' entries of {folder}",
-            fix="pass the --model.name/--model.flavor the checkpoint was trained with",
-        )
-        state = read_model_state(folder)
+        spec, state = checked_checkpoint_spec(folder, name, flavor), read_model_state(folder)
     elif (folder / "config.json").is_file():
-        args, state = read_hf_model(folder, name, flavor)
-        family = FAMILY_OF_MODEL_TYPE[read_json(folder / "config.json")["model_type"]]
-        found = tokenizer_file(folder)
-        spec = ModelSpec(family, args, flavor or "", str(folder), str(found) if found else "")
+        spec, state = read_hf_folder(folder, name, flavor)
     else:
         steps = [step for step in folder.glob("step-*") if step.name[5:].isdigit()]
         latest = max(steps, key=lambda step: int(step.name[5:]), default=None)
