@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
+from titanlm.checkpoint.hf_export import export_hf_folder
 from titanlm.data.chat_templates import render_chat
 from titanlm.data.tokenizer import LLAMA3_SPLIT_PATTERN, build_tokenizer, llama3_special_tokens
 from titanlm.models import ModelArgs, Transformer
@@ -122,6 +123,28 @@ def _assert_same(results: list[dict], expected: list[dict]) -> None:
 
 
 # ---- decoding ------------------------------------------------------------------------------
+
+
+def test_internlm2_native_folder_generates_what_transformers_does_on_its_llama_export(
+    tmp_path: Path, tiny_tokenizer: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """InternLM2 has no transformers class: its native layout (packed wqkv) must decode exactly like
+    its Llama-layout export does in transformers."""
+    transformers = pytest.importorskip("transformers")
+    args = replace(LLAMA30, rope_theta=1000000.0, rope_scaling=RopeScaling("dynamic", 2.0), max_seq_len=4096)
+    model = Transformer(args)
+    model.init_weights(seed=5)
+    perturb_norms_and_biases(model)
+    spec = ModelSpec("internlm2", args, tokenizer_path=str(tiny_tokenizer))
+    for layout in ("native", "llama"):
+        (tmp_path / layout).mkdir()
+        export_hf_folder(model.state_dict(), spec, tmp_path / layout, torch.float32, layout)
+    results = _generate(capsys, "--checkpoint", tmp_path / "native", *_prompts(*PROMPTS), *GREEDY)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "llama", attn_implementation="eager").eval()
+    for result in results:
+        ids, logprobs = _hf_greedy(hf, result["prompt_ids"], new_tokens=12)
+        assert result["completion_ids"] == ids
+        torch.testing.assert_close(torch.tensor(result["logprobs"]), torch.tensor(logprobs), rtol=0, atol=1e-4)
 
 
 @pytest.mark.parametrize("args", [LLAMA30, LLAMA31, LLAMA32], ids=["3.0-untied-odd", "3.1-rope-scaling",
