@@ -41,9 +41,14 @@ def run_in_process(dump_folder: Path, extra: list[str]) -> list[dict]:
         trainer.close()
 
 
-def read_metrics(dump_folder: Path) -> list[dict]:
-    with open(dump_folder / "metrics.jsonl", encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
+def read_metrics(dump_folder: Path, every_step: bool = False) -> list[dict]:
+    """The newest run's records in metrics.jsonl: the logged steps' and validation records, and with
+    `every_step` also the small records of the steps between logs."""
+    from titanlm.metrics import STEP_KEYS, read_runs
+
+    runs = read_runs(str(dump_folder / "metrics.jsonl"))
+    records = runs[-1].records if runs else []
+    return records if every_step else [r for r in records if r.keys() != set(STEP_KEYS)]
 
 
 def worker_env() -> dict[str, str]:

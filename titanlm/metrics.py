@@ -1,20 +1,39 @@
-"""Per-step metrics: one human line, one JSON line in metrics.jsonl, optional TensorBoard scalars.
+"""Per-step metrics: one human line, one JSON line in metrics.jsonl, optional TensorBoard and W&B scalars.
 
 The human line follows InternEvo's `key=value,...` style so existing log scrapers keep working;
-metrics.jsonl carries the same record for scripts (see README "Metrics").
+metrics.jsonl carries the same record for scripts (see README "Metrics"), and this module reads it
+back for `titanlm.tools.plot`.
+
+metrics.jsonl holds, in order of writing:
+- a start record `{"event": "start", "run", "resumed_from_step", "time"}` each time a trainer starts;
+  a resumed run repeats its run id, a run from step 0 gets a new one;
+- a small record `{"step", "loss", "lr", "grad_norm"}` for every step that is not logged;
+- the full record (METRIC_KEYS and more) of every logged step, which is also the human line;
+- validation records `{"step", "valid_loss", ...}`.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
 import resource
+import uuid
+from collections import deque
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import torch
 
+from titanlm.config import JobConfig, config_to_dict, config_to_toml
+from titanlm.data.datasets import TextTokenDataset
+from titanlm.data.packing import PackedDataset
+
 logger = logging.getLogger("titanlm")
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 # Dense bf16 peak FLOP/s by device-name fragment (vendor spec sheets, no sparsity).
 PEAK_BF16_FLOPS: dict[str, float] = {
@@ -31,8 +50,23 @@ PEAK_BF16_FLOPS: dict[str, float] = {
 
 METRIC_KEYS = (
     "step", "loss", "tgs", "tflops", "mfu", "lr", "loss_scale", "grad_norm", "memory_gib",
-    "num_consumed_tokens", "inf_nan_skip_batches", "fwd_bwd_time",
+    "num_consumed_tokens", "inf_nan_skip_batches", "fwd_bwd_time", "eta",
 )
+STEP_KEYS = ("step", "loss", "lr", "grad_norm")  # what every step records, logged or not
+ETA_WINDOW = 20  # steps whose mean time predicts the rest
+
+
+class MetricsError(ValueError):
+    """A metrics setting the environment cannot honour; the message says what to install or change."""
+
+
+def check_metrics_settings(cfg: JobConfig) -> None:
+    """Refuse at start what would fail at the first log."""
+    if cfg.metrics.enable_wandb and importlib.util.find_spec("wandb") is None:
+        raise MetricsError(
+            "metrics.enable_wandb needs the wandb package: pip install 'titanlm[wandb]' (or pip install wandb), "
+            "or set metrics.enable_wandb = false"
+        )
 
 
 def device_peak_flops(device: torch.device, dtype: torch.dtype, override_tflops: float) -> float | None:
@@ -58,6 +92,27 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
 
 
+def epoch_tokens(dataset: object) -> int | None:
+    """Tokens in one pass over the training data, when the dataset has a size (bin and demo data)."""
+    if isinstance(dataset, PackedDataset):
+        return int(dataset.documents.lengths().sum())
+    if isinstance(dataset, TextTokenDataset):
+        return dataset.windows_per_epoch * dataset.seq_len
+    return None
+
+
+def plan_line(done_steps: int, steps: int, global_batch: int, seq_len: int, data_tokens: int | None) -> str:
+    """What the run is about to cover: steps, tokens, and epochs of the data when its size is known."""
+    if done_steps >= steps:
+        return f"run: already at step {done_steps} of {steps}, nothing to train"
+    tokens = (steps - done_steps) * global_batch * seq_len
+    epochs = f"{tokens / data_tokens:.3g} epochs of the data's {data_tokens:,} tokens" if data_tokens else "epochs n/a"
+    return (
+        f"run: steps {done_steps + 1}-{steps} of {steps}, {steps - done_steps} x {global_batch} x {seq_len} = "
+        f"{tokens:,} tokens, {epochs}"
+    )
+
+
 def format_line(record: dict[str, Any]) -> str:
     parts = []
     for key, value in record.items():
@@ -67,35 +122,144 @@ def format_line(record: dict[str, Any]) -> str:
     return ",".join(parts)
 
 
-class MetricsLogger:
-    """Writes records on the main rank only; every rank calls it so no rank needs special-casing."""
+def _as_numbers(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The records with their tensors replaced by Python floats, fetched in one device-to-host copy."""
+    tensors = [value for record in records for value in record.values() if isinstance(value, torch.Tensor)]
+    if not tensors:
+        return records
+    device = tensors[0].device
+    values = iter(torch.stack([t.detach().to(device, torch.float64) for t in tensors]).tolist())
+    return [{key: next(values) if isinstance(value, torch.Tensor) else value for key, value in record.items()}
+            for record in records]
 
-    def __init__(self, dump_folder: str, is_main: bool, enable_tensorboard: bool) -> None:
+
+@dataclass
+class Run:
+    id: str  # empty for records written before runs had start records
+    records: list[dict[str, Any]]
+
+
+def read_runs(path: str) -> list[Run]:
+    """The runs in a metrics.jsonl, in the order they last started (the newest last).
+
+    A resume continues its run from the step it resumed at: records of later steps, written
+    before the crash that the resume undoes, are dropped. A line cut short by a killed run is skipped.
+    """
+    runs: dict[str, Run] = {}
+    run = None
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record.get("event") == "start":
+                run = runs.pop(record["run"], None) or Run(record["run"], [])
+                runs[run.id] = run
+                run.records = [r for r in run.records if r["step"] <= record["resumed_from_step"]]
+            elif "step" in record:
+                if run is None:
+                    run = runs.setdefault("", Run("", []))
+                run.records.append(record)
+    return list(runs.values())
+
+
+class MetricsLogger:
+    """Writes the dump folder's records on the main rank only: train.log (the log lines), config.toml,
+    metrics.jsonl and the optional TensorBoard and W&B scalars. Every rank calls it, so no rank needs
+    special-casing, and every rank gets the logged records back as numbers."""
+
+    def __init__(self, cfg: JobConfig, is_main: bool) -> None:
         self.is_main = is_main
-        self._jsonl = None
-        self._tb = None
+        self.steps = cfg.training.steps
+        self._step_seconds: deque[float] = deque(maxlen=ETA_WINDOW)
+        self._kept: list[dict[str, Any]] = []  # the steps since the last log, tensors still on the device
+        self._cfg = cfg
+        self.folder = cfg.job.dump_folder
+        self._jsonl_path = os.path.join(self.folder, "metrics.jsonl")
+        self._log_file = self._jsonl = self._tb = self._wandb = None
         if not is_main:
             return
-        os.makedirs(dump_folder, exist_ok=True)
-        self._jsonl = open(os.path.join(dump_folder, "metrics.jsonl"), "a", encoding="utf-8")
-        if enable_tensorboard:
+        os.makedirs(self.folder, exist_ok=True)
+        self._log_file = logging.FileHandler(os.path.join(self.folder, "train.log"), encoding="utf-8")
+        self._log_file.setFormatter(logging.Formatter(LOG_FORMAT))
+        logger.addHandler(self._log_file)
+        with open(os.path.join(self.folder, "config.toml"), "w", encoding="utf-8") as f:
+            f.write(config_to_toml(cfg))
+        self._jsonl = open(self._jsonl_path, "a", encoding="utf-8")
+        if cfg.metrics.enable_tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(os.path.join(dump_folder, "tb"))
+            self._tb = SummaryWriter(os.path.join(self.folder, "tb"))
 
-    def log(self, record: dict[str, Any]) -> None:
+    def start(self, resumed_from_step: int) -> None:
+        """Open the run's record: a resumed run continues the newest run in metrics.jsonl (same id, in
+        W&B too), a run from step 0 starts a new one."""
         if not self.is_main:
             return
-        logger.info(format_line(record))
-        self._jsonl.write(json.dumps(record) + "\n")
+        runs = read_runs(self._jsonl_path) if resumed_from_step else []
+        run_id = runs[-1].id if runs and runs[-1].id else f"{datetime.now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
+        start = {"event": "start", "run": run_id, "resumed_from_step": resumed_from_step,
+                 "time": datetime.now().isoformat(timespec="seconds")}
+        self._jsonl.write(json.dumps(start) + "\n")
         self._jsonl.flush()
+        if self._cfg.metrics.enable_wandb:
+            import wandb
+
+            name = self._cfg.job.description or os.path.basename(os.path.abspath(self.folder))
+            self._wandb = wandb.init(
+                project=self._cfg.metrics.wandb_project, name=name, id=run_id, resume="allow", dir=self.folder,
+                config=config_to_dict(self._cfg),
+            )
+
+    def keep_step(self, record: dict[str, Any]) -> None:
+        """A step that is not logged: its loss, lr and grad norm wait, on the device, for the next log."""
+        self._step_seconds.append(record["step_time"] + record["data_time"])
+        self._kept.append({key: record[key] for key in STEP_KEYS})
+
+    def log_step(self, record: dict[str, Any]) -> dict[str, Any]:
+        """A logged step: the full record with `eta` (seconds left at the recent step rate) added."""
+        self._step_seconds.append(record["step_time"] + record["data_time"])
+        eta = sum(self._step_seconds) / len(self._step_seconds) * (self.steps - record["step"])
+        return self.log({**record, "eta": eta})
+
+    def log(self, record: dict[str, Any]) -> dict[str, Any]:
+        """Write the kept steps' records, then `record` as a line and a record; return it as numbers."""
+        *kept, record = _as_numbers([*self._kept, record])
+        self._kept = []
+        if self.is_main:
+            for small in kept:
+                self._write(small)
+            logger.info(format_line(record))
+            self._write(record)
+            self._jsonl.flush()
+        return record
+
+    def flush(self) -> None:
+        """Write the steps kept since the last log (a run that stops between two logs)."""
+        kept, self._kept = _as_numbers(self._kept), []
+        if self.is_main and kept:
+            for small in kept:
+                self._write(small)
+            self._jsonl.flush()
+
+    def _write(self, record: dict[str, Any]) -> None:
+        self._jsonl.write(json.dumps(record) + "\n")
+        scalars = {key: value for key, value in record.items()
+                   if key != "step" and isinstance(value, (int, float))}
         if self._tb is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self._tb.add_scalar(key, value, record["step"])
+            for key, value in scalars.items():
+                self._tb.add_scalar(key, value, record["step"])
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=record["step"])
 
     def close(self) -> None:
+        if self._log_file is not None:
+            logger.removeHandler(self._log_file)
+            self._log_file.close()
         if self._jsonl is not None:
             self._jsonl.close()
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()

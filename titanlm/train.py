@@ -28,7 +28,9 @@ from titanlm.data.loader import dataset_kind
 from titanlm.data.datasets import IGNORE_INDEX, Batch
 from titanlm.distributed import init_distributed, set_determinism, shutdown
 from titanlm.loss_scaler import DynamicLossScaler
-from titanlm.metrics import MetricsLogger, device_peak_flops, peak_memory_gib
+from titanlm.metrics import (
+    LOG_FORMAT, MetricsLogger, check_metrics_settings, device_peak_flops, epoch_tokens, peak_memory_gib, plan_line,
+)
 from titanlm.models import Transformer, count_params
 from titanlm.models.spec import resolve_model_spec, warn_beyond_trained_length
 from titanlm.models.attention import build_attention_backend
@@ -97,6 +99,7 @@ class Trainer:
             partial(torch.autocast, self.device.type, dtype=compute_dtype) if compute_dtype else nullcontext
         )
         check_float8_device(cfg.float8, self.device)
+        check_metrics_settings(cfg)
         self.float8 = float8_settings(cfg.float8, fsdp=fsdp)
         self.loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = (
             torch.compile(cross_entropy_sum) if cfg.compile.enable else cross_entropy_sum
@@ -121,7 +124,7 @@ class Trainer:
             self.device,
         )
         self.peak_flops = device_peak_flops(self.device, self.param_dtype, cfg.metrics.peak_tflops)
-        self.metrics = MetricsLogger(cfg.job.dump_folder, self.dist.is_main, cfg.metrics.enable_tensorboard)
+        self.metrics = MetricsLogger(cfg, self.dist.is_main)
 
         self.step = 0
         self.num_consumed_tokens = 0
@@ -138,6 +141,8 @@ class Trainer:
         for line in self._provenance():
             logger.info(line)
         self.restore(self.checkpointer.load())
+        self.metrics.start(resumed_from_step=self.step)
+        logger.info(plan_line(self.step, tr.steps, global_batch, tr.seq_len, epoch_tokens(self.dataloader.dataset)))
 
     def _provenance(self) -> list[str]:
         """Where the weights, tokenizer and data come from, and what the run writes where."""
@@ -149,12 +154,14 @@ class Trainer:
         }[dataset_kind(cfg)]
         valid = f"; validation on {cfg.data.valid_folder}" if cfg.data.valid_folder else ""
         tokenizer = self.tokenizer.path if self.tokenizer else "none"
-        writes = f"metrics to {os.path.join(cfg.job.dump_folder, 'metrics.jsonl')}"
+        dump = cfg.job.dump_folder
+        writes = f"metrics to {os.path.join(dump, 'metrics.jsonl')}"
+        logs = f"log and configuration to {os.path.join(dump, 'train.log')}, {os.path.join(dump, 'config.toml')}"
         return [
             f"weights: {self.checkpointer.start_description(cfg.debug.seed)}",
             f"tokenizer: {tokenizer}",
             f"data: {data}{valid}",
-            f"writes: {writes}; {self.checkpointer.save_description()}",
+            f"writes: {writes}; {self.checkpointer.save_description()}; {logs}",
         ]
 
     def _build_model(self) -> tuple[list[Transformer], _PipelineSchedule | None]:
@@ -286,7 +293,8 @@ class Trainer:
         self.lr_scheduler.step()
         return grad_norm
 
-    def train_step(self, micro_batches: list[Batch]) -> dict[str, float | int | None]:
+    def train_step(self, micro_batches: list[Batch]) -> dict[str, float | int | torch.Tensor | None]:
+        """One optimizer step; its record keeps loss and grad_norm on the device (read at log time)."""
         start = time.perf_counter()
         lr = self.lr_scheduler.get_last_lr()[0]
         loss, fwd_bwd_time = self.forward_backward(micro_batches)
@@ -304,7 +312,7 @@ class Trainer:
         useful_flops = training_flops(self.model_args, local_lengths) * self.parallel_dims.dp
         return {
             "step": self.step,
-            "loss": loss.item(),
+            "loss": loss,
             "tgs": step_tokens / world / step_time,
             "tflops": internevo_tflops(
                 self.model_args, self.global_batch, seq_len, step_time, world,
@@ -313,7 +321,7 @@ class Trainer:
             "mfu": useful_flops / (step_time * world * self.peak_flops) if self.peak_flops else None,
             "lr": lr,
             "loss_scale": self.loss_scaler.scale if self.loss_scaler else 1.0,
-            "grad_norm": grad_norm.item(),
+            "grad_norm": grad_norm,
             "memory_gib": peak_memory_gib(self.device),
             "num_consumed_tokens": self.num_consumed_tokens,
             "inf_nan_skip_batches": self.inf_nan_skip_batches,
@@ -356,12 +364,14 @@ class Trainer:
             if self.step % log_freq == 0 or self.step == 1 or self.step == self.cfg.training.steps:
                 record |= self._type_shares(logged_samples, self.step * self.global_batch)
                 logged_samples = self.step * self.global_batch
-                self.metrics.log(record)
-                records.append(record)
+                records.append(self.metrics.log_step(record))
+            else:
+                self.metrics.keep_step(record)
             if self.valid_loader is not None and valid_every > 0 and self.step % valid_every == 0:
                 self.metrics.log({"step": self.step, **self.validate()})
             if self.checkpointer.step_end(self.train_state()):
                 break
+        self.metrics.flush()
         return records
 
     @contextmanager
@@ -406,7 +416,7 @@ class Trainer:
 def configure_logging(is_main: bool) -> None:
     logging.basicConfig(
         level=logging.INFO if is_main else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=LOG_FORMAT,
         stream=sys.stdout,
         force=True,
     )

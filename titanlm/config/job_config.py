@@ -243,6 +243,12 @@ class Metrics:
     log_freq: int = opt(10, "log a metrics line every this many steps")
     enable_tensorboard: bool = opt(False, "write TensorBoard scalars under job.dump_folder/tb")
     peak_tflops: float = opt(-1.0, "device peak TFLOP/s for MFU; -1 = look the device up in the known table")
+    enable_wandb: bool = opt(
+        False,
+        "log the same records to Weights & Biases (pip install 'titanlm[wandb]'), as a run named after "
+        "job.description or else the dump folder; WANDB_MODE=offline keeps them under job.dump_folder/wandb",
+    )
+    wandb_project: str = opt("titanlm", "Weights & Biases project of the run")
 
 
 @dataclass
