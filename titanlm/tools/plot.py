@@ -149,7 +149,8 @@ def figure(curves: list[Curves], keys: list[str], x: str = "step", smooth: int =
             if not values:
                 continue
             color = colors[i % len(colors)]
-            if smooth > 1:
+            # A series no longer than the window (e.g. a few validation points) would average to a flat line.
+            if 1 < smooth < len(values):
                 ax.plot(xs, values, color=color, alpha=0.25, linewidth=1)
                 ax.plot(xs, moving_average(values, smooth), color=color, label=f"{c.label} (mean of {smooth})")
             else:
