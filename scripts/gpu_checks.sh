@@ -7,6 +7,9 @@
 #                                    T: all four rungs, titanlm alone
 #   scripts/gpu_checks.sh titan      torchtitan's own trainer on the same shape, same rungs
 #   scripts/gpu_checks.sh profile N  scripts/profile_step.py on that shape (eager), then titanlm's throughput
+#   scripts/gpu_checks.sh offload    Llama-3.1-8B's width cut to 16 layers (host memory of a 128 GiB machine),
+#                                    seq 4096: peak GPU memory and tokens/s with and without FSDP CPU offload;
+#                                    then generate from the debug run's checkpoint on CUDA
 # Wheels for packages the machine lacks go in .whl/ (see docs/benchmarks.md); logs go to $OUT or ./gpu_logs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -63,12 +66,25 @@ profile)  # profile NAME [overrides]: where an eager step's time goes, then its 
         --training.local_batch_size 1 --top 30 "$@" 2>&1 | grep -v "INFO\|USDT" | tee "$OUT/profile_$name.txt"
     bench "titanlm_$name" --peers ""
     ;;
+offload)
+    for offload in false true; do
+        echo "=== fsdp_cpu_offload=$offload"
+        timeout 280 $PY -m titanlm.train --model.flavor 3.1-8B --model.n_layers 16 --training.seq_len 4096 \
+            --training.local_batch_size 1 --training.steps 6 --metrics.log_freq 1 --data.dataset random \
+            --activation_checkpoint.mode full --parallelism.fsdp_cpu_offload $offload \
+            --job.dump_folder "/tmp/offload_$offload" 2>&1 | grep -E "step=|error" | cut -c1-400
+    done
+    timeout 120 $PY -m titanlm.train --job.config_file train_configs/debug_model.toml --job.dump_folder /tmp/gen \
+        --checkpoint.enable --training.steps 50 2>&1 | grep -E "step=50,|saved"
+    timeout 60 $PY -m titanlm.tools.generate --checkpoint /tmp/gen/checkpoint/step-50 --prompt "1 + 2 =" \
+        --prompt "count: one two" --temperature 0 --max_new_tokens 16 2>&1 | tail -12
+    ;;
 titan)
     bench titan_eager --peers torchtitan
     bench titan_compile_sac_float8 --peers torchtitan --compile --ac selective --float8
     ;;
 *)
-    echo "usage: scripts/gpu_checks.sh tests | ladder A|B | titan | profile NAME" >&2
+    echo "usage: scripts/gpu_checks.sh tests | ladder A|B | titan | profile NAME | offload" >&2
     exit 2
     ;;
 esac
