@@ -17,8 +17,8 @@ import pytest
 
 from titanlm.data.binmeta import BinMetaFolder, BinWriter, DataFormatError, encode_line, validate_folder
 
-# The three documents of seed 004's example, whose meta the seed prints as (0, 11), (90, 15), (208, 13).
-SEED_DOCS = [
+# The three documents of InternLM's data-preparation example (doc/usage.md), whose meta it prints as (0, 11), (90, 15), (208, 13).
+USAGE_DOCS = [
     [73075, 75302, 69522, 69022, 98899, 67713, 68015, 81269, 74637, 75445, 99157],
     [69469, 60355, 73026, 68524, 60846, 61844, 98899, 67775, 79241, 98899, 67713, 67800, 67453, 67838, 99157],
     [68057, 79017, 60378, 68014, 98899, 67713, 67990, 68015, 70381, 67428, 61003, 67622, 99157],
@@ -57,7 +57,7 @@ def folder(tmp_path):
     files = {  # written out of order on purpose
         "en/sub/deeper/b.bin": (_docs(5000, [3, 9]), np.int64),
         "en/a.bin": (_docs(1000, [5, 1, 12, 7], masked=2), np.int32),
-        "cn/x.bin": (SEED_DOCS, np.int32),
+        "cn/x.bin": (USAGE_DOCS, np.int32),
         "code/z/c.bin": (_docs(9000, [20, 2, 6]), np.int64),
     }
     for rel, (docs, dtype) in files.items():
@@ -84,13 +84,13 @@ def test_internevo_folder_reads_back_exact_signed_tokens(folder):
 
 
 def test_seed_example_meta_matches_the_seed_text(tmp_path):
-    write_internevo(tmp_path / "cn" / "output.bin", SEED_DOCS)
+    write_internevo(tmp_path / "cn" / "output.bin", USAGE_DOCS)
     meta = np.load(tmp_path / "cn" / "output.bin.meta")
     assert meta.dtype == np.int32 and meta.tolist() == [[0, 11], [90, 15], [208, 13]]
 
 
 def test_writer_output_is_byte_identical_to_internevo(tmp_path):
-    docs = SEED_DOCS + _docs(7, [4, 0, 2], masked=1)
+    docs = USAGE_DOCS + _docs(7, [4, 0, 2], masked=1)
     write_internevo(tmp_path / "ref" / "d.bin", docs)
     with BinWriter(str(tmp_path / "out" / "d.bin")) as w:
         for doc in docs:

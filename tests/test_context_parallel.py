@@ -134,7 +134,7 @@ FOUR_RANK_LAYOUTS = {
     "cp2_hsdp2x1": ("random", [*CP2, *DP2, "--parallelism.data_parallel_replicate_degree", "2"]),
     "cp2_tp2": ("random", [*CP2, *TP2, *DP1_ON_2]),
     "cp4_documents": ("bin", ["--parallelism.context_parallel_degree", "4", *DP1_ON_2]),
-    "pp2_cp2_documents": ("bin", [*CP2, *PP2]),  # seed 000 combines pp and cp (with tp)
+    "pp2_cp2_documents": ("bin", [*CP2, *PP2]),  # EasyLLM's 32-GPU recipe combines pp and cp (with tp)
     "pp2_interleaved_tp2_documents": ("bin", [*PP2, *TP2, "--parallelism.pipeline_parallel_schedule",
                                               "Interleaved1F1B"]),  # four stages on two pp ranks
 }

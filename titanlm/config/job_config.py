@@ -88,7 +88,7 @@ class Training:
 
 @dataclass
 class GradScaler:
-    """Dynamic loss scaling for float16, with InternEvo's knobs (seed 004's grad_scaler)."""
+    """Dynamic loss scaling for float16, with InternEvo's knobs (the grad_scaler section of InternLM's 7B_sft.py)."""
 
     initial_scale: float = opt(2.0**16, "starting loss scale")
     min_scale: float = opt(1.0, "the scale never drops below this")

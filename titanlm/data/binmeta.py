@@ -1,6 +1,6 @@
 """InternEvo's tokenized data: a folder of `.bin` + `.bin.meta` files, read in place and checked.
 
-Layout (REFERENCE §1): ROOT/TYPE/.../NAME.bin with NAME.bin.meta beside it; TYPE (`en`, `cn`,
+Layout (InternLM/InternEvo's tokenized data): ROOT/TYPE/.../NAME.bin with NAME.bin.meta beside it; TYPE (`en`, `cn`,
 `code`, any name) is the first folder level under ROOT. A `.bin` holds one `{"tokens": [...]}` JSON
 line per document; the `.bin.meta` is an `np.save`d (N, 2) integer array of (byte offset, token
 count) per line. Negative ids are prompt tokens (input only, no loss).

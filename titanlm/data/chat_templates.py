@@ -97,7 +97,7 @@ def _internlm2(tok: Tokenizer, messages: Sequence[Mapping[str, str]], generation
 
 
 def _internlm_v1(tok: Tokenizer, messages: Sequence[Mapping[str, str]], generation_prompt: bool) -> Parts:
-    """InternLM v1 (REFERENCE §2): `<|System|>:{system}\\n`, `<|User|>:{text}<eoh>\\n`, then
+    """InternLM v1 (InternLM chat's format): `<|System|>:{system}\\n`, `<|User|>:{text}<eoh>\\n`, then
     `<|Bot|>:` and the reply `{text}<eoa>\\n`. The markers are plain text; the text between two
     replies is encoded in one piece, as InternLM's own code encodes a whole prompt."""
     markers = {"system": "<|System|>:{}\n", "user": "<|User|>:{}<eoh>\n"}

@@ -51,7 +51,7 @@ def document_lengths(batch: dict[str, torch.Tensor]) -> list[int]:
 def internevo_tflops(
     args: ModelArgs, sequences: int, seq_len: int, step_time: float, world_size: int, recompute: bool
 ) -> float:
-    """InternEvo's per-GPU TFLOP/s (shared/REFERENCE.md §5), kept formula-for-formula comparable."""
+    """InternEvo's per-GPU TFLOP/s (its training log's `tflops`), kept formula-for-formula comparable."""
     f = 4 if recompute else 3
     h, s, B, L, V = args.dim, seq_len, sequences, args.n_layers, args.vocab_size
     r = (args.ffn_dim / h) * 3 / 2

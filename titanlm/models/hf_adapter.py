@@ -373,7 +373,7 @@ def _rope_scaling(config: dict[str, Any], source: str) -> RopeScaling | None:
 
 
 # Fields that change no weight and barely change numerics: reported, never a reason to refuse.
-# InternLM v1's HF configs say rms_norm_eps 1e-6 while InternEvo trains it with 1e-5 (seed 004).
+# InternLM v1's HF configs say rms_norm_eps 1e-6 while InternEvo trains it with 1e-5 (layer_norm_epsilon in 7B_sft.py).
 NUMERICS_ONLY = ("norm_eps",)
 # Fields that change nothing within the trained length: max_seq_len, and "dynamic" RoPE scaling
 # (InternLM2.5's), which only acts beyond it. Neither is a reason to refuse a flavor.

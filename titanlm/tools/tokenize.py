@@ -1,4 +1,4 @@
-"""Tokenize raw text into an InternEvo `.bin` + `.bin.meta` pair (seed 004's `tools/tokenizer.py`).
+"""Tokenize raw text into an InternEvo `.bin` + `.bin.meta` pair (InternLM's `tools/tokenizer.py`).
 
     python -m titanlm.tools.tokenize --text_input_path raw.jsonl --bin_output_path out/en/data.bin \\
         --tokenizer_path tokenizer.model --workers 8
