@@ -24,7 +24,7 @@ from titanlm.models import FLAVORS, ModelArgs, Transformer, count_params
 from titanlm.models.flavors import RopeScaling
 from titanlm.models.hf_adapter import args_from_hf_config, hf_config
 from titanlm.models.hf_checkpoint import read_hf_model
-from titanlm.models.spec import ModelSpec, read_record
+from titanlm.models.spec import ModelSpec, ModelSpecError, read_record, resolve_model_spec
 from titanlm.train import Trainer
 from titanlm.tools.convert import main as convert
 from trainer_runs import REPO, TINY_ARGS, read_metrics, run_in_process, run_torchrun, worker_env
@@ -186,8 +186,8 @@ def test_tied_checkpoint_resumes_bitwise(tmp_path: Path, demo_cache: Path) -> No
     folder = hf_folder(tmp_path / "hf", TIED, demo_cache)
     straight = run_in_process(tmp_path / "straight", [NO_FLAVOR, "--model.hf_path", str(folder)])
     common = [NO_FLAVOR, "--model.hf_path", str(folder), "--checkpoint.enable", "--checkpoint.interval", "2"]
-    run_in_process(tmp_path / "resumed", [*common, "--checkpoint.stop_file", str(tmp_path / "stop")]
-                   if (tmp_path / "stop").write_text("3") else common)
+    (tmp_path / "stop").write_text("3")  # save at step 3 and stop
+    run_in_process(tmp_path / "resumed", [*common, "--checkpoint.stop_file", str(tmp_path / "stop")])
     resumed = run_in_process(tmp_path / "resumed", [*common, "--checkpoint.stop_file", str(tmp_path / "none")])
     assert [r["step"] for r in resumed] == [4, 5]
     for got, want in zip(resumed, straight[3:]):
@@ -297,6 +297,20 @@ def test_first_log_lines_say_where_weights_tokenizer_and_data_come_from(tmp_path
     assert "data: random tokens" in result.stdout
     assert f"checkpoints to {tmp_path / 'run' / 'checkpoint'}" in result.stdout
     assert read_metrics(tmp_path / "run")[0]["step"] == 1
+
+
+def test_tokenizer_path_may_name_a_folder_holding_the_tokenizer(tmp_path: Path, demo_cache: Path) -> None:
+    folder = hf_folder(tmp_path / "hf", ODD, demo_cache)
+    spec = resolve_model_spec(load_config(["--model.tokenizer_path", str(folder)]).model)
+    assert spec.tokenizer_path == str(folder / "tokenizer.model")
+    with pytest.raises(ModelSpecError, match="is a folder without tokenizer.json or tokenizer.model"):
+        resolve_model_spec(load_config(["--model.tokenizer_path", str(tmp_path)]).model)
+
+
+def test_last_save_in_hf_without_checkpoints_is_refused(tmp_path: Path) -> None:
+    result = _train_main(tmp_path, "--checkpoint.last_save_in_hf")
+    assert result.returncode == 2
+    assert "checkpoint.last_save_in_hf exports the final checkpoint, but checkpoint.enable is off" in result.stderr
 
 
 def test_training_past_dynamic_scaling_length_says_so(tmp_path: Path, demo_cache: Path, caplog) -> None:

@@ -88,7 +88,7 @@ class Trainer:
         self.model_spec = resolve_model_spec(cfg.model)
         self.model_args = self.model_spec.args
         warn_beyond_trained_length(self.model_args, tr.seq_len)
-        dataset_kind(cfg)  # refuses a data path the run would ignore before the model is built
+        self.dataset_kind = dataset_kind(cfg)  # refuses a data path the run would ignore, before the model is built
         self.param_dtype = resolve_param_dtype(tr.mixed_precision_param, self.device)
         self.loss_scaler = DynamicLossScaler(cfg.grad_scaler) if self.param_dtype == torch.float16 else None
         vocab_sharded = self.parallel_dims.tp > 1 and not cfg.parallelism.disable_loss_parallel
@@ -151,7 +151,7 @@ class Trainer:
             "demo": f"the demo corpus in {cfg.data.cache_folder}",
             "random": "random tokens (set data.train_folder to train on real data)",
             "bin": f"the tokenized folder {cfg.data.train_folder}",
-        }[dataset_kind(cfg)]
+        }[self.dataset_kind]
         valid = f"; validation on {cfg.data.valid_folder}" if cfg.data.valid_folder else ""
         tokenizer = self.tokenizer.path if self.tokenizer else "none"
         dump = cfg.job.dump_folder

@@ -133,6 +133,7 @@ class _Plan:
     parts: tuple[str, ...]
     fix: str  # what to do when `source` lacks some of `parts`
     attempt: str  # names this attempt's .tmp folders, so a crashed attempt's are never reused
+    origin: str = ""  # for the log: "resume", "checkpoint.initial_load_path" or "model.hf_path"
 
 
 @dataclass
@@ -213,16 +214,17 @@ class CheckpointManager:
         source = self._resume_source(layout.complete_steps(self.folder))
         if source is not None:
             fix = "a resume needs a full checkpoint: move this one out of the folder, or pick another with load_step"
-            return _Plan(source, PARTS, fix, attempt)
+            return _Plan(source, PARTS, fix, attempt, origin="resume")
         return self._starting_weights(parts, attempt)
 
     def _starting_weights(self, parts: tuple[str, ...], attempt: str) -> _Plan:
         """Rank 0: the plan of a run that resumes nothing: initial_load_path, else model.hf_path."""
         if self.cfg.initial_load_path:
             fix = "set checkpoint.load_content to parts it holds, e.g. model"
-            return _Plan(initial_checkpoint(self.cfg.initial_load_path), parts, fix, attempt)
+            return _Plan(initial_checkpoint(self.cfg.initial_load_path), parts, fix, attempt,
+                         origin="checkpoint.initial_load_path")
         if self.spec.hf_path:
-            return _Plan(self.spec.hf_path, ("model",), "", attempt)
+            return _Plan(self.spec.hf_path, ("model",), "", attempt, origin="model.hf_path")
         return _Plan(None, (), "", attempt)
 
     def _resume_source(self, steps: list[int]) -> str | None:
@@ -256,13 +258,13 @@ class CheckpointManager:
 
     def start_description(self, seed: int) -> str:
         """Where the run's weights come from, for the first log lines."""
-        source = self.plan.source
-        if source is None:
+        plan = self.plan
+        if plan.source is None:
             return f"freshly initialized (debug.seed {seed})"
-        if self.plan.parts == PARTS and self.enabled and os.path.dirname(os.path.abspath(source)) == os.path.abspath(self.folder):
-            return f"resumed from {source}"
-        kind = "Hugging Face folder" if source == self.spec.hf_path else "checkpoint.initial_load_path"
-        return f"{', '.join(self.plan.parts)} from {kind} {source}"
+        if plan.origin == "resume":
+            return f"resumed from {plan.source}"
+        kind = "Hugging Face folder" if plan.origin == "model.hf_path" else plan.origin
+        return f"{', '.join(plan.parts)} from {kind} {plan.source}"
 
     def save_description(self) -> str:
         """What the run saves where, for the first log lines."""
