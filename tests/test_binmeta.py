@@ -106,7 +106,13 @@ def test_writer_leaves_nothing_on_error_and_refuses_to_overwrite(tmp_path):
         with BinWriter(str(target)) as w:
             w.write([1, 2])
             raise RuntimeError("boom")
-    assert os.listdir(tmp_path / "en") == []
+    assert os.listdir(tmp_path) == []  # not even the folder it created
+    (tmp_path / "en").mkdir()
+    (tmp_path / "en" / "other.txt").write_text("kept")
+    with pytest.raises(RuntimeError, match="boom"):
+        with BinWriter(str(target)) as w:
+            raise RuntimeError("boom")
+    assert os.listdir(tmp_path / "en") == ["other.txt"]  # a folder it did not create stays
     with BinWriter(str(target)) as w:
         w.write([1, 2])
     with pytest.raises(FileExistsError, match=re.escape(str(target)) + ".*--overwrite"):
@@ -114,7 +120,21 @@ def test_writer_leaves_nothing_on_error_and_refuses_to_overwrite(tmp_path):
     with BinWriter(str(target), meta_dtype="int64", overwrite=True) as w:
         w.write([3])
     assert np.load(str(target) + ".meta").dtype == np.int64
-    assert sorted(os.listdir(tmp_path / "en")) == ["d.bin", "d.bin.meta"]
+    assert sorted(os.listdir(tmp_path / "en")) == ["d.bin", "d.bin.meta", "other.txt"]
+
+
+def test_writer_output_has_the_mode_of_a_plain_open(tmp_path):
+    old = os.umask(0o022)
+    try:
+        with BinWriter(str(tmp_path / "en" / "d.bin")) as w:
+            w.write([1, 2])
+        os.umask(0o027)
+        with BinWriter(str(tmp_path / "en" / "e.bin")) as w:
+            w.write([1, 2])
+    finally:
+        os.umask(old)
+    modes = {name: oct(os.stat(tmp_path / "en" / name).st_mode & 0o777) for name in os.listdir(tmp_path / "en")}
+    assert modes == {"d.bin": "0o644", "d.bin.meta": "0o644", "e.bin": "0o640", "e.bin.meta": "0o640"}
 
 
 def test_min_length_drops_short_documents_and_renumbers(folder):
@@ -138,13 +158,15 @@ def test_folder_pickles_for_dataloader_workers(folder):
 
 
 def test_vocab_size_is_checked_on_read_including_negative_ids(tmp_path):
-    write_internevo(tmp_path / "en" / "d.bin", [[1, 2, 3], [-99, 5], [4, 100]])
+    write_internevo(tmp_path / "en" / "d.bin", [[1, 2, 3], [4, 100], [-99, 5]])
     data = BinMetaFolder(str(tmp_path), vocab_size=100)
-    assert data.read(0).tolist() == [1, 2, 3] and data.read(1).tolist() == [-99, 5]
-    with pytest.raises(DataFormatError, match=r"d\.bin line 3 .*token id 100 .*vocab_size 100.*re-tokenize"):
-        data.read(2)
+    assert data.read(0).tolist() == [1, 2, 3] and data.read(2).tolist() == [-99, 5]
+    with pytest.raises(DataFormatError, match=r"d\.bin line 2 .*token id 100 .*vocab_size 100.*re-tokenize"):
+        data.read(1)
     problems = validate_folder(str(tmp_path), vocab_size=99, full=True)
     assert len(problems) == 2 and "line 2" in problems[0] and "line 3" in problems[1]
+    with pytest.raises(DataFormatError, match=r"d\.bin line 3 .*token id -99 .*vocab_size 99"):
+        BinMetaFolder(str(tmp_path), vocab_size=99)  # the last line is checked at open
 
 
 # ---- broken folders: each message names the file (and line) and the fix -----------------------
@@ -170,6 +192,8 @@ def test_missing_or_empty_folder(tmp_path):
     assert f"no .bin files under {tmp_path}" in message and "titanlm.tools.tokenize" in message
     message = _problem(tmp_path / "nope")
     assert "does not exist" in message and "data.train_folder" in message
+    with pytest.raises(DataFormatError, match=r"nope does not exist .*; check data\.valid_folder$"):
+        BinMetaFolder(str(tmp_path / "nope"), setting="data.valid_folder")
 
 
 def test_bin_without_meta_and_meta_without_bin(tmp_path):
@@ -281,6 +305,43 @@ def test_line_that_is_not_a_tokens_object(tmp_path, line):
     assert data.read(2).tolist() == [5, 6]
     (problem,) = validate_folder(str(tmp_path), full=True)
     assert "line 2" in problem and "regenerate" in problem
+
+
+def _garble_line(path, number: int, line: bytes) -> None:
+    """Replace line `number` (1-based) of a .bin and rewrite its meta to match, so only the content is wrong."""
+    lines = path.read_bytes().split(b"\n")[:-1]
+    lines[number - 1] = line
+    path.write_bytes(b"".join(x + b"\n" for x in lines))
+    offsets = np.cumsum([0] + [len(x) + 1 for x in lines[:-1]])
+    counts = np.load(str(path) + ".meta")[:, 1]
+    with open(str(path) + ".meta", "wb") as f:
+        np.save(f, np.stack([offsets, counts], axis=1).astype(np.int32))
+
+
+@pytest.mark.parametrize("number", [1, 3])
+@pytest.mark.parametrize(
+    "line, expected",
+    [
+        (b'{"tokens": [9, 10, 1', "not a JSON object"),  # cut mid-JSON, newline kept
+        (b'{"ids": [9, 10]}', "not a JSON object"),
+        (b'{"tokens": [9, 10]}', "holds 2 tokens but"),  # a stale meta
+    ],
+    ids=["cut", "no-tokens", "stale-meta"],
+)
+def test_first_and_last_line_are_checked_when_the_folder_opens(tmp_path, number, line, expected):
+    path = _good(tmp_path)
+    _garble_line(path, number, line)
+    message = _problem(tmp_path)
+    assert message.startswith(f"{path} line {number} ") and expected in message and "regenerate" in message
+    assert "\n" not in message
+
+
+def test_a_garbled_middle_line_is_left_to_the_read(tmp_path):
+    path = _good(tmp_path)
+    _garble_line(path, 2, b'{"tokens": [9, 1')
+    data = BinMetaFolder(str(tmp_path))  # opening stays cheap: first and last line only
+    with pytest.raises(DataFormatError, match=rf"{re.escape(str(path))} line 2 "):
+        data.read(1)
 
 
 def test_validate_lists_every_problem_and_open_names_the_count(tmp_path):

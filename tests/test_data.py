@@ -19,9 +19,11 @@ from titanlm.data import (
     TextTokenDataset,
     build_dataloader,
     build_tokenizer,
+    build_valid_dataloader,
     ensure_demo_assets,
     generate_corpus,
 )
+from titanlm.data.binmeta import BinWriter
 from titanlm.data import demo as demo_module
 
 pytestmark = pytest.mark.filterwarnings("ignore:'set_vital' is deprecated")
@@ -353,3 +355,34 @@ def test_loader_errors(demo_cache, tmp_path):
         build_dataloader(cfg, 0, 1, vocab_size=2048)
     with pytest.raises(ValueError, match="data.dataset = 'wiki'"):
         build_dataloader(_cfg(demo_cache, "wiki"), 0, 1, vocab_size=2048)
+
+
+def _bin_cfg(tmp_path, lengths: list[int]) -> JobConfig:
+    """A bin run whose train and valid folders hold one document per length."""
+    cfg = _cfg(str(tmp_path), "bin")
+    for split in ("train", "valid"):
+        with BinWriter(str(tmp_path / split / "en" / "d.bin")) as writer:
+            for n in lengths:
+                writer.write(list(range(1, n + 1)))
+    cfg.data.train_folder, cfg.data.valid_folder = str(tmp_path / "train"), str(tmp_path / "valid")
+    return cfg
+
+
+def test_valid_folder_errors_name_data_valid_folder(tmp_path):
+    cfg = _bin_cfg(tmp_path, [20, 30])
+    assert len(build_valid_dataloader(cfg, 0, 1, vocab_size=64)) == 1
+    cfg.data.valid_folder = str(tmp_path / "nope")
+    with pytest.raises(ValueError, match=r"nope does not exist or is not a folder; check data\.valid_folder$"):
+        build_valid_dataloader(cfg, 0, 1, vocab_size=64)
+    cfg.data.valid_folder, cfg.data.min_length = str(tmp_path / "valid"), 31  # drops both documents
+    with pytest.raises(ValueError, match=r"data\.valid_folder = .*valid' holds no documents of at least "
+                                         r"data\.min_length = 31 tokens"):
+        build_valid_dataloader(cfg, 0, 1, vocab_size=64)
+
+
+def test_negative_min_length_is_refused_naming_the_key(tmp_path):
+    cfg = _bin_cfg(tmp_path, [20, 30])
+    cfg.data.min_length = -1
+    for build in (build_dataloader, build_valid_dataloader):
+        with pytest.raises(ValueError, match=r"^data\.min_length = -1 is negative; set it to 0"):
+            build(cfg, 0, 1, vocab_size=64)

@@ -222,7 +222,7 @@ def test_prompt_tokens_with_id_0_are_reported(tmp_path: Path, llama3_folder: Pat
                                               capsys: pytest.CaptureFixture[str]) -> None:
     source = _write(tmp_path / "chats.jsonl", _messages([[{"role": "user", "content": "Hi!"},
                                                           {"role": "assistant", "content": "Hello."}]]))
-    assert _tokenize(source, tmp_path / "out", llama3_folder, "llama3") == 0  # Llama 3's "!" is id 0
+    assert _tokenize(source, tmp_path / "out", llama3_folder, "llama3", "--split_ratio", 0) == 0  # "!" is id 0
     assert "warning: 1 input-only tokens have id 0" in capsys.readouterr().out
 
 
@@ -257,7 +257,7 @@ def test_a_bad_record_is_named_and_nothing_is_written(tmp_path: Path, tiny_folde
                                                       capsys: pytest.CaptureFixture[str]) -> None:
     record, expected = BAD_RECORDS[case]
     source = _write(tmp_path / "chats.jsonl", [GOOD, record, GOOD])
-    assert _tokenize(source, tmp_path / "out", tiny_folder, "internlm2") == 2
+    assert _tokenize(source, tmp_path / "out", tiny_folder, "internlm2", "--split_ratio", 0) == 2
     _assert_one_error(capsys, f"{source} {expected}")
     _assert_nothing_written(tmp_path, {"chats.jsonl"})
 
@@ -273,7 +273,7 @@ def test_bad_json_is_named_by_line_or_element_and_workers_stop_the_same_way(
                      "--workers", str(workers)]) == 2
         _assert_one_error(capsys, f"{source} line 301 is not valid JSON")
     array = _write(tmp_path / "chats.json", [GOOD, {"messages": [{"role": "user", "content": 1}]}], jsonl=False)
-    assert _tokenize(array, tmp_path / "out", tiny_folder, "internlm2") == 2
+    assert _tokenize(array, tmp_path / "out", tiny_folder, "internlm2", "--split_ratio", 0) == 2
     _assert_one_error(capsys, f"{array} record 2: messages message 1 (user): \"content\" is a int")
     array.write_text('[{"messages": []},\n oops]')
     assert _tokenize(array, tmp_path / "out", tiny_folder, "internlm2") == 2
@@ -306,7 +306,7 @@ def test_a_template_the_tokenizer_cannot_serve_stops_the_run(
 
 def test_an_unknown_template_or_existing_output_is_refused(tmp_path: Path, tiny_folder: Path,
                                                            capsys: pytest.CaptureFixture[str]) -> None:
-    source = _write(tmp_path / "chats.jsonl", [GOOD])
+    source = _write(tmp_path / "chats.jsonl", [GOOD] * 10)  # one in valid at the default --split_ratio 0.1
     with pytest.raises(SystemExit) as info:
         _tokenize(source, tmp_path / "out", tiny_folder, "chatml")
     assert info.value.code == 2 and "invalid choice: 'chatml'" in capsys.readouterr().err

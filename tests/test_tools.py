@@ -195,16 +195,39 @@ def test_tokenize_refuses_to_overwrite_and_leaves_nothing_on_bad_input(tmp_path,
     assert _run_tokenize(inputs["jsonl"], out, demo_tokenizer, "--overwrite") == 0
 
     bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps({"content": "fine"}) + "\n" + json.dumps({"text": "wrong key"}) + "\n")
+    bad.write_text(json.dumps({"content": "fine"}) + "\n" + json.dumps({"body": "wrong key"}) + "\n")
     fresh = tmp_path / "other" / "d.bin"
     assert _run_tokenize(bad, fresh, demo_tokenizer, "--workers", "2") == 2
     err = capsys.readouterr().err
-    assert f"{bad} line 2" in err and 'no key "content"' in err and "--text_key" in err
-    assert os.listdir(fresh.parent) == []
+    assert f"{bad} line 2" in err and 'no key "content" or "text"' in err and "--text_key" in err
+    assert not fresh.parent.exists()
     broken = tmp_path / "broken.json"
     broken.write_text('[{"content": "a"}, {"content": ')
     assert _run_tokenize(broken, fresh, demo_tokenizer) == 2
     assert f"{broken}: record 1 is not valid JSON" in capsys.readouterr().err
+
+
+def test_tokenize_reads_content_else_text_and_names_the_keys_it_looked_for(tmp_path, demo_tokenizer, capsys):
+    source = tmp_path / "raw.jsonl"
+    records = [{"text": "from text"}, {"content": "from content", "text": "not this"}, {"body": "only with the flag"}]
+    source.write_text("".join(json.dumps(r) + "\n" for r in records[:2]) + "\n")
+    assert _run_tokenize(source, tmp_path / "a" / "en" / "d.bin", demo_tokenizer) == 0
+    tok = build_tokenizer(demo_tokenizer)
+    data = BinMetaFolder(str(tmp_path / "a"))
+    assert [data.read(i).tolist() for i in range(2)] == [tok.encode("from text"), tok.encode("from content")]
+
+    source.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert _run_tokenize(source, tmp_path / "b" / "en" / "d.bin", demo_tokenizer) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert f'{source} line 3: no key "content" or "text" (found [\'body\']); name the text field with --text_key' in err
+    assert not (tmp_path / "b").exists()
+    assert _run_tokenize(source, tmp_path / "b" / "en" / "d.bin", demo_tokenizer, "--text_key", "body") == 2
+    assert f'{source} line 1: no key "body"' in capsys.readouterr().err
+
+    with pytest.raises(SystemExit):
+        tokenize.main(["--help"])
+    assert '"content", else "text", in that order' in " ".join(capsys.readouterr().out.split())
 
 
 def test_tools_have_help(capsys):

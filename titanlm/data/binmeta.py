@@ -6,9 +6,10 @@ line per document; the `.bin.meta` is an `np.save`d (N, 2) integer array of (byt
 count) per line. Negative ids are prompt tokens (input only, no loss).
 
 Reading never loads a whole `.bin`: the meta alone gives counts and types, and a document is
-parsed from its line of a memory map. Everything checkable from the meta and the file sizes is
-checked when a folder is opened; a line's content is checked when it is read (or by
-`validate_folder(full=True)`). The writer is here too, so the format lives in one file.
+parsed from its line of a memory map. Everything checkable from the meta and the file sizes, and
+the first and last line of each file, are checked when a folder is opened; any other line is
+checked when it is read (or by `validate_folder(full=True)`). The writer is here too, so the
+format lives in one file.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
 import numpy as np
+
+from titanlm.files import publish
 
 BIN_SUFFIX = ".bin"
 META_SUFFIX = ".bin.meta"
@@ -51,10 +54,12 @@ class BinWriter:
     """Writes NAME.bin and NAME.bin.meta so that a crash or error leaves no partial output.
 
     Both files are written under temporary names in the target folder and renamed into place at
-    the end, the meta last, so a reader that sees the meta sees the whole .bin. Meta rows are
-    spooled to a temporary file rather than kept in a list, so memory stays flat for any number
-    of documents. `meta_dtype` "int32" is InternEvo's pretraining format; if an offset does not
-    fit in int32 (a .bin over 2 GiB) the meta is written as int64 instead of wrapping around.
+    the end, the meta last, so a reader that sees the meta sees the whole .bin; they get the mode
+    a plain `open` would give them (0644 under umask 022). After an error the temporary files go,
+    and so do the folders the writer created. Meta rows are spooled to a temporary file rather
+    than kept in a list, so memory stays flat for any number of documents. `meta_dtype` "int32"
+    is InternEvo's pretraining format; if an offset does not fit in int32 (a .bin over 2 GiB) the
+    meta is written as int64 instead of wrapping around.
     """
 
     def __init__(self, bin_path: str, meta_dtype: str = "int32", overwrite: bool = False):
@@ -71,7 +76,7 @@ class BinWriter:
         if existing and not overwrite:
             raise FileExistsError(f"{existing[0]} already exists; pass --overwrite to replace it")
         folder = os.path.dirname(os.path.abspath(bin_path))
-        os.makedirs(folder, exist_ok=True)
+        self._made = _make_folders(folder)
         prefix = "." + os.path.basename(bin_path) + ".tmp-"
         self._bin = tempfile.NamedTemporaryFile("wb", dir=folder, prefix=prefix, delete=False)
         self._rows = tempfile.TemporaryFile("w+b", dir=folder)
@@ -106,8 +111,8 @@ class BinWriter:
             meta[start : start + len(rows)] = rows
         meta.flush()
         del meta
-        os.replace(self._bin.name, self.bin_path)
-        os.replace(self._meta_tmp, self.meta_path)
+        publish(self._bin.name, self.bin_path)  # NamedTemporaryFile made it 0600
+        publish(self._meta_tmp, self.meta_path)
 
     def __enter__(self) -> BinWriter:
         return self
@@ -122,15 +127,38 @@ class BinWriter:
             for tmp in (self._bin.name, self._meta_tmp):
                 if os.path.exists(tmp):
                     os.remove(tmp)
+            if exc_type is not None:
+                _remove_empty(self._made)
+
+
+def _make_folders(folder: str) -> list[str]:
+    """Create `folder` and its missing parents; returns those it created, deepest first."""
+    made = []
+    while not os.path.isdir(folder):
+        made.append(folder)
+        folder = os.path.dirname(folder)
+    for path in reversed(made):
+        os.makedirs(path, exist_ok=True)
+    return made
+
+
+def _remove_empty(folders: list[str]) -> None:
+    """Remove the folders a failed write created, deepest first, stopping at one that is not empty."""
+    for folder in folders:
+        try:
+            os.rmdir(folder)
+        except OSError:
+            return
 
 
 # ---- finding and checking files ------------------------------------------------------------
 
 
-def _find_bins(root: str) -> tuple[list[tuple[str, str]], list[str]]:
-    """(.bin path, type name) pairs in sorted path order, and the layout problems found."""
+def _find_bins(root: str, setting: str) -> tuple[list[tuple[str, str]], list[str]]:
+    """(.bin path, type name) pairs in sorted path order, and the layout problems found; `setting`
+    names where the user gave `root`."""
     if not os.path.isdir(root):
-        return [], [f"data folder {root} does not exist or is not a folder; check data.train_folder"]
+        return [], [f"data folder {root} does not exist or is not a folder; check {setting}"]
     found, problems = [], []
     for folder, dirs, names in os.walk(root, followlinks=True):
         dirs.sort()
@@ -154,8 +182,8 @@ def _find_bins(root: str) -> tuple[list[tuple[str, str]], list[str]]:
                     found.append((path, os.path.relpath(path, root).split(os.sep)[0]))
     if not found and not problems:
         problems.append(
-            f"no {BIN_SUFFIX} files under {root}; expected {root}/TYPE/NAME.bin with NAME.bin.meta beside "
-            f"it (TYPE e.g. en, cn, code); create them with `python -m titanlm.tools.tokenize`"
+            f"no {BIN_SUFFIX} files under {root} ({setting}); expected {root}/TYPE/NAME.bin with NAME.bin.meta "
+            f"beside it (TYPE e.g. en, cn, code); create them with `python -m titanlm.tools.tokenize`"
         )
     found.sort()
     return found, problems
@@ -214,6 +242,22 @@ def _load_meta(bin_path: str) -> np.ndarray:
     return meta
 
 
+def _open_file(path: str, type_name: str, vocab_size: int | None) -> BinFile:
+    """`path` with its meta, checked against the file size and on the first and last line: cheap,
+    and where a truncated copy, a garbled tail or a stale meta shows, so it fails at open rather
+    than mid-training."""
+    file = BinFile(path, type_name, _load_meta(path))
+    problems = _check_lines(file, _first_and_last(file), vocab_size)
+    if problems:
+        raise DataFormatError(problems[0])
+    return file
+
+
+def _first_and_last(file: BinFile) -> list[int]:
+    n = len(file.meta)
+    return sorted({0, n - 1}) if n else []
+
+
 def _parse_line(file: BinFile, line: int, raw: bytes, vocab_size: int | None) -> np.ndarray:
     """The tokens of line `line` (0-based) of `file`, checked against the meta and the vocabulary."""
     where = f"{file.path} line {line + 1} (byte {file.meta[line, 0]})"
@@ -268,11 +312,14 @@ class BinMetaFolder:
     Picklable: memory maps are opened lazily per file and reopened in each dataloader worker.
     """
 
-    def __init__(self, root: str, min_length: int = 0, vocab_size: int | None = None):
+    def __init__(
+        self, root: str, min_length: int = 0, vocab_size: int | None = None, setting: str = "data.train_folder"
+    ):
+        """`setting` names where the user gave `root` (a config key or a tool's argument), for the errors."""
         self.root = root
         self.min_length = min_length
         self.vocab_size = vocab_size
-        found, problems = _find_bins(root)
+        found, problems = _find_bins(root, setting)
         if problems:
             more = (
                 f" (and {len(problems) - 1} more problems: list them with "
@@ -281,7 +328,7 @@ class BinMetaFolder:
                 else ""
             )
             raise DataFormatError(problems[0] + more)
-        self.files = [BinFile(path, type_name, _load_meta(path)) for path, type_name in found]
+        self.files = [_open_file(path, type_name, vocab_size) for path, type_name in found]
         self.types = sorted({f.type_name for f in self.files})
         self._kept = [np.flatnonzero(f.meta[:, 1] >= min_length) for f in self.files]
         self._starts = np.cumsum([0] + [len(k) for k in self._kept])
@@ -344,20 +391,21 @@ def _check_lines(file: BinFile, lines: Iterable[int], vocab_size: int | None) ->
     return problems
 
 
-def validate_folder(root: str, vocab_size: int | None = None, full: bool = False) -> list[str]:
+def validate_folder(
+    root: str, vocab_size: int | None = None, full: bool = False, setting: str = "data.train_folder"
+) -> list[str]:
     """Every problem found in the folder, one message each; [] when it is clean.
 
-    Always checked: the layout, each meta against its .bin's size, and the first and last line of
-    each file (cheap, and where truncation and stale metas show). `full=True` parses every line.
+    Always checked: what opening the folder checks (the layout, each meta against its .bin's size,
+    the first and last line of each file). `full=True` parses every line.
     """
-    found, problems = _find_bins(root)
+    found, problems = _find_bins(root, setting)
     for path, type_name in found:
         try:
             file = BinFile(path, type_name, _load_meta(path))
         except DataFormatError as e:
             problems.append(str(e))
             continue
-        n = len(file.meta)
-        lines = range(n) if full else sorted({0, n - 1}) if n else []
+        lines = range(len(file.meta)) if full else _first_and_last(file)
         problems += _check_lines(file, lines, vocab_size)
     return problems

@@ -45,6 +45,14 @@ def dataset_kind(cfg: JobConfig) -> str:
     return kind
 
 
+def _min_length(cfg: JobConfig) -> int:
+    if cfg.data.min_length < 0:
+        raise ValueError(
+            f"data.min_length = {cfg.data.min_length} is negative; set it to 0 (keep every document) or more"
+        )
+    return cfg.data.min_length
+
+
 def _encode_lines(tokenizer: Tokenizer, corpus_path: str) -> list[np.ndarray]:
     with open(corpus_path, encoding="utf-8") as f:
         return [np.asarray(tokenizer.encode(line.rstrip("\n")), dtype=np.int32) for line in f]
@@ -80,7 +88,7 @@ def build_dataloader(
         tokenizer = _checked_tokenizer(path, vocab_size) if path else None
         if not cfg.data.train_folder:
             raise ValueError("data.dataset = 'bin' needs data.train_folder (type sub-folders of *.bin files)")
-        documents = BinMetaFolder(cfg.data.train_folder, cfg.data.min_length, vocab_size)
+        documents = BinMetaFolder(cfg.data.train_folder, _min_length(cfg), vocab_size)
         dataset = PackedDataset(
             documents, pack_sample_into_one=cfg.data.pack_sample_into_one,
             weights=parse_dataset_weights(cfg.data.dataset_weights, documents.types), **common,
@@ -101,7 +109,13 @@ def build_valid_dataloader(
     if not cfg.data.valid_folder:
         return None
     batch_size = cfg.training.local_batch_size
-    documents = BinMetaFolder(cfg.data.valid_folder, cfg.data.min_length, vocab_size)
+    min_length = _min_length(cfg)
+    documents = BinMetaFolder(cfg.data.valid_folder, min_length, vocab_size, setting="data.valid_folder")
+    if not documents.num_documents:
+        raise ValueError(
+            f"data.valid_folder = {cfg.data.valid_folder!r} holds no documents of at least data.min_length = "
+            f"{min_length} tokens, so validation would measure nothing; point it at validation data or set it to ''"
+        )
     dataset = PackedRows(
         documents, cfg.training.seq_len, dp_rank, dp_world_size,
         row_multiple=dp_world_size * batch_size,

@@ -14,6 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from titanlm.files import give_default_mode
 from titanlm.models.flavors import ModelArgs
 from titanlm.models.hf_adapter import (
     FAMILY_OF_MODEL_TYPE,
@@ -198,7 +199,8 @@ def _load_safetensors(file: Path) -> StateDict:
 
 
 def write_safetensors(state: StateDict, out_dir: Path, shard_bytes: int) -> list[Path]:
-    """HF's layout: one model.safetensors, or model-0000i-of-0000n shards plus an index."""
+    """HF's layout: one model.safetensors, or model-0000i-of-0000n shards plus an index. The files get
+    the mode of any other output (safetensors writes them through a 0600 temporary file)."""
     shards: list[StateDict] = [{}]
     size = 0
     for key, tensor in state.items():
@@ -211,11 +213,13 @@ def write_safetensors(state: StateDict, out_dir: Path, shard_bytes: int) -> list
     metadata = {"format": "pt"}  # transformers refuses safetensors files without it
     if len(shards) == 1:
         save_file(shards[0], out_dir / HF_SINGLE, metadata=metadata)
+        give_default_mode(out_dir / HF_SINGLE)
         return [out_dir / HF_SINGLE]
     files, weight_map = [], {}
     for i, shard in enumerate(shards, start=1):
         file = out_dir / f"model-{i:05d}-of-{len(shards):05d}.safetensors"
         save_file(shard, file, metadata=metadata)
+        give_default_mode(file)
         weight_map.update(dict.fromkeys(shard, file.name))
         files.append(file)
     total = sum(t.numel() * t.element_size() for t in state.values())

@@ -37,8 +37,7 @@ def apply_float8(model: nn.Module, cfg: Float8, output_name: str = "output") -> 
     which all-gather activations already in float8, need NCCL (gloo has no float8 dtype) and are
     a GPU follow-up.
     """
-    if cfg.enable_fsdp_float8_all_gather and cfg.recipe_name != "tensorwise":
-        raise ValueError("float8.enable_fsdp_float8_all_gather needs float8.recipe_name = 'tensorwise'")
+    _check_recipe(cfg)
     config_class, convert = _float8_api()
     config = config_class.from_recipe_name(cfg.recipe_name)
     if cfg.enable_fsdp_float8_all_gather:
@@ -56,8 +55,21 @@ def apply_float8(model: nn.Module, cfg: Float8, output_name: str = "output") -> 
     convert(model, config=config, module_filter_fn=eligible)
 
 
+def _check_recipe(cfg: Float8) -> None:
+    """Refuse settings that contradict each other, whatever the world size: with one process there
+    is no all-gather, yet the same config must not start on one rank and fail on two."""
+    if cfg.enable and cfg.enable_fsdp_float8_all_gather and cfg.recipe_name != "tensorwise":
+        raise ValueError(
+            f"float8.enable_fsdp_float8_all_gather = true needs float8.recipe_name = 'tensorwise', not "
+            f"'{cfg.recipe_name}' (torchao all-gathers only tensorwise-scaled weights in float8); set "
+            "float8.recipe_name = 'tensorwise' or float8.enable_fsdp_float8_all_gather = false"
+        )
+
+
 def check_float8_device(cfg: Float8, device: torch.device) -> None:
-    """Refuse, in one line, a recipe this device's float8 matmul cannot run."""
+    """Refuse, in one line, settings that contradict each other or a recipe this device's float8
+    matmul cannot run."""
+    _check_recipe(cfg)
     if cfg.enable and cfg.recipe_name == "rowwise" and device.type == "cpu" and not cpu_takes_row_scales():
         raise ValueError(
             f"float8.recipe_name 'rowwise' needs a GPU or torch >= 2.13 on CPU (torch {torch.__version__}'s CPU "
@@ -76,7 +88,9 @@ def cpu_takes_row_scales() -> bool:
 
 
 def float8_settings(cfg: Float8, fsdp: bool) -> Float8:
-    """The float8 settings in effect: without FSDP (one process) there is no all-gather to do in float8."""
+    """The float8 settings in effect, checked the same way with and without FSDP: without it (one
+    process) there is no all-gather to do in float8."""
+    _check_recipe(cfg)
     return cfg if fsdp else dataclasses.replace(cfg, enable_fsdp_float8_all_gather=False)
 
 

@@ -17,7 +17,8 @@ import sys
 import numpy as np
 
 from titanlm.data.binmeta import BinMetaFolder, DataFormatError, validate_folder
-from titanlm.data.tokenizer import Tokenizer, build_tokenizer
+from titanlm.data.tokenizer import Tokenizer
+from titanlm.tools.common import load_tokenizer
 
 _MASK_SCAN_DOCUMENTS = 1000
 _SAMPLE_CHARS = 1000
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m titanlm.tools.inspect_data", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("root", help="data folder holding type sub-folders (en, cn, code, ...)")
+    parser.add_argument("root", metavar="ROOT", help="data folder holding type sub-folders (en, cn, code, ...)")
     parser.add_argument("--tokenizer", help="decode samples (and check ids against its vocabulary) with this")
     parser.add_argument("--samples", type=int, default=3, help="documents to print, spread over the folder")
     parser.add_argument(
@@ -111,17 +112,23 @@ def main(argv: list[str] | None = None) -> int:
         "--full", action="store_true", help="with --validate: parse every line, not only the first and last"
     )
     args = parser.parse_args(argv)
-    tokenizer = build_tokenizer(args.tokenizer) if args.tokenizer else None
+    try:
+        if args.min_length < 0:
+            raise ValueError(f"--min_length {args.min_length} is negative; pass 0 (keep every document) or more")
+        tokenizer = load_tokenizer(args.tokenizer, "--tokenizer") if args.tokenizer else None
+    except (ValueError, OSError) as e:
+        print(f"error: {e}".replace("\n", " "), file=sys.stderr)
+        return 2
     vocab_size = tokenizer.vocab_size if tokenizer else None
     if args.validate:
-        problems = validate_folder(args.root, vocab_size, full=args.full)
+        problems = validate_folder(args.root, vocab_size, full=args.full, setting="the ROOT argument")
         if problems:
             print(f"{len(problems)} problem(s) in {args.root}:", *problems, sep="\n- ")
             return 1
         scope = "every line parsed" if args.full else "first and last line of each file; --full parses all"
         print(f"validation: no problems found ({scope})")
     try:
-        folder = BinMetaFolder(args.root, args.min_length, vocab_size)
+        folder = BinMetaFolder(args.root, args.min_length, vocab_size, setting="the ROOT argument")
         print("\n".join(report(folder, tokenizer, args.samples)))
     except DataFormatError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -5,35 +5,42 @@
 
 Input formats, chosen by the file's extension (or --input_format):
 - txt: one document per line; lines are stripped and blank lines skipped, as InternEvo does.
-- jsonl: one JSON record per line; the text is record[--text_key].
-- json: one record, or an array of records.
+- jsonl: one JSON record per line; the text is record["content"] (InternEvo's key), else
+  record["text"], or record[--text_key] when given.
+- json: one record, or an array of records, read the same way.
 Every document gets BOS and EOS, as InternEvo's tool adds them. The output is byte-identical to
 InternEvo's (`json.dumps` lines, int32 meta), only produced faster: the input is streamed in
 chunks, chunks are tokenized by a pool of worker processes, and results are written in input
 order, so any --workers value writes the same bytes.
+
+The tokenizer is loaded and checked once, before any worker starts. Any error (a bad record, a
+text the tokenizer refuses, a worker that dies) ends the run with one line naming the file and
+the line or record, and leaves nothing behind: the output is written under temporary names and
+renamed into place at the end, with the mode a plain `open` would give it.
 """
 
 from __future__ import annotations
 
 import argparse
 import filecmp
+import functools
 import json
-import multiprocessing
 import os
 import re
 import sys
 import tempfile
 import time
-from collections import deque
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, TextIO
 
 import numpy as np
 
 from titanlm.data.binmeta import BinWriter, encode_line
-from titanlm.data.tokenizer import Tokenizer, build_tokenizer
+from titanlm.data.tokenizer import Tokenizer
+from titanlm.tools.common import check_workers, load_tokenizer, ordered_map
 
 FORMATS = ("txt", "json", "jsonl")
+TEXT_KEYS = ("content", "text")  # read in this order; InternEvo's tool reads "content"
 _CHUNK_DOCS = 1024
 _CHUNK_CHARS = 4 << 20  # also bounds a chunk of very long documents
 _READ_CHARS = 1 << 20
@@ -111,21 +118,27 @@ def _json_records(f: TextIO, path: str) -> Iterator[Any]:
         index += 1
 
 
-def _text_of(record: Any, key: str, where: str) -> str:
-    if not isinstance(record, dict) or key not in record:
-        keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-        raise ValueError(f'{where}: no key "{key}" (found {keys}); name the text field with --text_key')
+def _text_of(record: Any, keys: tuple[str, ...], where: str) -> str:
+    key = next((k for k in keys if k in record), None) if isinstance(record, dict) else None
+    if key is None:
+        found = sorted(record) if isinstance(record, dict) else type(record).__name__
+        wanted = " or ".join(f'"{k}"' for k in keys)
+        raise ValueError(f"{where}: no key {wanted} (found {found}); name the text field with --text_key")
     text = record[key]
     if not isinstance(text, str):
         raise ValueError(f'{where}: "{key}" is a {type(text).__name__}, not a string; fix the record')
     return text
 
 
-def iter_documents(path: str, input_format: str, text_key: str = "content") -> Iterator[str]:
-    """The documents of `path`, one at a time, in file order."""
+def iter_documents(
+    path: str, input_format: str, text_keys: tuple[str, ...] = TEXT_KEYS
+) -> Iterator[tuple[int, str]]:
+    """The documents of `path`, one at a time, in file order, each with where it is: its line
+    number (txt, jsonl) or record index (json). A record's text is under the first of `text_keys`
+    it has."""
     with open(path, encoding="utf-8") as f:
         if input_format == "txt":
-            yield from (s for line in f if (s := line.strip()))
+            yield from ((line_no, s) for line_no, line in enumerate(f, start=1) if (s := line.strip()))
         elif input_format == "jsonl":
             for line_no, line in enumerate(f, start=1):
                 if line.strip():
@@ -135,33 +148,44 @@ def iter_documents(path: str, input_format: str, text_key: str = "content") -> I
                         raise ValueError(
                             f"{path} line {line_no} is not valid JSON ({e.msg}); fix or remove it"
                         ) from None
-                    yield _text_of(record, text_key, f"{path} line {line_no}")
+                    yield line_no, _text_of(record, text_keys, f"{path} line {line_no}")
         else:
             for index, record in enumerate(_json_records(f, path)):
-                yield _text_of(record, text_key, f"{path} record {index}")
+                yield index, _text_of(record, text_keys, f"{path} record {index}")
 
 
-def _chunks(texts: Iterable[str]) -> Iterator[list[str]]:
-    chunk: list[str] = []
+def _where(path: str, input_format: str) -> str:
+    """How a document of `path` is named, before its number."""
+    return f"{path} record" if input_format == "json" else f"{path} line"
+
+
+# A run of documents: their numbers (see `iter_documents`) and texts.
+Chunk = tuple[list[int], list[str]]
+
+
+def _chunks(documents: Iterable[tuple[int, str]]) -> Iterator[Chunk]:
+    numbers: list[int] = []
+    texts: list[str] = []
     chars = 0
-    for text in texts:
-        chunk.append(text)
+    for number, text in documents:
+        numbers.append(number)
+        texts.append(text)
         chars += len(text)
-        if len(chunk) == _CHUNK_DOCS or chars >= _CHUNK_CHARS:
-            yield chunk
-            chunk, chars = [], 0
-    if chunk:
-        yield chunk
+        if len(texts) == _CHUNK_DOCS or chars >= _CHUNK_CHARS:
+            yield numbers, texts
+            numbers, texts, chars = [], [], 0
+    if texts:
+        yield numbers, texts
 
 
 # ---- tokenizing ----------------------------------------------------------------------------
 
-_tokenizer: Tokenizer | None = None  # one per process: workers build theirs from the path
+_tokenizer: Tokenizer | None = None  # one per process, loaded by the parent and handed to workers
 
 
-def _load_tokenizer(path: str) -> None:
+def _set_tokenizer(tokenizer: Tokenizer) -> None:
     global _tokenizer
-    _tokenizer = build_tokenizer(path)
+    _tokenizer = tokenizer
 
 
 def encode_chunk(texts: list[str]) -> tuple[bytes, list[int], list[int]]:
@@ -169,6 +193,33 @@ def encode_chunk(texts: list[str]) -> tuple[bytes, list[int], list[int]]:
     ids = _tokenizer.encode_batch(texts, bos=True, eos=True)
     lines = [encode_line(doc) for doc in ids]
     return b"".join(lines), [len(line) for line in lines], [len(doc) for doc in ids]
+
+
+def _encode_named(where: str, chunk: Chunk) -> tuple[bytes, list[int], list[int]]:
+    """`encode_chunk`, with a text the tokenizer refuses named by `where` and its number."""
+    numbers, texts = chunk
+    try:
+        return encode_chunk(texts)
+    except Exception:  # each tokenizer library has its own error types
+        for number, text in zip(numbers, texts):  # find the document, to name it
+            try:
+                _tokenizer.encode(text)
+            except Exception as e:
+                raise ValueError(
+                    f"{where} {number}: cannot tokenize the text ({_why(text, e)}); fix or remove it"
+                ) from None
+        raise
+
+
+def _why(text: str, error: Exception) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return (
+            f"it holds {text[e.start]!r}, a lone UTF-16 surrogate, which is not valid Unicode "
+            "(a broken \\u escape in the input?)"
+        )
+    return f"{type(error).__name__}: {error}"
 
 
 def _input_format(path: str, input_format: str | None) -> str:
@@ -180,42 +231,37 @@ def _input_format(path: str, input_format: str | None) -> str:
     return fmt
 
 
+def _text_keys(text_key: str | None) -> tuple[str, ...]:
+    return (text_key,) if text_key else TEXT_KEYS
+
+
 def tokenize_file(
     text_input_path: str,
     bin_output_path: str,
     tokenizer_path: str,
-    text_key: str = "content",
+    text_key: str | None = None,
     workers: int = 1,
     input_format: str | None = None,
     overwrite: bool = False,
 ) -> Stats:
-    """Write `bin_output_path` and its `.meta` from the documents of `text_input_path`.
+    """Write `bin_output_path` and its `.meta` from the documents of `text_input_path`; a record's
+    text is under `text_key`, or by default the first of TEXT_KEYS it has.
 
-    With workers > 1, chunks go to a process pool through a window of at most 2 x workers chunks
-    in flight (Pool.imap would read the whole input ahead of the workers), so memory stays
-    bounded whatever the input size, and results are written in submission order.
+    Everything that can be checked up front (the input, the tokenizer, --workers) is checked before
+    any worker starts or any file is created. With workers > 1, chunks go to a process pool (see
+    `ordered_map`) and results are written in input order.
     """
     if not os.path.isfile(text_input_path):
         raise FileNotFoundError(f"input {text_input_path} does not exist; check --text_input_path")
     fmt = _input_format(text_input_path, input_format)
+    check_workers(workers)
     start = time.perf_counter()
-    chunks = _chunks(iter_documents(text_input_path, fmt, text_key))
+    tokenizer = load_tokenizer(tokenizer_path, "--tokenizer_path")
+    chunks = _chunks(iter_documents(text_input_path, fmt, _text_keys(text_key)))
+    encode = functools.partial(_encode_named, _where(text_input_path, fmt))
     with BinWriter(bin_output_path, meta_dtype="int32", overwrite=overwrite) as writer:
-        if workers <= 1:
-            _load_tokenizer(tokenizer_path)
-            for chunk in chunks:
-                writer.write_lines(*encode_chunk(chunk))
-        else:
-            with multiprocessing.Pool(
-                workers, initializer=_load_tokenizer, initargs=(tokenizer_path,)
-            ) as pool:
-                pending: deque = deque()
-                for chunk in chunks:
-                    pending.append(pool.apply_async(encode_chunk, (chunk,)))
-                    if len(pending) >= 2 * workers:
-                        writer.write_lines(*pending.popleft().get())
-                while pending:
-                    writer.write_lines(*pending.popleft().get())
+        for result in ordered_map(encode, chunks, workers, _set_tokenizer, (tokenizer,)):
+            writer.write_lines(*result)
     return Stats(writer.num_documents, writer.num_tokens, time.perf_counter() - start)
 
 
@@ -223,7 +269,7 @@ def tokenize_one_at_a_time(
     text_input_path: str,
     bin_output_path: str,
     tokenizer_path: str,
-    text_key: str = "content",
+    text_key: str | None = None,
     input_format: str | None = None,
 ) -> Stats:
     """The baseline `--compare_baseline` measures against: InternEvo's way, one `encode` and one
@@ -231,9 +277,9 @@ def tokenize_one_at_a_time(
     Loading the tokenizer is timed, as it is in `tokenize_file`."""
     fmt = _input_format(text_input_path, input_format)
     start = time.perf_counter()
-    tokenizer = build_tokenizer(tokenizer_path)
+    tokenizer = load_tokenizer(tokenizer_path, "--tokenizer_path")
     with open(bin_output_path, "wb") as out:
-        for text in iter_documents(text_input_path, fmt, text_key):
+        for _, text in iter_documents(text_input_path, fmt, _text_keys(text_key)):
             out.write(str.encode(json.dumps({"tokens": tokenizer.encode(text)}) + "\n"))
     rows, offset = [], 0
     with open(bin_output_path, "rb") as f:
@@ -286,9 +332,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--tokenizer_path", required=True, help="SentencePiece .model, tiktoken ranks or tokenizer.json"
     )
-    parser.add_argument("--text_key", default="content", help="record field holding the text (json/jsonl)")
+    parser.add_argument(
+        "--text_key",
+        help='json/jsonl: the record field holding the text (default: "content", else "text", in that order)',
+    )
     parser.add_argument("--input_format", choices=FORMATS, help="override the format told by the extension")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizing processes")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="tokenizing processes (default: one per CPU; 1 = in this process)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
     parser.add_argument(
         "--compare_baseline",
@@ -308,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
             args.overwrite,
         )
     except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e}".replace("\n", " "), file=sys.stderr)  # one line, whatever a library says
         return 2
     print(
         f"wrote {stats.documents:,} documents, {stats.tokens:,} tokens to {args.bin_output_path} (+ .meta) "

@@ -7,7 +7,8 @@ Prompt tokens are stored negated (input only, no loss), response tokens positive
 are in `titanlm.data.chat_templates`. Unlike InternEvo, which samples the validation set with
 replacement (so fewer than split_ratio of the records end up there, some twice), the split here
 is a seeded permutation: exactly round(n * split_ratio) distinct records go to valid, the rest to
-train, each split in input order.
+train, each split in input order. No split is ever written empty: --split_ratio 0 writes train
+only, 1 valid only, and a ratio that would leave either split with no record is refused.
 """
 
 from __future__ import annotations
@@ -16,21 +17,55 @@ import argparse
 import json
 import os
 import sys
+from contextlib import ExitStack
 
 import numpy as np
 
 from titanlm.data.binmeta import BinWriter
 from titanlm.data.chat_templates import TEMPLATES, encode_alpaca
-from titanlm.data.tokenizer import build_tokenizer
+from titanlm.tools.common import load_tokenizer
+
+SPLITS = ("train", "valid")
 
 
 def split_indices(n: int, split_ratio: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train, valid) record indices, sorted, disjoint, covering 0..n-1; valid has round(n * ratio)."""
+    """(train, valid) record indices, sorted, disjoint, covering 0..n-1; valid has round(n * ratio).
+
+    A split is empty only when asked for (ratio 0: no valid; ratio 1: no train): a ratio that
+    rounds one of them to no record is refused, as an empty split would fail only later, in training.
+    """
+    _check_ratio(split_ratio)
+    num_valid = round(n * split_ratio)
+    if split_ratio > 0 and num_valid == 0:
+        fix = f"--split_ratio {1 / n:.3g} or more for at least one record" if n > 1 else "--split_ratio 1 (valid only)"
+        raise ValueError(
+            f"--split_ratio {split_ratio} puts round({n} x {split_ratio}) = 0 of the {n} records into valid, so "
+            f"the validation split would be empty; pass {fix}, or --split_ratio 0 to write no validation split"
+        )
+    if split_ratio < 1 and num_valid == n:
+        raise ValueError(
+            f"--split_ratio {split_ratio} puts all {n} records into valid, so the train split would be empty; "
+            "lower --split_ratio, or pass --split_ratio 1 to write only a validation split"
+        )
+    order = np.random.default_rng(seed).permutation(n)
+    return np.sort(order[num_valid:]), np.sort(order[:num_valid])
+
+
+def written_splits(split_ratio: float) -> list[str]:
+    """The splits written: both, or train alone for ratio 0, valid alone for ratio 1 (`split_indices`
+    refuses a ratio that would leave one of both empty)."""
+    _check_ratio(split_ratio)
+    return [split for split in SPLITS if (split_ratio < 1 if split == "train" else split_ratio > 0)]
+
+
+def not_written(split: str) -> str:
+    """What the summary says of a split `written_splits` leaves out."""
+    return f"{split}: not written (--split_ratio {0 if split == 'valid' else 1})"
+
+
+def _check_ratio(split_ratio: float) -> None:
     if not 0.0 <= split_ratio <= 1.0:
         raise ValueError(f"--split_ratio {split_ratio} is not in [0, 1]")
-    order = np.random.default_rng(seed).permutation(n)
-    num_valid = round(n * split_ratio)
-    return np.sort(order[num_valid:]), np.sort(order[:num_valid])
 
 
 def tokenize_alpaca(
@@ -43,28 +78,36 @@ def tokenize_alpaca(
     seed: int = 0,
     overwrite: bool = False,
 ) -> dict[str, dict[str, int]]:
-    """Write both splits; returns per split its documents, tokens and masked (negative) tokens."""
+    """Write the splits that get records (see `split_indices`); returns per split written its
+    documents, tokens and masked (negative) tokens."""
+    if not os.path.isfile(input_json):
+        raise FileNotFoundError(f"input {input_json} does not exist")
+    tokenizer = load_tokenizer(tokenizer_path, "the TOKENIZER argument")
     with open(input_json, encoding="utf-8") as f:
-        records = json.load(f)
+        try:
+            records = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(
+                f"{input_json} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); fix the array"
+            ) from None
     if not isinstance(records, list):
         raise ValueError(
             f"{input_json} holds a {type(records).__name__}; expected a JSON array of Alpaca records"
         )
-    tokenizer = build_tokenizer(tokenizer_path)
+    if not records:
+        raise ValueError(f"{input_json} holds no records")
     samples = [encode_alpaca(tokenizer, r, i, template, max_length) for i, r in enumerate(records)]
-    train, valid = split_indices(len(samples), split_ratio, seed)
-    paths = {split: os.path.join(output_dir, split, "en", "dataset.bin") for split in ("train", "valid")}
+    indices = dict(zip(SPLITS, split_indices(len(samples), split_ratio, seed)))
     summary = {}
-    # One `with` for both: an error in either leaves neither split behind.
-    with (
-        BinWriter(paths["train"], "int64", overwrite) as w_train,
-        BinWriter(paths["valid"], "int64", overwrite) as w_valid,
-    ):
-        for split, writer, indices in (("train", w_train, train), ("valid", w_valid, valid)):
-            for i in indices:
+    # One ExitStack for all splits: an error in any leaves none behind.
+    with ExitStack() as stack:
+        for split in written_splits(split_ratio):
+            path = os.path.join(output_dir, split, "en", "dataset.bin")
+            writer = stack.enter_context(BinWriter(path, "int64", overwrite))
+            for i in indices[split]:
                 writer.write(samples[i])
-            masked = sum(sum(t < 0 for t in samples[i]) for i in indices)
-            summary[split] = {"documents": len(indices), "tokens": writer.num_tokens, "masked_tokens": masked}
+            masked = sum(sum(t < 0 for t in samples[i]) for i in indices[split])
+            summary[split] = {"documents": len(indices[split]), "tokens": writer.num_tokens, "masked_tokens": masked}
     return summary
 
 
@@ -76,8 +119,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("input_json", help='JSON array of {"instruction", "input", "output"} records')
     parser.add_argument("output_dir", help="folder that receives train/ and valid/")
-    parser.add_argument("tokenizer", help="SentencePiece .model, tiktoken ranks (Llama 3) or tokenizer.json")
-    parser.add_argument("--split_ratio", type=float, default=0.1, help="share of records for valid")
+    parser.add_argument(
+        "tokenizer", metavar="TOKENIZER", help="SentencePiece .model, tiktoken ranks (Llama 3) or tokenizer.json"
+    )
+    parser.add_argument(
+        "--split_ratio",
+        type=float,
+        default=0.1,
+        help="share of records for valid: 0 = write train only, 1 = valid only; a split is never written empty",
+    )
     parser.add_argument("--template", choices=sorted(TEMPLATES), default="internlm", help="chat template")
     parser.add_argument("--max_length", type=int, default=2048, help="cut each sample to this many tokens")
     parser.add_argument("--seed", type=int, default=0, help="seed of the train/valid split")
@@ -95,9 +145,13 @@ def main(argv: list[str] | None = None) -> int:
             args.overwrite,
         )
     except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e}".replace("\n", " "), file=sys.stderr)  # one line, whatever a library says
         return 2
-    for split, s in summary.items():
+    for split in SPLITS:
+        if split not in summary:
+            print(not_written(split))
+            continue
+        s = summary[split]
         share = s["masked_tokens"] / max(s["tokens"], 1)
         print(
             f"{split}: {s['documents']:,} samples, {s['tokens']:,} tokens ({share:.1%} masked prompt tokens)"

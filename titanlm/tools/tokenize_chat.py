@@ -16,16 +16,20 @@ and tiktoken files, added tokens for a tokenizer.json).
 Writes OUT_DIR/train/en/dataset.bin(.meta) and OUT_DIR/valid/en/dataset.bin(.meta), int64 metas as
 `tokenize_alpaca` writes them: each assistant reply and its end-of-turn token stored as positive ids
 (trained), every other token negated (input only). The split is `tokenize_alpaca`'s: a seeded
-permutation puts round(records * split_ratio) records in valid, each split keeps input order.
+permutation puts round(records * split_ratio) records in valid, each split keeps input order;
+--split_ratio 0 writes train only, 1 valid only, and a ratio that leaves a split with no record
+is refused.
 
 A conversation longer than --max_length loses whole trailing turns (it ends after the last reply
 that fits); if even its first reply does not fit, that reply is cut at --max_length, and if the
 prompt before it fills --max_length the record is dropped. The tool reports how many of each.
 
 A bad record stops the run with its line (JSONL) or element (array) number, and nothing is written:
-the output is built in a temporary folder beside OUT_DIR and moved into place at the end. With
---workers N, chunks of records are tokenized by N processes and written in input order, so any N
-writes the same bytes.
+the output is built in a temporary folder beside OUT_DIR and moved into place at the end, with
+the modes a plain `open` and `mkdir` would give it. The tokenizer and template are checked once,
+before any worker starts. With --workers N, chunks of records are tokenized by N processes and
+written in input order, so any N writes the same bytes; a worker that fails ends the run with
+one line.
 """
 
 from __future__ import annotations
@@ -37,10 +41,9 @@ import shutil
 import sys
 import tempfile
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,12 +59,13 @@ from titanlm.data.chat_templates import (
     load_hf_chat_template,
     render_chat,
 )
-from titanlm.data.tokenizer import Tokenizer, build_tokenizer
+from titanlm.data.tokenizer import Tokenizer
+from titanlm.files import give_default_mode
 from titanlm.models.hf_checkpoint import tokenizer_file
-from titanlm.tools.tokenize_alpaca import split_indices
+from titanlm.tools.common import check_workers, load_tokenizer, ordered_map
+from titanlm.tools.tokenize_alpaca import SPLITS, not_written, split_indices, written_splits
 
 TEMPLATES = (*CHAT_FORMATS, "hf")
-SPLITS = ("train", "valid")
 _CHUNK_RECORDS = 128
 
 
@@ -196,6 +200,7 @@ class Summary:
     splits: dict[str, SplitSummary] = field(default_factory=lambda: {split: SplitSummary() for split in SPLITS})
     fits: Counter = field(default_factory=Counter)
     zero_targets: int = 0
+    written: list[str] = field(default_factory=lambda: list(SPLITS))  # the splits that get records
 
     def add(self, encoded: Encoded, split: str) -> None:
         self.records += 1
@@ -259,28 +264,6 @@ def encode_chunk(items: list[Item]) -> Chunk:
     return Chunk(parts, summary)
 
 
-def _encoded(encoder: ChatEncoder, chunks: Iterator[list[Item]], workers: int) -> Iterator[Chunk]:
-    """Every chunk's result in input order. With a pool, at most 2 x workers chunks are in flight,
-    so memory stays bounded whatever the input size."""
-    if workers <= 1:
-        _set_encoder(encoder)
-        yield from map(encode_chunk, chunks)
-        return
-    pool = ProcessPoolExecutor(workers, initializer=_set_encoder, initargs=(encoder,))
-    try:
-        pending: deque = deque()
-        for chunk in chunks:
-            pending.append(pool.submit(encode_chunk, chunk))
-            if len(pending) >= 2 * workers:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
-    except BrokenProcessPool as e:
-        raise ValueError(f"a tokenizing worker died ({e}); rerun with --workers 1 to see where") from None
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
 # ---- the tool ------------------------------------------------------------------------------
 
 
@@ -303,7 +286,7 @@ def build_encoder(tokenizer_path: str, template: str, system: str = "", max_leng
     if max_length < 1:
         raise ValueError(f"--max_length {max_length} must be at least 1")
     path = resolve_tokenizer(tokenizer_path)
-    tok = build_tokenizer(path)
+    tok = load_tokenizer(path, "the TOKENIZER argument")
     chat_format = load_hf_chat_template(tok, path) if template == "hf" else template
     encoder = ChatEncoder(tok, chat_format, system, max_length)
     encoder.encode({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]})
@@ -322,11 +305,14 @@ def tokenize_chat(
     workers: int = 1,
     overwrite: bool = False,
 ) -> Summary:
-    """Write both splits of `input_path` under `output_dir`; returns what was written."""
+    """Write the splits of `input_path` that get records (see `split_indices`) under `output_dir`;
+    returns what was written."""
     start_time = time.perf_counter()
+    check_workers(workers)
     encoder = build_encoder(tokenizer_path, template, system, max_length)
+    splits = written_splits(split_ratio)
     out = Path(output_dir)
-    targets = {split: out / split / "en" / "dataset.bin" for split in SPLITS}
+    targets = {split: out / split / "en" / "dataset.bin" for split in splits}
     existing = [p for t in targets.values() for p in (t, Path(f"{t}.meta")) if p.exists()]
     if existing and not overwrite:
         raise FileExistsError(f"{existing[0]} already exists; pass --overwrite to replace it")
@@ -338,16 +324,14 @@ def tokenize_chat(
     in_valid = np.zeros(num_records, dtype=bool)
     in_valid[split_indices(num_records, split_ratio, seed)[1]] = True
     split_items = (("valid" if in_valid[i] else "train", *item) for i, item in enumerate(items))
-    summary = Summary()
+    summary = Summary(written=splits)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=_existing_ancestor(out)))
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        staging.chmod(0o777 & ~umask)  # mkdtemp's 0700 would stay on OUTPUT_DIR after the rename
-        staged = {split: staging / split / "en" / "dataset.bin" for split in SPLITS}
-        with BinWriter(str(staged["train"]), "int64") as train, BinWriter(str(staged["valid"]), "int64") as valid:
-            writers = {"train": train, "valid": valid}
-            for chunk in _encoded(encoder, _chunks(split_items), workers):
+        give_default_mode(staging)  # mkdtemp's 0700 would stay on OUTPUT_DIR after the rename
+        staged = {split: staging / split / "en" / "dataset.bin" for split in splits}
+        with ExitStack() as stack:  # an error leaves no split behind
+            writers = {split: stack.enter_context(BinWriter(str(staged[split]), "int64")) for split in splits}
+            for chunk in ordered_map(encode_chunk, _chunks(split_items), workers, _set_encoder, (encoder,)):
                 for split, (data, sizes, counts) in chunk.parts.items():
                     if sizes:
                         writers[split].write_lines(data, sizes, counts)
@@ -373,7 +357,7 @@ def _move_into_place(staging: Path, out: Path, staged: dict[str, Path], targets:
         out.parent.mkdir(parents=True, exist_ok=True)
         staging.rename(out)
         return
-    for split in SPLITS:
+    for split in staged:
         targets[split].parent.mkdir(parents=True, exist_ok=True)
         os.replace(staged[split], targets[split])
         os.replace(f"{staged[split]}.meta", f"{targets[split]}.meta")  # meta last, as BinWriter does
@@ -382,6 +366,9 @@ def _move_into_place(staging: Path, out: Path, staged: dict[str, Path], targets:
 def format_summary(summary: Summary, max_length: int, workers: int) -> list[str]:
     lines = []
     for split, s in summary.splits.items():
+        if split not in summary.written:
+            lines.append(not_written(split))
+            continue
         share = s.trained / max(s.tokens, 1)
         lines.append(
             f"{split}: {s.conversations:,} conversations, {s.turns:,} assistant turns, {s.tokens:,} tokens "
@@ -414,7 +401,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("input", help='JSONL or JSON array of {"messages": [...]} or {"conversations": [...]}')
     parser.add_argument("output_dir", help="folder that receives train/ and valid/")
     parser.add_argument(
-        "tokenizer", help="tokenizer file (SentencePiece, tiktoken, tokenizer.json) or a folder holding one"
+        "tokenizer",
+        metavar="TOKENIZER",
+        help="tokenizer file (SentencePiece, tiktoken, tokenizer.json) or a folder holding one",
     )
     parser.add_argument(
         "--template",
@@ -423,10 +412,20 @@ def main(argv: list[str] | None = None) -> int:
         help="chat format: llama3, internlm2 (ChatML), internlm (v1), or hf: the chat_template beside the tokenizer",
     )
     parser.add_argument("--system", default="", help="system message for conversations that have none")
-    parser.add_argument("--split_ratio", type=float, default=0.1, help="share of records for valid")
+    parser.add_argument(
+        "--split_ratio",
+        type=float,
+        default=0.1,
+        help="share of records for valid: 0 = write train only, 1 = valid only; a split is never written empty",
+    )
     parser.add_argument("--max_length", type=int, default=2048, help="most tokens per conversation")
     parser.add_argument("--seed", type=int, default=0, help="seed of the train/valid split")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizing processes")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="tokenizing processes (default: one per CPU; 1 = in this process)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     args = parser.parse_args(argv)
     try:

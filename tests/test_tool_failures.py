@@ -1,0 +1,306 @@
+"""Operations that never hang and always say what happened (issue #12, items 1 and 8).
+
+Each test makes one failure the way a user meets it and checks the exit code, that stderr is one
+line naming the flag, key or file to fix (no traceback), and the files before and after: nothing
+written, no temporary file left.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from titanlm.config.job_config import Float8
+from titanlm.data import ensure_demo_assets
+from titanlm.data.binmeta import BinMetaFolder, BinWriter
+from titanlm.models.hf_checkpoint import write_safetensors
+from titanlm.parallel.float8 import check_float8_device, float8_settings
+from titanlm.tools import common, tokenize, tokenize_alpaca, tokenize_chat
+from titanlm.train import main as train_main
+from hf_models import write_tiny_tokenizer
+from trainer_runs import REPO, TINY_ARGS, worker_env
+
+pytestmark = pytest.mark.filterwarnings("ignore:'set_vital' is deprecated")
+
+
+@pytest.fixture(scope="module")
+def demo_tokenizer(demo_cache) -> str:
+    return ensure_demo_assets(str(demo_cache)).tokenizer_path
+
+
+def _tool(module: str, *args: object) -> subprocess.CompletedProcess:
+    """Run `python -m titanlm.tools.<module>` as a user would; a hang fails the test at the timeout."""
+    command = [sys.executable, "-m", f"titanlm.tools.{module}", *map(str, args)]
+    return subprocess.run(command, cwd=REPO, env=worker_env(), capture_output=True, text=True, timeout=90)
+
+
+def _one_line(err: str, *expected: str) -> str:
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    assert "Traceback" not in err and all(part in err for part in expected), err
+    return err
+
+
+def _tree(folder: Path) -> list[str]:
+    """Every path under `folder`, hidden temporary files included."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+def _jsonl(path: Path, texts: list[str]) -> Path:
+    path.write_text("".join(json.dumps({"content": t}) + "\n" for t in texts))
+    return path
+
+
+# ---- item 1: the tokenizer is checked before any worker starts ------------------------------
+
+
+def test_tokenize_with_a_missing_tokenizer_and_two_workers_exits_2_at_once(tmp_path: Path) -> None:
+    source = _jsonl(tmp_path / "raw.jsonl", ["one", "two"])
+    missing = tmp_path / "nope.model"
+    start = time.monotonic()
+    result = _tool("tokenize", "--text_input_path", source, "--bin_output_path", tmp_path / "out" / "en" / "d.bin",
+                   "--tokenizer_path", missing, "--workers", 2)
+    assert result.returncode == 2 and time.monotonic() - start < 60
+    err = _one_line(result.stderr, f"tokenizer {missing} does not exist", "check --tokenizer_path")
+    assert "model.tokenizer_path" not in err
+    assert _tree(tmp_path) == ["raw.jsonl"]  # no output folder, no hidden .tmp file
+
+
+def test_an_unreadable_tokenizer_names_each_tools_own_argument(tmp_path: Path, capsys) -> None:
+    junk = tmp_path / "junk.json"
+    junk.write_text("{ not json")
+    source = _jsonl(tmp_path / "raw.jsonl", ["one", "two"])
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text(json.dumps({"messages": [{"role": "user", "content": "a"}]}) + "\n")
+    alpaca = tmp_path / "alpaca.json"
+    alpaca.write_text(json.dumps([{"instruction": "a", "output": "b"}]))
+    runs = [
+        ("set --tokenizer_path to", lambda: tokenize.main([
+            "--text_input_path", str(source), "--bin_output_path", str(tmp_path / "a" / "en" / "d.bin"),
+            "--tokenizer_path", str(junk), "--workers", "2"])),
+        ("set the TOKENIZER argument to", lambda: tokenize_chat.main([
+            str(chats), str(tmp_path / "b"), str(junk), "--template", "internlm2", "--workers", "2"])),
+        ("set the TOKENIZER argument to", lambda: tokenize_alpaca.main([str(alpaca), str(tmp_path / "c"), str(junk)])),
+    ]
+    before = _tree(tmp_path)
+    for fix, run in runs:
+        assert run() == 2
+        err = _one_line(capsys.readouterr().err, f"cannot load '{junk}' as a huggingface tokenizer", fix)
+        assert "model.tokenizer_path" not in err
+    assert _tree(tmp_path) == before
+
+
+@pytest.mark.timeout(60)
+def test_a_pool_worker_that_dies_ends_the_run_with_one_error() -> None:
+    with pytest.raises(common.WorkerDiedError, match=r"a worker process stopped unexpectedly .*--workers 1"):
+        list(common.ordered_map(_die_on_7, range(40), 2, _nothing))
+    assert list(common.ordered_map(abs, range(-5, 0), 2, _nothing)) == [5, 4, 3, 2, 1]  # in input order
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_initializer_that_fails_breaks_the_pool_instead_of_respawning_it() -> None:
+    with pytest.raises(common.WorkerDiedError):
+        list(common.ordered_map(abs, range(10), 2, _fail))
+
+
+def _nothing() -> None:
+    pass
+
+
+def _fail() -> None:
+    raise ValueError("initializer failed")
+
+
+def _die_on_7(item: int) -> int:
+    if item == 7:
+        os._exit(1)
+    return item
+
+
+def test_a_text_a_worker_cannot_tokenize_mid_run_is_one_line_naming_its_line(
+    tmp_path: Path, demo_tokenizer, capsys
+) -> None:
+    texts = [f"document number {i}" for i in range(3000)]
+    source = _jsonl(tmp_path / "raw.jsonl", texts)
+    lines = source.read_text().splitlines(keepends=True)
+    lines[2499] = '{"content": "broken \\ud800 escape"}\n'  # valid JSON, not valid Unicode
+    source.write_text("".join(lines))
+    args = ["--text_input_path", source, "--bin_output_path", tmp_path / "out" / "en" / "d.bin",
+            "--tokenizer_path", demo_tokenizer]
+    expected = (f"{source} line 2500: cannot tokenize the text", "lone UTF-16 surrogate", "fix or remove it")
+    result = _tool("tokenize", *args, "--workers", 2)  # in the third of three chunks, all in flight
+    assert result.returncode == 2
+    _one_line(result.stderr, *expected)  # nor any worker's traceback
+    assert _tree(tmp_path) == ["raw.jsonl"]
+    assert tokenize.main([*map(str, args), "--workers", "1"]) == 2  # the same line without a pool
+    _one_line(capsys.readouterr().err, *expected)
+    assert _tree(tmp_path) == ["raw.jsonl"]
+
+
+def test_workers_below_1_are_refused_before_anything_is_read(tmp_path: Path, demo_tokenizer, capsys) -> None:
+    source = _jsonl(tmp_path / "raw.jsonl", ["one"])
+    assert tokenize.main(["--text_input_path", str(source), "--bin_output_path", str(tmp_path / "o" / "en" / "d.bin"),
+                          "--tokenizer_path", demo_tokenizer, "--workers", "0"]) == 2
+    _one_line(capsys.readouterr().err, "--workers 0 must be at least 1")
+    assert _tree(tmp_path) == ["raw.jsonl"]
+
+
+# ---- item 8: file modes ----------------------------------------------------------------------
+
+
+@pytest.fixture(params=[0o022, 0o027], ids=["umask022", "umask027"])
+def umask(request) -> int:
+    old = os.umask(request.param)
+    yield request.param
+    os.umask(old)
+
+
+def _modes(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): oct(p.stat().st_mode & 0o777) for p in sorted(folder.rglob("*"))}
+
+
+def test_tool_outputs_get_the_mode_of_a_plain_open(tmp_path: Path, demo_tokenizer, umask: int) -> None:
+    file, folder = oct(0o666 & ~umask), oct(0o777 & ~umask)
+    source = _jsonl(tmp_path / "raw.jsonl", ["one", "two"])
+    assert tokenize.main(["--text_input_path", str(source), "--bin_output_path", str(tmp_path / "pre" / "en" / "d.bin"),
+                          "--tokenizer_path", demo_tokenizer, "--workers", "2"]) == 0
+    assert _modes(tmp_path / "pre") == {"en": folder, "en/d.bin": file, "en/d.bin.meta": file}
+
+    alpaca = tmp_path / "alpaca.json"
+    alpaca.write_text(json.dumps([{"instruction": f"q{i}", "output": f"a{i}"} for i in range(10)]))
+    assert tokenize_alpaca.main([str(alpaca), str(tmp_path / "sft"), demo_tokenizer]) == 0
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"},
+                                                      {"role": "assistant", "content": f"a{i}"}]}) + "\n"
+                             for i in range(10)))
+    tiny = write_tiny_tokenizer(tmp_path / "tiny")
+    assert tokenize_chat.main([str(chats), str(tmp_path / "chat"), str(tiny), "--template", "internlm2",
+                               "--workers", "2"]) == 0
+    for out in ("sft", "chat"):
+        modes = _modes(tmp_path / out)
+        assert modes == {name: folder if "." not in name else file for name in modes}, (out, modes)
+        assert len(modes) == 8  # {train,valid}, {train,valid}/en, two .bin and two .bin.meta
+
+
+def test_hf_safetensors_get_the_mode_of_a_plain_open(tmp_path: Path, umask: int) -> None:
+    state = {f"layer{i}.weight": torch.ones(64, 64) for i in range(3)}
+    for name, shard_bytes in (("single", 1 << 30), ("sharded", 64 * 64 * 4)):
+        (tmp_path / name).mkdir()
+        files = write_safetensors(state, tmp_path / name, shard_bytes)
+        assert len(files) == (1 if name == "single" else 4)
+        assert {oct(f.stat().st_mode & 0o777) for f in files} == {oct(0o666 & ~umask)}
+
+
+# ---- item 8: tokenize_alpaca never writes an empty split -------------------------------------
+
+
+def _alpaca(tmp_path: Path, n: int) -> Path:
+    path = tmp_path / "alpaca.json"
+    path.write_text(json.dumps([{"instruction": f"q{i}", "output": f"a{i}"} for i in range(n)]))
+    return path
+
+
+@pytest.mark.parametrize(
+    "records, ratio, expected",
+    [
+        (4, "0.1", ["--split_ratio 0.1 puts round(4 x 0.1) = 0 of the 4 records into valid, so the validation "
+                    "split would be empty", "pass --split_ratio 0.25 or more", "or --split_ratio 0 to write no"]),
+        (3, "0.9", ["--split_ratio 0.9 puts all 3 records into valid, so the train split would be empty",
+                    "lower --split_ratio"]),
+    ],
+    ids=["empty-valid", "empty-train"],
+)
+def test_alpaca_refuses_a_ratio_that_leaves_a_split_empty(tmp_path: Path, demo_tokenizer, capsys, records: int,
+                                                          ratio: str, expected: list[str]) -> None:
+    source = _alpaca(tmp_path, records)
+    assert tokenize_alpaca.main([str(source), str(tmp_path / "sft"), demo_tokenizer, "--split_ratio", ratio]) == 2
+    _one_line(capsys.readouterr().err, *expected)
+    assert _tree(tmp_path) == ["alpaca.json"]
+
+
+def test_alpaca_split_ratio_0_writes_train_only_and_says_so(tmp_path: Path, demo_tokenizer, capsys) -> None:
+    source = _alpaca(tmp_path, 4)
+    assert tokenize_alpaca.main([str(source), str(tmp_path / "sft"), demo_tokenizer, "--split_ratio", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "train: 4 samples" in out and "valid: not written (--split_ratio 0)" in out
+    assert sorted(os.listdir(tmp_path / "sft")) == ["train"]
+    assert BinMetaFolder(str(tmp_path / "sft" / "train")).num_documents == 4
+
+
+def test_chat_refuses_a_ratio_that_leaves_valid_empty(tmp_path: Path, capsys) -> None:
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text(json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]})
+                     + "\n")
+    tiny = write_tiny_tokenizer(tmp_path / "tiny")
+    before = _tree(tmp_path)
+    assert tokenize_chat.main([str(chats), str(tmp_path / "out"), str(tiny), "--template", "internlm2"]) == 2
+    _one_line(capsys.readouterr().err, "--split_ratio 0.1 puts round(1 x 0.1) = 0 of the 1 records into valid",
+              "--split_ratio 0 to write no validation split")
+    assert _tree(tmp_path) == before
+
+
+# ---- item 8: the trainer's refusals: data.valid_folder, data.min_length, float8 -------------------
+
+
+def _bin_data(root: Path) -> list[str]:
+    """The flags of a run on a small bin folder at `root`."""
+    with BinWriter(str(root / "en" / "d.bin")) as writer:
+        for i in range(20):
+            writer.write(list(range(1 + i, 40 + i)))
+    return ["--data.dataset", "bin", "--data.train_folder", str(root)]
+
+
+def _refused(tmp_path: Path, capsys, *argv: str) -> str:
+    with pytest.raises(SystemExit) as info:
+        train_main([*TINY_ARGS, "--job.dump_folder", str(tmp_path / "run"), *argv])
+    assert info.value.code == 2
+    return _one_line(capsys.readouterr().err)
+
+
+def test_a_missing_valid_folder_names_data_valid_folder(tmp_path: Path, capsys) -> None:
+    err = _refused(tmp_path, capsys, *_bin_data(tmp_path / "train"), "--data.valid_folder", str(tmp_path / "nope"))
+    assert f"data folder {tmp_path / 'nope'} does not exist" in err and "check data.valid_folder" in err
+    assert "data.train_folder" not in err
+
+
+def test_a_negative_min_length_names_data_min_length(tmp_path: Path, capsys) -> None:
+    err = _refused(tmp_path, capsys, *_bin_data(tmp_path / "train"), "--data.min_length", "-1")
+    assert "data.min_length = -1 is negative" in err
+
+
+def test_float8_rowwise_with_float8_all_gather_is_refused_whatever_the_world_size(tmp_path: Path, capsys) -> None:
+    cfg = Float8(enable=True, recipe_name="rowwise", enable_fsdp_float8_all_gather=True)
+    messages = set()
+    for check in (lambda: float8_settings(cfg, fsdp=False), lambda: float8_settings(cfg, fsdp=True),
+                  lambda: check_float8_device(cfg, torch.device("cpu"))):
+        with pytest.raises(ValueError) as info:
+            check()
+        messages.add(str(info.value))
+    assert messages == {_ROWWISE_ALL_GATHER}  # one rule, one message
+    assert "float8.enable_fsdp_float8_all_gather" in _ROWWISE_ALL_GATHER
+    assert "float8.recipe_name = 'tensorwise'" in _ROWWISE_ALL_GATHER
+    assert float8_settings(Float8(enable=True), fsdp=False) == Float8(enable=True)  # tensorwise passes
+    assert _ROWWISE_ALL_GATHER in _refused(tmp_path, capsys, *_ROWWISE_ALL_GATHER_FLAGS)  # one rank, through main
+
+
+@pytest.mark.multiprocess
+def test_float8_rowwise_with_float8_all_gather_is_refused_on_two_ranks_with_the_same_message(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+               "titanlm.train", *TINY_ARGS, "--job.dump_folder", str(tmp_path / "run"), *_ROWWISE_ALL_GATHER_FLAGS]
+    result = subprocess.run(command, cwd=REPO, env=worker_env(), capture_output=True, text=True, timeout=180)
+    assert result.returncode != 0 and _ROWWISE_ALL_GATHER in result.stderr, result.stderr[-3000:]
+
+
+_ROWWISE_ALL_GATHER_FLAGS = ["--float8.enable", "--float8.recipe_name", "rowwise",
+                             "--float8.enable_fsdp_float8_all_gather"]
+_ROWWISE_ALL_GATHER = (
+    "float8.enable_fsdp_float8_all_gather = true needs float8.recipe_name = 'tensorwise', not 'rowwise' (torchao "
+    "all-gathers only tensorwise-scaled weights in float8); set float8.recipe_name = 'tensorwise' or "
+    "float8.enable_fsdp_float8_all_gather = false"
+)
