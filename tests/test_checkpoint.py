@@ -282,7 +282,7 @@ def test_load_content_names_known_parts_of_an_initial_load_path(tmp_path, pretra
 def test_an_unwritable_checkpoint_folder_fails_at_start(tmp_path) -> None:
     (tmp_path / "a-file").write_text("")
     expect_error(tmp_path, ["--checkpoint.folder", str(tmp_path / "a-file" / "checkpoint")],
-                 r"a-file/checkpoint is not writable \(Not a directory\)")
+                 r"a-file/checkpoint is not writable \(.*a-file is a file, not a folder\)")
 
 
 def test_a_step_folder_without_metadata_fails_instead_of_being_skipped(tmp_path) -> None:

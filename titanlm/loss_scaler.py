@@ -7,11 +7,35 @@ The trainer unscales with `1 / scale` and feeds the (global) grad-norm's finiten
 
 from __future__ import annotations
 
+import math
+
+from titanlm.config import ConfigError
 from titanlm.config.job_config import GradScaler
+
+
+def check_grad_scaler(cfg: GradScaler) -> None:
+    """Refuse settings under which the scale could never shrink, grow, or stay positive, naming the key."""
+    scales = {"initial_scale": cfg.initial_scale, "min_scale": cfg.min_scale, "max_scale": cfg.max_scale}
+    rules = {
+        **{name: (math.isfinite(value) and value > 0, "a finite number > 0") for name, value in scales.items()},
+        "growth_interval": (cfg.growth_interval >= 1, ">= 1"),
+        "growth_factor": (math.isfinite(cfg.growth_factor) and cfg.growth_factor > 1, "a finite number > 1"),
+        "backoff_factor": (0 < cfg.backoff_factor < 1, "in (0, 1)"),
+        "hysteresis": (cfg.hysteresis >= 1, ">= 1"),
+    }
+    for name, (ok, must) in rules.items():
+        if not ok:
+            raise ConfigError(f"grad_scaler.{name} must be {must}, got {getattr(cfg, name)!r}")
+    if not cfg.min_scale <= cfg.initial_scale <= cfg.max_scale:
+        raise ConfigError(
+            f"grad_scaler.initial_scale {cfg.initial_scale!r} must lie between grad_scaler.min_scale "
+            f"{cfg.min_scale!r} and grad_scaler.max_scale {cfg.max_scale!r}"
+        )
 
 
 class DynamicLossScaler:
     def __init__(self, cfg: GradScaler) -> None:
+        check_grad_scaler(cfg)
         self.cfg = cfg
         self.scale = float(cfg.initial_scale)
         self._finite_streak = 0

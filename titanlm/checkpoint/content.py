@@ -26,6 +26,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -39,6 +40,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from titanlm.checkpoint.single_process import unreadable_reason
 from titanlm.checkpoint.train_state import TrainState
 from titanlm.models.flavors import ModelArgs
 from titanlm.models.hf_adapter import flavor_differences
@@ -135,7 +137,13 @@ class TrainingContent:
             raise CheckpointError(f"{path} holds no {', '.join(absent)} (it holds {', '.join(present)}); {fix}")
         target = self._targets(parts, saved)
         _check_fits(path, saved, target)
-        dcp.load(target, checkpoint_id=path)
+        try:
+            dcp.load(target, checkpoint_id=path)
+        except CheckpointException as error:
+            raise CheckpointError(
+                f"{path} could not be read ({unreadable_reason(error)}); it is damaged or incomplete: move it aside "
+                "and resume from an earlier checkpoint, or save it again"
+            ) from None
         return self._apply(target)
 
     def load_hf(self, path: str, parts: tuple[str, ...], args: ModelArgs) -> None:

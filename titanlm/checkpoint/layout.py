@@ -70,9 +70,9 @@ def publish(tmp: str, final: str) -> None:
     os.rename(tmp, final)
 
 
-def prune(folder: str, keep: int) -> list[int]:
-    """Remove all but the `keep` newest complete checkpoints (keep >= 1); return the removed steps."""
-    doomed = complete_steps(folder)[:-keep]
+def prune(folder: str, keep: int, spare: int | None = None) -> list[int]:
+    """Remove all but the `keep` newest complete checkpoints (keep >= 1) and `spare`; return the removed steps."""
+    doomed = [step for step in complete_steps(folder)[:-keep] if step != spare]
     for step in doomed:
         path = step_dir(folder, step)
         # Renamed first: a crash inside rmtree must not leave a half-deleted folder under a complete name.

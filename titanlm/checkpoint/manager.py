@@ -15,19 +15,26 @@ Where a run starts from:
 Starting weights (2, 3) are loaded whether or not checkpoints are saved: a fine-tune must never
 start from random weights because saving is off.
 
-Every checkpoint gets the run's model record (titanlm/models/spec.py) before it is published.
+Every checkpoint gets the run's model record (titanlm/models/spec.py) and a manifest of its files'
+sizes and checksums (manifest.py) before it is published; a load checks them first. Rank 0 holds
+a lock on the run's folders (folder_lock.py) from start to end: one job per folder.
+
+A save that fails on a file-system error (disk full, quota, permissions) removes its own
+.tmp folder and stops the run with one line naming checkpoint.folder and its free space; in async
+mode at the step boundary after the failure shows. Earlier checkpoints are never touched.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import secrets
-import tempfile
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -35,14 +42,16 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from titanlm.checkpoint import layout
+from titanlm.checkpoint import layout, manifest
 from titanlm.checkpoint.content import PARTS, CheckpointError, TrainingContent
+from titanlm.checkpoint.folder_lock import FolderLock
 from titanlm.checkpoint.hf_export import export_hf_folder
 from titanlm.checkpoint.single_process import read_model_state
 from titanlm.checkpoint.stop import Action, StopRequests
@@ -99,24 +108,66 @@ def initial_checkpoint(path: str) -> str:
 
 
 def _check_writable(folder: str) -> None:
-    try:
-        os.makedirs(folder, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as error:
-        raise CheckpointError(
-            f"checkpoint folder {folder} is not writable ({error.strerror}); fix its permissions or point "
-            "job.dump_folder / checkpoint.folder elsewhere"
-        ) from None
+    """Refuse a folder that saves could not create or write into, without creating it: a start that
+    fails later must not leave an empty checkpoint folder behind."""
+    existing = os.path.abspath(folder)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        reason = f"{existing} is a file, not a folder"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        reason = f"{existing} does not allow writing"
+    else:
+        return
+    raise CheckpointError(
+        f"checkpoint folder {folder} is not writable ({reason}); fix its permissions or point "
+        "job.dump_folder / checkpoint.folder elsewhere"
+    )
+
+
+def _gib(size: int) -> str:
+    return f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
+
+
+def _folder_size(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(path) for name in names)
+
+
+def _os_error(error: BaseException) -> OSError | None:
+    """The file-system error behind a failed save, looking inside DCP's CheckpointException (which
+    carries each failed rank's exception) and through exception chains."""
+    seen: set[int] = set()
+    pending = [error]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno is not None:
+            return current
+        failures = getattr(current, "failures", None)
+        if isinstance(failures, dict):
+            pending += [pair[0] if isinstance(pair, tuple) else pair for pair in failures.values()]
+        pending += [current.__cause__, current.__context__]
+    return None
+
+
+def _os_failure(error: BaseException) -> tuple[int, str] | None:
+    """(errno, reason) of a file-system failure, or None when `error` is something else (a bug)."""
+    found = _os_error(error)
+    if found is None:
+        return None
+    return found.errno, found.strerror or str(found)
 
 
 def _on_rank0(decide: Callable[[], T]) -> T:
-    """Run `decide` on rank 0 and give every rank its result, or raise its CheckpointError everywhere."""
+    """Run `decide` on rank 0 and give every rank its result, or raise its user error (a ValueError,
+    e.g. CheckpointError or FolderInUse) everywhere as a CheckpointError."""
     box: list[Any] = [None]
     if dist.get_rank() == 0:
         try:
             box[0] = (decide(), None)
-        except CheckpointError as error:
+        except ValueError as error:
             box[0] = (None, str(error))
     dist.broadcast_object_list(box, src=0)
     result, error = box[0]
@@ -138,39 +189,55 @@ class _Plan:
 
 @dataclass
 class _Save:
-    """A background save: published (renamed) by rank 0 once its future is done."""
+    """A background save. Its future resolves once every rank wrote and checksummed its files and rank 0
+    wrote the manifest: to None, or to the line that explains a file-system failure. Rank 0 then
+    publishes (renames) it."""
 
     tmp: str
     final: str
+    step: int
     started: float
     future: Future
     published: bool = False
 
 
 class CheckpointManager:
-    """Loads at start, saves after steps, and stops the run on request; with checkpoint.enable off it
-    only loads the starting weights, if any."""
+    """Locks the run's folders, loads at start, saves after steps, and stops the run on request; with
+    checkpoint.enable off it only loads the starting weights, if any, and stops on request."""
 
     def __init__(self, cfg: JobConfig, spec: ModelSpec, model_parts: list[nn.Module], optimizer: Optimizer,
                  lr_scheduler: LRScheduler, dataloader: StatefulDataLoader, dp_rank: int,
                  device: torch.device) -> None:
-        """Check the settings and the folder and choose what to start from; nothing is loaded yet.
+        """Lock the folders, check the settings and choose what to start from; nothing is loaded yet.
 
         `spec` is the run's model, with the tokenizer it actually uses: recorded in every save."""
         self.cfg = cfg.checkpoint
         self.enabled = self.cfg.enable
         self.spec = spec
+        self.dump_folder = cfg.job.dump_folder
         self.folder = os.path.join(cfg.job.dump_folder, self.cfg.folder)
         self.total_steps = cfg.training.steps
         self.device = device
-        self.is_main = dist.get_rank() == 0
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.is_main = self.rank == 0
         self.content = TrainingContent(model_parts, optimizer, lr_scheduler, dataloader, dp_rank)
+        self.stop: StopRequests | None = None
+        self._locks: list[FolderLock] = []
+        self._in_flight: _Save | None = None
         parts = parse_load_content(self.cfg.load_content, self.cfg.initial_load_path)
         if self.cfg.last_save_in_hf and not self.enabled:
             raise CheckpointError(
                 "checkpoint.last_save_in_hf exports the final checkpoint, but checkpoint.enable is off; set "
                 "checkpoint.enable = true as well"
             )
+        try:
+            _on_rank0(self._lock_folders)
+            self._choose_start(parts, device)
+        except BaseException:
+            self.release_locks()
+            raise
+
+    def _choose_start(self, parts: tuple[str, ...], device: torch.device) -> None:
         if not self.enabled:
             self.plan = _on_rank0(lambda: self._starting_weights(parts, attempt=""))
             return
@@ -181,15 +248,32 @@ class CheckpointManager:
                 logger.warning("checkpoint.async_mode = async_with_pinned_mem needs a GPU; using async")
             self.async_mode = "async"
         self.plan = _on_rank0(lambda: self._plan(parts))
-        # Background saves get their own gloo group: collectives of two threads must not interleave on one group.
-        self._async_group = dist.new_group(backend="gloo") if self.async_mode != "disabled" else None
+        # Saves exchange checksums and failures over their own gloo group: a background save's collectives
+        # must not interleave with the training thread's on one group.
+        self._group = dist.new_group(backend="gloo")
+        self._sealer = ThreadPoolExecutor(1, "titanlm-save") if self.async_mode != "disabled" else None
         self._stager = (
             DefaultStager(StagingOptions(use_pinned_memory=True, use_shared_memory=True,
                                          use_async_staging=False, use_non_blocking_copy=True))
             if self.async_mode == "async_with_pinned_mem" else None
         )
-        self._in_flight: _Save | None = None
-        self.stop: StopRequests | None = None
+
+    def _lock_folders(self) -> None:
+        """Rank 0: lock the dump folder (metrics, logs) and, when it lies elsewhere, the checkpoint folder."""
+        folders = [("job.dump_folder", self.dump_folder)]
+        inside = os.path.commonpath([os.path.abspath(self.folder), os.path.abspath(self.dump_folder)])
+        if self.enabled and inside != os.path.abspath(self.dump_folder):
+            folders.append(("checkpoint.folder", self.folder))
+        for key, folder in folders:
+            lock = FolderLock(folder, key)
+            try:
+                lock.acquire()
+            except OSError as error:
+                raise CheckpointError(
+                    f"{key} {folder} is not writable ({error.strerror}); fix its permissions or set {key} to "
+                    "a folder this job can write"
+                ) from None
+            self._locks.append(lock)
 
     def _plan(self, parts: tuple[str, ...]) -> _Plan:
         """Rank 0: check the folder, report leftovers, and pick the checkpoint to start from."""
@@ -276,7 +360,7 @@ class CheckpointManager:
 
     @torch.no_grad()
     def load(self) -> TrainState | None:
-        """Restore what the plan names, then start listening for stop requests.
+        """Check and restore what the plan names, then start listening for stop requests.
 
         Returns the TrainState to continue from, or None when the run starts at step 0 (nothing to
         load, or only parts without it, e.g. load_content = model).
@@ -287,27 +371,62 @@ class CheckpointManager:
             if layout.looks_like_hf_model(self.plan.source) and not layout.is_dcp_checkpoint(self.plan.source):
                 self.content.load_hf(self.plan.source, self.plan.parts, self.spec.args)
             else:
+                self._verify(self.plan.source)
                 state = self.content.load(self.plan.source, self.plan.parts, self.plan.fix)
             where = f"; continuing after step {state.step}" if state else "; starting at step 0"
             logger.info(
                 f"loaded {', '.join(self.plan.parts)} from {self.plan.source} in "
                 f"{time.perf_counter() - start:.1f}s{where}"
             )
-        if not self.enabled:
-            return state
         stop_file = self.cfg.stop_file or os.path.join(self.folder, "STOP")
         self.stop = StopRequests(stop_file, self.is_main, self.device)
         return state
 
+    def _verify(self, source: str) -> None:
+        """Check `source` against its manifest before anything is read: every file's size, and unless
+        checkpoint.verify is off its checksum, each rank taking a share of the files."""
+        found = _on_rank0(lambda: manifest.read_manifest(source))
+        if found is None:
+            if self.is_main:
+                logger.warning(f"{source} has no {manifest.MANIFEST} (saved by an older titanlm?): loading it unchecked")
+            return
+        started = time.perf_counter()
+        problem = manifest.size_problem(source, found)
+        if problem is None and self.cfg.verify:
+            try:
+                problem = manifest.checksum_problem(source, found, self.rank, self.world_size)
+            except OSError as error:
+                problem = f"a file could not be read ({error})"
+        problems: list[Any] = [None] * self.world_size
+        dist.all_gather_object(problems, problem)
+        problem = next((p for p in problems if p), None)
+        if problem:
+            raise CheckpointError(f"{source} is damaged: {problem}; {self._damage_fix(source)}")
+        what = "sizes and checksums" if self.cfg.verify else "sizes (checkpoint.verify is off)"
+        logger.info(f"checked {source}: {len(found['files'])} files, {what} match, in {time.perf_counter() - started:.1f}s")
+
+    def _damage_fix(self, source: str) -> str:
+        """How to go on from a damaged checkpoint: resume from the one before it, or replace it."""
+        aside = f"mv {source} {source}.damaged"
+        if self.plan.origin != "resume":
+            return f"copy, convert or save it again, or set {self.plan.origin} to another checkpoint"
+        damaged_step = int(os.path.basename(source).removeprefix("step-"))
+        earlier = [step for step in layout.complete_steps(self.folder) if step < damaged_step]
+        load_step = " and set checkpoint.load_step = -1" if self.cfg.load_step >= 0 else ""
+        if earlier:
+            return f"move it aside ({aside}){load_step} and restart to resume from step-{earlier[-1]}, the previous complete checkpoint"
+        return f"move it aside ({aside}){load_step}; there is no earlier complete checkpoint, so the run starts over"
+
     def step_end(self, state: TrainState) -> bool:
         """Save if due after this step (interval, last step, stop file, signal); True when the run must stop.
 
-        A collective: every rank calls it after every step.
+        A collective: every rank calls it after every step. A background save that failed stops the run here.
         """
-        if not self.enabled:
-            return False
-        self._publish_if_done()
         action = self.stop.poll(state.step)
+        if not self.enabled:
+            return action == Action.SAVE_AND_STOP
+        self._raise_if_save_failed()
+        self._publish_if_done()
         last = state.step >= self.total_steps
         stop = action == Action.SAVE_AND_STOP
         if last or stop:
@@ -329,9 +448,17 @@ class CheckpointManager:
         tmp = layout.tmp_dir(final, self.plan.attempt)
         content = self.content
         state_dict = content.model_state_dict(self.export_dtype) if model_only else content.state_dict(state)
+        facts = {"step": state.step, "consecutive_skips": state.consecutive_skips}
         started = time.perf_counter()
         if blocking or self.async_mode == "disabled":
-            dcp.save(state_dict, checkpoint_id=tmp)
+            error = None
+            try:
+                dcp.save(state_dict, checkpoint_id=tmp)
+            except (Exception, CheckpointException) as raised:
+                error = raised
+            failure = self._seal(tmp, facts, error)
+            if failure:
+                self._discard(tmp, failure)
             if self.is_main:
                 self._publish(tmp, final, started)
             return
@@ -339,53 +466,169 @@ class CheckpointManager:
         if self._stager is not None:
             extra = {"async_checkpointer_type": AsyncCheckpointerType.PROCESS, "async_stager": self._stager}
         # Returns once the state is copied out, so the next optimizer step cannot race the writes.
-        future = dcp.async_save(state_dict, checkpoint_id=tmp, process_group=self._async_group, **extra)
+        written = dcp.async_save(state_dict, checkpoint_id=tmp, process_group=self._group, **extra)
+        future = self._sealer.submit(self._seal_when_written, written, tmp, facts)
         logger.info(f"saving {final} in the background (training paused {time.perf_counter() - started:.2f}s)")
-        self._in_flight = _Save(tmp, final, started, future)
+        self._in_flight = _Save(tmp, final, state.step, started, future)
+
+    def _seal_when_written(self, written: Future, tmp: str, facts: dict[str, int]) -> str | None:
+        """The background half of an async save: wait for DCP's writes, then seal."""
+        error = None
+        try:
+            written.result()
+        except (Exception, CheckpointException) as raised:
+            error = raised
+        return self._seal(tmp, facts, error)
+
+    def _seal(self, tmp: str, facts: dict[str, int], error: BaseException | None) -> str | None:
+        """After this rank's DCP write (or its failure): checksum the rank's files, and on rank 0 write the
+        model record and the manifest. A collective over the save group.
+
+        Returns None when the checkpoint is complete, else the line explaining the file-system failure,
+        the same on every rank. Any other error is a bug: its rank re-raises it with the traceback.
+        """
+        piece, failure = None, None
+        if error is None:
+            try:
+                piece = manifest.rank_entries(tmp, self.rank)
+            except OSError as raised:
+                error = raised
+        if error is not None:
+            failure = _os_failure(error)
+        outcomes: list[Any] = [None] * self.world_size
+        dist.all_gather_object(outcomes, (piece, failure, error is not None and failure is None), group=self._group)
+        if error is not None and failure is None:
+            raise error
+        bugs = [rank for rank, (_, _, bug) in enumerate(outcomes) if bug]
+        if bugs:
+            raise RuntimeError(f"saving {tmp} failed with an internal error on rank(s) {bugs}; see their traceback")
+        failures = [failure for _, failure, _ in outcomes if failure]
+        if not failures:
+            sealed: list[Any] = [None]
+            if self.is_main:
+                try:
+                    write_record(tmp, self.spec)
+                    manifest.write_manifest(tmp, [piece for piece, _, _ in outcomes], **facts)
+                except OSError as raised:
+                    sealed[0] = _os_failure(raised)
+            dist.broadcast_object_list(sealed, src=0, group=self._group)
+            failures = [sealed[0]] if sealed[0] else []
+        return self._failure_line(facts["step"], *failures[0]) if failures else None
+
+    def _failure_line(self, step: int, code: int, reason: str, action: str = "saving") -> str:
+        """What went wrong with the save (or export) of `step`, what is left, and what to do."""
+        existing = self.folder if os.path.isdir(self.folder) else self.dump_folder
+        free = _gib(shutil.disk_usage(existing).free) if os.path.isdir(existing) else "unknown"
+        steps = layout.complete_steps(self.folder)
+        if steps:
+            last = layout.step_dir(self.folder, steps[-1])
+            kept = f"step-{steps[-1]} ({_gib(_folder_size(last))}) is the last complete checkpoint, untouched"
+        else:
+            kept = "there is no earlier checkpoint"
+        if code in (errno.ENOSPC, errno.EDQUOT):
+            return (
+                f"checkpoint.folder {self.folder} is full ({free} free): {action} step-{step} failed and its partial "
+                f"files were removed; {kept}. Free space there (checkpoint.keep_latest_k keeps fewer checkpoints) or "
+                "point checkpoint.folder at a larger disk, then restart to resume"
+            )
+        return (
+            f"checkpoint.folder {self.folder}: {action} step-{step} failed ({reason}; {free} free) and its partial files "
+            f"were removed; {kept}. Fix the folder, then restart to resume"
+        )
+
+    def _discard(self, tmp: str, failure: str) -> None:
+        """Every rank: give up a failed save. Rank 0 removes this attempt's own .tmp folder (every rank is
+        past writing it), never anything else; then the run stops with the failure's line."""
+        if self.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(failure)
+
+    def _raise_if_save_failed(self) -> None:
+        """At a step boundary, while a background save is in flight: if it failed on any rank, every rank
+        stops here with its line (agreed by one all_reduce, so no rank runs ahead into a collective)."""
+        save = self._in_flight
+        if save is None:
+            return
+        failed = save.future.done() and (save.future.exception() is not None or save.future.result() is not None)
+        flag = torch.tensor([int(failed)], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item():
+            self._wait()
 
     def _wait(self) -> None:
         """Finish the background save, if any, on every rank; a failed save raises here on all of them."""
         save, self._in_flight = self._in_flight, None
         if save is None:
             return
-        save.future.result()
+        failure = save.future.result()
+        if failure:
+            self._discard(save.tmp, failure)
         if self.is_main and not save.published:
             self._publish(save.tmp, save.final, save.started)
 
     def _publish_if_done(self) -> None:
-        """Rank 0 renames a finished background save without waiting for the other ranks: DCP's last
-        step gathers every rank's write results on rank 0 before it writes .metadata, so rank 0's save
-        finishing means every rank's files are on disk. A failure is left for `_wait`, which all ranks reach."""
+        """Rank 0 renames a finished background save without waiting for the other ranks: the seal's
+        collectives ran on every rank before rank 0 wrote the manifest, so rank 0's save finishing means
+        every rank's files are on disk. A failure is left for `_raise_if_save_failed`, which all ranks reach."""
         save = self._in_flight
-        if self.is_main and save and not save.published and save.future.done() and not save.future.exception():
+        if (self.is_main and save and not save.published and save.future.done()
+                and save.future.exception() is None and save.future.result() is None):
             self._publish(save.tmp, save.final, save.started)
             save.published = True
 
     def _publish(self, tmp: str, final: str, started: float) -> None:
-        write_record(tmp, self.spec)
         layout.publish(tmp, final)
         logger.info(f"saved {final} in {time.perf_counter() - started:.1f}s")
         if self.cfg.keep_latest_k > 0:
-            removed = layout.prune(self.folder, self.cfg.keep_latest_k)
+            spared = self._newest_healthy()
+            removed = layout.prune(self.folder, self.cfg.keep_latest_k, spare=spared)
             if removed:
                 logger.info(f"removed {', '.join(f'step-{s}' for s in removed)} (checkpoint.keep_latest_k)")
+            if spared is not None and spared not in layout.complete_steps(self.folder)[-self.cfg.keep_latest_k:]:
+                logger.warning(
+                    f"kept step-{spared} beyond checkpoint.keep_latest_k: it is the newest checkpoint saved before "
+                    "the current run of skipped inf/NaN steps"
+                )
+
+    def _newest_healthy(self) -> int | None:
+        """The newest complete checkpoint saved after a finite step (one without a manifest counts)."""
+        for step in reversed(layout.complete_steps(self.folder)):
+            found = manifest.read_manifest(layout.step_dir(self.folder, step))
+            if found is None or not found.get("consecutive_skips"):
+                return step
+        return None
 
     def _export_hf(self, saved: str, step: int) -> None:
         """Rank 0: the checkpoint just saved as a Hugging Face folder step-N-hf, published like a save."""
         started = time.perf_counter()
         final = layout.hf_dir(self.folder, step)
         tmp = layout.tmp_dir(final, self.plan.attempt)
-        os.makedirs(tmp)
-        export_hf_folder(read_model_state(saved), self.spec, Path(tmp), self.export_dtype)
+        try:
+            os.makedirs(tmp)
+            export_hf_folder(read_model_state(saved), self.spec, Path(tmp), self.export_dtype)
+        except OSError as error:
+            shutil.rmtree(tmp, ignore_errors=True)
+            code, reason = _os_failure(error)
+            raise CheckpointError(self._failure_line(step, code, reason, action="exporting")) from None
         layout.publish(tmp, final)
         logger.info(f"exported {final} for transformers in {time.perf_counter() - started:.1f}s")
 
     def close(self) -> None:
-        """Finish a save still in flight and give the signal handlers back."""
-        if not self.enabled:
-            return
-        self._wait()
-        if self._stager is not None:
-            self._stager.close()
-        if self.stop is not None:
-            self.stop.close()
+        """Finish a save still in flight, give the signal handlers back and release the folder locks."""
+        try:
+            if self.enabled:
+                self._wait()
+        finally:
+            if self.enabled and self._sealer is not None:
+                self._sealer.shutdown()
+            if self.enabled and self._stager is not None:
+                self._stager.close()
+            if self.stop is not None:
+                self.stop.close()
+            self.release_locks()
+
+    def release_locks(self) -> None:
+        """Give up the folder locks (also after a failed start, so that nothing is left behind)."""
+        for lock in self._locks:
+            lock.release()
+        self._locks.clear()

@@ -15,7 +15,10 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+from titanlm.checkpoint import manifest
 
 from titanlm.models.flavors import ModelArgs
 from titanlm.models.hf_adapter import ConversionError, StateDict
@@ -103,11 +106,27 @@ def _flavor_conflicts(shapes: Shapes, args: ModelArgs) -> list[str]:
 
 
 def read_model_state(dcp_dir: str | Path, dtype: torch.dtype | None = None) -> StateDict:
-    """The "model" entries of a DCP checkpoint as full tensors, in their stored dtype or `dtype`."""
+    """The "model" entries of a DCP checkpoint as full tensors, in their stored dtype or `dtype`; the
+    checkpoint's files are checked against its manifest first, so altered weights are never exported."""
     stored = dcp_model_entries(Path(dcp_dir))
+    problem = manifest.damage(str(dcp_dir), checksums=True)
+    if problem:
+        raise ConversionError(f"{dcp_dir} is damaged: {problem}; use an earlier checkpoint, or save it again")
     state = {key: torch.empty(meta.size, dtype=meta.properties.dtype) for key, meta in stored.items()}
-    single_process_dcp(dcp.load, {MODEL_KEY: state}, Path(dcp_dir))
+    try:
+        single_process_dcp(dcp.load, {MODEL_KEY: state}, Path(dcp_dir))
+    except CheckpointException as error:
+        raise ConversionError(
+            f"{dcp_dir} could not be read ({unreadable_reason(error)}); it is damaged or incomplete: use an earlier "
+            "checkpoint, or save it again"
+        ) from None
     return {key: tensor.to(dtype) for key, tensor in state.items()} if dtype else state
+
+
+def unreadable_reason(error: CheckpointException) -> str:
+    """The first failed rank's reason, on one line: DCP's own message holds every rank's traceback."""
+    reason = next(iter(error.failures.values()), (error, None))[0]
+    return f"{type(reason).__name__}: {' '.join(str(reason).split())}"
 
 
 def single_process_dcp(operation: Callable[..., Any], state: dict[str, Any], path: Path) -> None:

@@ -32,12 +32,17 @@ class TrainState:
     so the ranks' RNG states are equal and one copy serves any world size; DCP keeps a single
     copy of a key that all ranks save. The loss-scaler state and the RNG are saved as opaque
     blobs so that a run may switch float16 on or off, or move between CPU and GPU, on resume.
+
+    `consecutive_skips` is the number of inf/NaN steps skipped in a row up to and including
+    `step` (0 when `step` updated the weights). It travels in the RNG blob: DCP refuses to load
+    a key that the checkpoint lacks, so a new key would make every older checkpoint unloadable.
     """
 
     step: int = 0
     num_consumed_tokens: int = 0
     inf_nan_skip_batches: int = 0
     loss_scaler: dict[str, float | int] | None = None
+    consecutive_skips: int = 0
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -45,7 +50,7 @@ class TrainState:
             "num_consumed_tokens": self.num_consumed_tokens,
             "inf_nan_skip_batches": self.inf_nan_skip_batches,
             "loss_scaler": pickle.dumps(self.loss_scaler),
-            "rng": pickle.dumps(capture_rng()),
+            "rng": pickle.dumps({**capture_rng(), "consecutive_skips": self.consecutive_skips}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -54,4 +59,6 @@ class TrainState:
         self.num_consumed_tokens = int(state["num_consumed_tokens"])
         self.inf_nan_skip_batches = int(state["inf_nan_skip_batches"])
         self.loss_scaler = pickle.loads(state["loss_scaler"])
-        restore_rng(pickle.loads(state["rng"]))
+        rng = pickle.loads(state["rng"])
+        self.consecutive_skips = int(rng.get("consecutive_skips", 0))  # absent before the counter existed
+        restore_rng(rng)

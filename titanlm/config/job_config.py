@@ -84,6 +84,11 @@ class Training:
         "float32", "gradient reduce-scatter dtype: float32 or bfloat16", choices=("float32", "bfloat16")
     )
     skip_nan_inf_steps: bool = opt(True, "skip an optimizer step whose grad norm is inf/NaN and count it")
+    max_consecutive_skips: int = opt(
+        20,
+        "stop the run (exit 3; the stopping step is not saved) after this many skipped inf/NaN steps in a row: "
+        "the run has diverged; 0 = never stop",
+    )
 
 
 @dataclass
@@ -230,6 +235,11 @@ class Checkpoint:
         False,
         "at the last step also write a Hugging Face folder (safetensors, config.json, tokenizer) as step-N-hf, "
         "loadable with transformers' AutoModelForCausalLM",
+    )
+    verify: bool = opt(
+        True,
+        "check every file of the checkpoint to load against the checksums its manifest recorded at save time "
+        "(sizes are always checked); false = sizes only, for very large checkpoints on slow file systems",
     )
     stop_file: str = opt(
         "",
