@@ -12,6 +12,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
 
+from titanlm.checkpoint import manifest
 from titanlm.models import FLAVORS, ModelArgs, Transformer
 from titanlm.models.hf_adapter import (
     ConversionError,
@@ -112,6 +113,8 @@ def test_hf_to_dcp_to_hf_round_trip_is_bitwise(tmp_path: Path) -> None:
     hf_llama(GQA, seed=2).to(torch.bfloat16).save_pretrained(tmp_path / "src", max_shard_size="40KB")
 
     assert _convert("hf_to_dcp", tmp_path / "src", tmp_path / "dcp") == 0
+    assert manifest.damage(str(tmp_path / "dcp"), checksums=True) is None  # checked like a training checkpoint
+    assert len(manifest.read_manifest(str(tmp_path / "dcp"))["files"]) >= 3  # .metadata, shard, model record
     assert _convert("dcp_to_hf", tmp_path / "dcp", tmp_path / "back", "--model.name", "llama3",
                     "--model.flavor", "tiny", "--max_shard_size", "40KB") == 0
 

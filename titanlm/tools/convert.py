@@ -30,6 +30,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from titanlm.checkpoint.hf_export import LAYOUTS, export_hf_folder
+from titanlm.checkpoint.manifest import write_manifest
 from titanlm.checkpoint.single_process import (
     MODEL_KEY,
     checked_checkpoint_spec,
@@ -64,6 +65,7 @@ def hf_to_dcp(
     with _staged_output(out_dir, hf_dir, overwrite, _DCP_OUTPUTS) as staging:
         single_process_dcp(dcp.save, {MODEL_KEY: state}, staging)
         write_record(staging, spec)
+        write_manifest(str(staging), [], step=0, consecutive_skips=0)  # written last: covers every file above
     return spec
 
 
