@@ -9,10 +9,15 @@
 #
 # Variables: NGPU (processes per node; default: visible GPUs, else 1), CONFIG_FILE (default the
 # debug config), LOG_RANK (ranks whose output is shown, default 0), MASTER_PORT (default 29500).
+#
+# Relative paths, in CONFIG_FILE and in the arguments, mean what they mean where the command is typed.
+# torchrun runs inside titanlm.launch, which relays SIGTERM, SIGUSR1 and Ctrl-C to the ranks (they save
+# and stop) and exits 0 (130 after Ctrl-C), 2 after a user error, else the failed rank's code.
 set -euo pipefail
 
-cd "$(dirname "$0")/.."
-CONFIG_FILE=${CONFIG_FILE:-./train_configs/debug_model.toml}
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+CONFIG_FILE=${CONFIG_FILE:-$REPO/train_configs/debug_model.toml}
 LOG_RANK=${LOG_RANK:-0}
 MASTER_PORT=${MASTER_PORT:-29500}
 PYTHON=${PYTHON:-python}
@@ -44,6 +49,6 @@ else
   rendezvous=(--standalone)
 fi
 
-exec "$PYTHON" -m torch.distributed.run --nproc_per_node "$NGPU" "${rendezvous[@]}" \
+exec "$PYTHON" -m titanlm.launch --nproc_per_node "$NGPU" "${rendezvous[@]}" \
   --local-ranks-filter "$LOG_RANK" --role rank --tee 3 \
   -m titanlm.train --job.config_file "$CONFIG_FILE" "$@"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 
 import pytest
 
@@ -113,7 +114,7 @@ def test_four_rank_layout_matches_single_process(layout, four_rank_records, orac
 
 
 def test_run_train_sh_with_two_processes_writes_metrics(tmp_path, demo_cache) -> None:
-    env = {**os.environ, "NGPU": "2", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "NGPU": "2", "OMP_NUM_THREADS": "1", "PYTHON": sys.executable}
     result = subprocess.run(
         ["bash", "scripts/run_train.sh", "--training.steps", "3", "--training.seq_len", "32",
          "--job.dump_folder", str(tmp_path), "--data.cache_folder", str(demo_cache), "--metrics.log_freq", "1"],
@@ -137,7 +138,8 @@ def test_run_train_sh_under_slurm_one_task_per_gpu(tmp_path, demo_cache) -> None
     for rank in range(2):
         env = {**os.environ, "SLURM_JOB_ID": "1", "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank),
                "SLURM_NTASKS": "2", "SLURM_NNODES": "1", "SLURM_JOB_NODELIST": "localhost",
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
+               "PYTHON": sys.executable}
         tasks.append(subprocess.Popen(
             ["bash", "scripts/run_train.sh", "--training.steps", "2", "--training.seq_len", "32",
              "--job.dump_folder", str(tmp_path), "--data.cache_folder", str(demo_cache), "--metrics.log_freq", "1"],

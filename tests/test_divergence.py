@@ -178,3 +178,20 @@ def refused(flags: list[str], key: str):
 def test_an_out_of_range_setting_is_refused_naming_its_key(tmp_path, flags, key) -> None:
     with pytest.raises(ConfigError, match=rf"^{re.escape(key)}\b"):
         trainer_for(tmp_path, flags)
+
+
+def test_the_command_line_exits_3_with_one_line_when_training_diverges(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    from trainer_runs import REPO, worker_env
+
+    result = subprocess.run(
+        [sys.executable, "-m", "titanlm.train", *TINY_ARGS, "--job.dump_folder", str(tmp_path), "--optimizer.lr", "1e6",
+         "--training.steps", "8", "--training.max_consecutive_skips", "3"],
+        cwd=REPO, env=worker_env(), capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 3, result.stderr[-2000:]
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: training diverged: the grad norm was inf/NaN on 3 steps in a row")
+    assert "Traceback" not in result.stdout + result.stderr

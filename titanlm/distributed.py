@@ -1,13 +1,33 @@
-"""Process-group setup that runs the same under torchrun, Slurm-launched torchrun, or a plain process."""
+"""Process-group setup that runs the same under torchrun, Slurm-launched torchrun, or a plain process,
+and the worker's side of the launcher: one error line per job, and no worker outliving its launcher."""
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+import signal
+import sys
+import threading
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+logger = logging.getLogger("titanlm")
+
+# titanlm.launch tells its workers its pid, so that one whose launcher died while it was still starting
+# (before it could watch) notices too.
+LAUNCHER_PID_ENV = "TITANLM_LAUNCHER_PID"
+# How long a worker whose launcher died may take to save and stop before it exits regardless.
+ORPHAN_GRACE_S = 60.0
+# Exit codes the trainer and the launcher share: after a one-line user error, and after Ctrl-C (the shell's code).
+USER_ERROR_EXIT_CODE = 2
+INTERRUPTED_EXIT_CODE = 128 + signal.SIGINT
+# How long a rank other than 0 waits after leaving its error line for the launcher (see report_error).
+REPORT_DELAY_S = 3.0
 
 
 @dataclass(frozen=True)
@@ -63,3 +83,59 @@ def set_determinism(seed: int, deterministic: bool) -> None:
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def launched_by_torchrun() -> bool:
+    """True in a worker that torchrun (or titanlm.launch, which runs torchrun's agent) started."""
+    return "TORCHELASTIC_RUN_ID" in os.environ
+
+
+def report_error(line: str) -> None:
+    """Report a one-line error once for the whole job, not once per rank.
+
+    Rank 0 prints it on stderr. Another rank, whose output the launcher usually hides, leaves it in
+    torchrun's error file instead: titanlm.launch prints it when rank 0 did not fail the same way (an
+    error only some ranks meet, e.g. a file missing on one node), and torchrun's own failure summary
+    shows it. That rank then waits a moment, so that rank 0, which in the common case meets the same
+    error and has printed it, is the failure the launcher sees first.
+    """
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(line, file=sys.stderr, flush=True)
+        return
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not error_file:
+        return
+    try:
+        with open(error_file, "w", encoding="utf-8") as f:
+            json.dump({"message": line, "timestamp": int(time.time())}, f)
+    except OSError:
+        return
+    time.sleep(REPORT_DELAY_S)
+
+
+def exit_with_launcher(grace_s: float = ORPHAN_GRACE_S) -> None:
+    """In a torchrun worker, stop when the launcher dies instead of training on as an orphan.
+
+    torchrun starts each worker in a session of its own, so killing torchrun's process group, or kill -9
+    of torchrun, leaves the workers running and publishing checkpoints while a restarted job starts. A
+    thread sees the parent change within a second and sends this process SIGTERM: the ranks save after
+    the current step and stop, as for scancel. After `grace_s` it ends the process if it is still there
+    (a collective whose peers died blocks for the whole process-group timeout). A thread rather than
+    prctl(PR_SET_PDEATHSIG): it works on any OS, it follows the launcher process rather than the thread
+    that forked the worker, and it can bound the time to exit.
+    """
+    if not launched_by_torchrun():
+        return  # a plain process may outlive its shell (nohup); Slurm ends its own tasks
+    launcher = int(os.environ.get(LAUNCHER_PID_ENV) or os.getppid())
+    threading.Thread(target=_watch_launcher, args=(launcher, grace_s), name="launcher-watch", daemon=True).start()
+
+
+def _watch_launcher(launcher: int, grace_s: float) -> None:
+    while os.getppid() == launcher:
+        time.sleep(1.0)
+    logger.warning(f"the launcher (pid {launcher}) is gone: stopping after the current step, "
+                   f"or in {grace_s:.0f} s without saving")
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(grace_s)
+    logger.warning(f"still running {grace_s:.0f} s after the launcher died: exiting without saving")
+    os._exit(128 + signal.SIGTERM)

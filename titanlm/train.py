@@ -7,7 +7,9 @@ Run with `torchrun --nproc_per_node N -m titanlm.train --job.config_file X.toml`
 from __future__ import annotations
 
 import logging
+import math
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -22,11 +24,14 @@ from torch.distributed.pipelining.schedules import _PipelineSchedule
 from torch.distributed.tensor.parallel import loss_parallel
 
 from titanlm.checkpoint import CheckpointManager, TrainState
-from titanlm.config import JobConfig, config_to_toml, load_config_or_exit
+from titanlm.config import ConfigError, JobConfig, config_to_toml, load_config_or_exit
 from titanlm.data import build_dataloader, build_valid_dataloader
 from titanlm.data.loader import dataset_kind
 from titanlm.data.datasets import IGNORE_INDEX, Batch
-from titanlm.distributed import init_distributed, set_determinism, shutdown
+from titanlm.distributed import (
+    INTERRUPTED_EXIT_CODE, USER_ERROR_EXIT_CODE, exit_with_launcher, init_distributed, launched_by_torchrun,
+    report_error, set_determinism, shutdown,
+)
 from titanlm.loss_scaler import DynamicLossScaler
 from titanlm.metrics import (
     LOG_FORMAT, MetricsLogger, check_metrics_settings, device_peak_flops, epoch_tokens, peak_memory_gib, plan_line,
@@ -56,6 +61,41 @@ def resolve_param_dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
+DIVERGED_EXIT_CODE = 3
+
+
+class TrainingDiverged(RuntimeError):
+    """training.max_consecutive_skips steps in a row had an inf/NaN grad norm. Raised on every rank
+    alike (the norm is global) at the end of the step, before that step could be saved."""
+
+    def __init__(self, step: int, skips: int, limit: int) -> None:
+        super().__init__(
+            f"training diverged: the grad norm was inf/NaN on {skips} steps in a row (steps {step - skips + 1}-"
+            f"{step}), whose updates were skipped; stopped at step {step} without saving it "
+            f"(training.max_consecutive_skips = {limit}). Resume from an earlier checkpoint with a lower "
+            "optimizer.lr, or set training.max_consecutive_skips = 0 to never stop"
+        )
+        self.step, self.skips = step, skips
+
+
+def check_loop_settings(cfg: JobConfig) -> None:
+    """The settings the training loop reads itself, each error naming its key."""
+    tr = cfg.training
+    if tr.global_batch_size != -1 and tr.global_batch_size < 1:
+        raise ConfigError(
+            f"training.global_batch_size must be >= 1, or -1 for local_batch_size x data-parallel degree; "
+            f"got {tr.global_batch_size}"
+        )
+    if not math.isfinite(tr.max_norm):
+        raise ConfigError(f"training.max_norm must be a finite number (<= 0 = no clipping), got {tr.max_norm!r}")
+    if tr.max_consecutive_skips < 0:
+        raise ConfigError(
+            f"training.max_consecutive_skips must be >= 0 (0 = never stop), got {tr.max_consecutive_skips}"
+        )
+    if cfg.data.valid_every < 0:
+        raise ConfigError(f"data.valid_every must be >= 0 (0 = never), got {cfg.data.valid_every}")
+
+
 class Trainer:
     def __init__(self, cfg: JobConfig) -> None:
         self.cfg = cfg
@@ -70,6 +110,7 @@ class Trainer:
         self.cp_rank = self.meshes.world["cp"].get_local_rank()
 
         tr = cfg.training
+        check_loop_settings(cfg)
         if tr.loss_chunk_tokens and (self.parallel_dims.tp > 1 or self.parallel_dims.pp > 1):
             raise ParallelismError(
                 "training.loss_chunk_tokens works without tensor and pipeline parallelism (with TP, loss "
@@ -129,6 +170,8 @@ class Trainer:
         self.step = 0
         self.num_consumed_tokens = 0
         self.inf_nan_skip_batches = 0
+        self.consecutive_skips = 0  # inf/NaN steps skipped in a row, for training.max_consecutive_skips
+        self.warned_zero_grads = False
         if cfg.job.print_config:
             logger.info("resolved configuration:\n" + config_to_toml(cfg))
         if cfg.job.description:
@@ -140,7 +183,11 @@ class Trainer:
         )
         for line in self._provenance():
             logger.info(line)
-        self.restore(self.checkpointer.load())
+        try:
+            self.restore(self.checkpointer.load())
+        except BaseException:
+            self.close()  # a start that fails here (e.g. a damaged checkpoint) gives the folder lock back
+            raise
         self.metrics.start(resumed_from_step=self.step)
         logger.info(plan_line(self.step, tr.steps, global_batch, tr.seq_len, epoch_tokens(self.dataloader.dataset)))
 
@@ -274,12 +321,13 @@ class Trainer:
         return loss
 
     def clip_and_step(self) -> torch.Tensor:
-        """Unscale, clip and step; an inf/NaN grad norm skips the update and is counted."""
+        """Unscale, clip and step; an inf/NaN grad norm skips the update, is counted and warned about."""
         grads = [p.grad for part in self.model_parts for p in part.parameters() if p.grad is not None]
         if self.loss_scaler:
             scale_grads_(grads, 1.0 / self.loss_scaler.scale)
         grad_norm = global_grad_norm(grads, pp_group=self.pp_group)
-        finite = bool(torch.isfinite(grad_norm))
+        norm = grad_norm.item()  # global: every rank takes the same branches below
+        finite = math.isfinite(norm)
         if self.loss_scaler:
             self.loss_scaler.update(overflow=not finite)
         if finite or not self.cfg.training.skip_nan_inf_steps:
@@ -287,11 +335,49 @@ class Trainer:
                 clip_grads_(grads, self.cfg.training.max_norm, grad_norm)
             self.optimizer.step()
             precompute_scales(self.model_parts, self.float8)
+            self.consecutive_skips = 0
         else:
             self.inf_nan_skip_batches += 1
+            self.consecutive_skips += 1
+            self._warn_skipped(norm)
+        if norm == 0.0:
+            self._warn_zero_grads()
         self.optimizer.zero_grad(set_to_none=True)
         self.lr_scheduler.step()
         return grad_norm
+
+    def _warn_skipped(self, norm: float) -> None:
+        """One line per skipped step (self.step is still the previous step's number)."""
+        if not self.dist.is_main:
+            return
+        limit = self.cfg.training.max_consecutive_skips
+        stop = f"the run stops at {limit}" if limit else "0: the run never stops"
+        logger.warning(
+            f"step {self.step + 1}: grad norm is {norm}, update skipped ({self.consecutive_skips} in a row; "
+            f"training.max_consecutive_skips = {limit}: {stop})"
+        )
+
+    def _warn_zero_grads(self) -> None:
+        """Once per run: with every gradient exactly zero the step learns nothing."""
+        if self.warned_zero_grads or not self.dist.is_main:
+            return
+        self.warned_zero_grads = True
+        cause = (
+            f"the float16 gradients underflowed at loss scale {self.loss_scaler.scale:g} (raise "
+            "grad_scaler.initial_scale and grad_scaler.min_scale)"
+            if self.loss_scaler else "the loss does not depend on the weights"
+        )
+        logger.warning(
+            f"step {self.step + 1}: every gradient is zero (grad norm 0), so the step learns nothing: {cause}, "
+            "or none of the step's labels counts toward the loss; check the loss (warned once per run)"
+        )
+
+    def check_divergence(self) -> None:
+        """Stop once training.max_consecutive_skips steps in a row were skipped, flushing their records."""
+        limit = self.cfg.training.max_consecutive_skips
+        if limit and self.consecutive_skips >= limit:
+            self.metrics.flush()
+            raise TrainingDiverged(self.step, self.consecutive_skips, limit)
 
     def train_step(self, micro_batches: list[Batch]) -> dict[str, float | int | torch.Tensor | None]:
         """One optimizer step; its record keeps loss and grad_norm on the device (read at log time)."""
@@ -337,8 +423,13 @@ class Trainer:
         return [next(batches) for _ in range(self.accumulation_steps)]
 
     def train_state(self) -> TrainState:
-        loss_scaler = self.loss_scaler.state_dict() if self.loss_scaler else None
-        return TrainState(self.step, self.num_consumed_tokens, self.inf_nan_skip_batches, loss_scaler)
+        return TrainState(
+            step=self.step,
+            num_consumed_tokens=self.num_consumed_tokens,
+            inf_nan_skip_batches=self.inf_nan_skip_batches,
+            loss_scaler=self.loss_scaler.state_dict() if self.loss_scaler else None,
+            consecutive_skips=self.consecutive_skips,
+        )
 
     def restore(self, state: TrainState | None) -> None:
         """Continue from a checkpoint's counters; None (nothing loaded, or weights only) starts at step 0."""
@@ -346,12 +437,13 @@ class Trainer:
             return
         self.step, self.num_consumed_tokens = state.step, state.num_consumed_tokens
         self.inf_nan_skip_batches = state.inf_nan_skip_batches
+        self.consecutive_skips = state.consecutive_skips
         if self.loss_scaler and state.loss_scaler:
             self.loss_scaler.load_state_dict(state.loss_scaler)
 
     def train(self) -> list[dict[str, float | int | None]]:
         """Run to `training.steps`, or until a stop file or signal asks to stop after a save; returns
-        the records of the logged steps."""
+        the records of the logged steps. Raises TrainingDiverged after too many skipped steps in a row."""
         batches = iter(self.dataloader)
         records = []
         log_freq, valid_every = self.cfg.metrics.log_freq, self.cfg.data.valid_every
@@ -367,6 +459,7 @@ class Trainer:
                 records.append(self.metrics.log_step(record))
             else:
                 self.metrics.keep_step(record)
+            self.check_divergence()  # before step_end, so the diverged step is never saved
             if self.valid_loader is not None and valid_every > 0 and self.step % valid_every == 0:
                 self.metrics.log({"step": self.step, **self.validate()})
             if self.checkpointer.step_end(self.train_state()):
@@ -427,7 +520,10 @@ USER_ERRORS = (ValueError, FileNotFoundError, NotImplementedError)
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = load_config_or_exit(argv)
+    """Train; exit 0, 2 after a user error (one line for the whole job), 3 when training diverged, 130
+    after Ctrl-C (see StopRequests)."""
+    exit_with_launcher()
+    cfg = load_config_or_exit(argv, report=report_error)
     configure_logging(is_main=int(os.environ.get("RANK", "0")) == 0)
     trainer = None
     try:
@@ -436,12 +532,24 @@ def main(argv: list[str] | None = None) -> None:
     except USER_ERRORS as error:
         if os.environ.get("TITANLM_TRACEBACK"):
             raise
-        print(f"error: {error} (set TITANLM_TRACEBACK=1 for the traceback)", file=sys.stderr)
-        sys.exit(2)
+        report_error(f"error: {error} (set TITANLM_TRACEBACK=1 for the traceback)")
+        sys.exit(USER_ERROR_EXIT_CODE)
+    except TrainingDiverged as error:
+        report_error(f"error: {error}")
+        sys.exit(DIVERGED_EXIT_CODE)
+    except KeyboardInterrupt:
+        # Ctrl-C while no stop handler listens (start-up): nothing to save. Another one during the
+        # clean-up below ends the process at once, without a traceback.
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        if not launched_by_torchrun():  # under torchrun the launcher has said it
+            report_error("interrupted (Ctrl-C); nothing was saved")
+        sys.exit(INTERRUPTED_EXIT_CODE)
     finally:
         if trainer is not None:
             trainer.close()
         shutdown()
+    stop = trainer.checkpointer.stop
+    sys.exit(stop.exit_code if stop is not None else 0)
 
 
 if __name__ == "__main__":

@@ -1,24 +1,32 @@
-"""Requests to save and stop from outside the job: InternEvo's stop file, SIGTERM and SIGUSR1.
+"""Requests to save and stop from outside the job: InternEvo's stop file, SIGTERM, SIGUSR1 and Ctrl-C.
 
 Slurm sends SIGTERM (or, with `--signal`, SIGUSR1) some time before it kills a job. The handler only
 records the signal: saving inside a handler could interrupt a collective half-way. After each step
 the ranks combine their requests with one all_reduce(MAX), so either every rank saves or none does,
 even when the signal reached only some of them.
+
+Ctrl-C (SIGINT) asks for the same stop. A second Ctrl-C aborts at once, but only in a process that
+owns the terminal: a torchrun worker lives in a session of its own, so a SIGINT reaching it was
+relayed by the launcher or sent by Slurm to every process of the step, possibly both for one Ctrl-C;
+there aborting is the launcher's job (titanlm.launch kills the workers on the second Ctrl-C).
 """
 
 from __future__ import annotations
 
 import enum
 import logging
+import os
 import signal
 import threading
 
 import torch
 import torch.distributed as dist
 
+from titanlm.distributed import INTERRUPTED_EXIT_CODE, launched_by_torchrun
+
 logger = logging.getLogger("titanlm")
 
-SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 class Action(enum.IntEnum):
@@ -37,6 +45,9 @@ class StopRequests:
         self.is_main = is_main
         self.device = device
         self._signal = 0
+        self.stopped_by: signal.Signals | None = None  # the signal the ranks agreed to stop for, if any
+        self._count_interrupts = not launched_by_torchrun()
+        self._interrupted = False
         self._warned: set[str] = set()
         self._previous: dict[int, object] = {}
         if threading.current_thread() is threading.main_thread():  # Python allows handlers only there
@@ -44,7 +55,23 @@ class StopRequests:
                 self._previous[sig] = signal.signal(sig, self._on_signal)
 
     def _on_signal(self, signum: int, frame: object) -> None:
-        self._signal = signum
+        if signum == signal.SIGINT and self._count_interrupts:
+            if self._interrupted:
+                self._say("second Ctrl-C: aborting without saving")
+                os._exit(INTERRUPTED_EXIT_CODE)
+            self._interrupted = True
+            self._say("Ctrl-C: stopping after the current step (saving it when checkpoints are on); "
+                      "Ctrl-C again aborts")
+        self._signal = max(self._signal, signum)
+
+    def _say(self, line: str) -> None:
+        """One line on stderr from rank 0, written straight to the file descriptor: a handler may run while
+        the main thread is inside a print to the same stream, which a second print would break."""
+        if self.is_main:
+            try:
+                os.write(2, f"{line}\n".encode())
+            except OSError:
+                pass
 
     def poll(self, step: int) -> Action:
         """What to do after `step`, agreed by all ranks (a collective: every rank calls it every step)."""
@@ -54,7 +81,8 @@ class StopRequests:
         dist.all_reduce(request, op=dist.ReduceOp.MAX)
         file_action, signum = (int(v) for v in request.tolist())
         if signum:
-            logger.warning(f"{signal.Signals(signum).name} received: saving step {step} and stopping")
+            self.stopped_by = signal.Signals(signum)
+            logger.warning(f"{self.stopped_by.name} received: stopping after step {step}")
             return Action.SAVE_AND_STOP
         if file_action:
             verb = "stopping" if file_action == Action.SAVE_AND_STOP else "continuing"
@@ -83,6 +111,13 @@ class StopRequests:
         if message not in self._warned:
             self._warned.add(message)
             logger.warning(message)
+
+    @property
+    def exit_code(self) -> int:
+        """The process's exit code after the run: 0, or 130 after a Ctrl-C stop in a process that owns the
+        terminal. A torchrun worker exits 0 even then, since its launcher would take any other code for a
+        failure (and restart the workers under --max-restarts); titanlm.launch itself exits 130."""
+        return INTERRUPTED_EXIT_CODE if self.stopped_by == signal.SIGINT and self._count_interrupts else 0
 
     def close(self) -> None:
         for sig, handler in self._previous.items():

@@ -325,12 +325,19 @@ def load_config(argv: list[str] | None = None) -> JobConfig:
     return cfg
 
 
-def load_config_or_exit(argv: list[str] | None = None) -> JobConfig:
-    """load_config for entry points: a ConfigError becomes `config error: ...` on stderr and exit 2."""
+def _print_error(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
+def load_config_or_exit(argv: list[str] | None = None, report: Callable[[str], None] = _print_error) -> JobConfig:
+    """load_config for entry points: a ConfigError becomes one `config error: ...` line and exit 2.
+
+    `report` writes the line: on stderr by default; the trainer passes one that writes it once per job.
+    """
     try:
         return load_config(argv)
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
+        report(f"config error: {e}")
         raise SystemExit(2) from None
 
 

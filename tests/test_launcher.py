@@ -1,0 +1,240 @@
+"""Through the launcher as a cluster runs it: user errors, signals, Ctrl-C and a dead launcher.
+
+Each case launches `scripts/run_train.sh` with two gloo ranks from a scratch working directory, with
+relative paths, and sends signals the way scancel, `sbatch --signal`, a terminal or a killed job step do:
+to the launcher (the script execs it, so it is also "torchrun"), and for scancel to the workers as well,
+which otherwise see nothing: torchrun starts each in a session of its own.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from titanlm.checkpoint.stop import Action, StopRequests
+from titanlm.distributed import init_distributed
+from trainer_runs import REPO, TINY_ARGS, read_metrics, run_in_process, worker_env
+
+CONFIG = ["--job.config_file", str(REPO / "train_configs" / "debug_model.toml")]  # run_train.sh's default
+# Runs until a signal stops it, and saves only then.
+ENDLESS = ["--training.steps", "100000", "--checkpoint.enable", "--checkpoint.interval", "100000"]
+# Two ranks of 2 rows: the global batch of TINY_ARGS' 4 rows in one process, so that it can resume.
+TWO_RANKS = [*TINY_ARGS, *ENDLESS, "--training.local_batch_size", "2", "--job.dump_folder", "run"]
+
+
+def run_train_sh(cwd: Path, args: list[str]) -> subprocess.Popen:
+    """`NGPU=2 scripts/run_train.sh ARGS` started in `cwd`, in a session of its own as a batch step would be."""
+    with open(cwd / "console.log", "w") as console:
+        return subprocess.Popen(
+            ["bash", str(REPO / "scripts" / "run_train.sh"), *args], cwd=cwd,
+            env={**worker_env(), "NGPU": "2", "PYTHON": sys.executable},
+            stdout=console, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+
+
+def children(parent: int) -> list[int]:
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == parent:
+                pids.append(int(stat.parent.name))
+        except (OSError, IndexError):
+            continue
+    return pids
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
+
+
+def wait_until_training(job: subprocess.Popen, dump: Path) -> list[int]:
+    """The two workers' pids, once both ranks are past their first step."""
+    deadline = time.monotonic() + 180
+    while not ((dump / "metrics.jsonl").exists() and read_metrics(dump)):
+        assert job.poll() is None and time.monotonic() < deadline, "training did not start"
+        time.sleep(0.2)
+    workers = children(job.pid)
+    assert len(workers) == 2
+    return workers
+
+
+def end(job: subprocess.Popen, workers: list[int]) -> None:
+    """Whatever a failed assertion left behind: the launcher's session and the workers' own."""
+    for pid in [job.pid, *workers]:
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    job.wait(timeout=30)
+
+
+def complete_steps(dump: Path) -> list[int]:
+    folder = dump / "checkpoint"
+    return sorted(int(p.name.split("-")[1]) for p in folder.glob("step-*") if (p / ".metadata").exists())
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("args, key", [
+    (["--training.steps", "-3"], "config error: training.steps"),
+    (["--data.dataset", "bin", "--data.train_folder", "data/pretrain"], "data/pretrain"),
+], ids=["config error", "missing data folder"])
+def test_a_user_error_is_one_line_once_and_exit_2(tmp_path, args, key) -> None:
+    job = run_train_sh(tmp_path, [*TINY_ARGS, "--job.dump_folder", "run", *args])
+    try:
+        job.wait(timeout=180)
+    finally:
+        end(job, [])
+    console = (tmp_path / "console.log").read_text()
+    assert job.returncode == 2, console[-3000:]
+    errors = [line for line in console.splitlines() if "error:" in line]
+    assert len(errors) == 1 and key in errors[0], console[-3000:]
+    assert "Traceback" not in console and "ChildFailedError" not in console
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("sig, to_workers_too, code", [
+    (signal.SIGTERM, True, 0),  # scancel: every process of the step
+    (signal.SIGUSR1, False, 0),  # sbatch --signal=B:USR1 to a batch script that execs run_train.sh
+    (signal.SIGINT, False, 130),  # Ctrl-C: the terminal's foreground process group, which the workers left
+], ids=["SIGTERM", "SIGUSR1", "Ctrl-C"])
+def test_a_signal_to_the_job_saves_on_every_rank_and_the_run_resumes(tmp_path, sig, to_workers_too, code) -> None:
+    """Also: relative paths resolve against the directory the script was started in, not the repository."""
+    job = run_train_sh(tmp_path, TWO_RANKS)
+    workers = []
+    try:
+        workers = wait_until_training(job, tmp_path / "run")
+        for pid in [job.pid, *(workers if to_workers_too else [])]:
+            os.kill(pid, sig)
+        job.wait(timeout=120)
+    finally:
+        end(job, workers)
+    console = (tmp_path / "console.log").read_text()
+    assert job.returncode == code, console[-3000:]
+    assert "Traceback" not in console
+    stopped_at = read_metrics(tmp_path / "run")[-1]["step"]
+    assert complete_steps(tmp_path / "run") == [stopped_at]
+
+    (tmp_path / "run" / "checkpoint" / "STOP").write_text(f"{stopped_at + 2}\n")
+    resumed = run_in_process(tmp_path / "run", [*CONFIG, *ENDLESS])
+    assert [r["step"] for r in resumed] == [stopped_at + 1, stopped_at + 2]
+
+
+@pytest.mark.multiprocess
+def test_a_second_ctrl_c_aborts_at_once_without_a_traceback(tmp_path) -> None:
+    job = run_train_sh(tmp_path, TWO_RANKS)
+    workers = []
+    try:
+        workers = wait_until_training(job, tmp_path / "run")
+        job.send_signal(signal.SIGINT)
+        time.sleep(0.2)
+        job.send_signal(signal.SIGINT)
+        aborted = time.monotonic()
+        job.wait(timeout=60)
+        took = time.monotonic() - aborted
+    finally:
+        end(job, workers)
+    console = (tmp_path / "console.log").read_text()
+    assert job.returncode == 130 and took < 10, console[-3000:]
+    assert "Traceback" not in console
+    assert not any(alive(pid) for pid in workers)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("launcher", ["run_train.sh", "torchrun"])
+def test_workers_stop_when_their_launchers_process_group_is_killed(tmp_path, launcher) -> None:
+    """As a job step's end (or a user's kill of the group) does: SIGKILL to the launcher's process group,
+    which torchrun's workers are not part of. They save, as for scancel, and exit."""
+    if launcher == "torchrun":
+        with open(tmp_path / "console.log", "w") as console:
+            job = subprocess.Popen(
+                [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                 "titanlm.train", *CONFIG, *TWO_RANKS],
+                cwd=tmp_path, env=worker_env(), stdout=console, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+    else:
+        job = run_train_sh(tmp_path, TWO_RANKS)
+    workers = []
+    try:
+        workers = wait_until_training(job, tmp_path / "run")
+        os.killpg(job.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(alive(pid) for pid in workers), (tmp_path / "console.log").read_text()[-3000:]
+    finally:
+        end(job, workers)
+    assert complete_steps(tmp_path / "run") == [read_metrics(tmp_path / "run")[-1]["step"]]
+
+
+def test_a_worker_whose_launcher_died_exits_after_the_grace_even_if_it_cannot_stop(tmp_path) -> None:
+    """A worker blocked where its stop request is never acted on (here: SIGTERM ignored) still exits."""
+    worker = (
+        "import os, signal, time\n"
+        "from titanlm.distributed import exit_with_launcher\n"
+        "signal.signal(signal.SIGTERM, lambda *_: print('SIGTERM', flush=True))\n"
+        "exit_with_launcher(grace_s=1)\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    env = {**worker_env(), "TORCHELASTIC_RUN_ID": "test"}
+    env.pop("TITANLM_LAUNCHER_PID", None)
+    launcher = subprocess.Popen(["bash", "-c", '"$0" -c "$1" & echo $!; wait', sys.executable, worker],
+                                env=env, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    pid = int(launcher.stdout.readline())
+    try:
+        assert launcher.stdout.readline().strip() == "ready"
+        launcher.kill()
+        launcher.wait(timeout=10)
+        deadline = time.monotonic() + 20
+        while alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not alive(pid)
+        assert launcher.stdout.read().split() == ["SIGTERM"]
+    finally:
+        if alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_ctrl_c_is_a_stop_request_and_a_second_one_aborts(tmp_path) -> None:
+    script = (
+        "import os, signal, time, torch\n"
+        "from titanlm.distributed import init_distributed\n"
+        "from titanlm.checkpoint.stop import Action, StopRequests\n"
+        "init_distributed()\n"
+        f"stop = StopRequests({str(tmp_path / 'STOP')!r}, True, torch.device('cpu'))\n"
+        "os.kill(os.getpid(), signal.SIGINT)\n"
+        "assert stop.poll(1) == Action.SAVE_AND_STOP and stop.exit_code == 130\n"
+        "os.kill(os.getpid(), signal.SIGINT)\n"
+        "time.sleep(60)\n"
+    )
+    env = worker_env()
+    env.pop("TORCHELASTIC_RUN_ID", None)
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 130, result.stderr[-3000:]
+    assert result.stderr.count("Ctrl-C again aborts") == 1 and result.stderr.count("second Ctrl-C") == 1
+    assert "Traceback" not in result.stderr
+
+
+def test_a_torchrun_worker_takes_every_sigint_as_a_stop_request(tmp_path, monkeypatch) -> None:
+    """Slurm and the launcher may each deliver the same Ctrl-C; aborting is the launcher's job there."""
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
+    init_distributed()
+    stop = StopRequests(str(tmp_path / "STOP"), True, torch.device("cpu"))
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.poll(1) == Action.SAVE_AND_STOP
+        assert stop.stopped_by == signal.SIGINT and stop.exit_code == 0  # the launcher exits 130
+    finally:
+        stop.close()

@@ -1,0 +1,149 @@
+"""torchrun, with the signals and exit codes a cluster job needs: `python -m titanlm.launch` takes torchrun's
+arguments (scripts/run_train.sh runs it) and runs torchrun's agent in this process, with three changes.
+
+- SIGTERM and SIGUSR1 (scancel, `sbatch --signal`) are relayed to the workers, which save after their
+  current step and stop (titanlm/checkpoint/stop.py); the launcher waits for them however long the save
+  takes and exits 0. torchrun would kill them after a 30 s grace and exit 1, and dies at once on SIGUSR1.
+- Ctrl-C (SIGINT) is relayed the same way and the launcher exits 130; a second Ctrl-C kills the workers.
+- A failed worker's exit code becomes the launcher's (2 for a user error, whose line rank 0 has
+  printed), and the failure is one line instead of torchrun's ChildFailedError report. A worker killed
+  by signal N gives 128 + N, as a shell would.
+
+SIGHUP and SIGQUIT keep torchrun's handling. The relay finds the workers as this process's children in
+/proc, so it needs Linux; elsewhere the workers only learn of the launcher's end from its death
+(titanlm.distributed.exit_with_launcher).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+
+from torch.distributed import run as torchrun
+from torch.distributed.elastic.multiprocessing.api import SignalException
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+from titanlm.distributed import INTERRUPTED_EXIT_CODE, LAUNCHER_PID_ENV, USER_ERROR_EXIT_CODE
+
+RELAYED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
+class Relay:
+    """The handler of the relayed signals; it remembers what it did, for the exit code."""
+
+    def __init__(self) -> None:
+        self.received: signal.Signals | None = None
+        self.aborted = False
+
+    def __call__(self, signum: int, frame: object) -> None:
+        sig = signal.Signals(signum)
+        workers = worker_pids()
+        if sig == signal.SIGINT and self.received == signal.SIGINT:
+            # Workers take every SIGINT as a stop request (they may get each Ctrl-C twice under Slurm).
+            say("second Ctrl-C: aborting the workers without saving")
+            self.aborted = True
+            send(workers, signal.SIGKILL)
+            return
+        if sig == signal.SIGINT:
+            say("Ctrl-C: the ranks stop after their current step, saving it when checkpoints are on; "
+                "Ctrl-C again aborts")
+        else:
+            say(f"{sig.name}: the ranks stop after their current step, saving it when checkpoints are on")
+        if self.received != signal.SIGINT:
+            self.received = sig
+        if not workers:  # still in the rendezvous: nothing runs, nothing to save
+            raise SystemExit(self.stopped_code())
+        send(workers, sig)
+
+    def stopped_code(self) -> int:
+        return INTERRUPTED_EXIT_CODE if self.received == signal.SIGINT else 0
+
+
+def worker_pids() -> list[int]:
+    """This process's children: the workers torchrun's agent started (Linux; elsewhere none are found)."""
+    me = str(os.getpid())
+    pids = []
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return pids
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="utf-8") as f:
+                parent = f.read().rsplit(")", 1)[1].split()[1]  # the name in (...) may hold spaces
+        except (OSError, IndexError):
+            continue
+        if parent == me:
+            pids.append(int(entry))
+    return pids
+
+
+def send(pids: list[int], sig: signal.Signals) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def say(line: str) -> None:
+    """One line on stderr, written straight to the file descriptor (safe inside a signal handler)."""
+    try:
+        os.write(2, f"[launcher]: {line}\n".encode())
+    except OSError:
+        pass
+
+
+class _DropFailureReports(logging.Filter):
+    """torchrun's own lines about a failed worker, which the launcher replaces with one of its own."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = str(record.msg)
+        return not (message.startswith("failed (exitcode") or message.startswith("Sending process"))
+
+
+def failure_code(error: ChildFailedError, relay: Relay) -> int:
+    """The launcher's exit code for failed workers, after at most one line saying what failed."""
+    if relay.aborted:
+        return INTERRUPTED_EXIT_CODE
+    rank, first = error.get_first_failure()
+    code = 128 - first.exitcode if first.exitcode < 0 else first.exitcode
+    if relay.received is not None and first.exitcode in (-relay.received, INTERRUPTED_EXIT_CODE):
+        return relay.stopped_code()  # stopped while starting up: nothing to save yet
+    rank0 = error.failures.get(0)
+    if rank0 is not None and rank0.exitcode == USER_ERROR_EXIT_CODE:
+        return USER_ERROR_EXIT_CODE  # rank 0 has printed its line
+    message = first.error_file_data.get("message")
+    if isinstance(message, str) and message:
+        say(f"rank {rank}: {message}")  # a line a rank other than 0 left in its error file
+    elif first.exitcode < 0:
+        say(f"rank {rank} was killed by {first.signal_name()}")
+    else:
+        say(f"rank {rank} exited with code {first.exitcode}")
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = torchrun.parse_args(argv)
+    args.signals_to_handle = "SIGHUP,SIGQUIT"  # not the relayed ones: torchrun would install its own handlers
+    os.environ[LAUNCHER_PID_ENV] = str(os.getpid())
+    relay = Relay()
+    for sig in RELAYED:
+        signal.signal(sig, relay)
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(_DropFailureReports())
+    try:
+        torchrun.run(args)
+    except ChildFailedError as error:
+        return failure_code(error, relay)
+    except SignalException as error:  # SIGHUP or SIGQUIT: torchrun has stopped the workers
+        say(f"{error.sigval.name}: the workers were stopped")
+        return 128 + error.sigval
+    return relay.stopped_code()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
