@@ -133,6 +133,33 @@ def test_a_full_disk_stops_with_one_line_removes_its_partial_save_and_keeps_the_
     assert [(r["step"], r["loss"]) for r in resumed] == [(r["step"], r["loss"]) for r in saved[1][2:]]
 
 
+@pytest.fixture
+def small_disk(tmp_path, saved):
+    """A tmpfs that holds one and a half of the tiny run's checkpoints, where this machine lets a test
+    mount one (root on Linux); elsewhere the test is skipped, and the injected-ENOSPC tests stand in."""
+    one_checkpoint = sum(p.stat().st_size for p in (saved[0] / "checkpoint" / "step-2").rglob("*") if p.is_file())
+    mount = tmp_path / "small"
+    mount.mkdir()
+    size_kib = one_checkpoint * 3 // 2 // 1024
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kib}k", "tmpfs", str(mount)],
+                            capture_output=True, text=True) if os.geteuid() == 0 else None
+    if result is None or result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({result.stderr.strip() if result else 'not root'})")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_real_full_disk_is_recognised_though_torch_reports_no_os_error(tmp_path, small_disk) -> None:
+    folder = small_disk / "checkpoint"
+    with pytest.raises(CheckpointError) as error:
+        run_in_process(tmp_path / "run", [*CKPT, "--checkpoint.folder", str(folder)])
+    assert "\n" not in str(error.value)
+    assert str(error.value).startswith(f"checkpoint.folder {folder} is full (")
+    assert "saving step-4 failed and its partial files were removed; step-2 (" in str(error.value)
+    assert names(folder) == ["step-2"]
+    assert manifest.damage(str(folder / "step-2"), checksums=True) is None
+
+
 def test_an_async_save_on_a_full_disk_stops_the_run_at_the_next_step_boundary(tmp_path) -> None:
     from titanlm.config import load_config
     from titanlm.train import Trainer

@@ -152,12 +152,27 @@ def _os_error(error: BaseException) -> OSError | None:
     return None
 
 
-def _os_failure(error: BaseException) -> tuple[int, str] | None:
-    """(errno, reason) of a file-system failure, or None when `error` is something else (a bug)."""
+# Below this much free space a failed write is taken for a full disk: torch.save's zip writer turns the
+# ENOSPC of a short write into "RuntimeError: ... unexpected pos", losing the OSError.
+_FULL_BYTES = 64 << 20
+
+
+def _free_bytes(folder: str) -> int:
+    existing = os.path.abspath(folder)
+    while not os.path.isdir(existing):
+        existing = os.path.dirname(existing)
+    return shutil.disk_usage(existing).free
+
+
+def _file_system_failure(error: BaseException, folder: str) -> tuple[int, str] | None:
+    """(errno, reason) of a save that failed on the file system, or None when `error` is something else
+    (a bug). Call it before the partial save is removed: a full disk is recognised by its free space."""
     found = _os_error(error)
-    if found is None:
-        return None
-    return found.errno, found.strerror or str(found)
+    if found is not None:
+        return found.errno, found.strerror or str(found)
+    if _free_bytes(folder) < _FULL_BYTES:
+        return errno.ENOSPC, os.strerror(errno.ENOSPC)
+    return None
 
 
 def _on_rank0(decide: Callable[[], T]) -> T:
@@ -388,7 +403,9 @@ class CheckpointManager:
         found = _on_rank0(lambda: manifest.read_manifest(source))
         if found is None:
             if self.is_main:
-                logger.warning(f"{source} has no {manifest.MANIFEST} (saved by an older titanlm?): loading it unchecked")
+                logger.warning(
+                    f"{source} has no {manifest.MANIFEST} (saved by an older titanlm?): loading it unchecked"
+                )
             return
         started = time.perf_counter()
         problem = manifest.size_problem(source, found)
@@ -403,7 +420,8 @@ class CheckpointManager:
         if problem:
             raise CheckpointError(f"{source} is damaged: {problem}; {self._damage_fix(source)}")
         what = "sizes and checksums" if self.cfg.verify else "sizes (checkpoint.verify is off)"
-        logger.info(f"checked {source}: {len(found['files'])} files, {what} match, in {time.perf_counter() - started:.1f}s")
+        seconds = time.perf_counter() - started
+        logger.info(f"checked {source}: {len(found['files'])} files, {what} match, in {seconds:.1f}s")
 
     def _damage_fix(self, source: str) -> str:
         """How to go on from a damaged checkpoint: resume from the one before it, or replace it."""
@@ -414,7 +432,8 @@ class CheckpointManager:
         earlier = [step for step in layout.complete_steps(self.folder) if step < damaged_step]
         load_step = " and set checkpoint.load_step = -1" if self.cfg.load_step >= 0 else ""
         if earlier:
-            return f"move it aside ({aside}){load_step} and restart to resume from step-{earlier[-1]}, the previous complete checkpoint"
+            return (f"move it aside ({aside}){load_step} and restart to resume from step-{earlier[-1]}, the previous "
+                    "complete checkpoint")
         return f"move it aside ({aside}){load_step}; there is no earlier complete checkpoint, so the run starts over"
 
     def step_end(self, state: TrainState) -> bool:
@@ -494,7 +513,7 @@ class CheckpointManager:
             except OSError as raised:
                 error = raised
         if error is not None:
-            failure = _os_failure(error)
+            failure = _file_system_failure(error, self.folder)
         outcomes: list[Any] = [None] * self.world_size
         dist.all_gather_object(outcomes, (piece, failure, error is not None and failure is None), group=self._group)
         if error is not None and failure is None:
@@ -510,30 +529,30 @@ class CheckpointManager:
                     write_record(tmp, self.spec)
                     manifest.write_manifest(tmp, [piece for piece, _, _ in outcomes], **facts)
                 except OSError as raised:
-                    sealed[0] = _os_failure(raised)
+                    sealed[0] = _file_system_failure(raised, self.folder)
             dist.broadcast_object_list(sealed, src=0, group=self._group)
             failures = [sealed[0]] if sealed[0] else []
         return self._failure_line(facts["step"], *failures[0]) if failures else None
 
     def _failure_line(self, step: int, code: int, reason: str, action: str = "saving") -> str:
         """What went wrong with the save (or export) of `step`, what is left, and what to do."""
-        existing = self.folder if os.path.isdir(self.folder) else self.dump_folder
-        free = _gib(shutil.disk_usage(existing).free) if os.path.isdir(existing) else "unknown"
+        free = _gib(_free_bytes(self.folder))
         steps = layout.complete_steps(self.folder)
         if steps:
             last = layout.step_dir(self.folder, steps[-1])
             kept = f"step-{steps[-1]} ({_gib(_folder_size(last))}) is the last complete checkpoint, untouched"
+            restart = "restart to resume"
         else:
-            kept = "there is no earlier checkpoint"
+            kept, restart = "there is no earlier checkpoint", "restart"
         if code in (errno.ENOSPC, errno.EDQUOT):
             return (
                 f"checkpoint.folder {self.folder} is full ({free} free): {action} step-{step} failed and its partial "
                 f"files were removed; {kept}. Free space there (checkpoint.keep_latest_k keeps fewer checkpoints) or "
-                "point checkpoint.folder at a larger disk, then restart to resume"
+                f"point checkpoint.folder at a larger disk, then {restart}"
             )
         return (
-            f"checkpoint.folder {self.folder}: {action} step-{step} failed ({reason}; {free} free) and its partial files "
-            f"were removed; {kept}. Fix the folder, then restart to resume"
+            f"checkpoint.folder {self.folder}: {action} step-{step} failed ({reason}; {free} free) and its partial "
+            f"files were removed; {kept}. Fix the folder, then {restart}"
         )
 
     def _discard(self, tmp: str, failure: str) -> None:
@@ -606,9 +625,12 @@ class CheckpointManager:
         try:
             os.makedirs(tmp)
             export_hf_folder(read_model_state(saved), self.spec, Path(tmp), self.export_dtype)
-        except OSError as error:
+        except (OSError, RuntimeError) as error:
+            failure = _file_system_failure(error, self.folder)
             shutil.rmtree(tmp, ignore_errors=True)
-            code, reason = _os_failure(error)
+            if failure is None:
+                raise
+            code, reason = failure
             raise CheckpointError(self._failure_line(step, code, reason, action="exporting")) from None
         layout.publish(tmp, final)
         logger.info(f"exported {final} for transformers in {time.perf_counter() - started:.1f}s")
