@@ -408,7 +408,7 @@ class CheckpointManager:
                 )
             return
         started = time.perf_counter()
-        problem = manifest.size_problem(source, found)
+        problem = _on_rank0(lambda: manifest.size_problem(source, found))  # one rank stats the files
         if problem is None and self.cfg.verify:
             try:
                 problem = manifest.checksum_problem(source, found, self.rank, self.world_size)

@@ -6,7 +6,8 @@ silently, or fail deep inside DCP. The manifest is a JSON file inside the checkp
     {"format": 1, "checksum": "crc32", "step": 1000, "consecutive_skips": 0,
      "files": {"__0_0.distcp": {"size": 123, "crc32": "1a2b3c4d"}, ".metadata": {...}, ...}}
 
-CRC-32 (zlib, about 2 GiB/s per core) catches changed bytes at a cost far below the write itself.
+CRC-32 (zlib, about 2 GiB/s per core) catches changed bytes; re-reading what was just written costs
+about a quarter of the save time (docs/benchmarks.md), and async saves pay it in the background.
 Each rank checksums the files it wrote (DCP names them `__<rank>_<n>.distcp`), so the cost is
 spread like the write; rank 0 adds the rest (.metadata, the model record) and writes the file.
 Loads check every size, and the checksums unless `checkpoint.verify = false`, again spread over
