@@ -273,3 +273,10 @@ def test_export_and_generate_refuse_a_damaged_checkpoint_in_one_line(saved, tmp_
         assert result.stderr.strip().count("\n") == 0, (tool, result.stderr)
         assert "step-5 is damaged: __0_0.distcp does not match the checksum" in result.stderr, (tool, result.stderr)
     assert not (tmp_path / "hf").exists()
+
+
+def test_a_manifest_that_is_not_one_counts_as_damage(saved, tmp_path) -> None:
+    run = copy_of(saved, tmp_path)
+    (run / "checkpoint" / "step-5" / manifest.MANIFEST).write_text('{"files": {"__0_0.distcp": {"bytes": 3}}}')
+    with pytest.raises(CheckpointError, match=r"step-5 is damaged: titanlm_manifest.json is unreadable"):
+        run_in_process(run, [*CKPT, "--training.steps", "7"])

@@ -195,3 +195,14 @@ def test_the_command_line_exits_3_with_one_line_when_training_diverges(tmp_path)
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("error: training diverged: the grad norm was inf/NaN on 3 steps in a row")
     assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_float16_overflows_while_the_loss_scale_backs_off_are_not_divergence(tmp_path, caplog) -> None:
+    caplog.set_level(logging.WARNING, logger="titanlm")
+    records = run_in_process(tmp_path, [*FLOAT16, "--grad_scaler.initial_scale", "1e30", "--grad_scaler.max_scale",
+                                        "1e30", "--grad_scaler.backoff_factor", "0.001", "--grad_scaler.hysteresis", "1",
+                                        "--training.steps", "10", "--training.max_consecutive_skips", "2"])
+    assert records[-1]["step"] == 10
+    skipped = records[-1]["inf_nan_skip_batches"]
+    assert skipped > 2  # more overflows in a row than the limit, yet the run went on
+    assert len(warnings_with(caplog, "the float16 loss scale backs off")) == skipped

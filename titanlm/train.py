@@ -328,6 +328,8 @@ class Trainer:
         grad_norm = global_grad_norm(grads, pp_group=self.pp_group)
         norm = grad_norm.item()  # global: every rank takes the same branches below
         finite = math.isfinite(norm)
+        # Above its floor, a float16 overflow is the loss scaler finding its level, not divergence.
+        calibrating = self.loss_scaler is not None and self.loss_scaler.scale > self.loss_scaler.cfg.min_scale
         if self.loss_scaler:
             self.loss_scaler.update(overflow=not finite)
         if finite or not self.cfg.training.skip_nan_inf_steps:
@@ -338,17 +340,24 @@ class Trainer:
             self.consecutive_skips = 0
         else:
             self.inf_nan_skip_batches += 1
-            self.consecutive_skips += 1
-            self._warn_skipped(norm)
+            if not calibrating:
+                self.consecutive_skips += 1
+            self._warn_skipped(norm, calibrating)
         if norm == 0.0:
             self._warn_zero_grads()
         self.optimizer.zero_grad(set_to_none=True)
         self.lr_scheduler.step()
         return grad_norm
 
-    def _warn_skipped(self, norm: float) -> None:
+    def _warn_skipped(self, norm: float, calibrating: bool) -> None:
         """One line per skipped step (self.step is still the previous step's number)."""
         if not self.dist.is_main:
+            return
+        if calibrating:
+            logger.warning(
+                f"step {self.step + 1}: grad norm is {norm}, update skipped; the float16 loss scale backs off "
+                f"(now {self.loss_scaler.scale:g}), not counted toward training.max_consecutive_skips"
+            )
             return
         limit = self.cfg.training.max_consecutive_skips
         stop = f"the run stops at {limit}" if limit else "0: the run never stops"

@@ -73,8 +73,11 @@ class FolderLock:
                 self._refuse(lock_file, error)
                 return
             # The holder removes the file when it ends; a lock taken on a file no longer at `path` is void.
-            if os.path.exists(path) and os.path.samestat(os.fstat(lock_file.fileno()), os.stat(path)):
-                break
+            try:
+                if os.path.samestat(os.fstat(lock_file.fileno()), os.stat(path)):
+                    break
+            except FileNotFoundError:
+                pass
             lock_file.close()
         lock_file.seek(0)
         previous = lock_file.read().strip()

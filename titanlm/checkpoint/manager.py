@@ -36,6 +36,7 @@ from collections.abc import Callable
 from pathlib import Path
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, TypeVar
 
 import torch
@@ -57,6 +58,7 @@ from titanlm.checkpoint.single_process import read_model_state
 from titanlm.checkpoint.stop import Action, StopRequests
 from titanlm.checkpoint.train_state import TrainState
 from titanlm.config.job_config import JobConfig
+from titanlm.distributed import PROCESS_GROUP_TIMEOUT_S
 from titanlm.models.spec import ModelSpec, write_record
 
 logger = logging.getLogger("titanlm")
@@ -169,7 +171,8 @@ def _file_system_failure(error: BaseException, folder: str) -> tuple[int, str] |
     (a bug). Call it before the partial save is removed: a full disk is recognised by its free space."""
     found = _os_error(error)
     if found is not None:
-        return found.errno, found.strerror or str(found)
+        reason = found.strerror or str(found)
+        return found.errno, f"{reason}: {found.filename}" if found.filename else reason
     if _free_bytes(folder) < _FULL_BYTES:
         return errno.ENOSPC, os.strerror(errno.ENOSPC)
     return None
@@ -177,15 +180,24 @@ def _file_system_failure(error: BaseException, folder: str) -> tuple[int, str] |
 
 def _on_rank0(decide: Callable[[], T]) -> T:
     """Run `decide` on rank 0 and give every rank its result, or raise its user error (a ValueError,
-    e.g. CheckpointError or FolderInUse) everywhere as a CheckpointError."""
+    e.g. CheckpointError or FolderInUse) everywhere as a CheckpointError. Any other exception is a
+    bug: rank 0 re-raises it with its traceback and the other ranks raise too, instead of waiting."""
     box: list[Any] = [None]
+    raised: BaseException | None = None
     if dist.get_rank() == 0:
         try:
-            box[0] = (decide(), None)
+            box[0] = (decide(), None, None)
         except ValueError as error:
-            box[0] = (None, str(error))
+            box[0] = (None, str(error), None)
+        except Exception as error:
+            raised = error
+            box[0] = (None, None, f"{type(error).__name__}: {error}")
     dist.broadcast_object_list(box, src=0)
-    result, error = box[0]
+    result, error, bug = box[0]
+    if raised is not None:
+        raise raised
+    if bug is not None:
+        raise RuntimeError(f"rank 0 failed while deciding for all ranks ({bug}); see its traceback")
     if error is not None:
         raise CheckpointError(error)
     return result
@@ -205,15 +217,14 @@ class _Plan:
 @dataclass
 class _Save:
     """A background save. Its future resolves once every rank wrote and checksummed its files and rank 0
-    wrote the manifest: to None, or to the line that explains a file-system failure. Rank 0 then
-    publishes (renames) it."""
+    wrote the manifest: to None, or to the line that explains a file-system failure. Rank 0 publishes
+    (renames) it at the first step boundary where every rank's future is done."""
 
     tmp: str
     final: str
     step: int
     started: float
     future: Future
-    published: bool = False
 
 
 class CheckpointManager:
@@ -265,7 +276,7 @@ class CheckpointManager:
         self.plan = _on_rank0(lambda: self._plan(parts))
         # Saves exchange checksums and failures over their own gloo group: a background save's collectives
         # must not interleave with the training thread's on one group.
-        self._group = dist.new_group(backend="gloo")
+        self._group = dist.new_group(backend="gloo", timeout=timedelta(seconds=PROCESS_GROUP_TIMEOUT_S))
         self._sealer = ThreadPoolExecutor(1, "titanlm-save") if self.async_mode != "disabled" else None
         self._stager = (
             DefaultStager(StagingOptions(use_pinned_memory=True, use_shared_memory=True,
@@ -412,7 +423,7 @@ class CheckpointManager:
         if problem is None and self.cfg.verify:
             try:
                 problem = manifest.checksum_problem(source, found, self.rank, self.world_size)
-            except OSError as error:
+            except Exception as error:  # a file that vanished or cannot be read: damage all the same
                 problem = f"a file could not be read ({error})"
         problems: list[Any] = [None] * self.world_size
         dist.all_gather_object(problems, problem)
@@ -444,8 +455,7 @@ class CheckpointManager:
         action = self.stop.poll(state.step)
         if not self.enabled:
             return action == Action.SAVE_AND_STOP
-        self._raise_if_save_failed()
-        self._publish_if_done()
+        self._settle_in_flight()
         last = state.step >= self.total_steps
         stop = action == Action.SAVE_AND_STOP
         if last or stop:
@@ -510,7 +520,7 @@ class CheckpointManager:
         if error is None:
             try:
                 piece = manifest.rank_entries(tmp, self.rank)
-            except OSError as raised:
+            except Exception as raised:
                 error = raised
         if error is not None:
             failure = _file_system_failure(error, self.folder)
@@ -523,27 +533,41 @@ class CheckpointManager:
             raise RuntimeError(f"saving {tmp} failed with an internal error on rank(s) {bugs}; see their traceback")
         failures = [failure for _, failure, _ in outcomes if failure]
         if not failures:
-            sealed: list[Any] = [None]
-            if self.is_main:
-                try:
-                    write_record(tmp, self.spec)
-                    manifest.write_manifest(tmp, [piece for piece, _, _ in outcomes], **facts)
-                except OSError as raised:
-                    sealed[0] = _file_system_failure(raised, self.folder)
-            dist.broadcast_object_list(sealed, src=0, group=self._group)
-            failures = [sealed[0]] if sealed[0] else []
+            failures = self._write_manifest(tmp, [piece for piece, _, _ in outcomes], facts)
         return self._failure_line(facts["step"], *failures[0]) if failures else None
 
-    def _failure_line(self, step: int, code: int, reason: str, action: str = "saving") -> str:
-        """What went wrong with the save (or export) of `step`, what is left, and what to do."""
+    def _write_manifest(self, tmp: str, pieces: list[Any], facts: dict[str, int]) -> list[tuple[int, str]]:
+        """Rank 0 writes the model record and then the manifest; every rank learns how that went: [] when the
+        checkpoint is complete, else its file-system failure. Nothing without a manifest is ever published."""
+        sealed: list[Any] = [("ok", None)]
+        raised: Exception | None = None
+        if self.is_main:
+            try:
+                write_record(tmp, self.spec)
+                manifest.write_manifest(tmp, pieces, **facts)
+            except Exception as error:
+                raised = error
+                failure = _file_system_failure(error, self.folder) if isinstance(error, OSError) else None
+                sealed[0] = ("failed", failure) if failure else ("bug", f"{type(error).__name__}: {error}")
+        dist.broadcast_object_list(sealed, src=0, group=self._group)
+        kind, detail = sealed[0]
+        if kind == "bug":
+            if raised is not None:
+                raise raised
+            raise RuntimeError(f"rank 0 failed to finish {tmp} ({detail}); see its traceback")
+        return [detail] if kind == "failed" else []
+
+    def _failure_line(self, step: int, code: int, reason: str, action: str = "saving", retry: str = "") -> str:
+        """What went wrong with the save (or export) of `step`, what is left, and what to do (`retry`, or
+        restarting the run)."""
         free = _gib(_free_bytes(self.folder))
         steps = layout.complete_steps(self.folder)
         if steps:
             last = layout.step_dir(self.folder, steps[-1])
             kept = f"step-{steps[-1]} ({_gib(_folder_size(last))}) is the last complete checkpoint, untouched"
-            restart = "restart to resume"
+            restart = retry or "restart to resume"
         else:
-            kept, restart = "there is no earlier checkpoint", "restart"
+            kept, restart = "there is no earlier checkpoint", retry or "restart"
         if code in (errno.ENOSPC, errno.EDQUOT):
             return (
                 f"checkpoint.folder {self.folder} is full ({free} free): {action} step-{step} failed and its partial "
@@ -562,16 +586,19 @@ class CheckpointManager:
             shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(failure)
 
-    def _raise_if_save_failed(self) -> None:
-        """At a step boundary, while a background save is in flight: if it failed on any rank, every rank
-        stops here with its line (agreed by one all_reduce, so no rank runs ahead into a collective)."""
+    def _settle_in_flight(self) -> None:
+        """At a step boundary, while a background save is in flight, the ranks agree (one all_reduce) on
+        whether it failed anywhere, then every rank stops here with its line; or whether it is done
+        everywhere, then rank 0 publishes it. Otherwise it stays in flight, and training goes on."""
         save = self._in_flight
         if save is None:
             return
-        failed = save.future.done() and (save.future.exception() is not None or save.future.result() is not None)
-        flag = torch.tensor([int(failed)], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item():
+        done = save.future.done()
+        failed = done and (save.future.exception() is not None or save.future.result() is not None)
+        flags = torch.tensor([int(failed), int(not done)], device=self.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        failed_anywhere, running_somewhere = flags.tolist()
+        if failed_anywhere or not running_somewhere:
             self._wait()
 
     def _wait(self) -> None:
@@ -582,18 +609,8 @@ class CheckpointManager:
         failure = save.future.result()
         if failure:
             self._discard(save.tmp, failure)
-        if self.is_main and not save.published:
+        if self.is_main:
             self._publish(save.tmp, save.final, save.started)
-
-    def _publish_if_done(self) -> None:
-        """Rank 0 renames a finished background save without waiting for the other ranks: the seal's
-        collectives ran on every rank before rank 0 wrote the manifest, so rank 0's save finishing means
-        every rank's files are on disk. A failure is left for `_raise_if_save_failed`, which all ranks reach."""
-        save = self._in_flight
-        if (self.is_main and save and not save.published and save.future.done()
-                and save.future.exception() is None and save.future.result() is None):
-            self._publish(save.tmp, save.final, save.started)
-            save.published = True
 
     def _publish(self, tmp: str, final: str, started: float) -> None:
         layout.publish(tmp, final)
@@ -625,13 +642,13 @@ class CheckpointManager:
         try:
             os.makedirs(tmp)
             export_hf_folder(read_model_state(saved), self.spec, Path(tmp), self.export_dtype)
-        except (OSError, RuntimeError) as error:
-            failure = _file_system_failure(error, self.folder)
+        except BaseException as error:
+            failure = _file_system_failure(error, self.folder) if isinstance(error, (OSError, RuntimeError)) else None
             shutil.rmtree(tmp, ignore_errors=True)
             if failure is None:
                 raise
-            code, reason = failure
-            raise CheckpointError(self._failure_line(step, code, reason, action="exporting")) from None
+            retry = f"export it with python -m titanlm.tools.convert dcp_to_hf {saved} {final}"
+            raise CheckpointError(self._failure_line(step, *failure, action="exporting", retry=retry)) from None
         layout.publish(tmp, final)
         logger.info(f"exported {final} for transformers in {time.perf_counter() - started:.1f}s")
 

@@ -80,8 +80,12 @@ def read_manifest(folder: str) -> dict[str, Any] | None:
     try:
         with open(path, encoding="utf-8") as f:
             manifest = json.load(f)
-        if not isinstance(manifest.get("files"), dict):
-            raise ValueError("no files table")
+        files = manifest.get("files")
+        if not isinstance(files, dict) or not all(
+            isinstance(entry, dict) and isinstance(entry.get("size"), int) and isinstance(entry.get("crc32"), str)
+            for entry in files.values()
+        ):
+            raise ValueError("no table of files with size and crc32")
     except (OSError, ValueError) as error:
         return {"unreadable": f"{MANIFEST} is unreadable ({error})", "files": {}}
     return manifest
