@@ -17,9 +17,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 
 from titanlm.checkpoint.stop import Action, StopRequests
-from titanlm.distributed import init_distributed
+from titanlm.distributed import init_distributed, report_error
+from titanlm.launch import Relay, failure_code
 from trainer_runs import REPO, TINY_ARGS, read_metrics, run_in_process, worker_env
 
 CONFIG = ["--job.config_file", str(REPO / "train_configs" / "debug_model.toml")]  # run_train.sh's default
@@ -29,14 +31,17 @@ ENDLESS = ["--training.steps", "100000", "--checkpoint.enable", "--checkpoint.in
 TWO_RANKS = [*TINY_ARGS, *ENDLESS, "--training.local_batch_size", "2", "--job.dump_folder", "run"]
 
 
-def run_train_sh(cwd: Path, args: list[str]) -> subprocess.Popen:
-    """`NGPU=2 scripts/run_train.sh ARGS` started in `cwd`, in a session of its own as a batch step would be."""
+def start(cwd: Path, command: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+    """`command` started in `cwd`, in a session of its own as a batch step would be; its output in console.log."""
     with open(cwd / "console.log", "w") as console:
-        return subprocess.Popen(
-            ["bash", str(REPO / "scripts" / "run_train.sh"), *args], cwd=cwd,
-            env={**worker_env(), "NGPU": "2", "PYTHON": sys.executable},
-            stdout=console, stderr=subprocess.STDOUT, start_new_session=True,
-        )
+        return subprocess.Popen(command, cwd=cwd, env={**worker_env(), **(env or {})}, stdout=console,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def run_train_sh(cwd: Path, args: list[str], log_rank: int = 0) -> subprocess.Popen:
+    """`NGPU=2 LOG_RANK=log_rank scripts/run_train.sh ARGS` started in `cwd`."""
+    return start(cwd, ["bash", str(REPO / "scripts" / "run_train.sh"), *args],
+                 {"NGPU": "2", "PYTHON": sys.executable, "LOG_RANK": str(log_rank)})
 
 
 def children(parent: int) -> list[int]:
@@ -85,21 +90,45 @@ def complete_steps(dump: Path) -> list[int]:
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("args, key", [
-    (["--training.steps", "-3"], "config error: training.steps"),
-    (["--data.dataset", "bin", "--data.train_folder", "data/pretrain"], "data/pretrain"),
-], ids=["config error", "missing data folder"])
-def test_a_user_error_is_one_line_once_and_exit_2(tmp_path, args, key) -> None:
-    job = run_train_sh(tmp_path, [*TINY_ARGS, "--job.dump_folder", "run", *args])
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("args, log_rank, key, code", [
+    (["--training.steps", "-3"], 0, "config error: training.steps", 2),
+    (["--data.dataset", "bin", "--data.train_folder", "data/pretrain"], 0, "data/pretrain", 2),
+    (["--training.steps", "-3"], 1, "config error: training.steps", 2),
+    (["--optimizer.lr", "1e6", "--training.max_consecutive_skips", "2", "--training.steps", "20"], 0,
+     "error: training diverged", 3),
+], ids=["config error", "missing data folder", "rank 0's output hidden", "divergence"])
+def test_an_error_every_rank_meets_is_one_line_once_and_its_exit_code(tmp_path, args, log_rank, key, code) -> None:
+    """Rank 0 prints it; with LOG_RANK hiding rank 0's output the launcher prints rank 0's line instead."""
+    job = run_train_sh(tmp_path, [*TINY_ARGS, "--job.dump_folder", "run", *args], log_rank)
     try:
         job.wait(timeout=180)
     finally:
         end(job, [])
     console = (tmp_path / "console.log").read_text()
-    assert job.returncode == 2, console[-3000:]
+    assert job.returncode == code, console[-3000:]
     errors = [line for line in console.splitlines() if "error:" in line]
     assert len(errors) == 1 and key in errors[0], console[-3000:]
-    assert "Traceback" not in console and "ChildFailedError" not in console
+    assert "Traceback" not in console and "ChildFailedError" not in console and "<NONE>" not in console
+
+
+@pytest.mark.parametrize("exitcode, expected, code", [
+    (1, "rank 1 exited with code 1", 1),  # a traceback, which the rank printed
+    (-signal.SIGKILL, "rank 1 was killed by SIGKILL", 128 + signal.SIGKILL),
+], ids=["traceback", "SIGKILL"])
+def test_a_rank_that_left_no_error_line_is_named_with_its_exit(tmp_path, capfd, exitcode, expected, code) -> None:
+    """torchrun's stand-in message for a missing error file, "<NONE>", is never shown."""
+    failure = ProcessFailure(local_rank=1, pid=1234, exitcode=exitcode, error_file=str(tmp_path / "error.json"))
+    assert failure_code(ChildFailedError("titanlm.train", {1: failure}), Relay(), "0") == code
+    assert capfd.readouterr().err == f"[launcher]: {expected}\n"
+
+
+def test_a_rank_without_an_error_file_prints_its_error_with_its_rank(monkeypatch, capsys) -> None:
+    """Slurm's task per GPU, or ranks started by hand: no launcher prints another rank's error."""
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.delenv("TORCHELASTIC_ERROR_FILE", raising=False)
+    report_error("error: data folder data/pretrain does not exist")
+    assert capsys.readouterr().err == "rank 3: error: data folder data/pretrain does not exist\n"
 
 
 @pytest.mark.multiprocess
@@ -131,8 +160,15 @@ def test_a_signal_to_the_job_saves_on_every_rank_and_the_run_resumes(tmp_path, s
 
 
 @pytest.mark.multiprocess
-def test_a_second_ctrl_c_aborts_at_once_without_a_traceback(tmp_path) -> None:
-    job = run_train_sh(tmp_path, TWO_RANKS)
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("launcher", ["run_train.sh", "launch --max-restarts 1"])
+def test_a_second_ctrl_c_aborts_at_once_without_a_traceback(tmp_path, launcher) -> None:
+    """Also when torchrun may restart failed workers: the aborted ones are not restarted."""
+    if launcher == "run_train.sh":
+        job = run_train_sh(tmp_path, TWO_RANKS)
+    else:
+        job = start(tmp_path, [sys.executable, "-m", "titanlm.launch", "--standalone", "--nproc_per_node", "2",
+                               "--max-restarts", "1", "-m", "titanlm.train", *CONFIG, *TWO_RANKS])
     workers = []
     try:
         workers = wait_until_training(job, tmp_path / "run")
@@ -156,12 +192,8 @@ def test_workers_stop_when_their_launchers_process_group_is_killed(tmp_path, lau
     """As a job step's end (or a user's kill of the group) does: SIGKILL to the launcher's process group,
     which torchrun's workers are not part of. They save, as for scancel, and exit."""
     if launcher == "torchrun":
-        with open(tmp_path / "console.log", "w") as console:
-            job = subprocess.Popen(
-                [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-                 "titanlm.train", *CONFIG, *TWO_RANKS],
-                cwd=tmp_path, env=worker_env(), stdout=console, stderr=subprocess.STDOUT, start_new_session=True,
-            )
+        job = start(tmp_path, [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                               "-m", "titanlm.train", *CONFIG, *TWO_RANKS])
     else:
         job = run_train_sh(tmp_path, TWO_RANKS)
     workers = []
@@ -194,6 +226,41 @@ def test_a_worker_whose_launcher_died_exits_after_the_grace_even_if_it_cannot_st
     pid = int(launcher.stdout.readline())
     try:
         assert launcher.stdout.readline().strip() == "ready"
+        launcher.kill()
+        launcher.wait(timeout=10)
+        deadline = time.monotonic() + 20
+        while alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not alive(pid)
+        assert launcher.stdout.read().split() == ["SIGTERM"]
+    finally:
+        if alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_a_worker_behind_a_wrapper_process_runs_and_stops_when_the_launcher_dies() -> None:
+    """nsys, a shell script or a --no-python wrapper between the launcher and python is not a dead launcher."""
+    worker = (
+        "import os, signal, time\n"
+        "from titanlm.distributed import exit_with_launcher\n"
+        "signal.signal(signal.SIGTERM, lambda *_: print('SIGTERM', flush=True))\n"
+        "exit_with_launcher(grace_s=1)\n"
+        "print(os.getpid(), flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    # The launcher names itself in TITANLM_LAUNCHER_PID and starts the worker through a wrapper shell, which
+    # stays the worker's parent (bash does not exec a command that another one follows).
+    wrapper = '"$0" -c "$1"; exit $?'
+    launcher = subprocess.Popen(
+        ["bash", "-c", f'TITANLM_LAUNCHER_PID=$$ bash -c \'{wrapper}\' "$0" "$1" & wait', sys.executable, worker],
+        env={**worker_env(), "TORCHELASTIC_RUN_ID": "test"}, stdout=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )
+    pid = int(launcher.stdout.readline())
+    try:
+        assert int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]) != launcher.pid
+        time.sleep(3)  # the watcher looks every second
+        assert alive(pid)
         launcher.kill()
         launcher.wait(timeout=10)
         deadline = time.monotonic() + 20

@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -243,6 +244,74 @@ def test_chat_refuses_a_ratio_that_leaves_valid_empty(tmp_path: Path, capsys) ->
     _one_line(capsys.readouterr().err, "--split_ratio 0.1 puts round(1 x 0.1) = 0 of the 1 records into valid",
               "--split_ratio 0 to write no validation split")
     assert _tree(tmp_path) == before
+
+
+# ---- the SFT tools: an output folder never pairs the splits of two runs ------------------------
+
+
+def _sft_tool(tmp_path: Path, tool: str, demo_tokenizer: str, n: int = 10) -> Callable[..., int]:
+    """`main` of tokenize_alpaca or tokenize_chat on `n` records into tmp_path/out, taking extra flags."""
+    if tool == "alpaca":
+        source = _alpaca(tmp_path, n)
+        return lambda *extra: tokenize_alpaca.main([str(source), str(tmp_path / "out"), demo_tokenizer, *extra])
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"},
+                                                      {"role": "assistant", "content": f"a{i}"}]}) + "\n"
+                             for i in range(n)))
+    tiny = write_tiny_tokenizer(tmp_path / "tiny")
+    return lambda *extra: tokenize_chat.main([str(chats), str(tmp_path / "out"), str(tiny), "--template",
+                                              "internlm2", "--workers", "1", *extra])
+
+
+def _contents(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder`, hidden temporary files included, with its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("tool", ["alpaca", "chat"])
+@pytest.mark.parametrize("ratio, kept", [("0", "train"), ("1", "valid")])
+def test_overwrite_with_one_split_removes_the_other_split_of_the_earlier_run(
+    tmp_path: Path, demo_tokenizer, tool: str, ratio: str, kept: str
+) -> None:
+    run = _sft_tool(tmp_path, tool, demo_tokenizer)
+    assert run() == 0  # both splits
+    assert run("--split_ratio", ratio, "--overwrite") == 0
+    assert os.listdir(tmp_path / "out") == [kept]
+    assert BinMetaFolder(str(tmp_path / "out" / kept)).num_documents == 10
+
+
+@pytest.mark.parametrize("tool", ["alpaca", "chat"])
+def test_one_split_beside_another_runs_other_split_is_refused_without_overwrite(
+    tmp_path: Path, demo_tokenizer, capsys, tool: str
+) -> None:
+    run = _sft_tool(tmp_path, tool, demo_tokenizer)
+    assert run("--split_ratio", "0") == 0  # train only
+    capsys.readouterr()
+    before = _contents(tmp_path / "out")
+    assert run("--split_ratio", "1") == 2  # valid only
+    _one_line(capsys.readouterr().err, f"{tmp_path / 'out' / 'train' / 'en' / 'dataset.bin'} is left from an earlier "
+              "run, and this run writes no train split; pass --overwrite to remove it")
+    assert _contents(tmp_path / "out") == before
+
+
+def test_alpaca_that_fails_finishing_a_split_leaves_the_earlier_splits_as_they_were(
+    tmp_path: Path, demo_tokenizer, capsys, monkeypatch
+) -> None:
+    """Both splits are staged and moved into place together: never a new valid beside an old train."""
+    assert _sft_tool(tmp_path, "alpaca", demo_tokenizer, 10)() == 0
+    before = _contents(tmp_path / "out")
+    finish = BinWriter._finish
+
+    def disk_full_on_train(writer: BinWriter) -> None:
+        if f"{os.sep}train{os.sep}" in writer.bin_path:
+            raise OSError(28, "No space left on device")
+        finish(writer)
+
+    monkeypatch.setattr(BinWriter, "_finish", disk_full_on_train)
+    assert _sft_tool(tmp_path, "alpaca", demo_tokenizer, 20)("--overwrite") == 2
+    _one_line(capsys.readouterr().err, "No space left on device")
+    assert _contents(tmp_path / "out") == before
+    assert sorted(os.listdir(tmp_path)) == ["alpaca.json", "out"]  # no staging folder left
 
 
 # ---- item 8: the trainer's refusals: data.valid_folder, data.min_length, float8 -------------------

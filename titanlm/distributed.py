@@ -19,7 +19,7 @@ import torch.distributed as dist
 logger = logging.getLogger("titanlm")
 
 # titanlm.launch tells its workers its pid, so that one whose launcher died while it was still starting
-# (before it could watch) notices too.
+# (before it could watch), or that runs under a wrapper process (nsys, a shell script), notices too.
 LAUNCHER_PID_ENV = "TITANLM_LAUNCHER_PID"
 # How long a worker whose launcher died may take to save and stop before it exits regardless.
 ORPHAN_GRACE_S = 60.0
@@ -42,7 +42,11 @@ class DistInfo:
         return self.rank == 0
 
 
-def init_distributed(timeout_s: int = 600) -> DistInfo:
+# How long a collective may wait for a peer before the job fails; the checkpoint save group uses it too.
+PROCESS_GROUP_TIMEOUT_S = 600
+
+
+def init_distributed(timeout_s: int = PROCESS_GROUP_TIMEOUT_S) -> DistInfo:
     """CUDA + NCCL when a GPU is present, else CPU + gloo; never assume CUDA.
 
     Without torchrun's RANK/WORLD_SIZE variables a one-process group is created in memory,
@@ -93,24 +97,29 @@ def launched_by_torchrun() -> bool:
 def report_error(line: str) -> None:
     """Report a one-line error once for the whole job, not once per rank.
 
-    Rank 0 prints it on stderr. Another rank, whose output the launcher usually hides, leaves it in
-    torchrun's error file instead: titanlm.launch prints it when rank 0 did not fail the same way (an
-    error only some ranks meet, e.g. a file missing on one node), and torchrun's own failure summary
-    shows it. That rank then waits a moment, so that rank 0, which in the common case meets the same
-    error and has printed it, is the failure the launcher sees first.
+    Rank 0 prints it on stderr, and leaves it in torchrun's error file too, for titanlm.launch to print
+    when --local-ranks-filter hides rank 0's output. Another rank, whose output the launcher usually
+    hides, only leaves it in the error file: titanlm.launch prints it when rank 0 did not fail the same
+    way (an error only some ranks meet, e.g. a file missing on one node), and torchrun's own failure
+    summary shows it. That rank then waits a moment, so that rank 0, which in the common case meets the
+    same error, has failed too when the launcher looks. Without an error file (Slurm's task per GPU, a
+    rank started by hand) another rank prints the line on stderr, prefixed with its rank.
     """
-    if int(os.environ.get("RANK", "0")) == 0:
+    rank = int(os.environ.get("RANK", "0"))
+    if rank == 0:
         print(line, file=sys.stderr, flush=True)
-        return
     error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if not error_file:
+        if rank != 0:
+            print(f"rank {rank}: {line}", file=sys.stderr, flush=True)
         return
     try:
         with open(error_file, "w", encoding="utf-8") as f:
             json.dump({"message": line, "timestamp": int(time.time())}, f)
     except OSError:
         return
-    time.sleep(REPORT_DELAY_S)
+    if rank != 0:
+        time.sleep(REPORT_DELAY_S)
 
 
 def exit_with_launcher(grace_s: float = ORPHAN_GRACE_S) -> None:
@@ -118,20 +127,24 @@ def exit_with_launcher(grace_s: float = ORPHAN_GRACE_S) -> None:
 
     torchrun starts each worker in a session of its own, so killing torchrun's process group, or kill -9
     of torchrun, leaves the workers running and publishing checkpoints while a restarted job starts. A
-    thread sees the parent change within a second and sends this process SIGTERM: the ranks save after
-    the current step and stop, as for scancel. After `grace_s` it ends the process if it is still there
+    thread sees the parent change (or titanlm.launch's process end, when a wrapper process stands
+    between them) within a second and sends this process SIGTERM: the ranks save after the current step
+    and stop, as for scancel. After `grace_s` it ends the process if it is still there
     (a collective whose peers died blocks for the whole process-group timeout). A thread rather than
     prctl(PR_SET_PDEATHSIG): it works on any OS, it follows the launcher process rather than the thread
     that forked the worker, and it can bound the time to exit.
     """
     if not launched_by_torchrun():
         return  # a plain process may outlive its shell (nohup); Slurm ends its own tasks
-    launcher = int(os.environ.get(LAUNCHER_PID_ENV) or os.getppid())
-    threading.Thread(target=_watch_launcher, args=(launcher, grace_s), name="launcher-watch", daemon=True).start()
+    parent = os.getppid()
+    launcher = int(os.environ.get(LAUNCHER_PID_ENV) or parent)
+    threading.Thread(
+        target=_watch_launcher, args=(parent, launcher, grace_s), name="launcher-watch", daemon=True
+    ).start()
 
 
-def _watch_launcher(launcher: int, grace_s: float) -> None:
-    while os.getppid() == launcher:
+def _watch_launcher(parent: int, launcher: int, grace_s: float) -> None:
+    while os.getppid() == parent and _exists(launcher):
         time.sleep(1.0)
     logger.warning(f"the launcher (pid {launcher}) is gone: stopping after the current step, "
                    f"or in {grace_s:.0f} s without saving")
@@ -139,3 +152,13 @@ def _watch_launcher(launcher: int, grace_s: float) -> None:
     time.sleep(grace_s)
     logger.warning(f"still running {grace_s:.0f} s after the launcher died: exiting without saving")
     os._exit(128 + signal.SIGTERM)
+
+
+def _exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # there, but another user's (a pid the variable leaked from elsewhere)
+        pass
+    return True

@@ -4,10 +4,12 @@ arguments (scripts/run_train.sh runs it) and runs torchrun's agent in this proce
 - SIGTERM and SIGUSR1 (scancel, `sbatch --signal`) are relayed to the workers, which save after their
   current step and stop (titanlm/checkpoint/stop.py); the launcher waits for them however long the save
   takes and exits 0. torchrun would kill them after a 30 s grace and exit 1, and dies at once on SIGUSR1.
-- Ctrl-C (SIGINT) is relayed the same way and the launcher exits 130; a second Ctrl-C kills the workers.
+- Ctrl-C (SIGINT) is relayed the same way and the launcher exits 130; a second Ctrl-C kills the workers
+  and exits 130 at once, without the restarts --max-restarts would allow.
 - A failed worker's exit code becomes the launcher's (2 for a user error, whose line rank 0 has
-  printed), and the failure is one line instead of torchrun's ChildFailedError report. A worker killed
-  by signal N gives 128 + N, as a shell would.
+  printed), and the failure is one line instead of torchrun's ChildFailedError report: rank 0's error
+  line when --local-ranks-filter hides rank 0's output, another rank's when only that rank failed, else
+  the exit code. A worker killed by signal N gives 128 + N, as a shell would.
 
 SIGHUP and SIGQUIT keep torchrun's handling. The relay finds the workers as this process's children in
 /proc, so it needs Linux; elsewhere the workers only learn of the launcher's end from its death
@@ -23,7 +25,7 @@ import sys
 
 from torch.distributed import run as torchrun
 from torch.distributed.elastic.multiprocessing.api import SignalException
-from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 
 from titanlm.distributed import INTERRUPTED_EXIT_CODE, LAUNCHER_PID_ENV, USER_ERROR_EXIT_CODE
 
@@ -35,7 +37,6 @@ class Relay:
 
     def __init__(self) -> None:
         self.received: signal.Signals | None = None
-        self.aborted = False
 
     def __call__(self, signum: int, frame: object) -> None:
         sig = signal.Signals(signum)
@@ -43,9 +44,10 @@ class Relay:
         if sig == signal.SIGINT and self.received == signal.SIGINT:
             # Workers take every SIGINT as a stop request (they may get each Ctrl-C twice under Slurm).
             say("second Ctrl-C: aborting the workers without saving")
-            self.aborted = True
             send(workers, signal.SIGKILL)
-            return
+            # Out of torchrun's agent loop, which would restart them (--max-restarts) and which reaps them
+            # on its way out.
+            raise SystemExit(INTERRUPTED_EXIT_CODE)
         if sig == signal.SIGINT:
             say("Ctrl-C: the ranks stop after their current step, saving it when checkpoints are on; "
                 "Ctrl-C again aborts")
@@ -106,25 +108,41 @@ class _DropFailureReports(logging.Filter):
         return not (message.startswith("failed (exitcode") or message.startswith("Sending process"))
 
 
-def failure_code(error: ChildFailedError, relay: Relay) -> int:
-    """The launcher's exit code for failed workers, after at most one line saying what failed."""
-    if relay.aborted:
-        return INTERRUPTED_EXIT_CODE
+def failure_code(error: ChildFailedError, relay: Relay, local_ranks_filter: str = "") -> int:
+    """The launcher's exit code for failed workers, after at most one line saying what failed.
+
+    `local_ranks_filter` is torchrun's --local-ranks-filter: the local ranks whose output is shown
+    (empty: all)."""
     rank, first = error.get_first_failure()
-    code = 128 - first.exitcode if first.exitcode < 0 else first.exitcode
     if relay.received is not None and first.exitcode in (-relay.received, INTERRUPTED_EXIT_CODE):
         return relay.stopped_code()  # stopped while starting up: nothing to save yet
     rank0 = error.failures.get(0)
-    if rank0 is not None and rank0.exitcode == USER_ERROR_EXIT_CODE:
-        return USER_ERROR_EXIT_CODE  # rank 0 has printed its line
-    message = first.error_file_data.get("message")
-    if isinstance(message, str) and message:
-        say(f"rank {rank}: {message}")  # a line a rank other than 0 left in its error file
+    if rank0 is not None and (error_line(rank0) or rank0.exitcode == USER_ERROR_EXIT_CODE):
+        rank, first = 0, rank0  # the error every rank usually meets, which rank 0 reports for the job
+    code = 128 - first.exitcode if first.exitcode < 0 else first.exitcode
+    line = error_line(first)
+    if rank == 0 and (line or code == USER_ERROR_EXIT_CODE) and shown(first.local_rank, local_ranks_filter):
+        return code  # rank 0 has printed its line
+    if line:
+        say(f"rank {rank}: {line}")
     elif first.exitcode < 0:
         say(f"rank {rank} was killed by {first.signal_name()}")
     else:
         say(f"rank {rank} exited with code {first.exitcode}")
     return code
+
+
+def error_line(failure: ProcessFailure) -> str | None:
+    """The line a rank left in its error file (titanlm.distributed.report_error), if it left one."""
+    if not os.path.isfile(failure.error_file):
+        return None  # torchrun's stand-in message then is "<NONE>"
+    message = failure.error_file_data.get("message")
+    return message if isinstance(message, str) and message and message != "<NONE>" else None
+
+
+def shown(local_rank: int, local_ranks_filter: str) -> bool:
+    """Whether torchrun shows this local rank's output on the console."""
+    return not local_ranks_filter or local_rank in {int(r) for r in local_ranks_filter.split(",")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         torchrun.run(args)
     except ChildFailedError as error:
-        return failure_code(error, relay)
+        return failure_code(error, relay, args.local_ranks_filter)
     except SignalException as error:  # SIGHUP or SIGQUIT: torchrun has stopped the workers
         say(f"{error.sigval.name}: the workers were stopped")
         return 128 + error.sigval

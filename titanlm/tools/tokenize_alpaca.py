@@ -9,6 +9,10 @@ replacement (so fewer than split_ratio of the records end up there, some twice),
 is a seeded permutation: exactly round(n * split_ratio) distinct records go to valid, the rest to
 train, each split in input order. No split is ever written empty: --split_ratio 0 writes train
 only, 1 valid only, and a ratio that would leave either split with no record is refused.
+
+Both splits are written in a temporary folder beside OUT_DIR and moved into place together at the
+end, so an error leaves nothing behind. OUT_DIR never pairs splits of two runs: with --overwrite, the
+files of a split this run does not write are removed, and without it they are refused.
 """
 
 from __future__ import annotations
@@ -16,13 +20,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
-from contextlib import ExitStack
+import tempfile
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
 
 import numpy as np
 
 from titanlm.data.binmeta import BinWriter
 from titanlm.data.chat_templates import TEMPLATES, encode_alpaca
+from titanlm.files import give_default_mode
 from titanlm.tools.common import load_tokenizer
 
 SPLITS = ("train", "valid")
@@ -68,6 +77,80 @@ def _check_ratio(split_ratio: float) -> None:
         raise ValueError(f"--split_ratio {split_ratio} is not in [0, 1]")
 
 
+# ---- writing the splits: OUTPUT_DIR/SPLIT/en/dataset.bin(.meta), all at once ----------------
+
+
+def _split_files(output_dir: str | Path, split: str) -> tuple[Path, Path]:
+    target = Path(output_dir) / split / "en" / "dataset.bin"
+    return target, Path(f"{target}.meta")
+
+
+def check_outputs(output_dir: str, splits: list[str], overwrite: bool) -> None:
+    """Unless `overwrite`, refuse to replace the files of the `splits` written, or to leave those of
+    a split not written beside them, from an earlier run."""
+    if overwrite:
+        return
+    for split in SPLITS:
+        for path in _split_files(output_dir, split):
+            if not path.exists():
+                continue
+            if split in splits:
+                raise FileExistsError(f"{path} already exists; pass --overwrite to replace it")
+            raise FileExistsError(
+                f"{path} is left from an earlier run, and this run writes no {split} split; "
+                "pass --overwrite to remove it, or write to another folder"
+            )
+
+
+@contextmanager
+def staged_splits(output_dir: str, splits: list[str]) -> Iterator[dict[str, str]]:
+    """The .bin path of each split in `splits`, in a temporary folder beside `output_dir` that is moved
+    into place when the block ends without an error, with the modes a plain `open` and `mkdir` would
+    give it; after an error it goes. Moving into place replaces the splits written and removes the
+    files of the others (`check_outputs` comes first)."""
+    out = Path(output_dir)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=_existing_ancestor(out)))
+    try:
+        give_default_mode(staging)  # mkdtemp's 0700 would stay on OUTPUT_DIR after the rename
+        staged = {split: staging / split / "en" / "dataset.bin" for split in splits}
+        yield {split: str(path) for split, path in staged.items()}
+        _move_into_place(staging, out, staged)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _existing_ancestor(path: Path) -> Path:
+    """The folder the staging folder goes in: beside `path` when its parent exists, so that the final
+    rename stays on one file system, else in its nearest existing ancestor."""
+    folder = path.absolute().parent
+    while not folder.is_dir():
+        folder = folder.parent
+    return folder
+
+
+def _move_into_place(staging: Path, out: Path, staged: dict[str, Path]) -> None:
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging.rename(out)
+        return
+    # A split not written goes first, so that an interruption never leaves it beside a new one.
+    for split in SPLITS:
+        if split not in staged:
+            target, meta = _split_files(out, split)
+            meta.unlink(missing_ok=True)  # the meta first, as BinWriter publishes it last
+            target.unlink(missing_ok=True)
+            for folder in (target.parent, target.parent.parent):
+                try:
+                    folder.rmdir()
+                except OSError:  # not empty, or not there
+                    break
+    for split, path in staged.items():
+        target, meta = _split_files(out, split)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, target)
+        os.replace(f"{path}.meta", meta)  # meta last, as BinWriter does
+
+
 def tokenize_alpaca(
     input_json: str,
     output_dir: str,
@@ -96,14 +179,14 @@ def tokenize_alpaca(
         )
     if not records:
         raise ValueError(f"{input_json} holds no records")
+    splits = written_splits(split_ratio)
+    check_outputs(output_dir, splits, overwrite)
     samples = [encode_alpaca(tokenizer, r, i, template, max_length) for i, r in enumerate(records)]
     indices = dict(zip(SPLITS, split_indices(len(samples), split_ratio, seed)))
     summary = {}
-    # One ExitStack for all splits: an error in any leaves none behind.
-    with ExitStack() as stack:
-        for split in written_splits(split_ratio):
-            path = os.path.join(output_dir, split, "en", "dataset.bin")
-            writer = stack.enter_context(BinWriter(path, "int64", overwrite))
+    with staged_splits(output_dir, splits) as staged, ExitStack() as stack:
+        for split in splits:
+            writer = stack.enter_context(BinWriter(staged[split], "int64"))
             for i in indices[split]:
                 writer.write(samples[i])
             masked = sum(sum(t < 0 for t in samples[i]) for i in indices[split])

@@ -26,10 +26,11 @@ prompt before it fills --max_length the record is dropped. The tool reports how 
 
 A bad record stops the run with its line (JSONL) or element (array) number, and nothing is written:
 the output is built in a temporary folder beside OUT_DIR and moved into place at the end, with
-the modes a plain `open` and `mkdir` would give it. The tokenizer and template are checked once,
-before any worker starts. With --workers N, chunks of records are tokenized by N processes and
-written in input order, so any N writes the same bytes; a worker that fails ends the run with
-one line.
+the modes a plain `open` and `mkdir` would give it. OUT_DIR never pairs splits of two runs: with
+--overwrite, the files of a split this run does not write are removed, and without it they are
+refused. The tokenizer and template are checked once, before any worker starts. With --workers N,
+chunks of records are tokenized by N processes and written in input order, so any N writes the
+same bytes; a worker that fails ends the run with one line.
 """
 
 from __future__ import annotations
@@ -37,9 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -60,10 +59,16 @@ from titanlm.data.chat_templates import (
     render_chat,
 )
 from titanlm.data.tokenizer import Tokenizer
-from titanlm.files import give_default_mode
 from titanlm.models.hf_checkpoint import tokenizer_file
 from titanlm.tools.common import check_workers, load_tokenizer, ordered_map
-from titanlm.tools.tokenize_alpaca import SPLITS, not_written, split_indices, written_splits
+from titanlm.tools.tokenize_alpaca import (
+    SPLITS,
+    check_outputs,
+    not_written,
+    split_indices,
+    staged_splits,
+    written_splits,
+)
 
 TEMPLATES = (*CHAT_FORMATS, "hf")
 _CHUNK_RECORDS = 128
@@ -311,11 +316,7 @@ def tokenize_chat(
     check_workers(workers)
     encoder = build_encoder(tokenizer_path, template, system, max_length)
     splits = written_splits(split_ratio)
-    out = Path(output_dir)
-    targets = {split: out / split / "en" / "dataset.bin" for split in splits}
-    existing = [p for t in targets.values() for p in (t, Path(f"{t}.meta")) if p.exists()]
-    if existing and not overwrite:
-        raise FileExistsError(f"{existing[0]} already exists; pass --overwrite to replace it")
+    check_outputs(output_dir, splits, overwrite)
     if not os.path.isfile(input_path):
         raise FileNotFoundError(f"input {input_path} does not exist")
     num_records, items = read_records(input_path)
@@ -325,42 +326,15 @@ def tokenize_chat(
     in_valid[split_indices(num_records, split_ratio, seed)[1]] = True
     split_items = (("valid" if in_valid[i] else "train", *item) for i, item in enumerate(items))
     summary = Summary(written=splits)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=_existing_ancestor(out)))
-    try:
-        give_default_mode(staging)  # mkdtemp's 0700 would stay on OUTPUT_DIR after the rename
-        staged = {split: staging / split / "en" / "dataset.bin" for split in splits}
-        with ExitStack() as stack:  # an error leaves no split behind
-            writers = {split: stack.enter_context(BinWriter(str(staged[split]), "int64")) for split in splits}
-            for chunk in ordered_map(encode_chunk, _chunks(split_items), workers, _set_encoder, (encoder,)):
-                for split, (data, sizes, counts) in chunk.parts.items():
-                    if sizes:
-                        writers[split].write_lines(data, sizes, counts)
-                summary.merge(chunk.summary)
-        _move_into_place(staging, out, staged, targets)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with staged_splits(output_dir, splits) as staged, ExitStack() as stack:
+        writers = {split: stack.enter_context(BinWriter(staged[split], "int64")) for split in splits}
+        for chunk in ordered_map(encode_chunk, _chunks(split_items), workers, _set_encoder, (encoder,)):
+            for split, (data, sizes, counts) in chunk.parts.items():
+                if sizes:
+                    writers[split].write_lines(data, sizes, counts)
+            summary.merge(chunk.summary)
     summary.seconds = time.perf_counter() - start_time
     return summary
-
-
-def _existing_ancestor(path: Path) -> Path:
-    """The folder the staging folder goes in: beside `path` when its parent exists, so that the final
-    rename stays on one file system, else in its nearest existing ancestor."""
-    folder = path.absolute().parent
-    while not folder.is_dir():
-        folder = folder.parent
-    return folder
-
-
-def _move_into_place(staging: Path, out: Path, staged: dict[str, Path], targets: dict[str, Path]) -> None:
-    if not out.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staging.rename(out)
-        return
-    for split in staged:
-        targets[split].parent.mkdir(parents=True, exist_ok=True)
-        os.replace(staged[split], targets[split])
-        os.replace(f"{staged[split]}.meta", f"{targets[split]}.meta")  # meta last, as BinWriter does
 
 
 def format_summary(summary: Summary, max_length: int, workers: int) -> list[str]:
