@@ -224,8 +224,13 @@ def test_a_worker_whose_launcher_died_exits_after_the_grace_even_if_it_cannot_st
     launcher = subprocess.Popen(["bash", "-c", '"$0" -c "$1" & echo $!; wait', sys.executable, worker],
                                 env=env, stdout=subprocess.PIPE, text=True, start_new_session=True)
     pid = int(launcher.stdout.readline())
+    assert launcher.stdout.readline().strip() == "ready"
+    assert_the_worker_gets_sigterm_when_killed(launcher, pid)
+
+
+def assert_the_worker_gets_sigterm_when_killed(launcher: subprocess.Popen, pid: int) -> None:
+    """Kill the launcher: its worker `pid` must get SIGTERM from its watcher (and print so) and end."""
     try:
-        assert launcher.stdout.readline().strip() == "ready"
         launcher.kill()
         launcher.wait(timeout=10)
         deadline = time.monotonic() + 20
@@ -257,20 +262,10 @@ def test_a_worker_behind_a_wrapper_process_runs_and_stops_when_the_launcher_dies
         start_new_session=True,
     )
     pid = int(launcher.stdout.readline())
-    try:
-        assert int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]) != launcher.pid
-        time.sleep(3)  # the watcher looks every second
-        assert alive(pid)
-        launcher.kill()
-        launcher.wait(timeout=10)
-        deadline = time.monotonic() + 20
-        while alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not alive(pid)
-        assert launcher.stdout.read().split() == ["SIGTERM"]
-    finally:
-        if alive(pid):
-            os.kill(pid, signal.SIGKILL)
+    assert int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]) != launcher.pid
+    time.sleep(3)  # the watcher looks every second
+    assert alive(pid)
+    assert_the_worker_gets_sigterm_when_killed(launcher, pid)
 
 
 def test_ctrl_c_is_a_stop_request_and_a_second_one_aborts(tmp_path) -> None:
