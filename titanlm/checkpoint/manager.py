@@ -109,12 +109,18 @@ def initial_checkpoint(path: str) -> str:
     )
 
 
-def _check_writable(folder: str) -> None:
-    """Refuse a folder that saves could not create or write into, without creating it: a start that
-    fails later must not leave an empty checkpoint folder behind."""
+def _nearest_existing(folder: str) -> str:
+    """`folder`, or its nearest ancestor that exists (a folder a save would create need not exist yet)."""
     existing = os.path.abspath(folder)
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
+    return existing
+
+
+def _check_writable(folder: str) -> None:
+    """Refuse a folder that saves could not create or write into, without creating it: a start that
+    fails later must not leave an empty checkpoint folder behind."""
+    existing = _nearest_existing(folder)
     if not os.path.isdir(existing):
         reason = f"{existing} is a file, not a folder"
     elif not os.access(existing, os.W_OK | os.X_OK):
@@ -160,10 +166,8 @@ _FULL_BYTES = 64 << 20
 
 
 def _free_bytes(folder: str) -> int:
-    existing = os.path.abspath(folder)
-    while not os.path.isdir(existing):
-        existing = os.path.dirname(existing)
-    return shutil.disk_usage(existing).free
+    existing = _nearest_existing(folder)
+    return shutil.disk_usage(existing if os.path.isdir(existing) else os.path.dirname(existing)).free
 
 
 def _file_system_failure(error: BaseException, folder: str) -> tuple[int, str] | None:
