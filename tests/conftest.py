@@ -10,3 +10,18 @@ sys.path.insert(0, str(Path(__file__).parent))
 def demo_cache(tmp_path_factory) -> Path:
     """One demo corpus + tokenizer for the whole session (building it trains a SentencePiece model)."""
     return tmp_path_factory.mktemp("demo_cache")
+
+
+@pytest.fixture(scope="session")
+def llama3_path() -> Path:
+    """Meta's Llama 3 tokenizer.model, shipped in the llama-models package (dev extra)."""
+    llama_models = pytest.importorskip("llama_models", reason="llama-models (dev extra) is not installed")
+    return Path(llama_models.__file__).parent / "llama3" / "tokenizer.model"
+
+
+@pytest.fixture(scope="session")
+def llama3_hf_tokenizer(llama3_path: Path):
+    """Meta's Llama 3 tokenizer as a transformers fast tokenizer, converted once per session."""
+    from hf_models import llama3_fast_tokenizer
+
+    return llama3_fast_tokenizer(llama3_path)

@@ -1,4 +1,5 @@
-"""Tiny Hugging Face Llama models and tokenizers for parity tests (transformers is a dev dependency)."""
+"""Tiny Hugging Face Llama models and tokenizers, and the official chat templates, for parity tests
+(transformers is a dev dependency)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from titanlm.data.tokenizer import LLAMA3_SPLIT_PATTERN, llama3_special_tokens
 from titanlm.models import ModelArgs
 from titanlm.models.hf_adapter import hf_config
 
@@ -31,6 +33,35 @@ def hf_llama(args: ModelArgs, seed: int, bos_id: int | None = None, eos_id: int 
     model = transformers.LlamaForCausalLM(config).eval()
     perturb_norms_and_biases(model)
     return model
+
+
+# The chat templates of the official releases (Meta-Llama-3-8B-Instruct, internlm2_5-7b-chat).
+LLAMA3_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "
+    "message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+INTERNLM2_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def llama3_fast_tokenizer(tokenizer_model: Path):
+    """Meta's Llama 3 tiktoken file as a transformers fast tokenizer with the official chat template
+    (the conversion takes a few seconds)."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    converted = TikTokenConverter(
+        vocab_file=str(tokenizer_model),
+        pattern=LLAMA3_SPLIT_PATTERN,
+        extra_special_tokens=llama3_special_tokens(128000),
+    ).converted()
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=converted, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", chat_template=LLAMA3_TEMPLATE
+    )
 
 
 TINY_SPECIALS = ("<s>", "</s>", "<|im_start|>", "<|im_end|>")  # ids 0-3: bos, eos and ChatML's markers

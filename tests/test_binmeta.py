@@ -7,7 +7,6 @@ against the format and not against each other.
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import re
@@ -16,6 +15,7 @@ import numpy as np
 import pytest
 
 from titanlm.data.binmeta import BinMetaFolder, BinWriter, DataFormatError, encode_line, validate_folder
+from binmeta_files import write_internevo
 
 # The three documents of InternLM's data-preparation example (doc/usage.md), whose meta it prints as (0, 11), (90, 15), (208, 13).
 USAGE_DOCS = [
@@ -23,21 +23,6 @@ USAGE_DOCS = [
     [69469, 60355, 73026, 68524, 60846, 61844, 98899, 67775, 79241, 98899, 67713, 67800, 67453, 67838, 99157],
     [68057, 79017, 60378, 68014, 98899, 67713, 67990, 68015, 70381, 67428, 61003, 67622, 99157],
 ]
-
-
-def write_internevo(bin_path, docs, dtype=np.int32) -> None:
-    """A .bin/.bin.meta pair as InternEvo's tools write it: one json.dumps line per document, then
-    a meta of (byte offset, token count) rows saved with np.save."""
-    os.makedirs(os.path.dirname(bin_path), exist_ok=True)
-    rows, offset = [], 0
-    with open(bin_path, "wb") as f:
-        for doc in docs:
-            line = str.encode(json.dumps({"tokens": doc}) + "\n")
-            f.write(line)
-            rows.append((offset, len(doc)))
-            offset += len(line)
-    with open(str(bin_path) + ".meta", "wb") as f:
-        np.save(f, np.array(rows, dtype=dtype).reshape(-1, 2))
 
 
 def _docs(first: int, lengths: list[int], masked: int = 0) -> list[list[int]]:

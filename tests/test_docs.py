@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import re
 
 from titanlm.config import reference_markdown
@@ -27,3 +28,11 @@ def test_readme_train_configs_exist() -> None:
         re.findall(r"`(\w+\.toml)`", readme())
     ):
         assert (REPO / "train_configs" / name).exists(), name
+
+
+def test_readme_scripts_and_modules_exist() -> None:
+    text = readme()
+    for path in set(re.findall(r"\b((?:benchmarks|scripts)/\w+\.(?:py|sh))", text)):
+        assert (REPO / path).exists(), path
+    for module in set(re.findall(r"python -m (titanlm(?:\.\w+)+)", text)):
+        assert importlib.util.find_spec(module) is not None, module

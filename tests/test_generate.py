@@ -19,14 +19,14 @@ import torch.distributed.checkpoint as dcp
 
 from titanlm.checkpoint.hf_export import export_hf_folder
 from titanlm.data.chat_templates import render_chat
-from titanlm.data.tokenizer import LLAMA3_SPLIT_PATTERN, build_tokenizer, llama3_special_tokens
+from titanlm.data.tokenizer import build_tokenizer
 from titanlm.models import ModelArgs, Transformer
 from titanlm.models.flavors import RopeScaling
 from titanlm.models.hf_adapter import from_hf_state_dict
 from titanlm.models.spec import ModelSpec, write_record
 from titanlm.models.transformer import KVCache
 from titanlm.tools.generate import main
-from hf_models import hf_llama, perturb_norms_and_biases, write_tiny_tokenizer
+from hf_models import INTERNLM2_TEMPLATE, hf_llama, perturb_norms_and_biases, write_tiny_tokenizer
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
@@ -42,17 +42,6 @@ PROMPTS = ("the quick brown fox jumps over the lazy dog. a cat sat", "What")  # 
 STOPS = [1, 3]  # </s> and <|im_end|>, the tiny tokenizer's eos and end of turn
 GREEDY = ("--temperature", "0", "--max_new_tokens", "12")
 
-# The chat templates of the official releases (Meta-Llama-3-8B-Instruct, internlm2_5-7b-chat).
-LLAMA3_TEMPLATE = (
-    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "
-    "message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
-    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
-    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
-)
-INTERNLM2_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
-    "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
 CONVERSATION = [
     {"role": "system", "content": "Be brief."},
     {"role": "user", "content": "What is the colour of the sky?"},
@@ -64,26 +53,6 @@ CONVERSATION = [
 @pytest.fixture(scope="module")
 def tiny_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_tokenizer(tmp_path_factory.mktemp("tokenizer"), chat_template=INTERNLM2_TEMPLATE)
-
-
-@pytest.fixture(scope="module")
-def llama3_path() -> Path:
-    llama_models = pytest.importorskip("llama_models", reason="llama-models (dev extra) is not installed")
-    return Path(llama_models.__file__).parent / "llama3" / "tokenizer.model"
-
-
-@pytest.fixture(scope="module")
-def llama3_hf_tokenizer(llama3_path: Path):
-    """Meta's tokenizer as a transformers fast tokenizer (the conversion takes a few seconds)."""
-    transformers = pytest.importorskip("transformers")
-    from transformers.convert_slow_tokenizer import TikTokenConverter
-
-    converted = TikTokenConverter(
-        vocab_file=str(llama3_path), pattern=LLAMA3_SPLIT_PATTERN, extra_special_tokens=llama3_special_tokens(128000)
-    ).converted()
-    return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=converted, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", chat_template=LLAMA3_TEMPLATE
-    )
 
 
 def _hf_folder(folder: Path, args: ModelArgs, seed: int, tokenizer: Path):

@@ -15,7 +15,6 @@ import torch
 from torch.distributed.checkpoint import FileSystemReader
 
 from hf_models import hf_llama
-from test_train import assert_records_close
 from titanlm.checkpoint.hf_export import export_hf_folder
 from titanlm.config import load_config
 from titanlm.data.demo import ensure_demo_assets
@@ -27,7 +26,7 @@ from titanlm.models.hf_checkpoint import read_hf_model
 from titanlm.models.spec import ModelSpec, ModelSpecError, read_record, resolve_model_spec
 from titanlm.train import Trainer
 from titanlm.tools.convert import main as convert
-from trainer_runs import REPO, TINY_ARGS, read_metrics, run_in_process, run_torchrun, worker_env
+from trainer_runs import REPO, TINY_ARGS, assert_records_close, read_metrics, run_in_process, run_torchrun, worker_env
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 

@@ -1,8 +1,15 @@
-"""The torchtitan peer's preparation and log parsing, on CPU (the run itself needs CUDA + torchtitan)."""
+"""The torchtitan peer's preparation, launch and log parsing, on CPU.
+
+No test launches torchtitan: the real run needs CUDA and torchtitan and takes minutes (it is
+`benchmarks/gpu_checks.sh titan`). The launch is checked against a stand-in for torchrun that prints
+torchtitan's log lines.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -12,7 +19,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-from titanlm.tools import torchtitan_peer as peer
+from benchmarks import torchtitan_peer as peer
 
 # torchtitan 0.2.2's per-step line, colours off (metrics.disable_color_printing = true)
 STEP_LINES = """\
@@ -58,11 +65,14 @@ def test_error_line_skips_the_launcher_wrapper():
 
 
 def test_job_config_is_valid_toml(tmp_path: Path):
-    config = peer.job_config(work=tmp_path, seq_len=8192, batch=1, total_steps=15, warmup=5,
+    work = tmp_path / 'a "quoted" \\ wörk'  # paths are written as TOML strings
+    config = peer.job_config(work=work, seq_len=8192, batch=1, total_steps=15, warmup=5,
                              compile=True, ac="selective", float8=True)
     peer.write_toml(tmp_path / "job.toml", config)
     parsed = tomllib.loads((tmp_path / "job.toml").read_text())
     assert parsed["model"]["flavor"] == peer.FLAVOR
+    assert parsed["job"]["dump_folder"] == str(work / "outputs")
+    assert parsed["optimizer"]["lr"] == 3e-4 and parsed["optimizer"]["eps"] == 1e-8
     assert parsed["model"]["converters"] == ["quantize.linear.float8"]
     assert parsed["quantize"]["linear"]["float8"] == {"recipe_name": "tensorwise", "filter_fqns": ["output"]}
     assert parsed["training"]["steps"] == 15 and parsed["training"]["seq_len"] == 8192
@@ -91,9 +101,68 @@ def test_dataset_and_tokenizer_stay_within_vocab(tmp_path: Path):
     assert tokenizer.token_to_id(config["eos_token"]) is not None
 
 
-def test_run_torchtitan_reports_instead_of_raising(tmp_path: Path):
+def _forbid_launch(*args, **kwargs):
+    raise AssertionError("torchtitan was launched")
+
+
+def _pretend_torchtitan_is_installed(monkeypatch, installed: bool) -> None:
+    find_spec, spec = importlib.util.find_spec, object() if installed else None
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, package=None: spec if name == "torchtitan" else find_spec(name, package))
+
+
+def test_run_torchtitan_without_torchtitan_reports_and_launches_nothing(tmp_path: Path, monkeypatch):
+    _pretend_torchtitan_is_installed(monkeypatch, False)
+    monkeypatch.setattr(peer.subprocess, "Popen", _forbid_launch)
     result = peer.run_torchtitan(**peer.PRESETS["debug"], seq_len=64, batch=1, steps=2, warmup=1,
                                  compile=False, ac="none", float8=False, work_folder=str(tmp_path))
-    # here: torchtitan missing or no CUDA; either way one line, no exception
-    assert "error" in result and "\n" not in result["error"]
-    assert "log_tail" in result
+    assert result["error"] == "torchtitan is not installed (pip install torchtitan==0.2.2)"
+
+
+def test_run_torchtitan_without_cuda_reports_and_launches_nothing(tmp_path: Path, monkeypatch):
+    import torch
+
+    _pretend_torchtitan_is_installed(monkeypatch, True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(peer.subprocess, "Popen", _forbid_launch)
+    result = peer.run_torchtitan(**peer.PRESETS["debug"], seq_len=64, batch=1, steps=2, warmup=1,
+                                 compile=False, ac="none", float8=False, work_folder=str(tmp_path))
+    assert result["error"] == "torchtitan needs CUDA and none is available"
+
+
+class FakeTorchrun:
+    """Stands in for the torchrun launch: prints STEP_LINES and exits 0."""
+
+    launched: list[tuple[list[str], dict]] = []
+
+    def __init__(self, argv: list[str], **kwargs) -> None:
+        FakeTorchrun.launched.append((argv, kwargs))
+        self.stdout = iter(STEP_LINES.splitlines(keepends=True))
+        self.pid, self.returncode = -1, None
+
+    def wait(self, timeout: float | None = None) -> int:
+        self.returncode = 0
+        return 0
+
+
+def test_run_torchtitan_launches_the_runner_and_reads_its_log(tmp_path: Path, monkeypatch):
+    pytest.importorskip("tokenizers", reason="tokenizers (via transformers, dev extra) is not installed")
+    import torch
+
+    _pretend_torchtitan_is_installed(monkeypatch, True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    monkeypatch.setattr(peer.subprocess, "Popen", FakeTorchrun)
+    FakeTorchrun.launched.clear()
+    result = peer.run_torchtitan(**peer.PRESETS["debug"], seq_len=64, batch=1, steps=2, warmup=1,
+                                 compile=False, ac="none", float8=False, work_folder=str(tmp_path))
+    assert "error" not in result, result
+    [(argv, kwargs)] = FakeTorchrun.launched
+    assert argv[argv.index("-m", 2) : argv.index("-m", 2) + 3] == ["-m", "benchmarks.torchtitan_peer", "--runner"]
+    assert kwargs["cwd"] == str(peer.REPO_ROOT) and (peer.REPO_ROOT / "benchmarks" / "torchtitan_peer.py").exists()
+    assert str(peer.REPO_ROOT) in kwargs["env"]["PYTHONPATH"].split(os.pathsep)
+    # steps 2 and 3 come after the one warm-up step
+    assert result["tps_timed"] == [12546.0, 12600.0] and result["tokens_per_s"] == 12573.0
+    assert result["mfu"] == pytest.approx(0.40585) and result["peak_memory_gib"] == 61.25
+    assert result["n_params"] == 2_557_184 and result["steps_timed"] == 2
+    assert (tmp_path / "job.toml").exists() and (tmp_path / "torchtitan.log").read_text() == STEP_LINES

@@ -7,6 +7,7 @@ runs several configurations in one launch (a launch costs 6-9 s on CPU; a scenar
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -26,6 +27,14 @@ TINY_ARGS = [
     "--metrics.log_freq", "1",
     "--data.dataset", "random",
 ]
+
+
+def assert_records_close(actual: list[dict], expected: list[dict], rtol: float = 1e-5) -> None:
+    """Two runs' per-step records cover the same steps with the same loss and grad norm, within rtol."""
+    assert [r["step"] for r in actual] == [r["step"] for r in expected]
+    for got, want in zip(actual, expected):
+        for key in ("loss", "grad_norm"):
+            assert math.isclose(got[key], want[key], rel_tol=rtol), (key, got["step"], got[key], want[key])
 
 
 def run_in_process(dump_folder: Path, extra: list[str]) -> list[dict]:

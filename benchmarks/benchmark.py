@@ -1,7 +1,7 @@
 """Training throughput of titanlm against the loops users would otherwise run, in one invocation.
 
-    python -m titanlm.tools.benchmark --model.flavor debug --seq_len 512 --batch 4 --steps 10
-    python -m titanlm.tools.benchmark --model.flavor 8B --n_layers 8 --seq_len 8192 --batch 1 \
+    python benchmarks/benchmark.py --model.flavor debug --seq_len 512 --batch 4 --steps 10
+    python benchmarks/benchmark.py --model.flavor 8B --n_layers 8 --seq_len 8192 --batch 1 \
         --compile --ac selective --float8          # one GPU: an 8-layer cut of Llama3-8B
 
 Each system trains the same model shape on the same random batch with the same AdamW settings and
@@ -11,12 +11,15 @@ gradient clipping; titanlm and the HF loop also start from the same weights (tit
               trains in bf16, HF gradient checkpointing for --ac full, torchao float8 for --float8
               (HF has no op-level selective checkpointing: --ac selective runs it without any);
   torchtitan  torchtitan's own trainer, launched with torchrun on a generated job config of the same
-              shape (CUDA only; see titanlm/tools/torchtitan_peer.py).
+              shape (CUDA only; see benchmarks/torchtitan_peer.py).
 On CPU, titanlm and the HF loop run in interleaved rounds (A B A B ...) so drifting machine load
 hits both alike. On CUDA (or with --sequential) a large model and its optimizer state fit only once, so systems run one
 after another, each freed before the next starts, and each gets its own peak-memory figure.
 The figure per system is the median step time over all timed steps, after warm-up steps in every
-round. Tokens counted: batch x seq_len per step (no padding in random batches). MFU uses the same
+round. Each system's spread is printed too: the min / median / max over rounds of each round's median
+step time, with a warning when (max - min) / median exceeds 10% (torchtitan runs its rounds back to
+back in one process, so its "rounds" are consecutive blocks of --steps steps).
+Tokens counted: batch x seq_len per step (no padding in random batches). MFU uses the same
 useful-FLOPs formula as training (titanlm/models/flops.py) against the bf16 peak of `--peak_tflops`
 or the known-device table (float8 runs too, as torchtitan reports them); on CPU it is null unless
 --peak_tflops is given.
@@ -28,11 +31,13 @@ import argparse
 import gc
 import json
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -44,19 +49,46 @@ from titanlm.metrics import device_peak_flops, peak_memory_gib
 from titanlm.models.flavors import ModelArgs
 from titanlm.models.flops import training_flops
 from titanlm.models.hf_adapter import hf_config, to_hf_state_dict
-from titanlm.models.transformer import canonical_param_name
+from titanlm.models.transformer import canonical_param_name, param_count
 from titanlm.parallel.float8 import apply_float8
 from titanlm.train import Trainer
 
 Batch = dict[str, torch.Tensor]
+
+# Rounds of one system whose median step times differ by more than this share of their median mean its
+# figure moved during the run (machine load, too few warm-up steps): ratios between systems built on it
+# are then not worth much.
+SPREAD_WARNING = 0.10
 
 
 @dataclass
 class System:
     name: str
     step: Callable[[], None] | None  # None once a sequential run has released the system
-    times: list[float] = field(default_factory=list)
+    rounds: list[list[float]] = field(default_factory=list)  # timed step seconds, one list per round
     peak_memory_gib: float | None = None
+
+    @property
+    def times(self) -> list[float]:
+        return [t for round_times in self.rounds for t in round_times]
+
+
+def round_spread(rounds: list[list[float]]) -> dict[str, float | int | None]:
+    """min / median / max over rounds of each round's median step time, and (max - min) / median
+    (None with a single round: one round has no spread to show)."""
+    medians = [statistics.median(times) for times in rounds]
+    low, middle, high = min(medians), statistics.median(medians), max(medians)
+    return {"rounds": len(medians), "min_s": low, "median_s": middle, "max_s": high,
+            "spread": (high - low) / middle if len(medians) > 1 else None}
+
+
+def spread_warning(name: str, spread: dict[str, float | int | None]) -> str:
+    """The warning to print when a system's rounds disagree by more than SPREAD_WARNING, else ""."""
+    if spread["spread"] is None or spread["spread"] <= SPREAD_WARNING:
+        return ""
+    return (f"WARNING: {name}'s rounds differ by {spread['spread']:.1%} of their median (more than "
+            f"{SPREAD_WARNING:.0%}), so its figure is not stable: check the machine's load, or raise --warmup "
+            "and --rounds")
 
 
 def titanlm_trainer(args: argparse.Namespace) -> Trainer:
@@ -127,10 +159,12 @@ def hf_system(model_args: ModelArgs, weights: dict[str, torch.Tensor], device: t
 def time_steps(system: System, warmup: int, steps: int) -> None:
     for _ in range(warmup):
         system.step()
+    times = []
     for _ in range(steps):
         start = time.perf_counter()
         system.step()
-        system.times.append(time.perf_counter() - start)
+        times.append(time.perf_counter() - start)
+    system.rounds.append(times)
 
 
 def run_interleaved(systems: list[System], rounds: int, warmup: int, steps: int) -> None:
@@ -156,7 +190,7 @@ def run_sequential(system: System, device: torch.device, rounds: int, warmup: in
             time_steps(system, warmup, steps)
         system.peak_memory_gib = peak_memory_gib(device)
     except torch.OutOfMemoryError:
-        system.times.clear()
+        system.rounds.clear()
         outcome = f"out of GPU memory ({torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB allocated at the peak)"
     system.step = None
     release_device_memory(device)
@@ -164,7 +198,7 @@ def run_sequential(system: System, device: torch.device, rounds: int, warmup: in
 
 
 def torchtitan_result(model_args: ModelArgs, args: argparse.Namespace) -> dict:
-    from titanlm.tools.torchtitan_peer import run_torchtitan
+    from benchmarks.torchtitan_peer import run_torchtitan
 
     return run_torchtitan(
         dim=model_args.dim, n_layers=model_args.n_layers, n_heads=model_args.n_heads,
@@ -204,8 +238,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     peers = [p for p in args.peers.split(",") if p]
     trainer = titanlm_trainer(args)
-    device, model_args, num_params = trainer.device, trainer.model_args, trainer.num_params
-    compute_dtype = trainer.param_dtype
+    device, model_args = trainer.device, trainer.plan.model_args
+    num_params, compute_dtype = param_count(model_args), trainer.plan.precision.param_dtype
     tokens = torch.randint(0, model_args.vocab_size, (args.batch, args.seq_len + 1),
                            generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}
@@ -247,6 +281,7 @@ def main(argv: list[str] | None = None) -> None:
             "mfu": flops / median / peak if peak else None,
             "peak_memory_gib": system.peak_memory_gib,
             "timed_steps": len(system.times),
+            "round_spread": round_spread(system.rounds),
         }
     if "torchtitan" in peers:
         if device.type != "cuda":
@@ -262,10 +297,14 @@ def main(argv: list[str] | None = None) -> None:
                     "achieved_tflops": flops * titan["tokens_per_s"] / tokens_per_step / 1e12,
                     "mfu": flops * titan["tokens_per_s"] / tokens_per_step / peak if peak else None,
                     "peak_memory_gib": titan.get("peak_memory_gib"),
-                    "timed_steps": args.rounds * args.steps,
+                    "timed_steps": len(titan["tps_timed"]),
+                    "round_spread": round_spread(
+                        [[tokens_per_step / tps for tps in titan["tps_timed"][i : i + args.steps]]
+                         for i in range(0, len(titan["tps_timed"]), args.steps)]),
                 }
                 notes["torchtitan"] = (f"torchtitan {titan.get('torchtitan_version')}: {titan['command']}; "
                                        f"its own logged MFU {titan.get('mfu')}")
+    warnings = [line for name, r in results.items() if (line := spread_warning(name, r["round_spread"]))]
     report = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
@@ -279,6 +318,7 @@ def main(argv: list[str] | None = None) -> None:
         "float8": args.float8,
         "results": results,
         "notes": notes,
+        "warnings": warnings,
     }
     print(f"{report['model']}, {num_params:,} params, seq {args.seq_len} x batch {args.batch}, {compute_dtype}, "
           f"compile={args.compile}, ac={args.ac}, float8={args.float8}, {report['device']}")
@@ -290,14 +330,24 @@ def main(argv: list[str] | None = None) -> None:
                  if "titanlm" in results else "")
         print(f"{name:<11} {r['median_step_s']:>8.4f} {r['tokens_per_s']:>10.1f} {r['achieved_tflops']:>8.2f} "
               f"{mfu:>6} {memory:>8}  {ratio}")
+    print("step s over rounds (each round's median):")
+    for name, r in results.items():
+        spread = r["round_spread"]
+        share = (f"{spread['rounds']} rounds, spread {spread['spread']:.1%}" if spread["spread"] is not None
+                 else "one round: no spread")
+        print(f"{name:<11} min {spread['min_s']:.4f}  median {spread['median_s']:.4f}  max {spread['max_s']:.4f}  "
+              f"({share})")
     for name, note in notes.items():
         if note:
             print(f"{name}: {note}")
+    for line in warnings:
+        print(line)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(report, f, indent=2)
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `benchmarks.torchtitan_peer` when run as a file
     main()
     shutdown()

@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # The GPU checks and measurements behind docs/benchmarks.md, in parts that each fit a 10-minute slot:
-#   scripts/gpu_checks.sh tests      CUDA tests (-m cuda), the README debug run on CUDA, and the CPU
-#                                    suite against this machine's torch (GPU hidden, gloo, xdist)
-#   scripts/gpu_checks.sh ladder A   titanlm vs the HF loop on an 8-layer cut of Llama3-8B at seq 8192,
-#                                    rungs A (eager, compile) or B (+selective AC, +float8);
-#                                    T: all four rungs, titanlm alone
-#   scripts/gpu_checks.sh titan      torchtitan's own trainer on the same shape, same rungs
-#   scripts/gpu_checks.sh profile N  scripts/profile_step.py on that shape (eager), then titanlm's throughput
-#   scripts/gpu_checks.sh offload    Llama-3.1-8B's width cut to 16 layers (host memory of a 128 GiB machine),
-#                                    seq 4096: peak GPU memory and tokens/s with and without FSDP CPU offload;
-#                                    then generate from the debug run's checkpoint on CUDA
+#   benchmarks/gpu_checks.sh tests      CUDA tests (-m cuda), the README debug run on CUDA, and the CPU
+#                                       suite against this machine's torch (GPU hidden, gloo, xdist)
+#   benchmarks/gpu_checks.sh ladder A   titanlm vs the HF loop on an 8-layer cut of Llama3-8B at seq 8192,
+#                                       rungs A (eager, compile) or B (+selective AC, +float8);
+#                                       T: all four rungs, titanlm alone
+#   benchmarks/gpu_checks.sh titan      torchtitan's own trainer on the same shape, same rungs
+#   benchmarks/gpu_checks.sh profile N  benchmarks/profile_step.py on that shape (eager), then titanlm's
+#                                       throughput
+#   benchmarks/gpu_checks.sh offload    Llama-3.1-8B's width cut to 16 layers (host memory of a 128 GiB
+#                                       machine), seq 4096: peak GPU memory and tokens/s with and without
+#                                       FSDP CPU offload; then generate from the debug run's checkpoint on CUDA
 # Wheels for packages the machine lacks go in .whl/ (see docs/benchmarks.md); logs go to $OUT or ./gpu_logs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -30,9 +31,9 @@ $PY -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_na
 bench() {  # bench NAME ARGS...: one rung of the ladder, its JSON kept under $OUT
     local name=$1; shift
     echo "=== $name: $*"
-    $PY -m titanlm.tools.benchmark --model.flavor 8B --n_layers 8 --seq_len 8192 --batch 1 \
-        --warmup 3 --steps 10 --rounds 1 --json "$OUT/$name.json" --dump_folder /tmp/bench "$@" 2>&1 \
-        | grep -v "^[0-9-]* [0-9:,]* INFO" | tail -12
+    $PY benchmarks/benchmark.py --model.flavor 8B --n_layers 8 --seq_len 8192 --batch 1 \
+        --warmup 3 --steps 5 --rounds 3 --json "$OUT/$name.json" --dump_folder /tmp/bench "$@" 2>&1 \
+        | grep -v "^[0-9-]* [0-9:,]* INFO" | tail -20
 }
 
 case ${1:-} in
@@ -62,7 +63,7 @@ ladder)
     ;;
 profile)  # profile NAME [overrides]: where an eager step's time goes, then its throughput alone
     name=${2:-eager}; shift 2 || shift
-    $PY scripts/profile_step.py --model.flavor 8B --model.n_layers 8 --training.seq_len 8192 \
+    $PY benchmarks/profile_step.py --model.flavor 8B --model.n_layers 8 --training.seq_len 8192 \
         --training.local_batch_size 1 --top 30 "$@" 2>&1 | grep -v "INFO\|USDT" | tee "$OUT/profile_$name.txt"
     bench "titanlm_$name" --peers ""
     ;;
@@ -84,7 +85,7 @@ titan)
     bench titan_compile_sac_float8 --peers torchtitan --compile --ac selective --float8
     ;;
 *)
-    echo "usage: scripts/gpu_checks.sh tests | ladder A|B | titan | profile NAME | offload" >&2
+    echo "usage: benchmarks/gpu_checks.sh tests | ladder A|B | titan | profile NAME | offload" >&2
     exit 2
     ;;
 esac

@@ -1,6 +1,6 @@
 """torchtitan's own trainer as a benchmark peer: same model shape, one GPU, its own logged throughput.
 
-    python -m titanlm.tools.torchtitan_peer --preset 8B --n_layers 8 --seq_len 8192 --batch 1 \
+    python benchmarks/torchtitan_peer.py --preset 8B --n_layers 8 --seq_len 8192 --batch 1 \
         --steps 20 --warmup 5 --compile --ac selective --float8 --work_folder /tmp/tt_peer
 
 `run_torchtitan(...)` writes everything torchtitan needs into a work folder and launches its normal
@@ -56,12 +56,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from titanlm.config.manager import tables_to_toml
+from titanlm.config.manager import toml_value
 
 FLAVOR = "titanlm_peer"
 FLOAT8_CONVERTER = "quantize.linear.float8"  # torchtitan 0.2.x name of the float8 Linear converter
 BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 LOG_TAIL_LINES = 40
 
 # Presets for the CLI: the Llama3 shapes the benchmark uses.
@@ -180,7 +180,11 @@ def job_config(*, work: Path, seq_len: int, batch: int, total_steps: int, warmup
 
 
 def write_toml(path: Path, config: dict[str, dict[str, Any]]) -> None:
-    path.write_text(tables_to_toml(config))
+    """The job config as TOML tables; a dotted section name is a nested table, as torchtitan reads it."""
+    lines: list[str] = []
+    for section, values in config.items():
+        lines += [f"[{section}]", *(f"{name} = {toml_value(v)}" for name, v in values.items()), ""]
+    path.write_text("\n".join(lines))
 
 
 def ffn_args(dim: int, ffn_dim: int) -> tuple[float | None, int]:
@@ -345,8 +349,9 @@ def run_torchtitan(*, dim: int, n_layers: int, n_heads: int, n_kv_heads: int, ff
     """Train the shape with torchtitan's own trainer on one GPU; its median tokens/s after warm-up.
 
     Returns {"tokens_per_s", "mfu" (fraction, None if not logged), "peak_memory_gib" (largest
-    max-reserved it logs), "command", "torchtitan_version", "log_tail", ...} or, when it cannot
-    run (not installed, no CUDA, crashed, timed out), {"error": one line, "log_tail": ...}.
+    max-reserved it logs), "tps_timed" (its tokens/s of each step after warm-up), "command",
+    "torchtitan_version", "log_tail", ...} or, when it cannot run (not installed, no CUDA, crashed,
+    timed out), {"error": one line, "log_tail": ...}.
     alloc_conf: PYTORCH_ALLOC_CONF for the run, as torchtitan's run_train.sh sets it (None: inherit).
     echo: also copy torchtitan's output to stderr as it runs.
     """
@@ -384,7 +389,7 @@ def run_torchtitan(*, dim: int, n_layers: int, n_heads: int, n_kv_heads: int, ff
         return {**result, "error": f"could not prepare the work folder: {type(exc).__name__}: {exc}"}
 
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
-            "-m", "titanlm.tools.torchtitan_peer", "--runner", str(work / "shape.json"),
+            "-m", "benchmarks.torchtitan_peer", "--runner", str(work / "shape.json"),
             "--job.config_file", str(toml_path)]
     env = dict(os.environ)
     extra_env = {"PYTHONPATH": os.pathsep.join([str(REPO_ROOT), *filter(None, [env.get("PYTHONPATH")])]),
@@ -459,6 +464,7 @@ def run_torchtitan(*, dim: int, n_layers: int, n_heads: int, n_kv_heads: int, ff
         peak_memory_gib=max(s["memory_gib"] for s in per_step.values()),
         steps_timed=len(timed),
         tps_per_step=[per_step[s]["tps"] for s in sorted(per_step)],
+        tps_timed=[s["tps"] for s in timed],
         final_loss=per_step[max(per_step)]["loss"],
     )
     return result

@@ -1,6 +1,6 @@
 """Where a training step's time goes: torch.profiler over a few steps of random batches, as one table.
 
-    python scripts/profile_step.py --model.flavor 8B --model.n_layers 8 --training.seq_len 8192 \
+    python benchmarks/profile_step.py --model.flavor 8B --model.n_layers 8 --training.seq_len 8192 \
         --training.local_batch_size 1 [any other titanlm override] [--steps 3] [--top 25]
 
 Prints the top kernels by device time (CPU ops on a CPU machine) and the step's time split into
@@ -51,7 +51,7 @@ def main(argv: list[str]) -> None:
     steps, top = pop_int(argv, "--steps", 3), pop_int(argv, "--top", 25)
     cfg = load_config(["--data.dataset", "random", "--training.steps", str(10**9), *argv])
     trainer = Trainer(cfg)
-    vocab, seq, batch = trainer.model_args.vocab_size, cfg.training.seq_len, cfg.training.local_batch_size
+    vocab, seq, batch = trainer.plan.model_args.vocab_size, cfg.training.seq_len, cfg.training.local_batch_size
     tokens = torch.randint(0, vocab, (batch, seq + 1), generator=torch.Generator().manual_seed(0))
     micro_batch = {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}
     for _ in range(3):

@@ -1,6 +1,6 @@
 """Peak host memory and time of one forward + backward with and without training.loss_chunk_tokens.
 
-    python scripts/chunked_loss_memory.py CHUNK_TOKENS SEQ_LEN     # CHUNK_TOKENS 0 = full logits
+    python benchmarks/chunked_loss_memory.py CHUNK_TOKENS SEQ_LEN     # CHUNK_TOKENS 0 = full logits
 
 A 2-layer, dim-256 model with Llama3's 128,256-token vocabulary, so the output projection and its
 float32 logits dominate. Run each setting in its own process: the peak resident size is per process.

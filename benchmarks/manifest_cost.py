@@ -1,7 +1,7 @@
 """What the checkpoint manifest costs: a one-process DCP save of N GiB of fp32 tensors, then the manifest
 (each file re-read for its CRC-32) and the load-time check, over several trials.
 
-    python scripts/manifest_cost.py --gib 1 --trials 5 [--folder /path/on/the/checkpoint/disk]
+    python benchmarks/manifest_cost.py --gib 1 --trials 5 [--folder /path/on/the/checkpoint/disk]
 
 Prints each trial and the median and range of each figure. The files are read back from the page cache
 right after the save, as in training.
