@@ -144,14 +144,14 @@ def test_stop_file_minus_n_saves_at_step_n_and_continues(tmp_path) -> None:
 
 def test_sigusr1_saves_after_the_current_step_and_stops(tmp_path) -> None:
     trainer = Trainer(load_config([*TINY_ARGS, *CKPT, "--job.dump_folder", str(tmp_path)]))
-    loss_fn = trainer.loss_fn
+    loss_fn = trainer.model_step.loss_fn
 
     def signal_during_step_2(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if trainer.step == 1:
             os.kill(os.getpid(), signal.SIGUSR1)
         return loss_fn(logits, labels)
 
-    trainer.loss_fn = signal_during_step_2
+    trainer.model_step.loss_fn = signal_during_step_2
     try:
         records = trainer.train()
     finally:

@@ -12,7 +12,6 @@ import logging
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -179,9 +178,9 @@ def test_an_async_save_on_a_full_disk_stops_the_run_at_the_next_step_boundary(tm
 
 
 def test_the_newest_checkpoint_before_skipped_steps_survives_keep_latest_k(tmp_path, monkeypatch) -> None:
-    import titanlm.train
+    import titanlm.update
 
-    norm = titanlm.train.global_grad_norm
+    norm = titanlm.update.global_grad_norm
     calls = {"n": 0}
 
     def inf_from_step_3(*args, **kwargs):
@@ -189,7 +188,7 @@ def test_the_newest_checkpoint_before_skipped_steps_survives_keep_latest_k(tmp_p
         value = norm(*args, **kwargs)
         return value * float("inf") if calls["n"] >= 3 else value
 
-    monkeypatch.setattr(titanlm.train, "global_grad_norm", inf_from_step_3)
+    monkeypatch.setattr(titanlm.update, "global_grad_norm", inf_from_step_3)
     run_in_process(tmp_path, ["--checkpoint.enable", "--checkpoint.interval", "1", "--checkpoint.keep_latest_k", "1",
                               "--training.max_consecutive_skips", "0"])
     assert names(tmp_path / "checkpoint") == ["step-2", "step-5"]  # step-3, 4 held diverged weights
@@ -215,7 +214,7 @@ def test_a_second_job_on_the_folder_is_refused_naming_the_holder_and_a_dead_hold
         holder.wait(timeout=30)
     with caplog.at_level(logging.INFO, logger="titanlm"):
         run_in_process(tmp_path, [*CKPT, "--training.steps", "2"])
-    assert f"from a job that ended (host" in caplog.text and f"pid {holder.pid}" in caplog.text
+    assert "from a job that ended (host" in caplog.text and f"pid {holder.pid}" in caplog.text
     assert LOCK_FILE not in names(tmp_path)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 from dataclasses import dataclass, field
 
@@ -147,6 +148,47 @@ def test_list_fields_from_cli_and_toml(list_config, tmp_path):
     dumped = write_toml(tmp_path, config_to_toml(cfg), "dump.toml")
     cfg.job.config_file = dumped
     assert load_config(["--job.config_file", dumped]) == cfg
+
+
+@pytest.mark.parametrize(
+    "key,toml_list,text,expected",
+    [
+        ("data.dataset_weights", '["en:0.7", "code:0.3"]', "en:0.7, code:0.3", ["en:0.7", "code:0.3"]),
+        ("checkpoint.load_content", '["model", "optimizer"]', "model,optimizer", ["model", "optimizer"]),
+        ("parallelism.pipeline_parallel_stage_layers", "[3, 5, 5, 3]", "3,5, 5,3", [3, 5, 5, 3]),
+    ],
+)
+def test_list_settings_take_a_toml_list_or_a_comma_string_alike(tmp_path, key, toml_list, text, expected):
+    section, name = key.split(".")
+
+    def value(argv: list[str]) -> object:
+        return getattr(getattr(load_config(argv), section), name)
+
+    listed = write_toml(tmp_path, f"[{section}]\n{name} = {toml_list}\n", "list.toml")
+    comma = write_toml(tmp_path, f'[{section}]\n{name} = "{text}"\n', "comma.toml")
+    assert value(["--job.config_file", listed]) == expected
+    assert value(["--job.config_file", comma]) == expected
+    assert value([f"--{key}", text]) == expected
+    cfg = load_config(["--job.config_file", comma])
+    dumped = write_toml(tmp_path, config_to_toml(cfg), "dump.toml")  # a run's config.toml, read again on resume
+    cfg.job.config_file = dumped
+    assert load_config(["--job.config_file", dumped]) == cfg
+
+
+def test_list_settings_default_to_empty_or_all():
+    cfg = load_config([])
+    assert cfg.data.dataset_weights == [] and cfg.parallelism.pipeline_parallel_stage_layers == []
+    assert cfg.checkpoint.load_content == ["all"]
+
+
+def test_a_malformed_list_element_names_the_key(tmp_path):
+    key = "parallelism.pipeline_parallel_stage_layers"
+    assert config_error([f"--{key}", "3,x"]) == f"{key} must be an integer, got 'x' (from CLI)"
+    comma = write_toml(tmp_path, '[parallelism]\npipeline_parallel_stage_layers = "3, x"\n', "comma.toml")
+    assert config_error(["--job.config_file", comma]) == f"{key} must be an integer, got 'x' (from {comma})"
+    listed = write_toml(tmp_path, '[data]\ndataset_weights = ["en:0.7", 0.3]\n', "list.toml")
+    expected = f"data.dataset_weights must be a string, got 0.3 (from {listed})"
+    assert config_error(["--job.config_file", listed]) == expected
 
 
 # --- errors ---------------------------------------------------------------------------------
@@ -341,10 +383,21 @@ def test_help_lists_every_field_and_exits_0(capsys, flag):
     assert '[choices: "", llama3, internlm, internlm2]' in out
 
 
-def test_config_to_dict_has_every_section_and_key():
-    data = config_to_dict(JobConfig())
-    expected = {(section, f.name) for section, f in all_keys(JobConfig())}
-    assert {(section, key) for section, keys in data.items() for key in keys} == expected
+def test_config_to_dict_holds_every_value_as_plain_json_data():
+    cfg = load_config(
+        ["--training.steps", "7", "--model.name", "internlm", "--data.dataset_weights", "en:0.7,code:0.3"]
+    )
+    data = config_to_dict(cfg)
+    assert {(section, key) for section, keys in data.items() for key in keys} == {
+        (section, f.name) for section, f in all_keys(cfg)
+    }
+    for section, f in all_keys(cfg):
+        assert data[section][f.name] == getattr(getattr(cfg, section), f.name), f"{section}.{f.name}"
+    assert data["training"]["steps"] == 7 and data["model"]["name"] == "internlm"
+    assert data["data"]["dataset_weights"] == ["en:0.7", "code:0.3"]
+    assert json.loads(json.dumps(data)) == data  # logs and JSON dumps carry it unchanged
+    data["data"]["dataset_weights"].append("cn:1")
+    assert cfg.data.dataset_weights == ["en:0.7", "code:0.3"]  # a copy, not the live config
 
 
 def test_config_to_toml_round_trips(tmp_path):

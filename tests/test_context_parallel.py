@@ -12,17 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from test_binmeta import write_internevo
-from test_train import assert_records_close
 from titanlm.models.attention import SDPABackend, document_causal_mask
-from titanlm.parallel import ParallelismError
 from titanlm.parallel.context_parallel import (
-    check_cp_divisibility,
     cp_token_indices,
     shard_batch_for_cp,
 )
-from titanlm.parallel.pipeline import schedule_available
-from trainer_runs import read_metrics, run_in_process, run_torchrun
+from titanlm.plan import schedule_available
+from binmeta_files import write_internevo
+from trainer_runs import assert_records_close, read_metrics, run_in_process, run_torchrun
 
 CP2 = ["--parallelism.context_parallel_degree", "2"]
 TP2 = ["--parallelism.tensor_parallel_degree", "2"]
@@ -69,15 +66,6 @@ def test_mask_is_the_single_process_mask_restricted_to_local_queries(with_docume
         mask = document_causal_mask(queries, keys, *docs)
         brute = [[[bool(full[b, 0, q, k]) for k in keys] for q in queries] for b in range(2)]
         assert mask.expand(2, 1, -1, -1)[:, 0].tolist() == brute
-
-
-def test_seq_len_not_divisible_by_twice_cp_is_refused_naming_the_keys() -> None:
-    check_cp_divisibility(32, 2, 1)
-    with pytest.raises(ParallelismError, match=r"training.seq_len 30 .* 2 x parallelism.context_parallel_degree = 4"):
-        check_cp_divisibility(30, 2, 1)
-    check_cp_divisibility(32, 2, 2)  # 16 tokens per cp rank, 8 per tp rank
-    with pytest.raises(ParallelismError, match="parallelism.tensor_parallel_degree 8.*sequence_parallel = false"):
-        check_cp_divisibility(40, 2, 8)  # 20 tokens per cp rank
 
 
 @pytest.fixture(scope="module")

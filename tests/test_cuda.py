@@ -58,7 +58,11 @@ def test_fast_attention_kernels_match_the_masked_sdpa_reference_forward_and_back
 
 
 def test_auto_backend_on_cuda_is_a_document_aware_kernel() -> None:
-    assert isinstance(build_attention_backend("auto", "cuda"), (VarlenBackend, FlexBackend))
+    from titanlm.config import load_config
+    from titanlm.plan import resolve
+
+    backend = resolve(load_config(["--model.flavor", "debug"]), 1, "cuda").attention_backend
+    assert isinstance(build_attention_backend(backend), (VarlenBackend, FlexBackend))
 
 
 def test_bf16_training_learns_and_reports_mfu_and_memory(tmp_path) -> None:

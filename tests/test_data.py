@@ -12,21 +12,28 @@ import pytest
 import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from titanlm.config import load_config
 from titanlm.config.job_config import JobConfig
 from titanlm.data import (
     IGNORE_INDEX,
     RandomTokenDataset,
     TextTokenDataset,
-    build_dataloader,
     build_tokenizer,
     build_valid_dataloader,
     ensure_demo_assets,
     generate_corpus,
 )
 from titanlm.data.binmeta import BinWriter
+from titanlm.data.loader import build_dataloader
+from titanlm.plan import resolve, resolve_dataset
 from titanlm.data import demo as demo_module
 
 pytestmark = pytest.mark.filterwarnings("ignore:'set_vital' is deprecated")
+
+
+def loader_for(cfg: JobConfig, *args, **kwargs):
+    """`build_dataloader` as the trainer calls it: with the dataset kind the plan resolves."""
+    return build_dataloader(cfg, resolve_dataset(cfg), *args, **kwargs)
 
 SEQ = 8
 
@@ -308,7 +315,7 @@ def _cfg(cache: str, dataset: str = "demo", **model) -> JobConfig:
 
 
 def test_demo_loader_batches(demo_cache):
-    loader, tok = build_dataloader(_cfg(demo_cache), 0, 1, vocab_size=2048)
+    loader, tok = loader_for(_cfg(demo_cache), 0, 1, vocab_size=2048)
     batch = next(iter(loader))
     assert batch["input_ids"].shape == batch["labels"].shape == (4, 16)
     assert batch["input_ids"].dtype == torch.int64
@@ -320,22 +327,22 @@ def test_demo_loader_batches(demo_cache):
 
 def test_loader_batches_do_not_depend_on_workers(demo_cache):
     cfg = _cfg(demo_cache)
-    reference = _take(iter(build_dataloader(cfg, 0, 1, 2048)[0]), 5)
+    reference = _take(iter(loader_for(cfg, 0, 1, 2048)[0]), 5)
     cfg.data.num_workers = 2
-    assert _same(_take(iter(build_dataloader(cfg, 0, 1, 2048)[0]), 5), reference)
+    assert _same(_take(iter(loader_for(cfg, 0, 1, 2048)[0]), 5), reference)
 
 
 def test_loader_global_batch_is_independent_of_dp(demo_cache):
     cfg = _cfg(demo_cache)
     cfg.training.local_batch_size = 4
-    single = next(iter(build_dataloader(cfg, 0, 1, 2048)[0]))["input_ids"]
+    single = next(iter(loader_for(cfg, 0, 1, 2048)[0]))["input_ids"]
     cfg.training.local_batch_size = 2
-    parts = [next(iter(build_dataloader(cfg, r, 2, 2048)[0]))["input_ids"] for r in range(2)]
+    parts = [next(iter(loader_for(cfg, r, 2, 2048)[0]))["input_ids"] for r in range(2)]
     assert torch.equal(torch.cat(parts)[[0, 2, 1, 3]], single)
 
 
 def test_random_and_auto_loaders(tmp_path):
-    loader, tok = build_dataloader(_cfg(str(tmp_path), "auto"), 0, 1, vocab_size=50)
+    loader, tok = loader_for(_cfg(str(tmp_path), "auto"), 0, 1, vocab_size=50)
     batch = next(iter(loader))
     assert tok is None and int(batch["input_ids"].max()) < 50
     assert not os.listdir(tmp_path)  # random data needs no demo assets
@@ -343,18 +350,18 @@ def test_random_and_auto_loaders(tmp_path):
 
 def test_loader_errors(demo_cache, tmp_path):
     with pytest.raises(ValueError, match=r"tokenizer.*512 tokens.*vocab_size is 100"):
-        build_dataloader(_cfg(demo_cache), 0, 1, vocab_size=100)
+        loader_for(_cfg(demo_cache), 0, 1, vocab_size=100)
     missing = str(tmp_path / "nope.model")
     with pytest.raises(FileNotFoundError, match=re.escape(missing) + ".*model.tokenizer_path"):
-        build_dataloader(_cfg(demo_cache, tokenizer_path=missing), 0, 1, vocab_size=2048)
+        loader_for(_cfg(demo_cache, tokenizer_path=missing), 0, 1, vocab_size=2048)
     with pytest.raises(ValueError, match="needs data.train_folder"):
-        build_dataloader(_cfg(demo_cache, "bin"), 0, 1, vocab_size=2048)
+        loader_for(_cfg(demo_cache, "bin"), 0, 1, vocab_size=2048)
     cfg = _cfg(demo_cache, "auto")
     cfg.data.train_folder = str(tmp_path)  # auto + a folder means bin; this one holds no data
     with pytest.raises(ValueError, match="no .bin files"):
-        build_dataloader(cfg, 0, 1, vocab_size=2048)
-    with pytest.raises(ValueError, match="data.dataset = 'wiki'"):
-        build_dataloader(_cfg(demo_cache, "wiki"), 0, 1, vocab_size=2048)
+        loader_for(cfg, 0, 1, vocab_size=2048)
+    with pytest.raises(ValueError, match="data.dataset must be one of"):
+        load_config(["--data.dataset", "wiki"])
 
 
 def _bin_cfg(tmp_path, lengths: list[int]) -> JobConfig:
@@ -383,6 +390,5 @@ def test_valid_folder_errors_name_data_valid_folder(tmp_path):
 def test_negative_min_length_is_refused_naming_the_key(tmp_path):
     cfg = _bin_cfg(tmp_path, [20, 30])
     cfg.data.min_length = -1
-    for build in (build_dataloader, build_valid_dataloader):
-        with pytest.raises(ValueError, match=r"^data\.min_length = -1 is negative; set it to 0"):
-            build(cfg, 0, 1, vocab_size=64)
+    with pytest.raises(ValueError, match=r"^data\.min_length = -1 is negative; set it to 0"):
+        resolve(cfg, 1, "cpu")

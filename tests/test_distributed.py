@@ -12,10 +12,8 @@ import sys
 
 import pytest
 
-from test_train import assert_records_close
-from titanlm.parallel.float8 import cpu_takes_row_scales
-from titanlm.parallel.pipeline import schedule_available
-from trainer_runs import REPO, read_metrics, run_in_process, run_torchrun
+from titanlm.plan import cpu_takes_row_scales, schedule_available
+from trainer_runs import REPO, assert_records_close, read_metrics, run_in_process, run_torchrun
 
 pytestmark = pytest.mark.multiprocess
 

@@ -28,12 +28,12 @@ def trainer_for(dump_folder: Path, extra: list[str]) -> Trainer:
 
 def train_with_inf_loss_at(trainer: Trainer, bad_steps: set[int]) -> list[dict]:
     """Train to the end with an infinite loss (so an inf/NaN grad norm) at `bad_steps`."""
-    clean_loss_fn = trainer.loss_fn
+    clean_loss_fn = trainer.model_step.loss_fn
 
     def loss_fn(logits, labels):
         return clean_loss_fn(logits, labels) * (math.inf if trainer.step + 1 in bad_steps else 1.0)
 
-    trainer.loss_fn = loss_fn
+    trainer.model_step.loss_fn = loss_fn
     try:
         return trainer.train()
     finally:
@@ -77,7 +77,7 @@ def test_a_finite_step_resets_the_count(tmp_path, bad_steps, stops_at) -> None:
     if stops_at is None:
         records = train_with_inf_loss_at(trainer, bad_steps)
         assert records[-1]["inf_nan_skip_batches"] == len(bad_steps)
-        assert trainer.consecutive_skips == 0
+        assert trainer.update.consecutive_skips == 0
     else:
         with pytest.raises(TrainingDiverged) as stopped:
             train_with_inf_loss_at(trainer, bad_steps)
@@ -88,7 +88,7 @@ def test_the_count_survives_a_resume(tmp_path) -> None:
     first = trainer_for(tmp_path, ["--training.steps", "4", "--training.max_consecutive_skips", "3", *CKPT])
     train_with_inf_loss_at(first, {3, 4})  # saves step-4 two skips into a run of them
     resumed = trainer_for(tmp_path, ["--training.steps", "8", "--training.max_consecutive_skips", "3", *CKPT])
-    assert (resumed.step, resumed.consecutive_skips) == (4, 2)
+    assert (resumed.step, resumed.update.consecutive_skips) == (4, 2)
     with pytest.raises(TrainingDiverged) as stopped:
         train_with_inf_loss_at(resumed, {5})
     assert (stopped.value.step, stopped.value.skips) == (5, 3)
@@ -109,7 +109,7 @@ def test_a_checkpoint_saved_before_the_count_existed_still_loads(tmp_path, monke
         old_format.setattr(TrainState, "state_dict", state_dict_without_the_count)
         train_with_inf_loss_at(trainer_for(tmp_path, ["--training.steps", "2", *CKPT]), {2})
     resumed = trainer_for(tmp_path, ["--training.steps", "3", *CKPT])
-    assert (resumed.step, resumed.inf_nan_skip_batches, resumed.consecutive_skips) == (2, 1, 0)
+    assert (resumed.step, resumed.update.skipped, resumed.update.consecutive_skips) == (2, 1, 0)
     assert [r["step"] for r in train_with_inf_loss_at(resumed, set())] == [3]
 
 

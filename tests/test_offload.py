@@ -15,24 +15,13 @@ import torch
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule
 from torch.distributed.tensor import DTensor
 
-from test_train import assert_records_close
 from titanlm.config import load_config
-from titanlm.config.job_config import Float8
 from titanlm.models import Transformer, get_model_args
-from titanlm.parallel import ParallelismError
-from titanlm.parallel.parallelize import autocast_dtype, check_cpu_offload, fsdp_applies, materialize_parallelized
+from titanlm.parallel.parallelize import materialize_parallelized
 from titanlm.train import Trainer
-from trainer_runs import TINY_ARGS, run_in_process
+from trainer_runs import TINY_ARGS, assert_records_close, run_in_process
 
 OFFLOAD = ["--parallelism.fsdp_cpu_offload"]
-
-
-def test_fsdp_wraps_several_ranks_or_an_offloaded_job_and_autocast_the_others() -> None:
-    assert not fsdp_applies(world_size=1, cpu_offload=False)
-    assert fsdp_applies(world_size=1, cpu_offload=True)
-    assert fsdp_applies(world_size=2, cpu_offload=False)
-    assert autocast_dtype(fsdp=False, param_dtype=torch.bfloat16) == torch.bfloat16
-    assert autocast_dtype(fsdp=True, param_dtype=torch.bfloat16) is None  # FSDP's mixed precision instead
 
 
 def test_one_process_with_offload_trains_like_one_without(tmp_path) -> None:
@@ -72,14 +61,6 @@ def test_offload_allocates_parameters_in_host_memory_and_buffers_on_the_device()
     materialize_parallelized(model, torch.device("meta"), cpu_offload=True)  # "meta" stands in for a GPU
     assert {p.device.type for p in model.parameters()} == {"cpu"}
     assert {b.device.type for b in model.buffers()} == {"meta"}
-
-
-def test_offload_with_float8_all_gather_is_refused_in_one_line() -> None:
-    all_gather = Float8(enable=True, enable_fsdp_float8_all_gather=True)
-    with pytest.raises(ParallelismError, match="fsdp_cpu_offload does not combine with float8.enable_fsdp_float8"):
-        check_cpu_offload(True, all_gather)
-    check_cpu_offload(True, Float8(enable=True))
-    check_cpu_offload(False, all_gather)
 
 
 @pytest.mark.cuda

@@ -15,18 +15,25 @@ import pytest
 import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from titanlm.config import ConfigError, load_config
 from titanlm.config.job_config import JobConfig
 from titanlm.data import (
     IGNORE_INDEX,
     PackedDataset,
-    build_dataloader,
     build_valid_dataloader,
     pack,
     parse_dataset_weights,
 )
 from titanlm.data.binmeta import BinWriter
+from titanlm.data.loader import build_dataloader
+from titanlm.plan import resolve_dataset
 
 pytestmark = pytest.mark.filterwarnings("ignore:'set_vital' is deprecated")
+
+
+def loader_for(cfg: JobConfig, *args, **kwargs):
+    """`build_dataloader` as the trainer calls it: with the dataset kind the plan resolves."""
+    return build_dataloader(cfg, resolve_dataset(cfg), *args, **kwargs)
 
 SEQ = 16
 VOCAB = 1 << 20
@@ -206,7 +213,7 @@ def mixed_corpus() -> tuple[list[np.ndarray], list[int]]:
 def test_mixing_follows_the_token_weights():
     docs, types = mixed_corpus()
     names = ["code", "en", "zh"]
-    weights = parse_dataset_weights("en:0.5, code:0.3,zh:0.2", names)
+    weights = parse_dataset_weights(["en:0.5", " code:0.3", "zh:0.2"], names)
     np.testing.assert_allclose(weights, [0.3, 0.5, 0.2])
     ds = memory_dataset(docs, types, names, weights=weights)
     rows = ds.epoch_plan(0).num_rows
@@ -229,24 +236,38 @@ def test_natural_proportions_and_left_out_types():
     ds = memory_dataset(docs, types, names)
     shares = ds.type_token_shares(0, ds.epoch_plan(0).num_rows)
     np.testing.assert_allclose(list(shares.values()), natural / natural.sum())
-    only_en = memory_dataset(docs, types, names, weights=parse_dataset_weights("en:1", names))
+    only_en = memory_dataset(docs, types, names, weights=parse_dataset_weights(["en:1"], names))
     assert only_en.type_token_shares(0, 40) == {"code": 0.0, "en": 1.0, "zh": 0.0}
 
 
 @pytest.mark.parametrize(
-    "text,message",
+    "items,message",
     [
-        ("en=0.5", "not TYPE:WEIGHT"),
-        ("fr:0.5", "types are code, en"),
-        ("en:x", "not a number"),
-        ("en:-1", ">= 0"),
-        ("en:0,code:0", "no type a positive weight"),
+        (["en=0.5"], "item 'en=0.5' is not TYPE:WEIGHT"),
+        (["fr:0.5"], "types are code, en"),
+        (["en:x"], "not a number"),
+        (["en:-1"], ">= 0"),
+        (["en:0", "code:0"], "no type a positive weight"),
     ],
 )
-def test_dataset_weights_errors(text, message):
-    with pytest.raises(ValueError, match=message):
-        parse_dataset_weights(text, ["code", "en"])
-    assert parse_dataset_weights(" ", ["code", "en"]) is None
+def test_dataset_weights_errors(items, message):
+    with pytest.raises(ConfigError, match=f"data.dataset_weights .*{message}"):
+        parse_dataset_weights(items, ["code", "en"])
+    assert parse_dataset_weights([], ["code", "en"]) is None
+
+
+def test_dataset_weights_from_a_toml_list_or_a_comma_string_weigh_alike(tmp_path):
+    listed = tmp_path / "list.toml"
+    listed.write_text('[data]\ndataset_weights = ["en:0.7", "code:0.3"]\n')
+    comma = tmp_path / "comma.toml"
+    comma.write_text('[data]\ndataset_weights = "en:0.7, code:0.3"\n')
+    configs = [load_config(["--job.config_file", str(listed)]), load_config(["--job.config_file", str(comma)]),
+               load_config(["--data.dataset_weights", "en:0.7,code:0.3"])]
+    for cfg in configs:
+        np.testing.assert_allclose(parse_dataset_weights(cfg.data.dataset_weights, ["code", "en"]), [0.3, 0.7])
+    malformed = load_config(["--data.dataset_weights", "en:0.7,code=0.3"]).data.dataset_weights
+    with pytest.raises(ConfigError, match="data.dataset_weights item 'code=0.3' is not TYPE:WEIGHT"):
+        parse_dataset_weights(malformed, ["code", "en"])
 
 
 # ---- bin folders and the loaders -----------------------------------------------------------
@@ -289,7 +310,7 @@ def take(loader: StatefulDataLoader, n: int) -> list[dict[str, torch.Tensor]]:
 
 def test_bin_loader_batches(corpus):
     root, docs = corpus
-    loader, tokenizer = build_dataloader(bin_cfg(root, batch=4), 0, 1, VOCAB)
+    loader, tokenizer = loader_for(bin_cfg(root, batch=4), 0, 1, VOCAB)
     assert tokenizer is None and loader.dataset.types == ["code", "en"]
     oracle = Oracle(docs)
     for batch in take(loader, 5):
@@ -305,7 +326,7 @@ def test_bin_loader_batches(corpus):
 
 def test_bin_loader_min_length_and_weights(corpus):
     root, docs = corpus
-    loader, _ = build_dataloader(bin_cfg(root, batch=8, min_length=20, dataset_weights="en:1"), 0, 1, VOCAB)
+    loader, _ = loader_for(bin_cfg(root, batch=8, min_length=20, dataset_weights=["en:1"]), 0, 1, VOCAB)
     tokens = torch.cat([b["input_ids"] for b in take(loader, 5)])
     oracle = Oracle(docs)
     kept = {d for d in oracle.doc[tokens[tokens > 0].numpy()]}
@@ -314,20 +335,20 @@ def test_bin_loader_min_length_and_weights(corpus):
 
 def test_bin_loader_errors(corpus, tmp_path):
     with pytest.raises(ValueError, match="needs data.train_folder"):
-        build_dataloader(bin_cfg(""), 0, 1, VOCAB)
+        loader_for(bin_cfg(""), 0, 1, VOCAB)
     with pytest.raises(ValueError, match="no .bin files"):
-        build_dataloader(bin_cfg(str(tmp_path)), 0, 1, VOCAB)
+        loader_for(bin_cfg(str(tmp_path)), 0, 1, VOCAB)
     with pytest.raises(ValueError, match="data.dataset_weights names type 'fr'"):
-        build_dataloader(bin_cfg(corpus[0], dataset_weights="fr:1"), 0, 1, VOCAB)
+        loader_for(bin_cfg(corpus[0], dataset_weights=["fr:1"]), 0, 1, VOCAB)
     with pytest.raises(ValueError, match="vocab_size 10"):
-        next(iter(build_dataloader(bin_cfg(corpus[0]), 0, 1, 10)[0]))
+        next(iter(loader_for(bin_cfg(corpus[0]), 0, 1, 10)[0]))
     with pytest.raises(ValueError, match="data.min_length"):
-        build_dataloader(bin_cfg(corpus[0], min_length=10**6), 0, 1, VOCAB)
+        loader_for(bin_cfg(corpus[0], min_length=10**6), 0, 1, VOCAB)
 
 
 def test_bin_batches_do_not_depend_on_workers(corpus):
-    reference = take(build_dataloader(bin_cfg(corpus[0]), 0, 1, VOCAB)[0], 6)
-    with_workers = take(build_dataloader(bin_cfg(corpus[0], workers=2), 0, 1, VOCAB)[0], 6)
+    reference = take(loader_for(bin_cfg(corpus[0]), 0, 1, VOCAB)[0], 6)
+    with_workers = take(loader_for(bin_cfg(corpus[0], workers=2), 0, 1, VOCAB)[0], 6)
     assert all(torch.equal(a[k], b[k]) for a, b in zip(reference, with_workers) for k in a)
 
 
@@ -336,7 +357,7 @@ GLOBAL_BATCH = 4
 
 def dp_loaders(root: str, world: int, workers: int) -> list[StatefulDataLoader]:
     cfg = bin_cfg(root, batch=GLOBAL_BATCH // world, workers=workers)
-    return [build_dataloader(cfg, rank, world, VOCAB)[0] for rank in range(world)]
+    return [loader_for(cfg, rank, world, VOCAB)[0] for rank in range(world)]
 
 
 def global_steps(loaders: list[StatefulDataLoader], steps: int) -> list[set[tuple[int, ...]]]:
@@ -378,10 +399,10 @@ def test_resume_at_another_dp_degree_continues_the_global_stream(corpus, old, ne
 
 def test_resume_refuses_a_position_the_new_degree_cannot_split(corpus):
     cfg = bin_cfg(corpus[0], batch=1)
-    one = build_dataloader(cfg, 0, 1, VOCAB)[0]
+    one = loader_for(cfg, 0, 1, VOCAB)[0]
     take(one, 1)
     state = one.state_dict()  # 1 sample consumed
-    four = build_dataloader(cfg, 0, 4, VOCAB)[0]
+    four = loader_for(cfg, 0, 4, VOCAB)[0]
     with pytest.raises(ValueError, match="consumed 1 samples, not a multiple of 4"):
         four.load_state_dict(state)
         next(iter(four))

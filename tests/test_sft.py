@@ -9,9 +9,9 @@ import random
 import torch
 
 from titanlm.config import load_config
-from titanlm.data.datasets import IGNORE_INDEX
+from titanlm.loss import IGNORE_INDEX
 from titanlm.data.demo import ensure_demo_assets
-from titanlm.models.transformer import cross_entropy_sum
+from titanlm.loss import token_cross_entropy
 from titanlm.tools.tokenize_alpaca import main as tokenize_alpaca
 from titanlm.train import Trainer
 from trainer_runs import TINY_ARGS, read_metrics
@@ -44,11 +44,11 @@ def sft_args(data, tokenizer, dump) -> list[str]:
 def test_masked_prompt_positions_carry_no_gradient(tmp_path, demo_cache) -> None:
     data, tokenizer = make_sft_data(tmp_path, demo_cache)
     trainer = Trainer(load_config(sft_args(data, tokenizer, tmp_path / "run")))
-    batch = trainer._prepare(next(iter(trainer.dataloader)))
+    batch = trainer.model_step.prepare(next(iter(trainer.dataloader)))
     masked = batch["labels"] == IGNORE_INDEX
     assert 0.2 < masked.float().mean() < 0.9  # prompts (and padding) are masked, responses are not
     logits = trainer.model(batch["input_ids"], batch["position_ids"], batch["document_ids"]).detach().requires_grad_()
-    cross_entropy_sum(logits, batch["labels"]).backward()
+    token_cross_entropy(logits, batch["labels"]).backward()
     per_position = logits.grad.abs().sum(-1)
     assert torch.all(per_position[masked] == 0)
     assert torch.all(per_position[~masked] > 0)
@@ -83,7 +83,7 @@ def test_validation_is_the_token_weighted_loss_per_type(tmp_path) -> None:
     from titanlm.data import build_valid_dataloader
     from titanlm.models import Transformer, get_model_args
     from titanlm.validation import validation_metrics
-    from test_binmeta import write_internevo
+    from binmeta_files import write_internevo
 
     rng = np.random.default_rng(0)
     for kind, count in (("en", 7), ("code", 3)):

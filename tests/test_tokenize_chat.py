@@ -13,13 +13,12 @@ import torch
 
 from titanlm.config import load_config
 from titanlm.data.binmeta import BinMetaFolder
-from titanlm.data.datasets import IGNORE_INDEX
+from titanlm.loss import IGNORE_INDEX
 from titanlm.data.tokenizer import build_tokenizer
-from titanlm.models.transformer import cross_entropy_sum
+from titanlm.loss import token_cross_entropy
 from titanlm.tools.tokenize_chat import main, resolve_tokenizer
 from titanlm.train import Trainer
-from hf_models import write_tiny_tokenizer
-from test_generate import INTERNLM2_TEMPLATE, LLAMA3_TEMPLATE, llama3_hf_tokenizer, llama3_path  # noqa: F401
+from hf_models import INTERNLM2_TEMPLATE, LLAMA3_TEMPLATE, write_tiny_tokenizer
 from trainer_runs import read_metrics, run_in_process
 
 SYSTEM = {"role": "system", "content": "Be brief."}
@@ -332,7 +331,7 @@ def test_sft_on_multi_turn_output_trains_and_only_replies_carry_gradient(tmp_pat
     trainer = Trainer(load_config(["--model.flavor", "debug", "--training.local_batch_size", "4",
                                    "--training.mixed_precision_param", "float32",
                                    "--job.dump_folder", str(tmp_path / "probe"), *args]))
-    batch = trainer._prepare(next(iter(trainer.dataloader)))
+    batch = trainer.model_step.prepare(next(iter(trainer.dataloader)))
     labels = batch["labels"]
     tok = build_tokenizer(str(tiny_folder / "tokenizer.json"))
     for row in labels:
@@ -340,7 +339,7 @@ def test_sft_on_multi_turn_output_trains_and_only_replies_carry_gradient(tmp_pat
         assert re.fullmatch(r"(\d+ plus \d+ is \d+\.<\|im_end\|>)+", targets), targets
     masked = labels == IGNORE_INDEX
     logits = trainer.model(batch["input_ids"], batch["position_ids"], batch["document_ids"]).detach().requires_grad_()
-    cross_entropy_sum(logits, labels).backward()
+    token_cross_entropy(logits, labels).backward()
     per_position = logits.grad.abs().sum(-1)
     assert torch.all(per_position[masked] == 0) and torch.all(per_position[~masked] > 0)
     trainer.close()

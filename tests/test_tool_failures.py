@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from titanlm.config.job_config import Float8
+from titanlm.config import load_config
 from titanlm.data import ensure_demo_assets
 from titanlm.data.binmeta import BinMetaFolder, BinWriter
 from titanlm.models.hf_checkpoint import write_safetensors
-from titanlm.parallel.float8 import check_float8_device, float8_settings
+from titanlm.plan import resolve
 from titanlm.tools import common, tokenize, tokenize_alpaca, tokenize_chat
 from titanlm.train import main as train_main
 from hf_models import write_tiny_tokenizer
@@ -344,17 +344,16 @@ def test_a_negative_min_length_names_data_min_length(tmp_path: Path, capsys) -> 
 
 
 def test_float8_rowwise_with_float8_all_gather_is_refused_whatever_the_world_size(tmp_path: Path, capsys) -> None:
-    cfg = Float8(enable=True, recipe_name="rowwise", enable_fsdp_float8_all_gather=True)
+    pytest.importorskip("torchao.float8")
+    cfg = load_config([*TINY_ARGS, *_ROWWISE_ALL_GATHER_FLAGS])
     messages = set()
-    for check in (lambda: float8_settings(cfg, fsdp=False), lambda: float8_settings(cfg, fsdp=True),
-                  lambda: check_float8_device(cfg, torch.device("cpu"))):
+    for world, device in ((1, "cpu"), (2, "cpu"), (2, "cuda")):
         with pytest.raises(ValueError) as info:
-            check()
+            resolve(cfg, world, device)
         messages.add(str(info.value))
     assert messages == {_ROWWISE_ALL_GATHER}  # one rule, one message
     assert "float8.enable_fsdp_float8_all_gather" in _ROWWISE_ALL_GATHER
     assert "float8.recipe_name = 'tensorwise'" in _ROWWISE_ALL_GATHER
-    assert float8_settings(Float8(enable=True), fsdp=False) == Float8(enable=True)  # tensorwise passes
     assert _ROWWISE_ALL_GATHER in _refused(tmp_path, capsys, *_ROWWISE_ALL_GATHER_FLAGS)  # one rank, through main
 
 

@@ -16,14 +16,7 @@ from titanlm.metrics import METRIC_KEYS
 from titanlm.optim import lr_factor
 from titanlm.parallel import ParallelDims, ParallelismError
 from titanlm.train import Trainer
-from trainer_runs import REPO, TINY_ARGS, read_metrics, run_in_process
-
-
-def assert_records_close(actual: list[dict], expected: list[dict], rtol: float = 1e-5) -> None:
-    assert [r["step"] for r in actual] == [r["step"] for r in expected]
-    for got, want in zip(actual, expected):
-        for key in ("loss", "grad_norm"):
-            assert math.isclose(got[key], want[key], rel_tol=rtol), (key, got["step"], got[key], want[key])
+from trainer_runs import REPO, TINY_ARGS, assert_records_close, read_metrics, run_in_process
 
 
 def test_demo_run_loss_falls(tmp_path, demo_cache) -> None:
@@ -54,13 +47,13 @@ def test_nan_gradient_step_is_skipped_and_counted(tmp_path) -> None:
     batches = iter(trainer.dataloader)
     trainer.train_step(trainer.next_micro_batches(batches))
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
-    clean_loss_fn = trainer.loss_fn
-    trainer.loss_fn = lambda logits, labels: clean_loss_fn(logits, labels) * float("nan")
+    clean_loss_fn = trainer.model_step.loss_fn
+    trainer.model_step.loss_fn = lambda logits, labels: clean_loss_fn(logits, labels) * float("nan")
     record = trainer.train_step(trainer.next_micro_batches(batches))
     assert math.isnan(record["grad_norm"]) and record["inf_nan_skip_batches"] == 1
     for name, param in trainer.model.named_parameters():
         assert torch.equal(param.detach(), before[name]), f"{name} changed during a skipped step"
-    trainer.loss_fn = clean_loss_fn
+    trainer.model_step.loss_fn = clean_loss_fn
     record = trainer.train_step(trainer.next_micro_batches(batches))
     assert math.isfinite(record["loss"]) and record["inf_nan_skip_batches"] == 1
     trainer.close()
@@ -72,11 +65,11 @@ def test_float16_loss_scale_backs_off_on_overflow_and_training_continues(tmp_pat
     trainer = Trainer(cfg)
     batches = iter(trainer.dataloader)
     assert trainer.train_step(trainer.next_micro_batches(batches))["loss_scale"] == 1024
-    clean_loss_fn = trainer.loss_fn
-    trainer.loss_fn = lambda logits, labels: clean_loss_fn(logits, labels) * float("inf")
+    clean_loss_fn = trainer.model_step.loss_fn
+    trainer.model_step.loss_fn = lambda logits, labels: clean_loss_fn(logits, labels) * float("inf")
     record = trainer.train_step(trainer.next_micro_batches(batches))
     assert record["loss_scale"] == 512 and record["inf_nan_skip_batches"] == 1
-    trainer.loss_fn = clean_loss_fn
+    trainer.model_step.loss_fn = clean_loss_fn
     record = trainer.train_step(trainer.next_micro_batches(batches))
     assert math.isfinite(record["grad_norm"]) and record["inf_nan_skip_batches"] == 1
     trainer.close()
@@ -90,7 +83,7 @@ def test_one_process_low_precision_keeps_fp32_weights_and_computes_under_autocas
     try:
         assert all(type(p) is torch.nn.Parameter and p.dtype == torch.float32 for p in trainer.model.parameters())
         tokens = torch.zeros(1, 8, dtype=torch.long, device=trainer.device)
-        with trainer.compute_context():
+        with trainer.model_step.context():
             assert trainer.model(tokens).dtype == torch.bfloat16
         assert trainer.model(tokens).dtype == torch.float32
         bf16 = trainer.train()
@@ -166,56 +159,6 @@ def test_cli_reports_bad_input_in_one_line_and_exit_code_2(tmp_path) -> None:
     assert "Traceback" not in result.stderr
 
 
-def test_tensor_parallel_degree_must_divide_the_heads() -> None:
-    from titanlm.models import get_model_args
-    from titanlm.parallel.tensor_parallel import check_tp_divisibility
-
-    with pytest.raises(ParallelismError, match="tensor_parallel_degree 3 does not divide the model's n_heads"):
-        check_tp_divisibility(get_model_args("llama3", "8B"), 3)
-    with pytest.raises(ParallelismError, match="n_kv_heads"):
-        check_tp_divisibility(get_model_args("llama3", "8B"), 16)
-    check_tp_divisibility(get_model_args("llama3", "8B"), 8)
-
-
-def test_pipeline_stage_split_and_rank_assignment() -> None:
-    from titanlm.parallel.pipeline import stage_layer_counts, stages_of_rank
-
-    assert stage_layer_counts(10, 4, "") == [2, 3, 3, 2]  # the extra layers go to the middle stages
-    assert stage_layer_counts(8, 2, "3,5") == [3, 5]
-    with pytest.raises(ParallelismError, match="pipeline_parallel_stage_layers '3,4' must list 2"):
-        stage_layer_counts(8, 2, "3,4")
-    with pytest.raises(ParallelismError, match="4 pipeline stages but the model has only 2 layers"):
-        stage_layer_counts(2, 4, "")
-    assert stages_of_rank(1, 4, 2, v_style=False) == [1, 5]
-    assert stages_of_rank(1, 4, 2, v_style=True) == [1, 6]
-
-
-def test_zero_bubble_schedules_need_parameters_kept_until_the_weight_pass() -> None:
-    from titanlm.parallel.pipeline import check_pipeline_supported
-
-    from titanlm.parallel.fsdp import reshard_policy
-
-    zero_bubble = ["--parallelism.pipeline_parallel_schedule", "InterleavedZeroBubble"]
-    with pytest.raises(ParallelismError, match="'InterleavedZeroBubble' computes weight gradients after FSDP2"):
-        check_pipeline_supported(load_config([*zero_bubble, "--parallelism.fsdp_reshard_after_forward", "always"]))
-    check_pipeline_supported(load_config(zero_bubble))
-    check_pipeline_supported(load_config(["--parallelism.pipeline_parallel_schedule", "Interleaved1F1B",
-                                          "--parallelism.fsdp_reshard_after_forward", "always"]))
-    assert reshard_policy("default", pipeline_parallel=True) == "never"
-    assert reshard_policy("default", pipeline_parallel=False) == "default"
-    assert reshard_policy("always", pipeline_parallel=True) == "always"
-
-
-def test_rowwise_float8_on_a_cpu_without_row_scales_is_refused_in_one_line(monkeypatch) -> None:
-    from titanlm.config.job_config import Float8
-    from titanlm.parallel import float8
-
-    monkeypatch.setattr(float8, "cpu_takes_row_scales", lambda: False)  # as torch 2.11's CPU matmul
-    with pytest.raises(ValueError, match="float8.recipe_name 'rowwise' needs a GPU or torch >= 2.13 on CPU"):
-        float8.check_float8_device(Float8(enable=True, recipe_name="rowwise"), torch.device("cpu"))
-    float8.check_float8_device(Float8(enable=True, recipe_name="tensorwise"), torch.device("cpu"))
-
-
 def test_compiled_blocks_and_loss_match_eager(tmp_path) -> None:
     eager = run_in_process(tmp_path / "eager", ["--training.steps", "2"])
     compiled = run_in_process(tmp_path / "compiled", ["--training.steps", "2", "--compile.enable"])
@@ -251,13 +194,12 @@ def test_activation_checkpointing_changes_nothing_but_memory(tmp_path, ac) -> No
 
 
 def test_ac_layer_fraction_wraps_the_leading_blocks() -> None:
-    from titanlm.config.job_config import ActivationCheckpoint
     from titanlm.models import Transformer, get_model_args
     from titanlm.parallel.activation_checkpoint import apply_ac
 
     with torch.device("meta"):
         model = Transformer(get_model_args("llama3", "debug"))
-    apply_ac(model, ActivationCheckpoint(mode="full", layer_fraction=0.5))
+    apply_ac(model, "full", recomputed_layers=2)  # layer_fraction 0.5 of 4 layers
     wrapped = [type(block).__name__ == "CheckpointWrapper" for block in model.layers.values()]
     assert wrapped == [True, True, False, False]
 
@@ -268,7 +210,6 @@ def test_ac_modes_recompute_what_they_promise_in_backward() -> None:
 
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from titanlm.config.job_config import ActivationCheckpoint
     from titanlm.models import Transformer, get_model_args
     from titanlm.parallel.activation_checkpoint import apply_ac
 
@@ -284,7 +225,7 @@ def test_ac_modes_recompute_what_they_promise_in_backward() -> None:
     def backward_ops(mode: str) -> Counter:
         model = Transformer(get_model_args("llama3", "debug"))
         model.init_weights(seed=0)
-        apply_ac(model, ActivationCheckpoint(mode=mode))
+        apply_ac(model, mode, recomputed_layers=model.args.n_layers)
         loss = model(torch.randint(0, 2048, (2, 64))).sum()
         with CountOps() as counter:
             loss.backward()

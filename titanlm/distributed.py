@@ -23,9 +23,6 @@ logger = logging.getLogger("titanlm")
 LAUNCHER_PID_ENV = "TITANLM_LAUNCHER_PID"
 # How long a worker whose launcher died may take to save and stop before it exits regardless.
 ORPHAN_GRACE_S = 60.0
-# Exit codes the trainer and the launcher share: after a one-line user error, and after Ctrl-C (the shell's code).
-USER_ERROR_EXIT_CODE = 2
-INTERRUPTED_EXIT_CODE = 128 + signal.SIGINT
 # How long a rank other than 0 waits after leaving its error line for the launcher (see report_error).
 REPORT_DELAY_S = 3.0
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from titanlm.errors import ConfigError
 from titanlm.models.flavors import ModelArgs
 from titanlm.models.hf_adapter import StateDict
 from titanlm.models.transformer import KVCache, Transformer, rope_inv_freq
@@ -27,13 +28,13 @@ class Sampling:
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
-            raise ValueError(f"--max_new_tokens {self.max_new_tokens} must be at least 1")
+            raise ConfigError(f"--max_new_tokens {self.max_new_tokens} must be at least 1")
         if self.temperature < 0:
-            raise ValueError(f"--temperature {self.temperature} must be 0 (greedy) or positive")
+            raise ConfigError(f"--temperature {self.temperature} must be 0 (greedy) or positive")
         if self.top_k < 0:
-            raise ValueError(f"--top_k {self.top_k} must be 0 (off) or positive")
+            raise ConfigError(f"--top_k {self.top_k} must be 0 (off) or positive")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"--top_p {self.top_p} must be in (0, 1]")
+            raise ConfigError(f"--top_p {self.top_p} must be in (0, 1]")
 
 
 @dataclass(frozen=True)

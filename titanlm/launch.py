@@ -27,7 +27,8 @@ from torch.distributed import run as torchrun
 from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 
-from titanlm.distributed import INTERRUPTED_EXIT_CODE, LAUNCHER_PID_ENV, USER_ERROR_EXIT_CODE
+from titanlm.distributed import LAUNCHER_PID_ENV
+from titanlm.errors import INTERRUPTED_EXIT_CODE, USER_ERROR_EXIT_CODE
 
 RELAYED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 

@@ -35,7 +35,7 @@ def check_grad_scaler(cfg: GradScaler) -> None:
 
 class DynamicLossScaler:
     def __init__(self, cfg: GradScaler) -> None:
-        check_grad_scaler(cfg)
+        """`cfg` as the plan checked it (`check_grad_scaler`)."""
         self.cfg = cfg
         self.scale = float(cfg.initial_scale)
         self._finite_streak = 0

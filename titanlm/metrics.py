@@ -19,17 +19,23 @@ import json
 import logging
 import os
 import resource
+import time
 import uuid
 from collections import deque
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from titanlm.config import JobConfig, config_to_dict, config_to_toml
 from titanlm.data.datasets import TextTokenDataset
 from titanlm.data.packing import PackedDataset
+from titanlm.errors import ConfigError
+from titanlm.models.flops import document_lengths, internevo_tflops, training_flops
+
+if TYPE_CHECKING:  # titanlm.plan imports this module
+    from titanlm.plan import RunPlan
 
 logger = logging.getLogger("titanlm")
 
@@ -56,7 +62,7 @@ STEP_KEYS = ("step", "loss", "lr", "grad_norm")  # what every step records, logg
 ETA_WINDOW = 20  # steps whose mean time predicts the rest
 
 
-class MetricsError(ValueError):
+class MetricsError(ConfigError):
     """A metrics setting the environment cannot honour; the message says what to install or change."""
 
 
@@ -263,3 +269,37 @@ class MetricsLogger:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+class Throughput:
+    """Step timing and the throughput figures of logged steps (tgs, tflops, mfu, memory).
+
+    Only timed steps wait for the device (`torch.cuda.synchronize`) and count documents; the others
+    pay nothing for metrics, so a run's speed does not depend on metrics.log_freq.
+    """
+
+    def __init__(self, plan: RunPlan, device: torch.device, peak_tflops: float) -> None:
+        self.plan = plan
+        self.device = device
+        self.peak_flops = device_peak_flops(device, plan.precision.param_dtype, peak_tflops)
+
+    def now(self, timed: bool) -> float:
+        """The time, after the device has finished the work queued so far when `timed`."""
+        if timed and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def of(self, micro_batches: list[dict[str, torch.Tensor]], step_time: float) -> dict[str, float | None]:
+        """tgs (tokens per GPU per second), InternEvo's tflops, MFU and peak memory of a timed step.
+        This rank's rows stand for 1/dp of the global batch; attention counts real documents."""
+        plan, world = self.plan, self.plan.world_size
+        batch, args = plan.batch, plan.model_args
+        lengths = [n for mb in micro_batches for n in document_lengths(mb)]
+        useful_flops = training_flops(args, lengths) * plan.dims.dp
+        return {
+            "tgs": batch.tokens_per_step / world / step_time,
+            "tflops": internevo_tflops(args, batch.global_batch_size, batch.seq_len, step_time, world,
+                                       recompute=plan.activation_checkpoint != "none"),
+            "mfu": useful_flops / (step_time * world * self.peak_flops) if self.peak_flops else None,
+            "memory_gib": peak_memory_gib(self.device),
+        }

@@ -27,7 +27,7 @@ def check_optimizer(cfg: Optimizer) -> None:
 
 
 def build_optimizer(params: list[nn.Parameter], cfg: Optimizer) -> torch.optim.Optimizer:
-    check_optimizer(cfg)
+    """`cfg` as the plan checked it (`check_optimizer`)."""
     impl = cfg.implementation
     if impl == "auto":
         # Where the parameters live, not where the model computes: under FSDP CPU offload they are

@@ -13,10 +13,10 @@ from contextlib import AbstractContextManager
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
-from titanlm.data.datasets import IGNORE_INDEX, Batch
+from titanlm.data.datasets import Batch
+from titanlm.loss import IGNORE_INDEX, token_cross_entropy
 
 
 
@@ -44,7 +44,7 @@ def validation_metrics(
             logits = logits_of(batch)
             if logits is None:
                 continue
-            losses = F.cross_entropy(logits.flatten(0, 1).float(), labels, ignore_index=IGNORE_INDEX, reduction="none")
+            losses = token_cross_entropy(logits, labels, reduction="none")
         if isinstance(losses, DTensor):
             losses = losses.full_tensor()
         labelled = labels != IGNORE_INDEX

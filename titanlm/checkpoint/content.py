@@ -42,6 +42,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from titanlm.checkpoint.single_process import unreadable_reason
 from titanlm.checkpoint.train_state import TrainState
+from titanlm.errors import CheckpointError
 from titanlm.models.flavors import ModelArgs
 from titanlm.models.hf_adapter import flavor_differences
 from titanlm.models.hf_checkpoint import read_hf_model
@@ -54,10 +55,6 @@ _LISTED = 8  # keys named per kind of mismatch; the rest are counted
 # Optimizer entries keyed per parameter ("state.<fqn>.exp_avg", "param_groups.<fqn>.lr"), not per param
 # group: a group's list of parameters differs between pipeline stages but would be saved under one key.
 _OPTIMIZER = StateDictOptions(flatten_optimizer_state_dict=True)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint, folder or setting that cannot be used; the message names it and the fix."""
 
 
 def _listing(keys: list[str]) -> str:

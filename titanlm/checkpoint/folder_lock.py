@@ -19,6 +19,8 @@ import socket
 import time
 from typing import IO
 
+from titanlm.errors import CheckpointError
+
 logger = logging.getLogger("titanlm")
 
 LOCK_FILE = ".titanlm.lock"
@@ -35,7 +37,7 @@ except ImportError:  # Windows: no flock; titanlm runs on Linux and macOS
 _held: dict[str, "FolderLock"] = {}
 
 
-class FolderInUse(ValueError):
+class FolderInUse(CheckpointError):
     """Another live job holds the folder's lock; the message names it."""
 
 

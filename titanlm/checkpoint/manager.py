@@ -37,7 +37,7 @@ from pathlib import Path
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -59,31 +59,15 @@ from titanlm.checkpoint.stop import Action, StopRequests
 from titanlm.checkpoint.train_state import TrainState
 from titanlm.config.job_config import JobConfig
 from titanlm.distributed import PROCESS_GROUP_TIMEOUT_S
+from titanlm.errors import TitanlmError
 from titanlm.models.spec import ModelSpec, write_record
+
+if TYPE_CHECKING:  # titanlm.plan imports this package's constants
+    from titanlm.plan import CheckpointPlan
 
 logger = logging.getLogger("titanlm")
 
 T = TypeVar("T")
-
-
-def parse_load_content(text: str, initial_load_path: str) -> tuple[str, ...]:
-    """The parts named by checkpoint.load_content, in PARTS order."""
-    if text.strip() == "all":
-        return PARTS
-    parts = {part.strip() for part in text.split(",")}
-    unknown = sorted(parts - set(PARTS))
-    if unknown:
-        raise CheckpointError(
-            f"checkpoint.load_content = {text!r}: unknown part(s) {', '.join(unknown)}; "
-            f"use all, or a comma list of {', '.join(PARTS)}"
-        )
-    if not initial_load_path:
-        raise CheckpointError(
-            f"checkpoint.load_content = {text!r} selects what to take from checkpoint.initial_load_path, "
-            "which is empty (a resume from checkpoint.folder always loads everything); set "
-            "initial_load_path, e.g. to a pretraining run's step-N folder"
-        )
-    return tuple(part for part in PARTS if part in parts)
 
 
 def initial_checkpoint(path: str) -> str:
@@ -191,7 +175,7 @@ def _on_rank0(decide: Callable[[], T]) -> T:
     if dist.get_rank() == 0:
         try:
             box[0] = (decide(), None, None)
-        except ValueError as error:
+        except TitanlmError as error:
             box[0] = (None, str(error), None)
         except Exception as error:
             raised = error
@@ -208,7 +192,7 @@ def _on_rank0(decide: Callable[[], T]) -> T:
 
 
 @dataclass(frozen=True)
-class _Plan:
+class _Start:
     """Rank 0's start-up decisions, shared by all ranks."""
 
     source: str | None  # the checkpoint to load, if any
@@ -235,11 +219,12 @@ class CheckpointManager:
     """Locks the run's folders, loads at start, saves after steps, and stops the run on request; with
     checkpoint.enable off it only loads the starting weights, if any, and stops on request."""
 
-    def __init__(self, cfg: JobConfig, spec: ModelSpec, model_parts: list[nn.Module], optimizer: Optimizer,
-                 lr_scheduler: LRScheduler, dataloader: StatefulDataLoader, dp_rank: int,
+    def __init__(self, cfg: JobConfig, resolved: CheckpointPlan, spec: ModelSpec, model_parts: list[nn.Module],
+                 optimizer: Optimizer, lr_scheduler: LRScheduler, dataloader: StatefulDataLoader, dp_rank: int,
                  device: torch.device) -> None:
-        """Lock the folders, check the settings and choose what to start from; nothing is loaded yet.
+        """Lock the folders and choose what to start from; nothing is loaded yet.
 
+        `resolved`: the plan's checkpoint settings (what a load takes, the async mode this device runs);
         `spec` is the run's model, with the tokenizer it actually uses: recorded in every save."""
         self.cfg = cfg.checkpoint
         self.enabled = self.cfg.enable
@@ -254,39 +239,30 @@ class CheckpointManager:
         self.stop: StopRequests | None = None
         self._locks: list[FolderLock] = []
         self._in_flight: _Save | None = None
-        parts = parse_load_content(self.cfg.load_content, self.cfg.initial_load_path)
-        if self.cfg.last_save_in_hf and not self.enabled:
-            raise CheckpointError(
-                "checkpoint.last_save_in_hf exports the final checkpoint, but checkpoint.enable is off; set "
-                "checkpoint.enable = true as well"
-            )
+        self.export_dtype = resolved.export_dtype
+        self.async_mode = resolved.async_mode
+        # Saves exchange checksums and failures over their own gloo group: a background save's collectives
+        # must not interleave with the training thread's on one group.
+        self._group = (
+            dist.new_group(backend="gloo", timeout=timedelta(seconds=PROCESS_GROUP_TIMEOUT_S)) if self.enabled else None
+        )
+        self._sealer = ThreadPoolExecutor(1, "titanlm-save") if self.enabled and self.async_mode != "disabled" else None
+        self._stager = (
+            DefaultStager(StagingOptions(use_pinned_memory=True, use_shared_memory=True,
+                                         use_async_staging=False, use_non_blocking_copy=True))
+            if self.enabled and self.async_mode == "async_with_pinned_mem" else None
+        )
         try:
             _on_rank0(self._lock_folders)
-            self._choose_start(parts, device)
+            self.start = self._choose_start(resolved.load_parts)
         except BaseException:
             self.release_locks()
             raise
 
-    def _choose_start(self, parts: tuple[str, ...], device: torch.device) -> None:
+    def _choose_start(self, parts: tuple[str, ...]) -> _Start:
         if not self.enabled:
-            self.plan = _on_rank0(lambda: self._starting_weights(parts, attempt=""))
-            return
-        self.export_dtype: torch.dtype = getattr(torch, self.cfg.export_dtype)
-        self.async_mode = self.cfg.async_mode
-        if self.async_mode == "async_with_pinned_mem" and device.type != "cuda":
-            if self.is_main:
-                logger.warning("checkpoint.async_mode = async_with_pinned_mem needs a GPU; using async")
-            self.async_mode = "async"
-        self.plan = _on_rank0(lambda: self._plan(parts))
-        # Saves exchange checksums and failures over their own gloo group: a background save's collectives
-        # must not interleave with the training thread's on one group.
-        self._group = dist.new_group(backend="gloo", timeout=timedelta(seconds=PROCESS_GROUP_TIMEOUT_S))
-        self._sealer = ThreadPoolExecutor(1, "titanlm-save") if self.async_mode != "disabled" else None
-        self._stager = (
-            DefaultStager(StagingOptions(use_pinned_memory=True, use_shared_memory=True,
-                                         use_async_staging=False, use_non_blocking_copy=True))
-            if self.async_mode == "async_with_pinned_mem" else None
-        )
+            return _on_rank0(lambda: self._starting_weights(parts, attempt=""))
+        return _on_rank0(lambda: self._plan(parts))
 
     def _lock_folders(self) -> None:
         """Rank 0: lock the dump folder (metrics, logs) and, when it lies elsewhere, the checkpoint folder."""
@@ -305,7 +281,7 @@ class CheckpointManager:
                 ) from None
             self._locks.append(lock)
 
-    def _plan(self, parts: tuple[str, ...]) -> _Plan:
+    def _plan(self, parts: tuple[str, ...]) -> _Start:
         """Rank 0: check the folder, report leftovers, and pick the checkpoint to start from."""
         _check_writable(self.folder)
         stale = layout.leftovers(self.folder)
@@ -328,18 +304,18 @@ class CheckpointManager:
         source = self._resume_source(layout.complete_steps(self.folder))
         if source is not None:
             fix = "a resume needs a full checkpoint: move this one out of the folder, or pick another with load_step"
-            return _Plan(source, PARTS, fix, attempt, origin="resume")
+            return _Start(source, PARTS, fix, attempt, origin="resume")
         return self._starting_weights(parts, attempt)
 
-    def _starting_weights(self, parts: tuple[str, ...], attempt: str) -> _Plan:
+    def _starting_weights(self, parts: tuple[str, ...], attempt: str) -> _Start:
         """Rank 0: the plan of a run that resumes nothing: initial_load_path, else model.hf_path."""
         if self.cfg.initial_load_path:
             fix = "set checkpoint.load_content to parts it holds, e.g. model"
-            return _Plan(initial_checkpoint(self.cfg.initial_load_path), parts, fix, attempt,
+            return _Start(initial_checkpoint(self.cfg.initial_load_path), parts, fix, attempt,
                          origin="checkpoint.initial_load_path")
         if self.spec.hf_path:
-            return _Plan(self.spec.hf_path, ("model",), "", attempt, origin="model.hf_path")
-        return _Plan(None, (), "", attempt)
+            return _Start(self.spec.hf_path, ("model",), "", attempt, origin="model.hf_path")
+        return _Start(None, (), "", attempt)
 
     def _resume_source(self, steps: list[int]) -> str | None:
         """The checkpoint of this run's folder to resume from: load_step's, else the newest, if any."""
@@ -372,7 +348,7 @@ class CheckpointManager:
 
     def start_description(self, seed: int) -> str:
         """Where the run's weights come from, for the first log lines."""
-        plan = self.plan
+        plan = self.start
         if plan.source is None:
             return f"freshly initialized (debug.seed {seed})"
         if plan.origin == "resume":
@@ -396,16 +372,16 @@ class CheckpointManager:
         load, or only parts without it, e.g. load_content = model).
         """
         state = None
-        if self.plan.source:
+        if self.start.source:
             start = time.perf_counter()
-            if layout.looks_like_hf_model(self.plan.source) and not layout.is_dcp_checkpoint(self.plan.source):
-                self.content.load_hf(self.plan.source, self.plan.parts, self.spec.args)
+            if layout.looks_like_hf_model(self.start.source) and not layout.is_dcp_checkpoint(self.start.source):
+                self.content.load_hf(self.start.source, self.start.parts, self.spec.args)
             else:
-                self._verify(self.plan.source)
-                state = self.content.load(self.plan.source, self.plan.parts, self.plan.fix)
+                self._verify(self.start.source)
+                state = self.content.load(self.start.source, self.start.parts, self.start.fix)
             where = f"; continuing after step {state.step}" if state else "; starting at step 0"
             logger.info(
-                f"loaded {', '.join(self.plan.parts)} from {self.plan.source} in "
+                f"loaded {', '.join(self.start.parts)} from {self.start.source} in "
                 f"{time.perf_counter() - start:.1f}s{where}"
             )
         stop_file = self.cfg.stop_file or os.path.join(self.folder, "STOP")
@@ -441,8 +417,8 @@ class CheckpointManager:
     def _damage_fix(self, source: str) -> str:
         """How to go on from a damaged checkpoint: resume from the one before it, or replace it."""
         aside = f"mv {source} {source}.damaged"
-        if self.plan.origin != "resume":
-            return f"copy, convert or save it again, or set {self.plan.origin} to another checkpoint"
+        if self.start.origin != "resume":
+            return f"copy, convert or save it again, or set {self.start.origin} to another checkpoint"
         damaged_step = int(os.path.basename(source).removeprefix("step-"))
         earlier = [step for step in layout.complete_steps(self.folder) if step < damaged_step]
         load_step = " and set checkpoint.load_step = -1" if self.cfg.load_step >= 0 else ""
@@ -478,7 +454,7 @@ class CheckpointManager:
         """
         self._wait()
         final = layout.step_dir(self.folder, state.step, model_only)
-        tmp = layout.tmp_dir(final, self.plan.attempt)
+        tmp = layout.tmp_dir(final, self.start.attempt)
         content = self.content
         state_dict = content.model_state_dict(self.export_dtype) if model_only else content.state_dict(state)
         facts = {"step": state.step, "consecutive_skips": state.consecutive_skips}
@@ -642,7 +618,7 @@ class CheckpointManager:
         """Rank 0: the checkpoint just saved as a Hugging Face folder step-N-hf, published like a save."""
         started = time.perf_counter()
         final = layout.hf_dir(self.folder, step)
-        tmp = layout.tmp_dir(final, self.plan.attempt)
+        tmp = layout.tmp_dir(final, self.start.attempt)
         try:
             os.makedirs(tmp)
             export_hf_folder(read_model_state(saved), self.spec, Path(tmp), self.export_dtype)

@@ -22,7 +22,8 @@ import threading
 import torch
 import torch.distributed as dist
 
-from titanlm.distributed import INTERRUPTED_EXIT_CODE, launched_by_torchrun
+from titanlm.distributed import launched_by_torchrun
+from titanlm.errors import INTERRUPTED_EXIT_CODE
 
 logger = logging.getLogger("titanlm")
 

@@ -121,10 +121,10 @@ class Data:
         "and positions restart at every document (InternEvo pack_sample_into_one)",
     )
     min_length: int = opt(0, "bin data: drop documents with fewer tokens than this (InternEvo MIN_LENGTH)")
-    dataset_weights: str = opt(
-        "",
-        "bin data: token share per type folder, e.g. 'en:0.7,code:0.3' (types left out are not used); "
-        "empty = natural proportions",
+    dataset_weights: list[str] = opt(
+        [],
+        "bin data: token share per type folder as TYPE:WEIGHT items, e.g. en:0.7,code:0.3 (TOML: ['en:0.7', "
+        "'code:0.3']); types left out are not used; empty = natural proportions",
     )
     valid_folder: str = opt("", "bin/meta folder of validation data; empty = no validation")
     valid_every: int = opt(0, "validate every this many steps; 0 = never")
@@ -186,8 +186,8 @@ class Parallelism:
                  "DualPipeV"),
     )
     pipeline_parallel_virtual_stages: int = opt(2, "stages per rank for the looped schedules")
-    pipeline_parallel_stage_layers: str = opt(
-        "", "layers per stage, comma-separated (e.g. '3,5,5,3' to lighten the embedding/output stages); "
+    pipeline_parallel_stage_layers: list[int] = opt(
+        [], "layers per stage, e.g. 3,5,5,3 (TOML: [3, 5, 5, 3]) to lighten the embedding/output stages; "
         "empty = even split"
     )
     context_parallel_degree: int = opt(1, "context parallel size (sequence split across ranks)")
@@ -218,10 +218,10 @@ class Checkpoint:
         "DCP checkpoint to start from when folder holds none: a step-N folder of another run, a "
         "step-N-model export or a converted HF model (InternEvo load_ckpt_info path)",
     )
-    load_content: str = opt(
-        "all",
-        "what to take from initial_load_path: all, or a comma list of model, optimizer, lr_scheduler, "
-        "dataloader, train_state; e.g. model = weights only, from step 0 (InternEvo content). A resume "
+    load_content: list[str] = opt(
+        ["all"],
+        "what to take from initial_load_path: all, or some of model, optimizer, lr_scheduler, dataloader, "
+        "train_state (e.g. model = weights only, from step 0; TOML: ['model']; InternEvo content). A resume "
         "from folder always loads all",
     )
     last_save_model_only: bool = opt(

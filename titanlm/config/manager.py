@@ -23,14 +23,11 @@ except ModuleNotFoundError:  # Python < 3.11
     import tomli as tomllib
 
 from titanlm.config.job_config import JobConfig
+from titanlm.errors import ConfigError
 
 _CLI = "CLI"
 _BOOL_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 _EXPECTED = {int: "an integer", float: "a number", bool: "a boolean (true/false)", str: "a string"}
-
-
-class ConfigError(ValueError):
-    """A bad configuration; the message is a single line the trainer can print as is."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,7 +85,7 @@ def _type_name(typ: Any) -> str:
 def _expected(typ: Any) -> str:
     """The phrase after 'must be' in a type error."""
     if _is_list(typ):
-        return f"a list of {typing.get_args(typ)[0].__name__} (comma-separated on the CLI)"
+        return f"a list of {typing.get_args(typ)[0].__name__} (or one comma-separated string)"
     return _EXPECTED[typ]
 
 
@@ -115,15 +112,16 @@ def _lookup(section: str, name: str, source: str) -> _Key:
     return keys[name]
 
 
-def _parse_text(key: _Key, text: str) -> Any:
-    """Convert a CLI string to the key's type; lists are comma-separated."""
+def _parse_text(key: _Key, text: str, source: str = _CLI) -> Any:
+    """Convert a string from `source` (the CLI, or a TOML string for a list key) to the key's type;
+    lists are comma-separated."""
     if _is_list(key.type):
         parts = text.split(",") if text.strip() else []
-        return [_parse_text(key.element(), part.strip()) for part in parts]
+        return [_parse_text(key.element(), part.strip(), source) for part in parts]
     try:
         return _BOOL_WORDS[text.lower()] if key.type is bool else key.type(text)
     except (KeyError, ValueError):
-        raise ConfigError(f"{key.path} must be {_expected(key.type)}, got {text!r} (from {_CLI})") from None
+        raise ConfigError(f"{key.path} must be {_expected(key.type)}, got {text!r} (from {source})") from None
 
 
 def _choices_text(choices: tuple[str, ...]) -> str:
@@ -135,6 +133,8 @@ def _check_value(key: _Key, value: Any, source: str) -> Any:
     """Check a typed value against the key's type and choices. An int is accepted (and converted)
     for a float field, never a float for an int field, and a bool is never a number."""
     if _is_list(key.type):
+        if isinstance(value, str):  # 'a,b' as on the CLI; also what configs dumped by older versions hold
+            value = _parse_text(key, value, source)
         if not isinstance(value, list):
             raise ConfigError(f"{key.path} must be {_expected(key.type)}, got {value!r} (from {source})")
         return [_check_value(key.element(), v, source) for v in value]
@@ -248,8 +248,9 @@ def _validate(cfg: JobConfig, origins: dict[str, str]) -> None:
         )
 
 
-def _toml_value(value: Any) -> str:
-    """A TOML literal; floats use repr so that e.g. 1e-08, inf and nan read back exactly."""
+def toml_value(value: Any) -> str:
+    """A TOML literal of a config value (scalars and lists); floats use repr so that e.g. 1e-08, inf and nan
+    read back exactly. The torchtitan peer benchmark writes its configs with it too."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
@@ -261,7 +262,7 @@ def _toml_value(value: Any) -> str:
         )
         return f'"{"".join(escaped)}"'
     if isinstance(value, list):
-        return f"[{', '.join(_toml_value(v) for v in value)}]"
+        return f"[{', '.join(toml_value(v) for v in value)}]"
     raise TypeError(f"cannot write {type(value).__name__} {value!r} as TOML")
 
 
@@ -281,7 +282,7 @@ def help_text() -> str:
         for key in section_keys.values():
             choices = f" [choices: {_choices_text(key.choices)}]" if key.choices else ""
             lines.append(
-                f"  --{key.path:<{width}}({_type_name(key.type)}, default: {_toml_value(key.default)})  "
+                f"  --{key.path:<{width}}({_type_name(key.type)}, default: {toml_value(key.default)})  "
                 f"{key.help}{choices}"
             )
     return "\n".join(lines)
@@ -295,7 +296,7 @@ def reference_markdown() -> str:
             choices = f" ({_choices_text(key.choices)})" if key.choices else ""
             meaning = f"{key.help}{choices}".replace("|", "\\|")
             lines.append(
-                f"| `{key.path}` | {_type_name(key.type)} | `{_toml_value(key.default)}` | {meaning} |"
+                f"| `{key.path}` | {_type_name(key.type)} | `{toml_value(key.default)}` | {meaning} |"
             )
     return "\n".join(lines)
 
@@ -346,14 +347,9 @@ def config_to_dict(cfg: JobConfig) -> dict[str, dict[str, Any]]:
     return dataclasses.asdict(cfg)
 
 
-def tables_to_toml(tables: dict[str, dict[str, Any]]) -> str:
-    """TOML text of flat tables of scalars and lists (a job config, ours or a peer trainer's)."""
-    lines: list[str] = []
-    for section, values in tables.items():
-        lines += [f"[{section}]", *(f"{name} = {_toml_value(v)}" for name, v in values.items()), ""]
-    return "\n".join(lines)
-
-
 def config_to_toml(cfg: JobConfig) -> str:
     """TOML text of every section and key; load_config reads it back to an equal JobConfig."""
-    return tables_to_toml(config_to_dict(cfg))
+    lines: list[str] = []
+    for section, values in config_to_dict(cfg).items():
+        lines += [f"[{section}]", *(f"{name} = {toml_value(v)}" for name, v in values.items()), ""]
+    return "\n".join(lines)

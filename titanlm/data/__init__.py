@@ -3,7 +3,6 @@ resumable datasets and the dataloaders."""
 
 from titanlm.data.binmeta import BinMetaFolder
 from titanlm.data.datasets import (
-    IGNORE_INDEX,
     RandomTokenDataset,
     ShardedStream,
     TextTokenDataset,
@@ -15,6 +14,7 @@ from titanlm.data.loader import build_dataloader, build_valid_dataloader
 from titanlm.data.mixing import parse_dataset_weights
 from titanlm.data.packing import Documents, PackedDataset, PackedRows, PackPlan, pack, packed_sample
 from titanlm.data.tokenizer import SentencePieceTokenizer, Tokenizer, build_tokenizer
+from titanlm.loss import IGNORE_INDEX
 
 __all__ = [
     "IGNORE_INDEX",

@@ -23,6 +23,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from titanlm.errors import DataError
 from titanlm.files import publish
 
 BIN_SUFFIX = ".bin"
@@ -31,8 +32,12 @@ _REGENERATE = "regenerate the pair with `python -m titanlm.tools.tokenize`"
 _MAX_PROBLEMS_PER_FILE = 10
 
 
-class DataFormatError(ValueError):
+class DataFormatError(DataError):
     """A data file that does not follow the format; the message names the file (and line) and the fix."""
+
+
+class OutputExistsError(DataError, FileExistsError):
+    """An output file is there already and the user did not ask to replace it."""
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: comparing the meta arrays with == is ambiguous
@@ -71,10 +76,10 @@ class BinWriter:
         self.num_documents = 0
         self.num_tokens = 0
         if not bin_path.endswith(BIN_SUFFIX):
-            raise ValueError(f"output {bin_path!r} must end with {BIN_SUFFIX} (InternEvo finds data by it)")
+            raise DataError(f"output {bin_path!r} must end with {BIN_SUFFIX} (InternEvo finds data by it)")
         existing = [p for p in (self.bin_path, self.meta_path) if os.path.exists(p)]
         if existing and not overwrite:
-            raise FileExistsError(f"{existing[0]} already exists; pass --overwrite to replace it")
+            raise OutputExistsError(f"{existing[0]} already exists; pass --overwrite to replace it")
         folder = os.path.dirname(os.path.abspath(bin_path))
         self._made = _make_folders(folder)
         prefix = "." + os.path.basename(bin_path) + ".tmp-"

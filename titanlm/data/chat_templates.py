@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from titanlm.data.tokenizer import HuggingFaceTokenizer, Tokenizer
+from titanlm.errors import ConfigError, DataError
 
 ROLES = ("system", "user", "assistant")
 # The special tokens that end a reply in these formats (beside the tokenizer's eos): decoding stops there.
@@ -45,7 +46,7 @@ def _specials(tok: Tokenizer, chat_format: str, names: Sequence[str]) -> list[in
     ids = [tok.token_id(name) for name in names]
     for name, i in zip(names, ids):
         if i is None:
-            raise ValueError(
+            raise ConfigError(
                 f"the {chat_format} chat format needs the special token {name}, which this tokenizer lacks; "
                 f"use a {chat_format} tokenizer (for Llama 3, Meta's tokenizer.model), or a chat format the "
                 "tokenizer has the tokens of (internlm needs none)"
@@ -136,10 +137,10 @@ def render_chat(
     (one of CHAT_FORMATS, or a tokenizer's own template from `load_hf_chat_template`), ending with
     the assistant's header when `generation_prompt`, and the spans of the assistant replies."""
     if not isinstance(chat_format, HFChatTemplate) and chat_format not in CHAT_FORMATS:
-        raise ValueError(f"chat format {chat_format!r} is unknown; choose one of {', '.join(CHAT_FORMATS)}")
+        raise ConfigError(f"chat format {chat_format!r} is unknown; choose one of {', '.join(CHAT_FORMATS)}")
     for index, message in enumerate(messages):
         if message.get("role") not in ROLES or not isinstance(message.get("content"), str):
-            raise ValueError(
+            raise DataError(
                 f"message {index} is {dict(message)!r}; each message needs a role ({', '.join(ROLES)}) "
                 "and a string content"
             )
@@ -194,7 +195,7 @@ def encode_alpaca(
     "input" may be missing (treated as empty); "instruction" and "output" are required strings.
     """
     if not isinstance(record, dict):
-        raise ValueError(
+        raise DataError(
             f"record {index} is a {type(record).__name__}, not an object with instruction/output"
         )
     fields = {}
@@ -204,7 +205,7 @@ def encode_alpaca(
             problem = (
                 "is missing (or null)" if value is None else f"is a {type(value).__name__}, not a string"
             )
-            raise ValueError(f'record {index}: key "{key}" {problem} (keys present: {sorted(record)})')
+            raise DataError(f'record {index}: key "{key}" {problem} (keys present: {sorted(record)})')
         fields[key] = value
     prompt, response = TEMPLATES[template](tok, fields["instruction"], fields["input"], fields["output"])
     return ([-i for i in prompt] + response)[:max_length]
@@ -219,33 +220,33 @@ SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "a
 
 def conversation_messages(record: Any) -> list[dict[str, str]]:
     """The {"role", "content"} messages of an OpenAI-style `{"messages": [{"role", "content"}]}` or
-    ShareGPT `{"conversations": [{"from", "value"}]}` record, whichever key it has. Raises ValueError
+    ShareGPT `{"conversations": [{"from", "value"}]}` record, whichever key it has. Raises DataError
     saying what is wrong (no messages, an unknown role, a missing or non-string content, no
     assistant turn); the caller names the record."""
     if not isinstance(record, dict) or not ({"messages", "conversations"} & record.keys()):
         found = f"keys {sorted(record)}" if isinstance(record, dict) else f"a {type(record).__name__}"
-        raise ValueError(f'no "messages" (OpenAI style) or "conversations" (ShareGPT) list; found {found}')
+        raise DataError(f'no "messages" (OpenAI style) or "conversations" (ShareGPT) list; found {found}')
     sharegpt = "messages" not in record
     key, role_key, content_key = ("conversations", "from", "value") if sharegpt else ("messages", "role", "content")
     roles = SHAREGPT_ROLES if sharegpt else {role: role for role in ROLES}
     turns = record[key]
     if not isinstance(turns, list) or not turns:
         found = "empty" if turns == [] else f"a {type(turns).__name__}"
-        raise ValueError(f'"{key}" is {found}; expected a list of messages')
+        raise DataError(f'"{key}" is {found}; expected a list of messages')
     messages = []
     for number, turn in enumerate(turns, start=1):
         role = turn.get(role_key) if isinstance(turn, dict) else None
         if role not in roles:
-            raise ValueError(
+            raise DataError(
                 f'{key} message {number} has "{role_key}": {json.dumps(role)}; expected one of {", ".join(roles)}'
             )
         content = turn.get(content_key)
         if not isinstance(content, str):
             problem = "is missing (or null)" if content is None else f"is a {type(content).__name__}, not a string"
-            raise ValueError(f'{key} message {number} ({role}): "{content_key}" {problem}')
+            raise DataError(f'{key} message {number} ({role}): "{content_key}" {problem}')
         messages.append({"role": roles[role], "content": content})
     if not any(message["role"] == "assistant" for message in messages):
-        raise ValueError(f"no assistant turn among the {len(messages)} messages, so nothing to train on")
+        raise DataError(f"no assistant turn among the {len(messages)} messages, so nothing to train on")
     return messages
 
 
@@ -293,7 +294,7 @@ class HFChatTemplate:
                 tools=None, documents=None, **self.tokens,
             )
         except jinja2.TemplateError as e:
-            raise ValueError(f"the chat template of {self.origin} failed: {e}") from None
+            raise DataError(f"the chat template of {self.origin} failed: {e}") from None
 
     def encode(self, tok: Tokenizer, text: str, pieces: dict[str, list[int]] | None = None) -> list[int]:
         """The ids transformers gives `text`: added tokens as single ids, the text between them as
@@ -324,14 +325,14 @@ class HFChatTemplate:
             prefix = self.text(messages[:upto], prompt)
             what = f"messages 1..{upto}" + (" and the generation prompt" if prompt else "")
             if not text.startswith(prefix):
-                raise ValueError(
+                raise ConfigError(
                     f"the chat template of {self.origin} is not prefix-stable: {what} render as text that the whole "
                     "conversation does not start with, so the assistant replies cannot be located; use a "
                     "built-in --template for this model"
                 )
             prefix_ids = self.encode(tok, prefix, pieces)
             if ids[: len(prefix_ids)] != prefix_ids:
-                raise ValueError(
+                raise ConfigError(
                     f"the chat template of {self.origin} is not prefix-stable in tokens: {what} tokenize to ids that "
                     "the whole conversation does not start with (a token spans the end of message "
                     f"{upto}), so the reply cannot be cut out exactly; use a built-in --template for this model"
@@ -352,7 +353,7 @@ def _jinja2() -> Any:
     try:
         import jinja2
     except ImportError:
-        raise ValueError(
+        raise ConfigError(
             "the hf template is rendered with Jinja2, which is not installed: pip install jinja2"
         ) from None
     return jinja2
@@ -392,18 +393,25 @@ def _compile(source: str, origin: str) -> Any:
     try:
         return env.from_string(source)
     except jinja2.TemplateSyntaxError as e:
-        raise ValueError(
+        raise DataError(
             f"the chat template of {origin} is not valid Jinja2 (line {e.lineno}: {e.message})"
         ) from None
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text ({e.reason}); convert the file") from None
 
 
 def _read_config(path: Path) -> dict:
     if not path.is_file():
         return {}
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
+        config = json.loads(_read_text(path))
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e})") from None
+        raise DataError(f"{path} is not valid JSON ({e})") from None
     return config if isinstance(config, dict) else {}
 
 
@@ -421,14 +429,14 @@ def load_hf_chat_template(tok: Tokenizer, tokenizer_path: str) -> HFChatTemplate
     config = _read_config(folder / "tokenizer_config.json")
     jinja_file = folder / "chat_template.jinja"
     if jinja_file.is_file():
-        source, origin = jinja_file.read_text(encoding="utf-8"), str(jinja_file)
+        source, origin = _read_text(jinja_file), str(jinja_file)
     else:
         source, origin = config.get("chat_template"), str(folder / "tokenizer_config.json")
         if isinstance(source, list):  # named templates: [{"name", "template"}, ...]
             named = {t.get("name"): t.get("template") for t in source if isinstance(t, dict)}
             source = named.get("default")
     if not isinstance(source, str) or not source:
-        raise ValueError(
+        raise ConfigError(
             f"{origin} has no chat_template; the hf template needs the model's own tokenizer folder, or choose a "
             f"built-in --template ({', '.join(CHAT_FORMATS)})"
         )
@@ -463,7 +471,7 @@ def load_hf_chat_template(tok: Tokenizer, tokenizer_path: str) -> HFChatTemplate
     written = set(_CONTROL_TOKEN.findall(probe)) | {name for name in tokens.values() if name in probe}
     missing = sorted(name for name in written if name not in added)
     if missing:
-        raise ValueError(
+        raise ConfigError(
             f"the chat template of {origin} writes {', '.join(missing)}, which this tokenizer has no token for; "
             "use the tokenizer the template belongs to"
         )

@@ -15,7 +15,8 @@ import torch
 from numpy.typing import ArrayLike
 from torch.utils.data import IterableDataset, get_worker_info
 
-IGNORE_INDEX = -100  # label value the loss skips
+from titanlm.errors import CheckpointError, DataError
+
 
 Sample = dict[str, torch.Tensor]  # one sample: tensors [seq]
 Batch = dict[str, torch.Tensor]  # collated samples: tensors [batch, seq]
@@ -69,7 +70,7 @@ class ShardedStream(IterableDataset):
         consumed, saved_dp = int(state["consumed_samples"]), int(state["dp_world_size"])
         per_batch = self.dp_world_size * self.worker_block
         if consumed < 0 or consumed % per_batch:
-            raise ValueError(
+            raise CheckpointError(
                 f"cannot resume data at data-parallel degree {self.dp_world_size} x local batch "
                 f"{self.worker_block}: the checkpoint (saved at degree {saved_dp}) consumed {consumed} "
                 f"samples, not a multiple of {per_batch}; keep training.global_batch_size when resuming"
@@ -112,7 +113,7 @@ class TextTokenDataset(ShardedStream):
         num_tokens = sum(len(d) for d in self._documents)
         self.windows_per_epoch = (num_tokens - 1) // seq_len
         if self.windows_per_epoch < 1:
-            raise ValueError(
+            raise DataError(
                 f"the documents hold {num_tokens} tokens, fewer than seq_len + 1 = {seq_len + 1}"
             )
         self._cached: tuple[int, np.ndarray] | None = None

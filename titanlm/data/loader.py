@@ -15,42 +15,17 @@ from titanlm.data.demo import ensure_demo_assets
 from titanlm.data.mixing import parse_dataset_weights
 from titanlm.data.packing import PackedDataset, PackedRows
 from titanlm.data.tokenizer import Tokenizer, build_tokenizer
-
-DATASETS = ("auto", "random", "demo", "bin")
+from titanlm.errors import ConfigError, DataError
 
 
 def _checked_tokenizer(path: str, vocab_size: int) -> Tokenizer:
     tokenizer = build_tokenizer(path)
     if tokenizer.vocab_size > vocab_size:
-        raise ValueError(
+        raise ConfigError(
             f"the tokenizer {path!r} has {tokenizer.vocab_size} tokens but the model's vocab_size "
             f"is {vocab_size}; pick a model with vocab_size >= {tokenizer.vocab_size}, or another model.tokenizer_path"
         )
     return tokenizer
-
-
-def dataset_kind(cfg: JobConfig) -> str:
-    """The dataset a run reads: data.dataset with `auto` resolved. A data.train_folder that the
-    chosen dataset would ignore is refused, so a path the user gave is never silently unused."""
-    kind = cfg.data.dataset
-    if kind not in DATASETS:
-        raise ValueError(f"data.dataset = {kind!r} is not one of {', '.join(DATASETS)}")
-    if kind == "auto":
-        return "bin" if cfg.data.train_folder else "random"
-    if kind != "bin" and cfg.data.train_folder:
-        raise ValueError(
-            f"data.train_folder = {cfg.data.train_folder!r} is set but data.dataset = {kind!r} would not read it; "
-            "set data.dataset = 'bin' (or 'auto') to train on the folder, or drop data.train_folder"
-        )
-    return kind
-
-
-def _min_length(cfg: JobConfig) -> int:
-    if cfg.data.min_length < 0:
-        raise ValueError(
-            f"data.min_length = {cfg.data.min_length} is negative; set it to 0 (keep every document) or more"
-        )
-    return cfg.data.min_length
 
 
 def _encode_lines(tokenizer: Tokenizer, corpus_path: str) -> list[np.ndarray]:
@@ -59,7 +34,8 @@ def _encode_lines(tokenizer: Tokenizer, corpus_path: str) -> list[np.ndarray]:
 
 
 def build_dataloader(
-    cfg: JobConfig, dp_rank: int, dp_world_size: int, vocab_size: int, tokenizer_path: str | None = None
+    cfg: JobConfig, dataset_kind: str, dp_rank: int, dp_world_size: int, vocab_size: int,
+    tokenizer_path: str | None = None,
 ) -> tuple[StatefulDataLoader, Tokenizer | None]:
     """This rank's loader of {"input_ids", "labels"} LongTensor [local_batch_size, seq_len] batches;
     bin data adds "position_ids", "document_ids" and "type_ids" (see `titanlm.data.packing`).
@@ -69,9 +45,10 @@ def build_dataloader(
     data-parallel degree with the same global batch size. `tokenizer_path` is the model's as the
     trainer resolved it (model.tokenizer_path, or model.hf_path's; None = model.tokenizer_path as
     set); the demo corpus brings its own when it is empty.
-    The tokenizer is None only for random or bin data without one.
+    The tokenizer is None only for random or bin data without one. `dataset_kind`: random, demo or
+    bin, as the plan resolved data.dataset.
     """
-    kind = dataset_kind(cfg)
+    kind = dataset_kind
     seq_len, batch_size, seed = cfg.training.seq_len, cfg.training.local_batch_size, cfg.debug.seed
     common = dict(seq_len=seq_len, seed=seed, dp_rank=dp_rank, dp_world_size=dp_world_size,
                   worker_block=batch_size)
@@ -86,9 +63,7 @@ def build_dataloader(
         dataset = RandomTokenDataset(vocab_size=vocab_size, **common)
     else:  # bin: already tokenized, the tokenizer is only for whoever decodes
         tokenizer = _checked_tokenizer(path, vocab_size) if path else None
-        if not cfg.data.train_folder:
-            raise ValueError("data.dataset = 'bin' needs data.train_folder (type sub-folders of *.bin files)")
-        documents = BinMetaFolder(cfg.data.train_folder, _min_length(cfg), vocab_size)
+        documents = BinMetaFolder(cfg.data.train_folder, cfg.data.min_length, vocab_size)
         dataset = PackedDataset(
             documents, pack_sample_into_one=cfg.data.pack_sample_into_one,
             weights=parse_dataset_weights(cfg.data.dataset_weights, documents.types), **common,
@@ -109,10 +84,10 @@ def build_valid_dataloader(
     if not cfg.data.valid_folder:
         return None
     batch_size = cfg.training.local_batch_size
-    min_length = _min_length(cfg)
+    min_length = cfg.data.min_length
     documents = BinMetaFolder(cfg.data.valid_folder, min_length, vocab_size, setting="data.valid_folder")
     if not documents.num_documents:
-        raise ValueError(
+        raise DataError(
             f"data.valid_folder = {cfg.data.valid_folder!r} holds no documents of at least data.min_length = "
             f"{min_length} tokens, so validation would measure nothing; point it at validation data or set it to ''"
         )

@@ -10,32 +10,34 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from titanlm.errors import ConfigError
 
-def parse_dataset_weights(text: str, types: Sequence[str]) -> np.ndarray | None:
-    """`data.dataset_weights` ("en:0.7,code:0.3") as a weight per type, summing to 1.
+
+def parse_dataset_weights(items: Sequence[str], types: Sequence[str]) -> np.ndarray | None:
+    """`data.dataset_weights` (["en:0.7", "code:0.3"]) as a weight per type, summing to 1.
 
     Empty means natural proportions (None). A type left out gets weight 0: it is not trained on.
     """
-    if not text.strip():
+    if not items:
         return None
     weights = np.zeros(len(types))
-    for item in text.split(","):
+    for item in items:
         name, sep, value = item.strip().partition(":")
         if not sep:
-            raise ValueError(f"data.dataset_weights item {item.strip()!r} is not TYPE:WEIGHT, e.g. 'en:0.7'")
+            raise ConfigError(f"data.dataset_weights item {item.strip()!r} is not TYPE:WEIGHT, e.g. 'en:0.7'")
         if name not in types:
-            raise ValueError(
+            raise ConfigError(
                 f"data.dataset_weights names type {name!r}, but the folder's types are {', '.join(types)}"
             )
         try:
             weight = float(value)
         except ValueError:
-            raise ValueError(f"data.dataset_weights weight {value!r} of {name!r} is not a number") from None
+            raise ConfigError(f"data.dataset_weights weight {value!r} of {name!r} is not a number") from None
         if not weight >= 0 or weight == np.inf:
-            raise ValueError(f"data.dataset_weights weight of {name!r} must be finite and >= 0, got {value}")
+            raise ConfigError(f"data.dataset_weights weight of {name!r} must be finite and >= 0, got {value}")
         weights[types.index(name)] = weight
     if weights.sum() <= 0:
-        raise ValueError(f"data.dataset_weights {text!r} gives no type a positive weight")
+        raise ConfigError(f"data.dataset_weights {','.join(items)!r} gives no type a positive weight")
     return weights / weights.sum()
 
 

@@ -39,8 +39,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from titanlm.data.datasets import IGNORE_INDEX, Sample, ShardedStream
+from titanlm.data.datasets import Sample, ShardedStream
+from titanlm.loss import IGNORE_INDEX
 from titanlm.data.mixing import shuffled_order, weighted_order
+from titanlm.errors import ConfigError, DataError
 
 
 class Documents(Protocol):
@@ -165,12 +167,12 @@ class PackedDataset(ShardedStream):
         self._lengths = np.asarray(documents.lengths(), dtype=np.int64)
         self._doc_types = np.asarray(documents.type_ids(), dtype=np.int64)
         if self._lengths.sum() == 0:
-            raise ValueError("no tokens to pack: every document was dropped or empty (see data.min_length)")
+            raise DataError("no tokens to pack: every document was dropped or empty (see data.min_length)")
         if weights is not None:
             counts = np.bincount(self._doc_types, minlength=len(weights))
             empty = [name for name, w, c in zip(documents.types, weights, counts) if w > 0 and c == 0]
             if empty:
-                raise ValueError(f"data.dataset_weights weights type(s) {empty} that hold no documents")
+                raise ConfigError(f"data.dataset_weights weights type(s) {empty} that hold no documents")
         self._weights = weights
         self._epoch_ends: list[int] = []  # global index one past the last row of each planned epoch
         self._plan: tuple[int, PackPlan] | None = None

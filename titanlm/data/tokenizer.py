@@ -19,6 +19,7 @@ from typing import Callable, Iterator, Sequence
 import sentencepiece as spm
 import tiktoken
 
+from titanlm.errors import DataError, MissingFileError
 from titanlm.models.hf_checkpoint import tokenizer_files
 
 _HINT = "set --model.tokenizer_path to a SentencePiece .model, tiktoken ranks file or HF tokenizer.json"
@@ -26,7 +27,7 @@ _HINT = "set --model.tokenizer_path to a SentencePiece .model, tiktoken ranks fi
 TOKENIZER_TYPES = ("auto", "sentencepiece", "tiktoken", "huggingface")
 
 
-class TokenizerFileError(ValueError):
+class TokenizerFileError(DataError):
     """A tokenizer file that exists but cannot be read; the message names the file and the fix."""
 
 
@@ -290,10 +291,14 @@ def build_tokenizer(path: str, kind: str = "auto") -> Tokenizer:
     from the file's content."""
     full = os.path.expanduser(path)
     if not os.path.isfile(full):
-        raise FileNotFoundError(f"tokenizer file not found: {path!r}; {_HINT}")
+        raise MissingFileError(f"tokenizer file not found: {path!r}; {_HINT}")
     if kind not in TOKENIZER_TYPES:
         raise ValueError(f"unknown tokenizer type {kind!r}; use one of {', '.join(TOKENIZER_TYPES)}")
-    kind = detect_tokenizer_type(full) if kind == "auto" else kind
+    if kind == "auto":
+        try:
+            kind = detect_tokenizer_type(full)
+        except OSError as e:  # e.g. no read permission
+            raise TokenizerFileError(f"cannot read {path!r} ({e.strerror}); {_HINT}") from None
     try:
         return _BUILDERS[kind](full)
     except TokenizerFileError:

@@ -12,7 +12,8 @@ and k, v with possibly fewer heads (grouped-query attention).
 | flex   | flex_attention BlockMask           | GPU (CPU: forward only) | skips fully masked blocks |
 | varlen | cu_seqlens, flash-attn or torch varlen_attn | CUDA | no padding or mask work at all |
 
-`auto` picks sdpa on CPU; on CUDA it picks varlen when a varlen kernel is importable, else flex.
+`auto` is resolved by the plan (`titanlm.plan.resolve_attention_backend`): sdpa on CPU; on CUDA
+varlen when a varlen kernel is installed, else flex.
 Without document ids every backend is plain causal attention.
 """
 
@@ -25,6 +26,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from titanlm.errors import UnsupportedError
 
 
 class AttentionBackend:
@@ -141,7 +144,7 @@ class VarlenBackend(AttentionBackend):
     def __init__(self) -> None:
         self._kernel = _varlen_kernel()
         if self._kernel is None:
-            raise ValueError(
+            raise UnsupportedError(
                 "model.attention_backend = 'varlen' needs CUDA and flash-attn (pip install flash-attn) or a "
                 "torch with torch.nn.attention.varlen; use 'sdpa' or 'flex' here"
             )
@@ -195,12 +198,6 @@ def _varlen_kernel():
 BACKENDS = {"sdpa": SDPABackend, "flex": FlexBackend, "varlen": VarlenBackend}
 
 
-def build_attention_backend(name: str, device_type: str) -> AttentionBackend:
-    """The configured backend; `auto` = the fastest that supports document masks on this device."""
-    if name == "auto":
-        if device_type != "cuda":
-            return SDPABackend()
-        return VarlenBackend() if _varlen_kernel() is not None else FlexBackend()
-    if name not in BACKENDS:
-        raise ValueError(f"model.attention_backend '{name}' is unknown; choose auto or one of {', '.join(BACKENDS)}")
+def build_attention_backend(name: str) -> AttentionBackend:
+    """The backend the plan resolved (`titanlm.plan.resolve_attention_backend` decides what `auto` means)."""
     return BACKENDS[name]()

@@ -12,6 +12,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from titanlm.errors import ConfigError, ModelError
+
 
 @dataclass(frozen=True)
 class RopeScaling:
@@ -122,10 +124,10 @@ def get_model_args(name: str, flavor: str, n_layers: int = 0) -> ModelArgs:
     `n_layers` > 0 keeps the flavor's width but changes its depth: a full-width model cut to fit one
     device is how throughput at real layer shapes is measured (benchmarks, smoke runs)."""
     if name not in FLAVORS:
-        raise ValueError(f"model.name '{name}' is unknown; choose one of {', '.join(FLAVORS)}")
+        raise ModelError(f"model.name '{name}' is unknown; choose one of {', '.join(FLAVORS)}")
     family = FLAVORS[name]
     if flavor not in family:
-        raise ValueError(
+        raise ModelError(
             f"model.flavor '{flavor}' does not exist for model.name '{name}'; "
             f"choose one of {', '.join(family)}, or point model.hf_path at a Hugging Face model folder"
         )
@@ -135,5 +137,5 @@ def get_model_args(name: str, flavor: str, n_layers: int = 0) -> ModelArgs:
 def with_layers(args: ModelArgs, n_layers: int) -> ModelArgs:
     """`args` cut (or grown) to `n_layers` at the same width; 0 keeps its own depth."""
     if n_layers < 0:
-        raise ValueError(f"model.n_layers must be 0 (the model's own depth) or a positive count, not {n_layers}")
+        raise ConfigError(f"model.n_layers must be 0 (the model's own depth) or a positive count, not {n_layers}")
     return replace(args, n_layers=n_layers) if n_layers else args

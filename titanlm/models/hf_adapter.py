@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from titanlm.errors import ModelError
 from titanlm.models.flavors import ModelArgs, RopeScaling, get_model_args
 
 logger = logging.getLogger(__name__)
@@ -25,7 +26,7 @@ logger = logging.getLogger(__name__)
 StateDict = dict[str, torch.Tensor]
 
 
-class ConversionError(ValueError):
+class ConversionError(ModelError):
     """Weights, config or flags that cannot be converted; the message names the culprit and the fix."""
 
 

@@ -77,7 +77,7 @@ def read_json(path: Path) -> dict[str, Any]:
         raise ConversionError(f"{path} is missing; a Hugging Face model folder needs it")
     try:
         return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ConversionError(f"{path} is not valid JSON ({err})") from None
 
 

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-from torch.utils.checkpoint import checkpoint
 
+from titanlm.loss import chunked_cross_entropy
 from titanlm.models.attention import AttentionBackend, SDPABackend
 from titanlm.models.flavors import ModelArgs
 
@@ -186,7 +186,7 @@ class Transformer(nn.Module):
             return h
         if labels is None:
             return self.output(h)
-        return chunked_cross_entropy_sum(h, self.output.weight, labels, loss_chunk_tokens)
+        return chunked_cross_entropy(h, self.output.weight, labels, loss_chunk_tokens)
 
     @torch.no_grad()
     def init_weights(self, seed: int) -> None:
@@ -261,35 +261,6 @@ def _fill_tied_output(module: nn.Module, state_dict: dict, prefix: str, *args: A
         state_dict[prefix + TIED_ALIAS] = state_dict[prefix + "tok_embeddings.weight"]
 
 
-def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed token cross-entropy in float32; the caller divides by the global label count.
-    Labels of -100 (titanlm.data.datasets.IGNORE_INDEX) add nothing."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(0, 1), ignore_index=-100, reduction="sum")
-
-
-def _projected_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return cross_entropy_sum(F.linear(hidden, weight)[None], labels[None])
-
-
-def chunked_cross_entropy_sum(
-    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_tokens: int
-) -> torch.Tensor:
-    """Summed cross-entropy of `hidden @ weight.T` against `labels`, `chunk_tokens` tokens at a
-    time (0 = all at once).
-
-    Each chunk's logits are recomputed in backward instead of kept, so at most one chunk of the
-    [tokens, vocab] float32 logits exists at once (at 32K tokens and a 128K vocabulary the whole
-    would be 16 GiB), for one extra output-projection forward.
-    """
-    hidden, labels = hidden.flatten(0, 1), labels.flatten()
-    if chunk_tokens <= 0 or chunk_tokens >= hidden.shape[0]:
-        return _projected_cross_entropy_sum(hidden, weight, labels)
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for hidden_chunk, label_chunk in zip(hidden.split(chunk_tokens), labels.split(chunk_tokens)):
-        total = total + checkpoint(_projected_cross_entropy_sum, hidden_chunk, weight, label_chunk, use_reentrant=False)
-    return total
-
-
 def canonical_param_name(name: str) -> str:
     """The parameter name without the wrappers added by activation checkpointing or compile."""
     for wrapper in ("_checkpoint_wrapped_module.", "_orig_mod."):
@@ -328,3 +299,9 @@ def materialize(model: nn.Module, device: torch.device) -> None:
         model.to_empty(device=device)
     finally:
         torch.__future__.set_swap_module_params_on_conversion(swap)
+
+
+def param_count(args: ModelArgs) -> int:
+    """Parameters of the whole model `args` describes, counted on the meta device (no memory)."""
+    with torch.device("meta"):
+        return count_params(Transformer(args))

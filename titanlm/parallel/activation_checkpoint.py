@@ -15,7 +15,6 @@ import torch
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
-from titanlm.config.job_config import ActivationCheckpoint
 from titanlm.models.transformer import Transformer
 
 _aten = torch.ops.aten
@@ -35,20 +34,15 @@ def _keep_expensive_ops(ctx, op, *args, **kwargs) -> CheckpointPolicy:
     return CheckpointPolicy.MUST_SAVE if op in _SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
 
 
-def checkpointed_layers(n_layers: int, fraction: float) -> int:
-    """How many leading blocks `full` mode recomputes (InternEvo rounds the fraction the same way)."""
-    return int(n_layers * fraction)
-
-
-def apply_ac(model: Transformer, cfg: ActivationCheckpoint) -> None:
-    if cfg.mode == "none":
+def apply_ac(model: Transformer, mode: str, recomputed_layers: int) -> None:
+    """`recomputed_layers`: full mode wraps the blocks with a smaller global index (pipeline stages keep
+    global layer keys, so the fraction applies to the whole model)."""
+    if mode == "none":
         return
     blocks = list(model.layers.named_children())
-    if cfg.mode == "full":
-        # With pipeline stages, layer keys are global indices: the fraction applies to the whole model.
-        limit = checkpointed_layers(model.args.n_layers, cfg.layer_fraction)
+    if mode == "full":
         for layer_id, block in blocks:
-            if int(layer_id) < limit:
+            if int(layer_id) < recomputed_layers:
                 model.layers.register_module(layer_id, checkpoint_wrapper(block, preserve_rng_state=False))
         return
     context_fn = partial(create_selective_checkpoint_contexts, _keep_expensive_ops)

@@ -25,27 +25,6 @@ from torch.distributed.device_mesh import DeviceMesh
 from titanlm.data.datasets import Batch
 from titanlm.models.attention import AttentionBackend, document_causal_mask
 from titanlm.models.transformer import Attention, Transformer
-from titanlm.parallel.parallel_dims import ParallelismError
-
-
-def check_cp_divisibility(seq_len: int, cp: int, sequence_parallel_degree: int) -> None:
-    """Stop at start-up, not in the first step, when a row cannot be cut evenly.
-
-    `sequence_parallel_degree`: the tp degree when sequence parallelism splits each rank's share
-    further, else 1.
-    """
-    if seq_len % (2 * cp):
-        raise ParallelismError(
-            f"training.seq_len {seq_len} is not divisible by 2 x parallelism.context_parallel_degree = {2 * cp} "
-            "(each cp rank keeps a head and a tail chunk of every row); choose a seq_len that is"
-        )
-    if (seq_len // cp) % sequence_parallel_degree:
-        raise ParallelismError(
-            f"training.seq_len {seq_len} / parallelism.context_parallel_degree {cp} = {seq_len // cp} tokens per "
-            f"cp rank is not divisible by parallelism.tensor_parallel_degree {sequence_parallel_degree} (sequence "
-            "parallelism splits them further); choose a seq_len divisible by cp x tp x 2, or set "
-            "parallelism.sequence_parallel = false"
-        )
 
 
 def cp_token_indices(seq_len: int, cp_rank: int, cp_size: int, device: torch.device | None = None) -> torch.Tensor:
@@ -65,7 +44,6 @@ def shard_batch_for_cp(batch: Batch, cp_rank: int, cp_size: int) -> Batch:
     if cp_size == 1:
         return batch
     rows, seq_len = batch["input_ids"].shape
-    check_cp_divisibility(seq_len, cp_size, 1)
     if "position_ids" not in batch:
         positions = torch.arange(seq_len, device=batch["input_ids"].device).expand(rows, seq_len)
         batch = {**batch, "position_ids": positions}
@@ -77,17 +55,13 @@ class AllGatherKVAttention(AttentionBackend):
     """Attention of this rank's queries over the keys/values of the whole row, gathered over `cp_mesh`.
 
     `prepare` gathers the document ids once per forward and builds the mask; each layer then gathers
-    k and v. Only SDPA takes an arbitrary query-by-key mask, so the wrapped backend must be sdpa.
+    k and v. Only SDPA takes an arbitrary query-by-key mask, so the wrapped backend is sdpa (the plan
+    resolves the attention backend to sdpa under context parallelism).
     """
 
     name = "allgather_cp"
 
     def __init__(self, inner: AttentionBackend, cp_mesh: DeviceMesh) -> None:
-        if inner.name != "sdpa":
-            raise ParallelismError(
-                f"parallelism.context_parallel_degree > 1 masks local queries against gathered keys, which "
-                f"model.attention_backend = '{inner.name}' cannot express; set model.attention_backend = 'sdpa'"
-            )
         self.inner = inner
         self.group = cp_mesh.get_group()
         self.cp_rank = cp_mesh.get_local_rank()

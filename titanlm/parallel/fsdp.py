@@ -12,13 +12,6 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, Offlo
 from titanlm.models.transformer import Transformer
 
 
-def reshard_policy(configured: str, pipeline_parallel: bool) -> str:
-    """The policy in effect: "default" under pipeline parallelism keeps parameters gathered,
-    because every micro-batch of a pipeline step would otherwise all-gather them again (and the
-    zero-bubble schedules need them for their later weight-gradient pass)."""
-    return "never" if configured == "default" and pipeline_parallel else configured
-
-
 def apply_fsdp(
     model: Transformer,
     mesh: DeviceMesh,

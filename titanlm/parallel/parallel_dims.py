@@ -11,10 +11,7 @@ from dataclasses import dataclass
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from titanlm.config.job_config import Parallelism
-
-
-class ParallelismError(ValueError):
-    """Degrees that do not fit the world size or each other."""
+from titanlm.errors import ParallelismError
 
 
 @dataclass(frozen=True)

@@ -11,73 +11,50 @@ from __future__ import annotations
 
 import torch
 
-from titanlm.config.job_config import Float8, JobConfig
+from titanlm.models.attention import build_attention_backend
 from titanlm.models.transformer import Transformer, materialize
 from titanlm.parallel.activation_checkpoint import apply_ac
 from titanlm.parallel.compile import apply_compile
-from titanlm.parallel.context_parallel import apply_cp, check_cp_divisibility
+from titanlm.parallel.context_parallel import apply_cp
 from titanlm.parallel.float8 import apply_float8
-from titanlm.parallel.fsdp import apply_fsdp, reshard_policy
-from titanlm.parallel.parallel_dims import Meshes, ParallelismError
+from titanlm.parallel.fsdp import apply_fsdp
+from titanlm.parallel.parallel_dims import Meshes
+from titanlm.parallel.pipeline import pipeline_parts
 from titanlm.parallel.tensor_parallel import apply_tp
+from titanlm.plan import RunPlan
 
 
-def fsdp_applies(world_size: int, cpu_offload: bool) -> bool:
-    """Whether parameters are FSDP2-wrapped: always with several ranks (where parameters must all
-    be DTensors or none) and with CPU offload (FSDP2 is what keeps them in host memory, so a model
-    too large for one GPU trains there), otherwise never.
-
-    One process has nothing to shard: FSDP2 would only copy and cast every parameter twice per
-    step and re-gather the bf16 copies for backward (measured: 11% of an H100 step on an 8-layer
-    Llama3-8B cut). Such a job keeps fp32 weights and gets its low-precision compute from autocast
-    (`autocast_dtype`), as torchtitan does; checkpoints hold the same fp32 weights either way.
-    """
-    return world_size > 1 or cpu_offload
-
-
-def autocast_dtype(fsdp: bool, param_dtype: torch.dtype) -> torch.dtype | None:
-    """The dtype a job computes in under torch.autocast (one without FSDP: `fsdp_applies`), or None."""
-    return None if fsdp or param_dtype == torch.float32 else param_dtype
-
-
-def check_cpu_offload(cpu_offload: bool, float8: Float8) -> None:
-    """Refuse, in one line, what FSDP CPU offload does not combine with."""
-    if cpu_offload and float8.enable and float8.enable_fsdp_float8_all_gather:
-        # torchao's wrapper drops the precomputed scale when FSDP copies a shard to the GPU, and
-        # computing it all-reduces host tensors, which NCCL cannot carry.
-        raise ParallelismError(
-            "parallelism.fsdp_cpu_offload does not combine with float8.enable_fsdp_float8_all_gather (the float8 "
-            "weight scales would be computed in host memory); set float8.enable_fsdp_float8_all_gather = false, "
-            "the matmuls still run in float8"
-        )
-
-
-def parallelize(
-    model: Transformer, meshes: Meshes, cfg: JobConfig, param_dtype: torch.dtype, float8: Float8
-) -> None:
-    """`float8`: the settings in effect (`float8_settings` of cfg.float8 for this world)."""
-    check_cpu_offload(cfg.parallelism.fsdp_cpu_offload, float8)
-    if float8.enable:
-        apply_float8(model, float8)
-    if meshes.world["tp"].size() > 1:
-        apply_tp(
-            model,
-            meshes.world["tp"],
-            sequence_parallel=cfg.parallelism.sequence_parallel,
-            loss_parallel=not cfg.parallelism.disable_loss_parallel,
-        )
-    cp, tp = meshes.world["cp"].size(), meshes.world["tp"].size()
-    if cp > 1:
-        check_cp_divisibility(cfg.training.seq_len, cp, tp if cfg.parallelism.sequence_parallel else 1)
+def parallelize(model: Transformer, meshes: Meshes, plan: RunPlan) -> None:
+    """Apply the plan's float8, TP, CP, AC, compile and FSDP to a meta-device model, in place."""
+    if plan.float8.enable:
+        apply_float8(model, plan.float8)
+    if plan.tp.degree > 1:
+        apply_tp(model, meshes.world["tp"], plan.tp.sequence_parallel, plan.tp.loss_parallel)
+    if plan.dims.cp > 1:
         apply_cp(model, meshes.world["cp"])
-    apply_ac(model, cfg.activation_checkpoint)
-    if cfg.compile.enable:
+    apply_ac(model, plan.activation_checkpoint, plan.recomputed_layers)
+    if plan.compile:
         apply_compile(model)
-    if not fsdp_applies(meshes.world.size(), cfg.parallelism.fsdp_cpu_offload):
-        return
-    reduce_dtype = getattr(torch, cfg.training.mixed_precision_reduce)
-    reshard = reshard_policy(cfg.parallelism.fsdp_reshard_after_forward, meshes.world["pp"].size() > 1)
-    apply_fsdp(model, meshes.fsdp, param_dtype, reduce_dtype, reshard, cfg.parallelism.fsdp_cpu_offload)
+    if plan.fsdp.enabled:
+        apply_fsdp(model, meshes.fsdp, plan.precision.param_dtype, plan.precision.reduce_dtype,
+                   plan.fsdp.reshard_after_forward, plan.fsdp.cpu_offload)
+
+
+def build_model_parts(plan: RunPlan, meshes: Meshes, device: torch.device, seed: int) -> list[Transformer]:
+    """This rank's model: the meta-device Transformer, cut to its pipeline stages (one part without
+    pipeline parallelism), parallelized, then allocated on `device` and filled from `seed`."""
+    with torch.device("meta"):
+        model = Transformer(plan.model_args, build_attention_backend(plan.attention_backend))
+    if plan.pipeline.degree > 1:
+        parts = pipeline_parts(model, meshes.world["pp"].get_local_rank(), plan.pipeline)
+    else:
+        parts = [model]
+    for part in parts:
+        parallelize(part, meshes, plan)
+        materialize_parallelized(part, device, plan.fsdp.cpu_offload)
+        part.init_weights(seed)
+        part.train()
+    return parts
 
 
 def materialize_parallelized(model: Transformer, device: torch.device, cpu_offload: bool) -> None:

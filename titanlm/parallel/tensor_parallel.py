@@ -20,23 +20,10 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
-from titanlm.models.flavors import ModelArgs
 from titanlm.models.transformer import Transformer
-from titanlm.parallel.parallel_dims import ParallelismError
-
-
-def check_tp_divisibility(args: ModelArgs, tp: int) -> None:
-    for name, value in (("n_heads", args.n_heads), ("n_kv_heads", args.n_kv_heads), ("ffn_dim", args.ffn_dim),
-                        ("vocab_size", args.vocab_size)):
-        if value % tp:
-            raise ParallelismError(
-                f"parallelism.tensor_parallel_degree {tp} does not divide the model's {name} ({value}); "
-                f"choose a degree that divides {name}"
-            )
 
 
 def apply_tp(model: Transformer, tp_mesh: DeviceMesh, sequence_parallel: bool, loss_parallel: bool) -> None:
-    check_tp_divisibility(model.args, tp_mesh.size())
     between_blocks = Shard(1) if sequence_parallel else Replicate()
     if sequence_parallel:
         model.hidden_seq_shards = tp_mesh.size()

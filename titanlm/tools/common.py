@@ -17,6 +17,7 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Any, TypeVar
 
 from titanlm.data.tokenizer import Tokenizer, TokenizerFileError, build_tokenizer
+from titanlm.errors import ConfigError, MissingFileError
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
@@ -32,7 +33,7 @@ def load_tokenizer(path: str, argument: str) -> Tokenizer:
     full = os.path.expanduser(path)
     if not os.path.isfile(full):
         problem = "is a folder, not a file" if os.path.isdir(full) else "does not exist"
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"tokenizer {path} {problem}; check {argument} (a SentencePiece .model, tiktoken ranks file or "
             "HF tokenizer.json)"
         )
@@ -44,7 +45,7 @@ def load_tokenizer(path: str, argument: str) -> Tokenizer:
 
 def check_workers(workers: int) -> None:
     if workers < 1:
-        raise ValueError(f"--workers {workers} must be at least 1 (1 = tokenize in this process)")
+        raise ConfigError(f"--workers {workers} must be at least 1 (1 = tokenize in this process)")
 
 
 def ordered_map(

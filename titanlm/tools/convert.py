@@ -38,6 +38,7 @@ from titanlm.checkpoint.single_process import (
     read_model_state,
     single_process_dcp,
 )
+from titanlm.errors import TitanlmError
 from titanlm.models import FLAVORS, ModelArgs
 from titanlm.models.hf_adapter import ConversionError, flavor_differences
 from titanlm.models.hf_checkpoint import HF_INDEX
@@ -204,7 +205,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one conversion; a conversion error prints one line and exits with status 2."""
+    """Run one conversion; an input it cannot use prints one line and exits with status 2."""
     options = _parser().parse_args(argv)
     try:
         if options.command == "hf_to_dcp":
@@ -218,7 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             files = dcp_to_hf(options.dcp_dir, options.out_dir, options.name, options.flavor, options.layout,
                               options.dtype, options.max_shard_size, options.overwrite, options.tokenizer_path)
             print(f"wrote {len(files)} files to {options.out_dir}")
-    except ConversionError as err:
+    except TitanlmError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -30,6 +30,7 @@ import torch
 from titanlm.checkpoint.single_process import checked_checkpoint_spec, read_model_state
 from titanlm.data.chat_templates import CHAT_FORMATS, END_OF_TURN, render_chat
 from titanlm.data.tokenizer import Tokenizer, build_tokenizer
+from titanlm.errors import TitanlmError
 from titanlm.generation import Completion, Sampling, generate, inference_model
 from titanlm.models import FLAVORS
 from titanlm.models.hf_adapter import StateDict
@@ -39,7 +40,7 @@ from titanlm.models.spec import ModelSpec, read_hf_folder
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class GenerateError(ValueError):
+class GenerateError(TitanlmError):
     """An input the tool cannot use; the message names it and the fix."""
 
 
@@ -140,7 +141,13 @@ def _read_prompts(options: argparse.Namespace) -> list[str]:
             raise GenerateError(
                 f"--prompts_file {options.prompts_file} is not a file; pass a text file, one prompt a line"
             )
-        prompts += [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise GenerateError(
+                f"--prompts_file {options.prompts_file} is not UTF-8 text ({e.reason}); convert it"
+            ) from None
+        prompts += [line for line in text.splitlines() if line.strip()]
     if not prompts:
         raise GenerateError("no prompt given; pass --prompt TEXT (repeatable) or --prompts_file FILE")
     return prompts
@@ -229,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         prompts = encode_prompts(tok, texts, chat_format, options.system)
         _check_prompts(prompts, spec)
         stops = stop_ids(tok, spec.tokenizer_path)
-    except (ValueError, OSError) as err:
+    except (TitanlmError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     model = inference_model(spec.args, state, device, dtype)

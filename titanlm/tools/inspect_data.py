@@ -18,6 +18,7 @@ import numpy as np
 
 from titanlm.data.binmeta import BinMetaFolder, DataFormatError, validate_folder
 from titanlm.data.tokenizer import Tokenizer
+from titanlm.errors import ConfigError, TitanlmError
 from titanlm.tools.common import load_tokenizer
 
 _MASK_SCAN_DOCUMENTS = 1000
@@ -114,9 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.min_length < 0:
-            raise ValueError(f"--min_length {args.min_length} is negative; pass 0 (keep every document) or more")
+            raise ConfigError(f"--min_length {args.min_length} is negative; pass 0 (keep every document) or more")
         tokenizer = load_tokenizer(args.tokenizer, "--tokenizer") if args.tokenizer else None
-    except (ValueError, OSError) as e:
+    except (TitanlmError, OSError) as e:
         print(f"error: {e}".replace("\n", " "), file=sys.stderr)
         return 2
     vocab_size = tokenizer.vocab_size if tokenizer else None

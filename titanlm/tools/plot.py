@@ -27,6 +27,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
+from titanlm.errors import DataError, TitanlmError
 from titanlm.metrics import Run, read_runs
 
 DEFAULT_KEYS = ("loss", "valid_loss")
@@ -34,7 +35,7 @@ _PANEL_INCHES = (6.4, 4.2)
 DPI = 100
 
 
-class PlotError(ValueError):
+class PlotError(DataError):
     """Input the tool cannot use; the message is the one line it prints."""
 
 
@@ -256,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         os.makedirs(os.path.dirname(os.path.abspath(options.output)), exist_ok=True)
         fig.savefig(options.output, dpi=DPI)
         print(f"wrote {options.output}: {', '.join(present)} for {len(curves)} run(s)")
-    except PlotError as err:
+    except TitanlmError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -37,6 +37,7 @@ import numpy as np
 
 from titanlm.data.binmeta import BinWriter, encode_line
 from titanlm.data.tokenizer import Tokenizer
+from titanlm.errors import ConfigError, DataError, MissingFileError, TitanlmError
 from titanlm.tools.common import check_workers, load_tokenizer, ordered_map
 
 FORMATS = ("txt", "json", "jsonl")
@@ -99,19 +100,23 @@ class _JsonStream:
 def _json_records(f: TextIO, path: str) -> Iterator[Any]:
     stream = _JsonStream(f)
     if stream.peek() != "[":
-        yield stream.value()
+        try:
+            record = stream.value()
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path} is not valid JSON ({e.msg}); fix it") from None
+        yield record
         return
     stream.pos += 1
     index = 0
     while (c := stream.peek()) != "]":
         if index:
             if c != ",":
-                raise ValueError(f"{path}: expected ',' or ']' after record {index - 1}; fix the JSON array")
+                raise DataError(f"{path}: expected ',' or ']' after record {index - 1}; fix the JSON array")
             stream.pos += 1
         try:
             record = stream.value()
         except json.JSONDecodeError as e:
-            raise ValueError(
+            raise DataError(
                 f"{path}: record {index} is not valid JSON ({e.msg}); fix or remove it"
             ) from None
         yield record
@@ -123,10 +128,10 @@ def _text_of(record: Any, keys: tuple[str, ...], where: str) -> str:
     if key is None:
         found = sorted(record) if isinstance(record, dict) else type(record).__name__
         wanted = " or ".join(f'"{k}"' for k in keys)
-        raise ValueError(f"{where}: no key {wanted} (found {found}); name the text field with --text_key")
+        raise DataError(f"{where}: no key {wanted} (found {found}); name the text field with --text_key")
     text = record[key]
     if not isinstance(text, str):
-        raise ValueError(f'{where}: "{key}" is a {type(text).__name__}, not a string; fix the record')
+        raise DataError(f'{where}: "{key}" is a {type(text).__name__}, not a string; fix the record')
     return text
 
 
@@ -136,22 +141,25 @@ def iter_documents(
     """The documents of `path`, one at a time, in file order, each with where it is: its line
     number (txt, jsonl) or record index (json). A record's text is under the first of `text_keys`
     it has."""
-    with open(path, encoding="utf-8") as f:
-        if input_format == "txt":
-            yield from ((line_no, s) for line_no, line in enumerate(f, start=1) if (s := line.strip()))
-        elif input_format == "jsonl":
-            for line_no, line in enumerate(f, start=1):
-                if line.strip():
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise ValueError(
-                            f"{path} line {line_no} is not valid JSON ({e.msg}); fix or remove it"
-                        ) from None
-                    yield line_no, _text_of(record, text_keys, f"{path} line {line_no}")
-        else:
-            for index, record in enumerate(_json_records(f, path)):
-                yield index, _text_of(record, text_keys, f"{path} record {index}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            if input_format == "txt":
+                yield from ((line_no, s) for line_no, line in enumerate(f, start=1) if (s := line.strip()))
+            elif input_format == "jsonl":
+                for line_no, line in enumerate(f, start=1):
+                    if line.strip():
+                        try:
+                            record = json.loads(line)
+                        except json.JSONDecodeError as e:
+                            raise DataError(
+                                f"{path} line {line_no} is not valid JSON ({e.msg}); fix or remove it"
+                            ) from None
+                        yield line_no, _text_of(record, text_keys, f"{path} line {line_no}")
+            else:
+                for index, record in enumerate(_json_records(f, path)):
+                    yield index, _text_of(record, text_keys, f"{path} record {index}")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text ({e.reason}); convert the file") from None
 
 
 def _where(path: str, input_format: str) -> str:
@@ -205,7 +213,7 @@ def _encode_named(where: str, chunk: Chunk) -> tuple[bytes, list[int], list[int]
             try:
                 _tokenizer.encode(text)
             except Exception as e:
-                raise ValueError(
+                raise DataError(
                     f"{where} {number}: cannot tokenize the text ({_why(text, e)}); fix or remove it"
                 ) from None
         raise
@@ -225,7 +233,7 @@ def _why(text: str, error: Exception) -> str:
 def _input_format(path: str, input_format: str | None) -> str:
     fmt = input_format or os.path.splitext(path)[1].lstrip(".").lower()
     if fmt not in FORMATS:
-        raise ValueError(
+        raise ConfigError(
             f"cannot tell the format of {path} from its extension; pass --input_format txt|json|jsonl"
         )
     return fmt
@@ -252,7 +260,7 @@ def tokenize_file(
     `ordered_map`) and results are written in input order.
     """
     if not os.path.isfile(text_input_path):
-        raise FileNotFoundError(f"input {text_input_path} does not exist; check --text_input_path")
+        raise MissingFileError(f"input {text_input_path} does not exist; check --text_input_path")
     fmt = _input_format(text_input_path, input_format)
     check_workers(workers)
     start = time.perf_counter()
@@ -361,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
             args.input_format,
             args.overwrite,
         )
-    except (ValueError, OSError) as e:
+    except (TitanlmError, OSError) as e:
         print(f"error: {e}".replace("\n", " "), file=sys.stderr)  # one line, whatever a library says
         return 2
     print(

@@ -29,8 +29,10 @@ from pathlib import Path
 
 import numpy as np
 
-from titanlm.data.binmeta import BinWriter
+from titanlm.data.binmeta import BinWriter, OutputExistsError
 from titanlm.data.chat_templates import TEMPLATES, encode_alpaca
+from titanlm.data.tokenizer import Tokenizer
+from titanlm.errors import ConfigError, DataError, MissingFileError, TitanlmError
 from titanlm.files import give_default_mode
 from titanlm.tools.common import load_tokenizer
 
@@ -47,12 +49,12 @@ def split_indices(n: int, split_ratio: float, seed: int) -> tuple[np.ndarray, np
     num_valid = round(n * split_ratio)
     if split_ratio > 0 and num_valid == 0:
         fix = f"--split_ratio {1 / n:.3g} or more for at least one record" if n > 1 else "--split_ratio 1 (valid only)"
-        raise ValueError(
+        raise ConfigError(
             f"--split_ratio {split_ratio} puts round({n} x {split_ratio}) = 0 of the {n} records into valid, so "
             f"the validation split would be empty; pass {fix}, or --split_ratio 0 to write no validation split"
         )
     if split_ratio < 1 and num_valid == n:
-        raise ValueError(
+        raise ConfigError(
             f"--split_ratio {split_ratio} puts all {n} records into valid, so the train split would be empty; "
             "lower --split_ratio, or pass --split_ratio 1 to write only a validation split"
         )
@@ -74,7 +76,7 @@ def not_written(split: str) -> str:
 
 def _check_ratio(split_ratio: float) -> None:
     if not 0.0 <= split_ratio <= 1.0:
-        raise ValueError(f"--split_ratio {split_ratio} is not in [0, 1]")
+        raise ConfigError(f"--split_ratio {split_ratio} is not in [0, 1]")
 
 
 # ---- writing the splits: OUTPUT_DIR/SPLIT/en/dataset.bin(.meta), all at once ----------------
@@ -95,8 +97,8 @@ def check_outputs(output_dir: str, splits: list[str], overwrite: bool) -> None:
             if not path.exists():
                 continue
             if split in splits:
-                raise FileExistsError(f"{path} already exists; pass --overwrite to replace it")
-            raise FileExistsError(
+                raise OutputExistsError(f"{path} already exists; pass --overwrite to replace it")
+            raise OutputExistsError(
                 f"{path} is left from an earlier run, and this run writes no {split} split; "
                 "pass --overwrite to remove it, or write to another folder"
             )
@@ -164,24 +166,26 @@ def tokenize_alpaca(
     """Write the splits that get records (see `split_indices`); returns per split written its
     documents, tokens and masked (negative) tokens."""
     if not os.path.isfile(input_json):
-        raise FileNotFoundError(f"input {input_json} does not exist")
+        raise MissingFileError(f"input {input_json} does not exist")
     tokenizer = load_tokenizer(tokenizer_path, "the TOKENIZER argument")
     with open(input_json, encoding="utf-8") as f:
         try:
             records = json.load(f)
         except json.JSONDecodeError as e:
-            raise ValueError(
+            raise DataError(
                 f"{input_json} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); fix the array"
             ) from None
+        except UnicodeDecodeError as e:
+            raise DataError(f"{input_json} is not UTF-8 text ({e.reason}); convert the file") from None
     if not isinstance(records, list):
-        raise ValueError(
+        raise DataError(
             f"{input_json} holds a {type(records).__name__}; expected a JSON array of Alpaca records"
         )
     if not records:
-        raise ValueError(f"{input_json} holds no records")
+        raise DataError(f"{input_json} holds no records")
     splits = written_splits(split_ratio)
     check_outputs(output_dir, splits, overwrite)
-    samples = [encode_alpaca(tokenizer, r, i, template, max_length) for i, r in enumerate(records)]
+    samples = [_encoded(tokenizer, r, i, template, max_length, input_json) for i, r in enumerate(records)]
     indices = dict(zip(SPLITS, split_indices(len(samples), split_ratio, seed)))
     summary = {}
     with staged_splits(output_dir, splits) as staged, ExitStack() as stack:
@@ -192,6 +196,19 @@ def tokenize_alpaca(
             masked = sum(sum(t < 0 for t in samples[i]) for i in indices[split])
             summary[split] = {"documents": len(indices[split]), "tokens": writer.num_tokens, "masked_tokens": masked}
     return summary
+
+
+def _encoded(tok: Tokenizer, record: dict, index: int, template: str, max_length: int, input_json: str) -> list[int]:
+    """`encode_alpaca`, with a text the tokenizer library refuses (e.g. a UnicodeEncodeError for a lone
+    surrogate) named by its file and record."""
+    try:
+        return encode_alpaca(tok, record, index, template, max_length)
+    except TitanlmError:
+        raise
+    except ValueError as e:
+        raise DataError(
+            f"{input_json} record {index}: cannot tokenize it ({type(e).__name__}: {e}); fix or remove it"
+        ) from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -227,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
             args.seed,
             args.overwrite,
         )
-    except (ValueError, OSError) as e:
+    except (TitanlmError, OSError) as e:
         print(f"error: {e}".replace("\n", " "), file=sys.stderr)  # one line, whatever a library says
         return 2
     for split in SPLITS:

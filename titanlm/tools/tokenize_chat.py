@@ -59,6 +59,7 @@ from titanlm.data.chat_templates import (
     render_chat,
 )
 from titanlm.data.tokenizer import Tokenizer
+from titanlm.errors import ConfigError, DataError, MissingFileError, TitanlmError
 from titanlm.models.hf_checkpoint import tokenizer_file
 from titanlm.tools.common import check_workers, load_tokenizer, ordered_map
 from titanlm.tools.tokenize_alpaca import (
@@ -122,7 +123,7 @@ class ChatEncoder:
             messages = [{"role": "system", "content": self.system}, *messages]
         chat = render_chat(self.tok, self.template, messages)
         if not chat.assistant_spans:
-            raise ValueError("the template renders none of its assistant messages, so nothing would be trained")
+            raise ConfigError("the template renders none of its assistant messages, so nothing would be trained")
         chat, fit = fit_length(chat, self.max_length)
         if chat is None:
             return Encoded(None, fit)
@@ -153,11 +154,11 @@ def read_records(path: str) -> tuple[int, Iterator[tuple[str, str | None, Any]]]
             try:
                 records = json.load(f)
             except json.JSONDecodeError as e:
-                raise ValueError(
+                raise DataError(
                     f"{path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); fix the array"
                 ) from None
             except UnicodeDecodeError as e:
-                raise ValueError(f"{path} is not UTF-8 text ({e.reason}); convert the file") from None
+                raise DataError(f"{path} is not UTF-8 text ({e.reason}); convert the file") from None
         items = ((f"{path} record {number}", None, r) for number, r in enumerate(records, start=1))
         return len(records), items
     count = sum(1 for _ in _jsonl_lines(path))
@@ -171,7 +172,7 @@ def _jsonl_lines(path: str) -> Iterator[tuple[int, str]]:
             try:
                 line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
             except UnicodeDecodeError as e:
-                raise ValueError(f"{path} line {number} is not UTF-8 text ({e.reason}); convert the file") from None
+                raise DataError(f"{path} line {number} is not UTF-8 text ({e.reason}); convert the file") from None
             if line.strip():
                 yield number, line
 
@@ -256,11 +257,11 @@ def encode_chunk(items: list[Item]) -> Chunk:
             try:
                 record = json.loads(raw)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{where} is not valid JSON ({e.msg}, column {e.colno}); fix or remove it") from None
+                raise DataError(f"{where} is not valid JSON ({e.msg}, column {e.colno}); fix or remove it") from None
         try:
             encoded = _encoder.encode(record)
-        except ValueError as e:
-            raise ValueError(f"{where}: {e}") from None
+        except ValueError as e:  # the record's own errors, and a tokenizer library's refusal of its text
+            raise DataError(f"{where}: {e}") from None
         summary.add(encoded, split)
         if encoded.line is not None:
             lines[split].append(encoded.line)
@@ -277,7 +278,7 @@ def resolve_tokenizer(path: str) -> str:
     full = Path(path).expanduser()
     found = tokenizer_file(full) if full.is_dir() else full if full.is_file() else None
     if found is None:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"tokenizer {path} is neither a tokenizer file nor a folder with tokenizer.json or tokenizer.model"
         )
     return str(found)
@@ -287,9 +288,9 @@ def build_encoder(tokenizer_path: str, template: str, system: str = "", max_leng
     """The encoder of `template` for the tokenizer at `tokenizer_path` (a file or a folder), checked on
     a short conversation so that a template the tokenizer cannot express fails here, once."""
     if template not in TEMPLATES:
-        raise ValueError(f"--template {template} is unknown; choose one of {', '.join(TEMPLATES)}")
+        raise ConfigError(f"--template {template} is unknown; choose one of {', '.join(TEMPLATES)}")
     if max_length < 1:
-        raise ValueError(f"--max_length {max_length} must be at least 1")
+        raise ConfigError(f"--max_length {max_length} must be at least 1")
     path = resolve_tokenizer(tokenizer_path)
     tok = load_tokenizer(path, "the TOKENIZER argument")
     chat_format = load_hf_chat_template(tok, path) if template == "hf" else template
@@ -318,10 +319,10 @@ def tokenize_chat(
     splits = written_splits(split_ratio)
     check_outputs(output_dir, splits, overwrite)
     if not os.path.isfile(input_path):
-        raise FileNotFoundError(f"input {input_path} does not exist")
+        raise MissingFileError(f"input {input_path} does not exist")
     num_records, items = read_records(input_path)
     if not num_records:
-        raise ValueError(f"{input_path} holds no records")
+        raise DataError(f"{input_path} holds no records")
     in_valid = np.zeros(num_records, dtype=bool)
     in_valid[split_indices(num_records, split_ratio, seed)[1]] = True
     split_items = (("valid" if in_valid[i] else "train", *item) for i, item in enumerate(items))
@@ -415,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
             args.workers,
             args.overwrite,
         )
-    except (ValueError, OSError) as e:
+    except (TitanlmError, OSError) as e:
         print(f"error: {e}".replace("\n", " "), file=sys.stderr)  # one line, whatever a library says
         return 2
     print("\n".join(format_summary(summary, args.max_length, args.workers)))

@@ -1,0 +1,171 @@
+"""Check a job before it queues: `python -m titanlm.plan --job.config_file X.toml --world_size 32`.
+
+It resolves the same plan the trainer would (every rule, the same one-line errors), prints it with
+each rank's place in the mesh, and estimates each rank's peak memory. Exit 0 when the plan is
+valid and every rank fits in --gpu_memory_gib, 2 otherwise. Any trainer flag is accepted too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from titanlm.config import load_config
+from titanlm.errors import USER_ERROR_EXIT_CODE, TitanlmError
+from titanlm.memory_estimate import MemoryEstimate, estimate_memory, formula_memory
+from titanlm.plan import RunPlan, resolve
+
+MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")  # outermost first, as the mesh is built
+RANKS_LISTED = 64  # larger jobs list their first ranks of each stage only
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(
+        prog="python -m titanlm.plan",
+        description="Resolve a training job's plan for a world size and device without running it: print the "
+        "plan and each rank's estimated peak memory; exit 0 if valid and it fits, 2 otherwise. Trainer flags "
+        "(--job.config_file X.toml, --section.field VALUE) are accepted too.",
+    )
+    parser.add_argument("--world_size", type=int, required=True, help="number of processes (GPUs) of the job")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="device the job runs on")
+    parser.add_argument(
+        "--gpu_memory_gib", type=float, default=80.0,
+        help="memory of one GPU; ranks whose estimate exceeds it are flagged (cuda only; default 80)",
+    )
+    parser.add_argument(
+        "--memory", choices=("auto", "formula", "none"), default="auto",
+        help="auto: trace one step of the real model under fake tensors where it can (seconds to a minute for a "
+        "7B model), else the closed form; formula: the closed form only (instant); none: no estimate",
+    )
+    return parser.parse_known_args(argv)
+
+
+def rank_coordinates(plan: RunPlan, rank: int) -> dict[str, int]:
+    """A rank's index along each mesh dimension (the mesh is row-major over MESH_DIMS)."""
+    coords = {}
+    for name in reversed(MESH_DIMS):
+        size = getattr(plan.dims, name)
+        coords[name] = rank % size
+        rank //= size
+    return {name: coords[name] for name in MESH_DIMS}
+
+
+def stage_layers(plan: RunPlan, pp_rank: int) -> str:
+    pipeline = plan.pipeline
+    parts = []
+    for stage in pipeline.stages_of(pp_rank):
+        first = pipeline.first_layer(stage)
+        count = pipeline.layers_per_stage[stage]
+        parts.append(f"stage {stage}: layers {first}-{first + count - 1}" if count else f"stage {stage}: no layers")
+    return "; ".join(parts)
+
+
+def describe(plan: RunPlan) -> list[str]:
+    """The plan as the lines the dry run prints."""
+    d, b, p, f, tp, pipe = plan.dims, plan.batch, plan.precision, plan.fsdp, plan.tp, plan.pipeline
+    args = plan.model_args
+    compute = (f"autocast to {p.autocast_dtype}" if p.autocast_dtype else
+               f"FSDP casts to {p.param_dtype}" if f.enabled and p.param_dtype != p.reduce_dtype else str(p.param_dtype))
+    lines = [
+        f"plan for {plan.world_size} x {plan.device_type}",
+        f"  model       {plan.model.describe()}: {args.n_layers} layers, dim {args.dim}, {args.n_heads} heads "
+        f"({args.n_kv_heads} kv), ffn {args.ffn_dim}, vocab {args.vocab_size}",
+        "  mesh        " + " x ".join(f"{name} {getattr(d, name)}" for name in MESH_DIMS),
+        f"  batch       seq_len {b.seq_len}, local batch {b.local_batch_size}, global batch {b.global_batch_size} "
+        f"({b.tokens_per_step:,} tokens/step), {b.accumulation_steps} micro-batch(es) per step",
+        f"  precision   parameters {p.param_dtype}, compute {compute}, gradient reduce {p.reduce_dtype}"
+        + (", dynamic loss scaling (float16)" if p.loss_scaling else ""),
+        "  fsdp        " + (f"shard over {f.shard_degree} rank(s)"
+                            + (f" x {f.replicate_degree} replicas (HSDP)" if f.replicate_degree > 1 else "")
+                            + f", reshard after forward: {f.reshard_after_forward}"
+                            + (", CPU offload" if f.cpu_offload else "") if f.enabled else "off (one process)"),
+        "  tensor      " + (f"{tp.degree}-way, sequence parallel {'on' if tp.sequence_parallel else 'off'}, "
+                            f"loss parallel {'on' if tp.loss_parallel else 'off'}" if tp.degree > 1 else "off"),
+        "  context     " + (f"{d.cp}-way (head + tail chunk per rank, keys/values all-gathered)" if d.cp > 1 else "off"),
+        "  pipeline    " + (f"{pipe.schedule}, {pipe.num_stages} stages ({pipe.stages_per_rank} per rank), layers per "
+                            f"stage {list(pipe.layers_per_stage)}" if pipe.degree > 1 else "off"),
+        f"  attention   {plan.attention_backend}",
+        f"  recompute   {plan.activation_checkpoint}"
+        + (f" ({plan.recomputed_layers} of {args.n_layers} blocks)" if plan.activation_checkpoint != "none" else ""),
+        f"  compile     {'on' if plan.compile else 'off'}",
+        "  float8      " + (f"{plan.float8.recipe_name}" + (", float8 all-gather" if plan.float8.enable_fsdp_float8_all_gather
+                                                               else "") if plan.float8.enable else "off"),
+        "  loss        " + (f"chunks of {plan.loss_chunk_tokens} tokens" if plan.loss_chunk_tokens else "whole logits"),
+        f"  data        {plan.dataset}",
+        "  checkpoint  " + (f"on, async {plan.checkpoint.async_mode}" if plan.checkpoint.enabled else "off")
+        + f"; a start from checkpoint.initial_load_path takes {', '.join(plan.checkpoint.load_parts)}",
+    ]
+    lines += [f"  note        {note}" for note in plan.notes]
+    return lines
+
+
+def rank_lines(plan: RunPlan) -> list[str]:
+    """Each rank's coordinates and, under pipeline parallelism, its stages."""
+    per_stage = plan.world_size // plan.dims.pp
+    listed = range(plan.world_size) if plan.world_size <= RANKS_LISTED else [
+        rank for pp in range(plan.dims.pp) for rank in range(pp * per_stage, pp * per_stage + min(per_stage, 4))
+    ]
+    lines = ["ranks" + ("" if plan.world_size <= RANKS_LISTED else f" (the first 4 of each pp rank's {per_stage})")]
+    for rank in listed:
+        coords = rank_coordinates(plan, rank)
+        where = " ".join(f"{name}={value}" for name, value in coords.items())
+        stages = f"  {stage_layers(plan, coords['pp'])}" if plan.dims.pp > 1 else ""
+        lines.append(f"  rank {rank:>4}: {where}{stages}")
+    return lines
+
+
+def memory_lines(estimates: dict[int, MemoryEstimate], plan: RunPlan, limit_gib: float | None) -> tuple[list[str], bool]:
+    """The estimate table and whether every rank fits."""
+    lines = ["peak memory per rank, GiB (params / grads / optimizer / activations / other = peak)"]
+    fits = True
+    per_stage = plan.world_size // plan.dims.pp
+    for pp_rank, est in estimates.items():
+        if plan.dims.pp > 1:
+            who = f"pp rank {pp_rank} (ranks {pp_rank * per_stage}-{(pp_rank + 1) * per_stage - 1})"
+        else:
+            who = f"every rank (0-{plan.world_size - 1})" if plan.world_size > 1 else "the one rank"
+        over = limit_gib is not None and est.peak_gib > limit_gib
+        fits &= not over
+        lines.append(
+            f"  {who}: {est.params_gib:.2f} / {est.grads_gib:.2f} / {est.optimizer_gib:.2f} / "
+            f"{est.activations_gib:.2f} / {est.other_gib:.2f} = {est.peak_gib:.2f}"
+            + (f"  DOES NOT FIT in {limit_gib:g} GiB: {advice(est)}" if over else "")
+        )
+    methods = {f"{est.method}: {est.note}" if est.note else est.method for est in estimates.values()}
+    lines.append("  method: " + "; ".join(sorted(methods)))
+    return lines, fits
+
+
+def advice(est: MemoryEstimate) -> str:
+    """Which settings to change, by what takes the memory."""
+    state = est.params_gib + est.grads_gib + est.optimizer_gib
+    if est.activations_gib >= state:
+        return ("activations dominate: set activation_checkpoint.mode = 'selective' or 'full', lower "
+                "training.local_batch_size or training.seq_len, or add context_parallel_degree")
+    return ("weights, gradients and optimizer state dominate: shard further (more ranks in data_parallel_shard_degree, "
+            "or tensor/pipeline parallelism), or set parallelism.fsdp_cpu_offload = true")
+
+
+def main(argv: list[str] | None = None) -> None:
+    options, trainer_flags = parse_args(argv)
+    try:
+        cfg = load_config(trainer_flags)
+        plan = resolve(cfg, options.world_size, options.device)
+        print("\n".join(describe(plan) + rank_lines(plan)))
+        if options.memory == "none":
+            return
+        limit = options.gpu_memory_gib if options.device == "cuda" else None
+        per_stage = plan.world_size // plan.dims.pp
+        estimates = {
+            pp_rank: estimate_memory(cfg, options.world_size, options.device, rank=pp_rank * per_stage)
+            if options.memory == "auto" else formula_memory(cfg, options.world_size, pp_rank * per_stage, options.device)
+            for pp_rank in range(plan.dims.pp)
+        }
+    except TitanlmError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(USER_ERROR_EXIT_CODE)
+    lines, fits = memory_lines(estimates, plan, limit)
+    print("\n".join(lines))
+    if not fits:
+        print(f"error: the plan does not fit in {limit:g} GiB per GPU (--gpu_memory_gib); see above", file=sys.stderr)
+        sys.exit(USER_ERROR_EXIT_CODE)

@@ -1,0 +1,527 @@
+"""Resolve once, then build: every decision a run makes from several settings, made in one place.
+
+`resolve(cfg, world_size, device_type)` is a pure function (no process group, no tensors; it reads
+an HF model's config.json when `model.hf_path` names one) returning a frozen `RunPlan`: the mesh
+degrees, the model, the batch arithmetic, precision, the FSDP / TP / CP / pipeline layouts,
+float8, the attention kernel, loss chunking, the dataset and what a checkpoint load takes. Every
+rule that relates two or more settings is checked here, once, as a `ConfigError` or
+`ParallelismError` naming the keys; the trainer and the builders read the plan instead of
+re-deriving it, and the dry run (`python -m titanlm.plan`, see `titanlm/dry_run.py`) shows it for
+any world size without a GPU.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from dataclasses import dataclass, replace
+
+import torch
+from torch.distributed.pipelining.schedules import PipelineScheduleSingle, get_schedule_class
+
+from titanlm.checkpoint.content import PARTS
+from titanlm.config.job_config import Float8, JobConfig
+from titanlm.errors import CheckpointError, ConfigError, ParallelismError, UnsupportedError
+from titanlm.loss_scaler import check_grad_scaler
+from titanlm.metrics import check_metrics_settings
+from titanlm.models.flavors import ModelArgs
+from titanlm.models.spec import ModelSpec, resolve_model_spec, warn_beyond_trained_length
+from titanlm.optim import check_optimizer
+from titanlm.parallel.parallel_dims import ParallelDims
+
+
+# V schedules give rank r the stages r and 2 pp - 1 - r, so the first and last stage share a rank.
+V_SCHEDULES = ("zbvzerobubble", "dualpipev")
+# Schedules that split backward into input- and weight-gradient passes. Their weight pass runs after the
+# input pass, so FSDP2 must keep a stage's gathered parameters from forward until then: with blocks
+# resharded after forward the weight gradients are lost (measured on torch 2.13, CPU, gloo: grad norm
+# 2-23% low). With "never" (the default under PP) they match 1F1B to 1e-6.
+SPLIT_BACKWARD_SCHEDULES = ("interleavedzerobubble", "zbvzerobubble", "dualpipev")
+# torch 2.11's stage initialization sends the shapes of a rank's two adjacent V stages to the rank
+# itself, which fails ("Pair is not connected" on gloo); measured working on 2.13, 2.12 untested.
+V_SCHEDULES_MIN_TORCH = (2, 13)
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """Samples per micro-batch on one data-parallel rank, per optimizer step overall, and the
+    micro-batches each step accumulates (InternEvo's micro_bsz, global batch and micro_num)."""
+
+    seq_len: int
+    local_batch_size: int
+    global_batch_size: int
+    accumulation_steps: int
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.global_batch_size * self.seq_len
+
+
+@dataclass(frozen=True)
+class PrecisionPlan:
+    """`param_dtype`: the dtype parameters compute in; FSDP casts to it when it wraps the model,
+    otherwise (one process: fp32 weights, no FSDP) `autocast_dtype` names the dtype torch.autocast
+    computes in, or None for fp32. float16 needs dynamic loss scaling."""
+
+    param_dtype: torch.dtype
+    reduce_dtype: torch.dtype
+    autocast_dtype: torch.dtype | None
+    loss_scaling: bool
+
+
+@dataclass(frozen=True)
+class FSDPPlan:
+    """`enabled`: parameters are FSDP2-wrapped: always with several ranks (parameters must then all be
+    DTensors or none) and with CPU offload (FSDP2 is what keeps them in host memory); never for one
+    process, which has nothing to shard: FSDP2 would only copy and cast every parameter twice per step
+    and re-gather the bf16 copies for backward (measured: 11% of an H100 step on an 8-layer Llama3-8B
+    cut), so one process keeps fp32 weights and computes under autocast, as torchtitan does.
+
+    `reshard_after_forward`: "always" frees gathered parameters after forward (ZeRO-3), "never" keeps
+    them until backward (ZeRO-2 traffic), "default" does the former for blocks, not the root. Under
+    pipeline parallelism "default" resolves to "never": every micro-batch would gather them again.
+    """
+
+    enabled: bool
+    reshard_after_forward: str
+    cpu_offload: bool
+    shard_degree: int
+    replicate_degree: int
+
+
+@dataclass(frozen=True)
+class TensorParallelPlan:
+    degree: int
+    sequence_parallel: bool
+    loss_parallel: bool  # the output stays vocab-sharded and the cross-entropy runs on the shards
+
+
+@dataclass(frozen=True)
+class PipelinePlan:
+    """The stages: `layers_per_stage[s]` blocks in stage s, owned by pp rank `stage_owners[s]`.
+    Degree 1 is one stage holding every layer. The step's micro-batches are its accumulation steps."""
+
+    degree: int
+    schedule: str
+    stages_per_rank: int
+    layers_per_stage: tuple[int, ...]
+    stage_owners: tuple[int, ...]
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.layers_per_stage)
+
+    def stages_of(self, pp_rank: int) -> tuple[int, ...]:
+        return tuple(stage for stage, owner in enumerate(self.stage_owners) if owner == pp_rank)
+
+    def first_layer(self, stage: int) -> int:
+        return sum(self.layers_per_stage[:stage])
+
+
+@dataclass(frozen=True)
+class CheckpointPlan:
+    """`load_parts`: what a start from checkpoint.initial_load_path takes (a resume from
+    checkpoint.folder always takes everything); `async_mode` as this device can run it."""
+
+    enabled: bool
+    load_parts: tuple[str, ...]
+    async_mode: str
+    export_dtype: torch.dtype
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    world_size: int
+    device_type: str
+    dims: ParallelDims
+    model: ModelSpec
+    batch: BatchPlan
+    precision: PrecisionPlan
+    fsdp: FSDPPlan
+    tp: TensorParallelPlan
+    pipeline: PipelinePlan
+    float8: Float8  # the settings in effect: no float8 all-gather without FSDP
+    attention_backend: str  # sdpa, flex or varlen: `auto` resolved for the device and layout
+    activation_checkpoint: str  # none, full or selective
+    recomputed_layers: int  # blocks that recompute in backward (all but full mode's layer_fraction rest)
+    compile: bool
+    loss_chunk_tokens: int  # 0 = the whole [tokens, vocab] logits at once
+    dataset: str  # random, demo or bin
+    checkpoint: CheckpointPlan
+    notes: tuple[str, ...]  # settings the plan adjusted for this device, to be shown as warnings
+
+    @property
+    def model_args(self) -> ModelArgs:
+        return self.model.args
+
+
+def resolve(cfg: JobConfig, world_size: int, device_type: str) -> RunPlan:
+    """The plan for `cfg` on `world_size` processes of `device_type` ("cpu" or "cuda"), or the first
+    error any rule finds."""
+    check_settings(cfg)
+    dims = ParallelDims.from_config(cfg.parallelism, world_size)
+    model = resolve_model_spec(cfg.model)
+    warn_beyond_trained_length(model.args, cfg.training.seq_len)
+    batch = resolve_batch(cfg, dims)
+    tp = resolve_tensor_parallel(cfg, dims, model.args)
+    check_context_parallel(cfg, dims)
+    pipeline = resolve_pipeline(cfg, dims, model.args, batch)
+    fsdp = resolve_fsdp(cfg, dims, pipeline)
+    precision = resolve_precision(cfg, device_type, fsdp)
+    check_loss_chunking(cfg, dims)
+    checkpoint = resolve_checkpoint(cfg, device_type)
+    notes = []
+    if checkpoint.async_mode != cfg.checkpoint.async_mode:
+        notes.append(f"checkpoint.async_mode = {cfg.checkpoint.async_mode} needs a GPU; using {checkpoint.async_mode}")
+    recomputed = {
+        "none": 0,
+        "full": int(model.args.n_layers * cfg.activation_checkpoint.layer_fraction),
+        "selective": model.args.n_layers,
+    }[cfg.activation_checkpoint.mode]
+    return RunPlan(
+        world_size=world_size,
+        device_type=device_type,
+        dims=dims,
+        model=model,
+        batch=batch,
+        precision=precision,
+        fsdp=fsdp,
+        tp=tp,
+        pipeline=pipeline,
+        float8=resolve_float8(cfg, device_type, fsdp),
+        attention_backend=resolve_attention_backend(cfg, dims, device_type),
+        activation_checkpoint=cfg.activation_checkpoint.mode,
+        recomputed_layers=recomputed,
+        compile=cfg.compile.enable,
+        loss_chunk_tokens=cfg.training.loss_chunk_tokens,
+        dataset=resolve_dataset(cfg),
+        checkpoint=checkpoint,
+        notes=tuple(notes),
+    )
+
+
+def check_settings(cfg: JobConfig) -> None:
+    """Value checks that need more than the config loader's one-key ranges: finite numbers, and the
+    sections whose checks live with their code (optimizer, loss scaler, metrics)."""
+    tr = cfg.training
+    if tr.global_batch_size != -1 and tr.global_batch_size < 1:
+        raise ConfigError(
+            f"training.global_batch_size must be >= 1, or -1 for local_batch_size x data-parallel degree; "
+            f"got {tr.global_batch_size}"
+        )
+    if not math.isfinite(tr.max_norm):
+        raise ConfigError(f"training.max_norm must be a finite number (<= 0 = no clipping), got {tr.max_norm!r}")
+    if tr.max_consecutive_skips < 0:
+        raise ConfigError(
+            f"training.max_consecutive_skips must be >= 0 (0 = never stop), got {tr.max_consecutive_skips}"
+        )
+    if cfg.data.valid_every < 0:
+        raise ConfigError(f"data.valid_every must be >= 0 (0 = never), got {cfg.data.valid_every}")
+    if cfg.data.min_length < 0:
+        raise ConfigError(
+            f"data.min_length = {cfg.data.min_length} is negative; set it to 0 (keep every document) or more"
+        )
+    check_optimizer(cfg.optimizer)
+    check_grad_scaler(cfg.grad_scaler)
+    check_metrics_settings(cfg)
+
+
+def resolve_batch(cfg: JobConfig, dims: ParallelDims) -> BatchPlan:
+    tr = cfg.training
+    per_step = tr.local_batch_size * dims.dp
+    global_batch = tr.global_batch_size if tr.global_batch_size > 0 else per_step
+    if global_batch % per_step:
+        raise ConfigError(
+            f"training.global_batch_size {global_batch} is not a multiple of training.local_batch_size "
+            f"{tr.local_batch_size} x data-parallel degree {dims.dp} = {per_step}"
+        )
+    return BatchPlan(tr.seq_len, tr.local_batch_size, global_batch, global_batch // per_step)
+
+
+def resolve_tensor_parallel(cfg: JobConfig, dims: ParallelDims, args: ModelArgs) -> TensorParallelPlan:
+    for name in ("n_heads", "n_kv_heads", "ffn_dim", "vocab_size"):
+        value = getattr(args, name)
+        if value % dims.tp:
+            raise ParallelismError(
+                f"parallelism.tensor_parallel_degree {dims.tp} does not divide the model's {name} ({value}); "
+                f"choose a degree that divides {name}"
+            )
+    parallel = dims.tp > 1
+    return TensorParallelPlan(
+        dims.tp,
+        sequence_parallel=parallel and cfg.parallelism.sequence_parallel,
+        loss_parallel=parallel and not cfg.parallelism.disable_loss_parallel,
+    )
+
+
+def check_context_parallel(cfg: JobConfig, dims: ParallelDims) -> None:
+    """Each cp rank keeps a head and a tail chunk of every row, which sequence parallelism splits further."""
+    seq_len, cp = cfg.training.seq_len, dims.cp
+    if cp == 1:
+        return
+    if seq_len % (2 * cp):
+        raise ParallelismError(
+            f"training.seq_len {seq_len} is not divisible by 2 x parallelism.context_parallel_degree = {2 * cp} "
+            "(each cp rank keeps a head and a tail chunk of every row); choose a seq_len that is"
+        )
+    sp = dims.tp if cfg.parallelism.sequence_parallel else 1
+    if (seq_len // cp) % sp:
+        raise ParallelismError(
+            f"training.seq_len {seq_len} / parallelism.context_parallel_degree {cp} = {seq_len // cp} tokens per "
+            f"cp rank is not divisible by parallelism.tensor_parallel_degree {sp} (sequence parallelism splits "
+            "them further); choose a seq_len divisible by cp x tp x 2, or set parallelism.sequence_parallel = false"
+        )
+
+
+def _torch_version() -> tuple[int, int]:
+    major, minor = torch.__version__.split(".")[:2]
+    return int(major), int(minor)
+
+
+def schedule_available(schedule: str) -> bool:
+    """Whether this torch has the schedule and runs it correctly."""
+    try:
+        get_schedule_class(schedule)
+    except ValueError:
+        return False
+    return schedule.lower() not in V_SCHEDULES or _torch_version() >= V_SCHEDULES_MIN_TORCH
+
+
+def stages_of_rank(pp_rank: int, pp_size: int, stages_per_rank: int, v_style: bool) -> list[int]:
+    if v_style:
+        return [pp_rank, 2 * pp_size - 1 - pp_rank]
+    return [pp_rank + k * pp_size for k in range(stages_per_rank)]
+
+
+def stage_layer_counts(n_layers: int, num_stages: int, explicit: list[int]) -> tuple[int, ...]:
+    """Layers per stage: the configured list, or an even split with the extra layers in the middle
+    (the first and last stages also carry the embedding and the output projection)."""
+    if explicit:
+        if len(explicit) != num_stages or sum(explicit) != n_layers or min(explicit) < 0:
+            raise ParallelismError(
+                f"parallelism.pipeline_parallel_stage_layers {list(explicit)} must list {num_stages} non-negative "
+                f"layer counts (one per stage) adding up to the model's {n_layers} layers"
+            )
+        return tuple(explicit)
+    if num_stages > n_layers:
+        raise ParallelismError(
+            f"{num_stages} pipeline stages but the model has only {n_layers} layers; lower "
+            "parallelism.pipeline_parallel_degree or pipeline_parallel_virtual_stages"
+        )
+    base, extra = divmod(n_layers, num_stages)
+    counts = [base] * num_stages
+    middle_first = sorted(range(num_stages), key=lambda s: abs(s - (num_stages - 1) / 2))
+    for stage in middle_first[:extra]:
+        counts[stage] += 1
+    return tuple(counts)
+
+
+def resolve_pipeline(cfg: JobConfig, dims: ParallelDims, args: ModelArgs, batch: BatchPlan) -> PipelinePlan:
+    par = cfg.parallelism
+    schedule = par.pipeline_parallel_schedule
+    if dims.pp == 1:
+        return PipelinePlan(1, schedule, 1, (args.n_layers,), (0,))
+    if not schedule_available(schedule):
+        raise UnsupportedError(
+            f"parallelism.pipeline_parallel_schedule '{schedule}' is not in torch {torch.__version__} or does not "
+            "run correctly there (the V schedules need torch >= 2.13); choose another schedule or a newer torch"
+        )
+    if schedule.lower() in SPLIT_BACKWARD_SCHEDULES and par.fsdp_reshard_after_forward == "always":
+        raise ParallelismError(
+            f"parallelism.pipeline_parallel_schedule '{schedule}' computes weight gradients after FSDP2 has "
+            "resharded them under parallelism.fsdp_reshard_after_forward = 'always'; use 'default' or 'never'"
+        )
+    if args.tie_embeddings:
+        raise ParallelismError(
+            "the model ties its input and output embeddings, which pipeline parallelism would place on the "
+            "first and last stages with no shared gradient; set parallelism.pipeline_parallel_degree = 1 "
+            "(use FSDP or tensor parallelism for this model)"
+        )
+    v_style = schedule.lower() in V_SCHEDULES
+    single = issubclass(get_schedule_class(schedule), PipelineScheduleSingle)
+    stages_per_rank = 1 if single else (2 if v_style else par.pipeline_parallel_virtual_stages)
+    if not single and stages_per_rank < 2:
+        raise ParallelismError(
+            f"parallelism.pipeline_parallel_schedule '{schedule}' runs several stages per rank; set "
+            "parallelism.pipeline_parallel_virtual_stages >= 2"
+        )
+    num_stages = dims.pp * stages_per_rank
+    counts = stage_layer_counts(args.n_layers, num_stages, par.pipeline_parallel_stage_layers)
+    owners = [0] * num_stages
+    for rank in range(dims.pp):
+        for stage in stages_of_rank(rank, dims.pp, stages_per_rank, v_style):
+            owners[stage] = rank
+    if batch.accumulation_steps < dims.pp:
+        raise ParallelismError(
+            f"pipeline parallelism runs the step's micro-batches through {dims.pp} stages but the step has "
+            f"{batch.accumulation_steps}; raise training.global_batch_size to at least training.local_batch_size "
+            f"x data-parallel degree x pipeline_parallel_degree = {batch.local_batch_size * dims.dp * dims.pp}"
+        )
+    return PipelinePlan(dims.pp, schedule, stages_per_rank, counts, tuple(owners))
+
+
+def resolve_fsdp(cfg: JobConfig, dims: ParallelDims, pipeline: PipelinePlan) -> FSDPPlan:
+    par = cfg.parallelism
+    reshard = par.fsdp_reshard_after_forward
+    if reshard == "default" and pipeline.degree > 1:
+        reshard = "never"
+    return FSDPPlan(
+        enabled=dims.world_size > 1 or par.fsdp_cpu_offload,
+        reshard_after_forward=reshard,
+        cpu_offload=par.fsdp_cpu_offload,
+        shard_degree=dims.dp_shard * dims.cp,
+        replicate_degree=dims.dp_replicate,
+    )
+
+
+def resolve_precision(cfg: JobConfig, device_type: str, fsdp: FSDPPlan) -> PrecisionPlan:
+    name = cfg.training.mixed_precision_param
+    if name == "auto":
+        # bf16 matmuls on CPUs without AMX run ~45x slower than fp32: CPU defaults to fp32.
+        param_dtype = torch.bfloat16 if device_type == "cuda" else torch.float32
+    else:
+        param_dtype = getattr(torch, name)
+    autocast = None if fsdp.enabled or param_dtype == torch.float32 else param_dtype
+    return PrecisionPlan(
+        param_dtype=param_dtype,
+        reduce_dtype=getattr(torch, cfg.training.mixed_precision_reduce),
+        autocast_dtype=autocast,
+        loss_scaling=param_dtype == torch.float16,
+    )
+
+
+def cpu_takes_row_scales() -> bool:
+    """Whether the CPU float8 matmul accepts per-row scales (torch 2.11's does not; 2.13's does)."""
+    a = torch.ones(16, 16).to(torch.float8_e4m3fn)
+    try:
+        torch._scaled_mm(a, a.t(), scale_a=torch.ones(16, 1), scale_b=torch.ones(1, 16), out_dtype=torch.float32)
+    except RuntimeError:
+        return False
+    return True
+
+
+def resolve_float8(cfg: JobConfig, device_type: str, fsdp: FSDPPlan) -> Float8:
+    """The float8 settings in effect. Contradictions are refused whatever the world size: one process
+    has no all-gather, yet the same config must not start on one rank and fail on two."""
+    f8 = cfg.float8
+    if not f8.enable:
+        return replace(f8, enable_fsdp_float8_all_gather=False)
+    if importlib.util.find_spec("torchao") is None:
+        raise ConfigError("float8.enable = true needs torchao: pip install 'titanlm[gpu]' (or pip install torchao)")
+    if f8.enable_fsdp_float8_all_gather and f8.recipe_name != "tensorwise":
+        raise ConfigError(
+            f"float8.enable_fsdp_float8_all_gather = true needs float8.recipe_name = 'tensorwise', not "
+            f"'{f8.recipe_name}' (torchao all-gathers only tensorwise-scaled weights in float8); set "
+            "float8.recipe_name = 'tensorwise' or float8.enable_fsdp_float8_all_gather = false"
+        )
+    if f8.recipe_name == "rowwise" and device_type == "cpu" and not cpu_takes_row_scales():
+        raise UnsupportedError(
+            f"float8.recipe_name 'rowwise' needs a GPU or torch >= 2.13 on CPU (torch {torch.__version__}'s CPU "
+            "float8 matmul takes one scale per tensor); use float8.recipe_name = 'tensorwise'"
+        )
+    if fsdp.cpu_offload and f8.enable_fsdp_float8_all_gather:
+        # torchao's wrapper drops the precomputed scale when FSDP copies a shard to the GPU, and
+        # computing it all-reduces host tensors, which NCCL cannot carry.
+        raise ParallelismError(
+            "parallelism.fsdp_cpu_offload does not combine with float8.enable_fsdp_float8_all_gather (the float8 "
+            "weight scales would be computed in host memory); set float8.enable_fsdp_float8_all_gather = false, "
+            "the matmuls still run in float8"
+        )
+    return f8 if fsdp.enabled else replace(f8, enable_fsdp_float8_all_gather=False)
+
+
+def varlen_kernel_installed() -> bool:
+    """flash-attn or torch's varlen attention is importable (whether CUDA is present is the caller's fact)."""
+    return any(importlib.util.find_spec(name) is not None for name in ("flash_attn", "torch.nn.attention.varlen"))
+
+
+def resolve_attention_backend(cfg: JobConfig, dims: ParallelDims, device_type: str) -> str:
+    """`auto`: sdpa on CPU; on CUDA varlen when a varlen kernel is installed, else flex. Context
+    parallelism masks local queries against gathered keys, which only sdpa takes today."""
+    name = cfg.model.attention_backend
+    if dims.cp > 1:
+        if name not in ("auto", "sdpa"):
+            raise ParallelismError(
+                f"parallelism.context_parallel_degree > 1 masks local queries against gathered keys, which "
+                f"model.attention_backend = '{name}' cannot express; set model.attention_backend = 'sdpa' or 'auto'"
+            )
+        return "sdpa"
+    if name != "auto":
+        if name == "varlen" and device_type != "cuda":
+            raise UnsupportedError(
+                "model.attention_backend = 'varlen' needs CUDA and flash-attn (pip install flash-attn) or a "
+                "torch with torch.nn.attention.varlen; use 'sdpa' or 'flex' here"
+            )
+        return name
+    if device_type != "cuda":
+        return "sdpa"
+    return "varlen" if varlen_kernel_installed() else "flex"
+
+
+def check_loss_chunking(cfg: JobConfig, dims: ParallelDims) -> None:
+    if cfg.training.loss_chunk_tokens and (dims.tp > 1 or dims.pp > 1):
+        raise ParallelismError(
+            "training.loss_chunk_tokens works without tensor and pipeline parallelism (with TP, loss "
+            "parallelism already splits the logits over the vocabulary); set it to 0"
+        )
+
+
+def resolve_dataset(cfg: JobConfig) -> str:
+    """data.dataset with `auto` resolved. A data.train_folder that the chosen dataset would ignore is
+    refused, so a path the user gave is never silently unused."""
+    kind = cfg.data.dataset
+    if kind == "auto":
+        return "bin" if cfg.data.train_folder else "random"
+    if kind != "bin" and cfg.data.train_folder:
+        raise ConfigError(
+            f"data.train_folder = {cfg.data.train_folder!r} is set but data.dataset = {kind!r} would not read it; "
+            "set data.dataset = 'bin' (or 'auto') to train on the folder, or drop data.train_folder"
+        )
+    if kind == "bin" and not cfg.data.train_folder:
+        raise ConfigError("data.dataset = 'bin' needs data.train_folder (type sub-folders of *.bin files)")
+    if cfg.data.dataset_weights and kind != "bin":
+        raise ConfigError(
+            f"data.dataset_weights mixes the type folders of data.train_folder, but data.dataset = {kind!r} has "
+            "none; drop data.dataset_weights or train on a bin folder"
+        )
+    return kind
+
+
+def resolve_checkpoint(cfg: JobConfig, device_type: str) -> CheckpointPlan:
+    ck = cfg.checkpoint
+    if ck.last_save_in_hf and not ck.enable:
+        raise CheckpointError(
+            "checkpoint.last_save_in_hf exports the final checkpoint, but checkpoint.enable is off; set "
+            "checkpoint.enable = true as well"
+        )
+    async_mode = ck.async_mode
+    if async_mode == "async_with_pinned_mem" and device_type != "cuda":
+        async_mode = "async"  # pinned shared memory needs CUDA; the background thread works anywhere
+    return CheckpointPlan(ck.enable, load_parts(ck.load_content, ck.initial_load_path), async_mode,
+                          getattr(torch, ck.export_dtype))
+
+
+def load_parts(content: list[str], initial_load_path: str) -> tuple[str, ...]:
+    """The parts checkpoint.load_content names, in the order of checkpoint.content.PARTS."""
+    named = [part.strip() for part in content]
+    if named == ["all"]:
+        return PARTS
+    unknown = sorted(set(named) - set(PARTS))
+    if unknown or not named:
+        raise CheckpointError(
+            f"checkpoint.load_content = {list(content)}: unknown part(s) {', '.join(unknown) or '(none given)'}; "
+            f"use all, or a comma list of {', '.join(PARTS)}"
+        )
+    if not initial_load_path:
+        raise CheckpointError(
+            f"checkpoint.load_content = {list(content)} selects what to take from checkpoint.initial_load_path, "
+            "which is empty (a resume from checkpoint.folder always loads everything); set "
+            "initial_load_path, e.g. to a pretraining run's step-N folder"
+        )
+    return tuple(part for part in PARTS if part in named)
+
+
+if __name__ == "__main__":
+    from titanlm.dry_run import main
+
+    main()
