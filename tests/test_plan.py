@@ -3,6 +3,8 @@ combination of settings, checked without a process group or a tensor."""
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 
@@ -43,9 +45,10 @@ def test_a_global_batch_that_is_not_a_multiple_of_local_times_dp_is_refused() ->
     (["--data.valid_every", "-1"], "data.valid_every must be >= 0"),
     (["--data.min_length", "-1"], "data.min_length = -1 is negative"),
     (["--optimizer.lr", "inf"], "optimizer.lr must be a finite number >= 0"),
+    (["--debug.seed", "-1"], r"debug.seed must be in \[0, 2\*\*32\)"),
+    (["--data.num_workers", "-1"], "data.num_workers must be >= 0"),
     (["--optimizer.beta2", "1.0"], r"optimizer.beta2 must be in \[0, 1\)"),
     (["--optimizer.eps", "0"], "optimizer.eps must be a finite number > 0"),
-    (["--grad_scaler.backoff_factor", "1.5"], r"grad_scaler.backoff_factor must be in \(0, 1\)"),
 ])
 def test_value_ranges_are_refused_naming_the_key(flags: list[str], match: str) -> None:
     refused(ConfigError, match, *flags)
@@ -79,6 +82,7 @@ def test_context_parallel_needs_a_seq_len_it_can_cut() -> None:
     refused(ParallelismError, "parallelism.tensor_parallel_degree 4.*sequence_parallel = false",
             *cp2, *tp4, "--training.seq_len", "12", world=8)  # 6 tokens per cp rank
     plan_of(*cp2, *tp4, "--training.seq_len", "12", "--parallelism.sequence_parallel", "false", world=8)
+    plan_of(*cp2, "--parallelism.tensor_parallel_degree", "2", "--training.seq_len", "32", world=4)  # 16 per cp, 8 per tp
 
 
 def test_pipeline_stage_split_and_rank_assignment() -> None:
@@ -150,11 +154,17 @@ def test_fsdp_wraps_several_ranks_or_an_offloaded_job_and_autocast_the_others() 
     assert plan_of("--training.mixed_precision_param", "float16").precision.loss_scaling
 
 
-def test_float8_all_gather_is_off_without_fsdp_and_refused_with_rowwise_on_any_world() -> None:
+def test_float8_all_gather_is_off_without_fsdp() -> None:
     pytest.importorskip("torchao.float8")
     all_gather = ["--float8.enable", "--float8.enable_fsdp_float8_all_gather"]
     assert not plan_of(*all_gather).float8.enable_fsdp_float8_all_gather  # one process: nothing to gather
     assert plan_of(*all_gather, world=2).float8.enable_fsdp_float8_all_gather
+    assert plan_of("--float8.enable").float8.enable  # tensorwise runs on CPU too
+    assert plan_of("--parallelism.fsdp_cpu_offload", "--float8.enable", world=2).float8.enable  # no all-gather
+
+
+def test_float8_rowwise_with_all_gather_is_refused_on_any_world_with_one_message() -> None:
+    all_gather = ["--float8.enable", "--float8.enable_fsdp_float8_all_gather"]
     messages = set()
     for world in (1, 2):
         with pytest.raises(ConfigError) as info:
@@ -164,17 +174,16 @@ def test_float8_all_gather_is_off_without_fsdp_and_refused_with_rowwise_on_any_w
 
 
 def test_offload_with_float8_all_gather_is_refused_in_one_line() -> None:
-    pytest.importorskip("torchao.float8")
     refused(ParallelismError, "fsdp_cpu_offload does not combine with float8.enable_fsdp_float8",
             "--parallelism.fsdp_cpu_offload", "--float8.enable", "--float8.enable_fsdp_float8_all_gather", world=2)
 
 
 def test_rowwise_float8_on_a_cpu_without_row_scales_is_refused_in_one_line(monkeypatch) -> None:
-    pytest.importorskip("torchao.float8")
     monkeypatch.setattr(plan_module, "cpu_takes_row_scales", lambda: False)  # as torch 2.11's CPU matmul
     refused(UnsupportedError, "float8.recipe_name 'rowwise' needs a GPU or torch >= 2.13 on CPU",
             "--float8.enable", "--float8.recipe_name", "rowwise")
-    assert plan_of("--float8.enable", "--float8.recipe_name", "rowwise", device="cuda").float8.recipe_name == "rowwise"
+    if importlib.util.find_spec("torchao") is not None:
+        assert plan_of("--float8.enable", "--float8.recipe_name", "rowwise", device="cuda").float8.recipe_name == "rowwise"
 
 
 # --- attention, data, checkpoint --------------------------------------------------------------------
@@ -187,6 +196,8 @@ def test_attention_auto_is_sdpa_on_cpu_and_under_context_parallelism() -> None:
     refused(ParallelismError, "model.attention_backend = 'flex' cannot express", "--model.attention_backend", "flex",
             "--parallelism.context_parallel_degree", "2", "--training.seq_len", "64", world=2)
     refused(UnsupportedError, "model.attention_backend = 'varlen' needs CUDA", "--model.attention_backend", "varlen")
+    refused(UnsupportedError, "model.attention_backend = 'flex' trains on CUDA only", "--model.attention_backend", "flex")
+    assert plan_of("--model.attention_backend", "flex", device="cuda").attention_backend == "flex"
 
 
 def test_dataset_kind_and_the_data_paths_it_would_ignore() -> None:
@@ -214,7 +225,26 @@ def test_pinned_memory_async_saves_fall_back_to_a_thread_on_cpu_with_a_note() ->
     plan = plan_of("--checkpoint.enable", "--checkpoint.async_mode", "async_with_pinned_mem")
     assert plan.checkpoint.async_mode == "async"
     assert any("async_with_pinned_mem needs a GPU" in note for note in plan.notes)
-    assert plan_of("--checkpoint.async_mode", "async_with_pinned_mem", device="cuda").notes == ()
+    assert plan_of("--checkpoint.enable", "--checkpoint.async_mode", "async_with_pinned_mem", device="cuda").notes == ()
+    assert plan_of("--checkpoint.async_mode", "async_with_pinned_mem").notes == ()  # nothing saved, nothing to say
+
+
+def test_the_optimizer_kernel_is_fused_where_the_parameters_are_on_a_gpu() -> None:
+    assert plan_of(device="cuda").optimizer_implementation == "fused"
+    assert plan_of().optimizer_implementation == "foreach"
+    assert plan_of("--parallelism.fsdp_cpu_offload", device="cuda").optimizer_implementation == "foreach"
+    assert plan_of("--optimizer.implementation", "for-loop", device="cuda").optimizer_implementation == "for-loop"
+
+
+def test_the_loss_scaler_is_checked_only_where_it_scales() -> None:
+    bad = ["--grad_scaler.backoff_factor", "1.5"]
+    assert not plan_of(*bad).precision.loss_scaling  # float32: the scaler's settings are unused
+    refused(ConfigError, r"grad_scaler.backoff_factor must be in \(0, 1\)", *bad,
+            "--training.mixed_precision_param", "float16")
+
+
+def test_a_world_of_no_processes_is_refused() -> None:
+    refused(ParallelismError, "the world size must be >= 1 process, got 0", world=0)
 
 
 def test_full_activation_checkpointing_recomputes_the_leading_fraction() -> None:

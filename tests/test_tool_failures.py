@@ -344,7 +344,6 @@ def test_a_negative_min_length_names_data_min_length(tmp_path: Path, capsys) -> 
 
 
 def test_float8_rowwise_with_float8_all_gather_is_refused_whatever_the_world_size(tmp_path: Path, capsys) -> None:
-    pytest.importorskip("torchao.float8")
     cfg = load_config([*TINY_ARGS, *_ROWWISE_ALL_GATHER_FLAGS])
     messages = set()
     for world, device in ((1, "cpu"), (2, "cpu"), (2, "cuda")):

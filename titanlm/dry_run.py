@@ -10,12 +10,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from titanlm.config import load_config
+import torch
+
+from titanlm.config import load_config_or_exit
+from titanlm.config.job_config import JobConfig
 from titanlm.errors import USER_ERROR_EXIT_CODE, TitanlmError
 from titanlm.memory_estimate import MemoryEstimate, estimate_memory, formula_memory
 from titanlm.plan import RunPlan, resolve
 
-MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")  # outermost first, as the mesh is built
 RANKS_LISTED = 64  # larger jobs list their first ranks of each stage only
 
 
@@ -40,16 +42,6 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     return parser.parse_known_args(argv)
 
 
-def rank_coordinates(plan: RunPlan, rank: int) -> dict[str, int]:
-    """A rank's index along each mesh dimension (the mesh is row-major over MESH_DIMS)."""
-    coords = {}
-    for name in reversed(MESH_DIMS):
-        size = getattr(plan.dims, name)
-        coords[name] = rank % size
-        rank //= size
-    return {name: coords[name] for name in MESH_DIMS}
-
-
 def stage_layers(plan: RunPlan, pp_rank: int) -> str:
     pipeline = plan.pipeline
     parts = []
@@ -60,20 +52,26 @@ def stage_layers(plan: RunPlan, pp_rank: int) -> str:
     return "; ".join(parts)
 
 
-def describe(plan: RunPlan) -> list[str]:
-    """The plan as the lines the dry run prints."""
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def describe(plan: RunPlan, cfg: JobConfig) -> list[str]:
+    """The plan as the lines the dry run prints (`cfg`: what the user asked for, where the plan chose)."""
+    initial_load_path = cfg.checkpoint.initial_load_path
     d, b, p, f, tp, pipe = plan.dims, plan.batch, plan.precision, plan.fsdp, plan.tp, plan.pipeline
     args = plan.model_args
-    compute = (f"autocast to {p.autocast_dtype}" if p.autocast_dtype else
-               f"FSDP casts to {p.param_dtype}" if f.enabled and p.param_dtype != p.reduce_dtype else str(p.param_dtype))
+    compute = (f"autocast to {_name(p.autocast_dtype)}" if p.autocast_dtype else
+               f"FSDP casts to {_name(p.param_dtype)}" if f.enabled and p.param_dtype != torch.float32
+               else _name(p.param_dtype))
     lines = [
         f"plan for {plan.world_size} x {plan.device_type}",
         f"  model       {plan.model.describe()}: {args.n_layers} layers, dim {args.dim}, {args.n_heads} heads "
         f"({args.n_kv_heads} kv), ffn {args.ffn_dim}, vocab {args.vocab_size}",
-        "  mesh        " + " x ".join(f"{name} {getattr(d, name)}" for name in MESH_DIMS),
+        "  mesh        " + " x ".join(f"{name} {size}" for name, size in d.sizes().items()),
         f"  batch       seq_len {b.seq_len}, local batch {b.local_batch_size}, global batch {b.global_batch_size} "
         f"({b.tokens_per_step:,} tokens/step), {b.accumulation_steps} micro-batch(es) per step",
-        f"  precision   parameters {p.param_dtype}, compute {compute}, gradient reduce {p.reduce_dtype}"
+        f"  precision   parameters {_name(p.param_dtype)}, compute {compute}, gradient reduce {_name(p.reduce_dtype)}"
         + (", dynamic loss scaling (float16)" if p.loss_scaling else ""),
         "  fsdp        " + (f"shard over {f.shard_degree} rank(s)"
                             + (f" x {f.replicate_degree} replicas (HSDP)" if f.replicate_degree > 1 else "")
@@ -84,7 +82,11 @@ def describe(plan: RunPlan) -> list[str]:
         "  context     " + (f"{d.cp}-way (head + tail chunk per rank, keys/values all-gathered)" if d.cp > 1 else "off"),
         "  pipeline    " + (f"{pipe.schedule}, {pipe.num_stages} stages ({pipe.stages_per_rank} per rank), layers per "
                             f"stage {list(pipe.layers_per_stage)}" if pipe.degree > 1 else "off"),
-        f"  attention   {plan.attention_backend}",
+        f"  attention   {plan.attention_backend}" + (
+            " (auto: varlen where flash-attn or torch's varlen attention is installed, as here, else flex)"
+            if plan.attention_backend == "varlen" and cfg.model.attention_backend == "auto" else
+            " (auto: varlen where flash-attn or torch's varlen attention is installed, not here)"
+            if plan.attention_backend == "flex" and cfg.model.attention_backend == "auto" else ""),
         f"  recompute   {plan.activation_checkpoint}"
         + (f" ({plan.recomputed_layers} of {args.n_layers} blocks)" if plan.activation_checkpoint != "none" else ""),
         f"  compile     {'on' if plan.compile else 'off'}",
@@ -92,8 +94,10 @@ def describe(plan: RunPlan) -> list[str]:
                                                                else "") if plan.float8.enable else "off"),
         "  loss        " + (f"chunks of {plan.loss_chunk_tokens} tokens" if plan.loss_chunk_tokens else "whole logits"),
         f"  data        {plan.dataset}",
-        "  checkpoint  " + (f"on, async {plan.checkpoint.async_mode}" if plan.checkpoint.enabled else "off")
-        + f"; a start from checkpoint.initial_load_path takes {', '.join(plan.checkpoint.load_parts)}",
+        "  checkpoint  " + (("on, " + ("synchronous saves" if plan.checkpoint.async_mode == "disabled"
+                                        else f"{plan.checkpoint.async_mode} saves")) if plan.checkpoint.enabled else "off")
+        + (f"; from checkpoint.initial_load_path it takes {', '.join(plan.checkpoint.load_parts)}"
+           if initial_load_path else ""),
     ]
     lines += [f"  note        {note}" for note in plan.notes]
     return lines
@@ -107,7 +111,7 @@ def rank_lines(plan: RunPlan) -> list[str]:
     ]
     lines = ["ranks" + ("" if plan.world_size <= RANKS_LISTED else f" (the first 4 of each pp rank's {per_stage})")]
     for rank in listed:
-        coords = rank_coordinates(plan, rank)
+        coords = plan.dims.coordinates(rank)
         where = " ".join(f"{name}={value}" for name, value in coords.items())
         stages = f"  {stage_layers(plan, coords['pp'])}" if plan.dims.pp > 1 else ""
         lines.append(f"  rank {rank:>4}: {where}{stages}")
@@ -148,10 +152,10 @@ def advice(est: MemoryEstimate) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     options, trainer_flags = parse_args(argv)
+    cfg = load_config_or_exit(trainer_flags)
     try:
-        cfg = load_config(trainer_flags)
         plan = resolve(cfg, options.world_size, options.device)
-        print("\n".join(describe(plan) + rank_lines(plan)))
+        print("\n".join(describe(plan, cfg) + rank_lines(plan)))
         if options.memory == "none":
             return
         limit = options.gpu_memory_gib if options.device == "cuda" else None

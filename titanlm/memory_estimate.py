@@ -38,6 +38,7 @@ trackers and FakeStore, whose behaviour may change between releases.
 from __future__ import annotations
 
 import gc
+import logging
 import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -133,7 +134,8 @@ def trace_memory(
     start = time.perf_counter()
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
     try:
-        estimate = _traced_step(cfg, plan, fake)
+        with _quiet_torch_distributed():
+            estimate = _traced_step(cfg, plan, fake)
     finally:
         shutdown_process_group()
     tensors = "fake" if fake else "real"
@@ -145,6 +147,19 @@ def trace_memory(
     if plan.compile:
         note += "; eagerly (a compiled model keeps less)"
     return replace(estimate, note=note)
+
+
+@contextmanager
+def _quiet_torch_distributed() -> Iterator[None]:
+    """torch.distributed's advice about the step's collectives (e.g. a 2-D grad-norm reduction) is for a
+    real run, not for the dry run's reader."""
+    torch_logger = logging.getLogger("torch.distributed")
+    level = torch_logger.level
+    torch_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        torch_logger.setLevel(level)
 
 
 def shutdown_process_group() -> None:
@@ -168,9 +183,6 @@ def _traced_step(cfg: JobConfig, plan: RunPlan, fake: bool) -> MemoryEstimate:
 
     device = torch.device(_TRACE_DEVICE)
     traced_plan = replace(plan, attention_backend="sdpa", compile=False)
-    implementation = cfg.optimizer.implementation
-    if implementation == "auto":  # the kernel the trainer picks where the parameters are
-        implementation = "fused" if plan.device_type == "cuda" else "foreach"
     global_tokens = plan.batch.global_batch_size * plan.batch.seq_len
     # Meshes hold real rank tensors: they are built outside the fake mode (as torch's own estimator
     # does), and so is the meta-device model under FSDP, hence a mode that accepts real inputs.
@@ -181,7 +193,7 @@ def _traced_step(cfg: JobConfig, plan: RunPlan, fake: bool) -> MemoryEstimate:
     with tensors:
         step = LocalStep(traced_plan, [model], meshes, device)
         params = list(model.parameters())
-        optimizer = build_optimizer(params, replace(cfg.optimizer, implementation=implementation))
+        optimizer = build_optimizer(params, cfg.optimizer, plan.optimizer_implementation)
         _steady_state(params, optimizer, accumulating=plan.batch.accumulation_steps > 1)
         batch = step.prepare(_random_batch(plan, device))
         if plan.fsdp.enabled:
@@ -396,7 +408,7 @@ def formula_memory(cfg: JobConfig, world_size: int, rank: int = 0, device_type: 
     """
     plan = resolve(cfg, world_size, device_type)
     args, dims, pipe = plan.model_args, plan.dims, plan.pipeline
-    pp_rank = rank // (world_size // dims.pp)
+    pp_rank = dims.coordinates(rank)["pp"]
     stages = pipe.stages_of(pp_rank)
     first, last = 0 in stages, pipe.num_stages - 1 in stages
     layers = [pipe.first_layer(stage) + i for stage in stages for i in range(pipe.layers_per_stage[stage])]
@@ -459,9 +471,7 @@ def formula_memory(cfg: JobConfig, world_size: int, rank: int = 0, device_type: 
         )
     if plan.fsdp.enabled:
         moments["the end of backward"] = (0, grads, root * (param_bytes + r))
-    foreach = cfg.optimizer.implementation == "foreach" or (
-        cfg.optimizer.implementation == "auto" and device_type != "cuda"
-    )
+    foreach = plan.optimizer_implementation == "foreach"
     moments["the optimizer step"] = (0, grads, 4 * n / shard if foreach and not plan.fsdp.cpu_offload else 0)
     on_device = 0 if plan.fsdp.cpu_offload else 1  # the state lives in host memory
     activations, present, other = max(moments.values(), key=lambda m: m[0] + m[1] * on_device + m[2])

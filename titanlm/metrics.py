@@ -14,7 +14,6 @@ metrics.jsonl holds, in order of writing:
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -31,7 +30,6 @@ import torch
 from titanlm.config import JobConfig, config_to_dict, config_to_toml
 from titanlm.data.datasets import TextTokenDataset
 from titanlm.data.packing import PackedDataset
-from titanlm.errors import ConfigError
 from titanlm.models.flops import document_lengths, internevo_tflops, training_flops
 
 if TYPE_CHECKING:  # titanlm.plan imports this module
@@ -60,19 +58,6 @@ METRIC_KEYS = (
 )
 STEP_KEYS = ("step", "loss", "lr", "grad_norm")  # what every step records, logged or not
 ETA_WINDOW = 20  # steps whose mean time predicts the rest
-
-
-class MetricsError(ConfigError):
-    """A metrics setting the environment cannot honour; the message says what to install or change."""
-
-
-def check_metrics_settings(cfg: JobConfig) -> None:
-    """Refuse at start what would fail at the first log."""
-    if cfg.metrics.enable_wandb and importlib.util.find_spec("wandb") is None:
-        raise MetricsError(
-            "metrics.enable_wandb needs the wandb package: pip install 'titanlm[wandb]' (or pip install wandb), "
-            "or set metrics.enable_wandb = false"
-        )
 
 
 def device_peak_flops(device: torch.device, dtype: torch.dtype, override_tflops: float) -> float | None:

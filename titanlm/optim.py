@@ -26,13 +26,10 @@ def check_optimizer(cfg: Optimizer) -> None:
             raise ConfigError(f"optimizer.{name} must be {must}, got {getattr(cfg, name)!r}")
 
 
-def build_optimizer(params: list[nn.Parameter], cfg: Optimizer) -> torch.optim.Optimizer:
-    """`cfg` as the plan checked it (`check_optimizer`)."""
-    impl = cfg.implementation
-    if impl == "auto":
-        # Where the parameters live, not where the model computes: under FSDP CPU offload they are
-        # in host memory and the step runs on the CPU.
-        impl = "fused" if all(p.device.type == "cuda" for p in params) else "foreach"
+def build_optimizer(params: list[nn.Parameter], cfg: Optimizer, implementation: str) -> torch.optim.Optimizer:
+    """`cfg` as the plan checked it (`check_optimizer`); `implementation`: fused, foreach or for-loop,
+    as the plan resolved `auto` (`RunPlan.optimizer_implementation`)."""
+    impl = implementation
     kwargs = dict(
         lr=cfg.lr,
         betas=(cfg.beta1, cfg.beta2),

@@ -19,16 +19,17 @@ from dataclasses import dataclass, replace
 import torch
 from torch.distributed.pipelining.schedules import PipelineScheduleSingle, get_schedule_class
 
-from titanlm.checkpoint.content import PARTS
 from titanlm.config.job_config import Float8, JobConfig
 from titanlm.errors import CheckpointError, ConfigError, ParallelismError, UnsupportedError
 from titanlm.loss_scaler import check_grad_scaler
-from titanlm.metrics import check_metrics_settings
 from titanlm.models.flavors import ModelArgs
 from titanlm.models.spec import ModelSpec, resolve_model_spec, warn_beyond_trained_length
 from titanlm.optim import check_optimizer
 from titanlm.parallel.parallel_dims import ParallelDims
 
+
+# What a checkpoint holds (titanlm.checkpoint.content saves and loads these parts).
+CHECKPOINT_PARTS = ("model", "optimizer", "lr_scheduler", "dataloader", "train_state")
 
 # V schedules give rank r the stages r and 2 pp - 1 - r, so the first and last stage share a rank.
 V_SCHEDULES = ("zbvzerobubble", "dualpipev")
@@ -146,6 +147,7 @@ class RunPlan:
     recomputed_layers: int  # blocks that recompute in backward (all but full mode's layer_fraction rest)
     compile: bool
     loss_chunk_tokens: int  # 0 = the whole [tokens, vocab] logits at once
+    optimizer_implementation: str  # fused, foreach or for-loop: `auto` resolved where the parameters live
     dataset: str  # random, demo or bin
     checkpoint: CheckpointPlan
     notes: tuple[str, ...]  # settings the plan adjusted for this device, to be shown as warnings
@@ -171,7 +173,7 @@ def resolve(cfg: JobConfig, world_size: int, device_type: str) -> RunPlan:
     check_loss_chunking(cfg, dims)
     checkpoint = resolve_checkpoint(cfg, device_type)
     notes = []
-    if checkpoint.async_mode != cfg.checkpoint.async_mode:
+    if checkpoint.enabled and checkpoint.async_mode != cfg.checkpoint.async_mode:
         notes.append(f"checkpoint.async_mode = {cfg.checkpoint.async_mode} needs a GPU; using {checkpoint.async_mode}")
     recomputed = {
         "none": 0,
@@ -194,6 +196,7 @@ def resolve(cfg: JobConfig, world_size: int, device_type: str) -> RunPlan:
         recomputed_layers=recomputed,
         compile=cfg.compile.enable,
         loss_chunk_tokens=cfg.training.loss_chunk_tokens,
+        optimizer_implementation=resolve_optimizer_implementation(cfg, device_type, fsdp),
         dataset=resolve_dataset(cfg),
         checkpoint=checkpoint,
         notes=tuple(notes),
@@ -222,8 +225,13 @@ def check_settings(cfg: JobConfig) -> None:
             f"data.min_length = {cfg.data.min_length} is negative; set it to 0 (keep every document) or more"
         )
     check_optimizer(cfg.optimizer)
-    check_grad_scaler(cfg.grad_scaler)
-    check_metrics_settings(cfg)
+    if cfg.training.mixed_precision_param == "float16":  # the only precision that scales the loss
+        check_grad_scaler(cfg.grad_scaler)
+    if cfg.metrics.enable_wandb and importlib.util.find_spec("wandb") is None:
+        raise ConfigError(
+            "metrics.enable_wandb needs the wandb package: pip install 'titanlm[wandb]' (or pip install wandb), "
+            "or set metrics.enable_wandb = false"
+        )
 
 
 def resolve_batch(cfg: JobConfig, dims: ParallelDims) -> BatchPlan:
@@ -406,8 +414,6 @@ def resolve_float8(cfg: JobConfig, device_type: str, fsdp: FSDPPlan) -> Float8:
     f8 = cfg.float8
     if not f8.enable:
         return replace(f8, enable_fsdp_float8_all_gather=False)
-    if importlib.util.find_spec("torchao") is None:
-        raise ConfigError("float8.enable = true needs torchao: pip install 'titanlm[gpu]' (or pip install torchao)")
     if f8.enable_fsdp_float8_all_gather and f8.recipe_name != "tensorwise":
         raise ConfigError(
             f"float8.enable_fsdp_float8_all_gather = true needs float8.recipe_name = 'tensorwise', not "
@@ -427,7 +433,10 @@ def resolve_float8(cfg: JobConfig, device_type: str, fsdp: FSDPPlan) -> Float8:
             "weight scales would be computed in host memory); set float8.enable_fsdp_float8_all_gather = false, "
             "the matmuls still run in float8"
         )
-    return f8 if fsdp.enabled else replace(f8, enable_fsdp_float8_all_gather=False)
+    if importlib.util.find_spec("torchao") is None:
+        raise ConfigError("float8.enable = true needs torchao: pip install 'titanlm[gpu]' (or pip install torchao)")
+    # A copy: the plan must not change when the config object does.
+    return replace(f8, enable_fsdp_float8_all_gather=f8.enable_fsdp_float8_all_gather and fsdp.enabled)
 
 
 def varlen_kernel_installed() -> bool:
@@ -452,10 +461,24 @@ def resolve_attention_backend(cfg: JobConfig, dims: ParallelDims, device_type: s
                 "model.attention_backend = 'varlen' needs CUDA and flash-attn (pip install flash-attn) or a "
                 "torch with torch.nn.attention.varlen; use 'sdpa' or 'flex' here"
             )
+        if name == "flex" and device_type != "cuda":
+            raise UnsupportedError(
+                "model.attention_backend = 'flex' trains on CUDA only (flex attention has no backward on CPU); "
+                "use 'sdpa' or 'auto' here"
+            )
         return name
     if device_type != "cuda":
         return "sdpa"
     return "varlen" if varlen_kernel_installed() else "flex"
+
+
+def resolve_optimizer_implementation(cfg: JobConfig, device_type: str, fsdp: FSDPPlan) -> str:
+    """`auto`: fused on a GPU; foreach where the parameters live in host memory (a CPU job, or FSDP CPU
+    offload, under which the optimizer step runs on the CPU)."""
+    name = cfg.optimizer.implementation
+    if name != "auto":
+        return name
+    return "fused" if device_type == "cuda" and not fsdp.cpu_offload else "foreach"
 
 
 def check_loss_chunking(cfg: JobConfig, dims: ParallelDims) -> None:
@@ -502,15 +525,15 @@ def resolve_checkpoint(cfg: JobConfig, device_type: str) -> CheckpointPlan:
 
 
 def load_parts(content: list[str], initial_load_path: str) -> tuple[str, ...]:
-    """The parts checkpoint.load_content names, in the order of checkpoint.content.PARTS."""
+    """The parts checkpoint.load_content names, in CHECKPOINT_PARTS order."""
     named = [part.strip() for part in content]
     if named == ["all"]:
-        return PARTS
-    unknown = sorted(set(named) - set(PARTS))
+        return CHECKPOINT_PARTS
+    unknown = sorted(set(named) - set(CHECKPOINT_PARTS))
     if unknown or not named:
         raise CheckpointError(
             f"checkpoint.load_content = {list(content)}: unknown part(s) {', '.join(unknown) or '(none given)'}; "
-            f"use all, or a comma list of {', '.join(PARTS)}"
+            f"use all, or a comma list of {', '.join(CHECKPOINT_PARTS)}"
         )
     if not initial_load_path:
         raise CheckpointError(
@@ -518,7 +541,7 @@ def load_parts(content: list[str], initial_load_path: str) -> tuple[str, ...]:
             "which is empty (a resume from checkpoint.folder always loads everything); set "
             "initial_load_path, e.g. to a pretraining run's step-N folder"
         )
-    return tuple(part for part in PARTS if part in named)
+    return tuple(part for part in CHECKPOINT_PARTS if part in named)
 
 
 if __name__ == "__main__":

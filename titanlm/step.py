@@ -11,7 +11,7 @@ Both also give the logits for evaluation.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
 import torch.distributed as dist
@@ -43,17 +43,27 @@ class ModelStep:
         self.parts = parts
         self.device = device
         self.loss_group = meshes.loss.get_group()
+        # Pipeline stages share the grad norm and the loss over it; None without pipeline parallelism.
+        self.pp_group: dist.ProcessGroup | None = (
+            meshes.world["pp"].get_group() if plan.pipeline.degree > 1 else None
+        )
         self.cp_rank = meshes.world["cp"].get_local_rank()
         self.loss_fn: LossFn = torch.compile(token_cross_entropy) if plan.compile else token_cross_entropy
 
+    def loss_context(self) -> AbstractContextManager:
+        """Vocab-sharded cross-entropy (forward and backward) under loss parallelism."""
+        return loss_parallel() if self.plan.tp.loss_parallel else nullcontext()
+
+    def compute_context(self) -> AbstractContextManager:
+        """Autocast, for forward only, when one process computes in low precision without FSDP's casting."""
+        dtype = self.plan.precision.autocast_dtype
+        return torch.autocast(self.device.type, dtype=dtype) if dtype else nullcontext()
+
     @contextmanager
     def context(self) -> Iterator[None]:
-        """Vocab-sharded cross-entropy under loss parallelism; autocast when one process computes in
-        low precision without FSDP's casting."""
-        with loss_parallel() if self.plan.tp.loss_parallel else _nothing():
-            dtype = self.plan.precision.autocast_dtype
-            with torch.autocast(self.device.type, dtype=dtype) if dtype else _nothing():
-                yield
+        """Both, for a forward pass (evaluation)."""
+        with self.loss_context(), self.compute_context():
+            yield
 
     def prepare(self, batch: Batch) -> Batch:
         """This rank's context-parallel share of a batch, on the device."""
@@ -81,12 +91,7 @@ class ModelStep:
 
     def eval_groups(self) -> list[dist.ProcessGroup]:
         """The groups whose ranks' evaluation sums add up to the whole."""
-        return [self.loss_group]
-
-
-@contextmanager
-def _nothing() -> Iterator[None]:
-    yield
+        return [group for group in (self.loss_group, self.pp_group) if group is not None]
 
 
 def _extra_inputs(batch: Batch) -> dict[str, torch.Tensor | None]:
@@ -100,13 +105,14 @@ class LocalStep(ModelStep):
         model = self.parts[0]
         total = torch.zeros((), device=self.device)
         for mb in micro_batches:
-            with self.context():
-                if self.plan.loss_chunk_tokens:  # the model computes the loss, chunk by chunk
-                    summed = model(mb["input_ids"], **_extra_inputs(mb), labels=mb["labels"],
-                                   loss_chunk_tokens=self.plan.loss_chunk_tokens)
-                else:
-                    summed = self.loss_fn(model(mb["input_ids"], **_extra_inputs(mb)), mb["labels"])
-                loss = summed / global_tokens
+            with self.loss_context():
+                with self.compute_context():
+                    if self.plan.loss_chunk_tokens:  # the model computes the loss, chunk by chunk
+                        summed = model(mb["input_ids"], **_extra_inputs(mb), labels=mb["labels"],
+                                       loss_chunk_tokens=self.plan.loss_chunk_tokens)
+                    else:
+                        summed = self.loss_fn(model(mb["input_ids"], **_extra_inputs(mb)), mb["labels"])
+                    loss = summed / global_tokens
                 (loss * loss_scale).backward()
             total += _local(loss).detach()
         return total
@@ -121,7 +127,6 @@ class PipelineStep(ModelStep):
 
     def __init__(self, plan: RunPlan, parts: list[Transformer], meshes: Meshes, device: torch.device) -> None:
         super().__init__(plan, parts, meshes, device)
-        self.pp_group = meshes.world["pp"].get_group()
         self.stage_ids = plan.pipeline.stages_of(meshes.world["pp"].get_local_rank())
         self.has_first = 0 in self.stage_ids
         self.has_last = plan.pipeline.num_stages - 1 in self.stage_ids
@@ -140,7 +145,7 @@ class PipelineStep(ModelStep):
                      for key in ("position_ids", "document_ids") if key in micro_batches[0]}
         self._loss_factor = loss_scale / global_tokens
         losses: list[torch.Tensor] = []
-        with self.context():
+        with self.loss_context():  # the schedule runs backward too: no autocast (several ranks cast with FSDP)
             self.schedule.step(
                 *((inputs,) if self.has_first else ()),
                 target=labels if self.has_last else None,
@@ -159,8 +164,6 @@ class PipelineStep(ModelStep):
             batch["input_ids"], **_extra_inputs(batch),
         )
 
-    def eval_groups(self) -> list[dist.ProcessGroup]:
-        return [self.loss_group, self.pp_group]
 
 
 def build_model_step(plan: RunPlan, parts: list[Transformer], meshes: Meshes, device: torch.device) -> ModelStep:

@@ -54,12 +54,11 @@ class Trainer:
         self.model = self.model_parts[0]
         self.model_step = build_model_step(plan, self.model_parts, meshes, self.device)
         params = [p for part in self.model_parts for p in part.parameters()]
-        self.optimizer = build_optimizer(params, cfg.optimizer)
+        self.optimizer = build_optimizer(params, cfg.optimizer, plan.optimizer_implementation)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.lr_scheduler, cfg.training.steps)
         self.loss_scaler = DynamicLossScaler(cfg.grad_scaler) if plan.precision.loss_scaling else None
-        pp_group = meshes.world["pp"].get_group() if plan.pipeline.degree > 1 else None
         self.update = OptimizerUpdate(plan, cfg.training, self.model_parts, self.optimizer, self.lr_scheduler,
-                                      self.loss_scaler, pp_group, self.dist.is_main)
+                                      self.loss_scaler, self.model_step.pp_group, self.dist.is_main)
         dp_rank, vocab = meshes.dp.get_local_rank(), plan.model_args.vocab_size
         self.dataloader, self.tokenizer = build_dataloader(
             cfg, plan.dataset, dp_rank, plan.dims.dp, vocab, plan.model.tokenizer_path
@@ -91,12 +90,12 @@ class Trainer:
             logger.info("resolved configuration:\n" + config_to_toml(cfg))
         if cfg.job.description:
             logger.info(cfg.job.description)
-        for note in plan.notes:
-            logger.warning(note)
-        mesh = {name: getattr(plan.dims, name) for name in ("pp", "dp_replicate", "dp_shard", "cp", "tp")}
+        if self.dist.is_main:
+            for note in plan.notes:
+                logger.warning(note)
         logger.info(
             f"model {plan.model.describe()}: {param_count(plan.model_args):,} parameters, "
-            f"{plan.precision.param_dtype}; mesh {mesh}; device {self.device}; global batch "
+            f"{plan.precision.param_dtype}; mesh {plan.dims.sizes()}; device {self.device}; global batch "
             f"{plan.batch.global_batch_size} x {plan.batch.seq_len} tokens, {plan.batch.accumulation_steps} "
             "micro-batch(es)/step"
         )

@@ -47,7 +47,7 @@ class OptimizerUpdate:
         if self.loss_scaler:
             scale_grads_(grads, 1.0 / self.loss_scaler.scale)
         grad_norm = global_grad_norm(grads, pp_group=self.pp_group)
-        norm = grad_norm.item()  # the one host sync the update needs: whether to step at all
+        norm = grad_norm.item()  # a host sync the update needs: whether to step at all
         finite = math.isfinite(norm)
         calibrating = self.loss_scaler is not None and self.loss_scaler.scale > self.loss_scaler.cfg.min_scale
         if self.loss_scaler:

@@ -46,10 +46,11 @@ from titanlm.errors import CheckpointError
 from titanlm.models.flavors import ModelArgs
 from titanlm.models.hf_adapter import flavor_differences
 from titanlm.models.hf_checkpoint import read_hf_model
+from titanlm.plan import CHECKPOINT_PARTS
 
 logger = logging.getLogger("titanlm")
 
-PARTS = ("model", "optimizer", "lr_scheduler", "dataloader", "train_state")
+PARTS = CHECKPOINT_PARTS
 _DATA_KEY = "dp_rank_"
 _LISTED = 8  # keys named per kind of mismatch; the rest are counted
 # Optimizer entries keyed per parameter ("state.<fqn>.exp_avg", "param_groups.<fqn>.lr"), not per param

@@ -167,7 +167,7 @@ def _file_system_failure(error: BaseException, folder: str) -> tuple[int, str] |
 
 
 def _on_rank0(decide: Callable[[], T]) -> T:
-    """Run `decide` on rank 0 and give every rank its result, or raise its user error (a ValueError,
+    """Run `decide` on rank 0 and give every rank its result, or raise its user error (a TitanlmError,
     e.g. CheckpointError or FolderInUse) everywhere as a CheckpointError. Any other exception is a
     bug: rank 0 re-raises it with its traceback and the other ranks raise too, instead of waiting."""
     box: list[Any] = [None]
@@ -227,7 +227,7 @@ class CheckpointManager:
         `resolved`: the plan's checkpoint settings (what a load takes, the async mode this device runs);
         `spec` is the run's model, with the tokenizer it actually uses: recorded in every save."""
         self.cfg = cfg.checkpoint
-        self.enabled = self.cfg.enable
+        self.enabled = resolved.enabled
         self.spec = spec
         self.dump_folder = cfg.job.dump_folder
         self.folder = os.path.join(cfg.job.dump_folder, self.cfg.folder)
@@ -241,6 +241,13 @@ class CheckpointManager:
         self._in_flight: _Save | None = None
         self.export_dtype = resolved.export_dtype
         self.async_mode = resolved.async_mode
+        try:
+            _on_rank0(self._lock_folders)
+            self.start = self._choose_start(resolved.load_parts)
+        except BaseException:
+            self.release_locks()
+            raise
+        # Made once the start is settled, so that a refused start leaves no thread or shared memory behind.
         # Saves exchange checksums and failures over their own gloo group: a background save's collectives
         # must not interleave with the training thread's on one group.
         self._group = (
@@ -252,17 +259,11 @@ class CheckpointManager:
                                          use_async_staging=False, use_non_blocking_copy=True))
             if self.enabled and self.async_mode == "async_with_pinned_mem" else None
         )
-        try:
-            _on_rank0(self._lock_folders)
-            self.start = self._choose_start(resolved.load_parts)
-        except BaseException:
-            self.release_locks()
-            raise
 
     def _choose_start(self, parts: tuple[str, ...]) -> _Start:
         if not self.enabled:
             return _on_rank0(lambda: self._starting_weights(parts, attempt=""))
-        return _on_rank0(lambda: self._plan(parts))
+        return _on_rank0(lambda: self._start_in_folder(parts))
 
     def _lock_folders(self) -> None:
         """Rank 0: lock the dump folder (metrics, logs) and, when it lies elsewhere, the checkpoint folder."""
@@ -281,7 +282,7 @@ class CheckpointManager:
                 ) from None
             self._locks.append(lock)
 
-    def _plan(self, parts: tuple[str, ...]) -> _Start:
+    def _start_in_folder(self, parts: tuple[str, ...]) -> _Start:
         """Rank 0: check the folder, report leftovers, and pick the checkpoint to start from."""
         _check_writable(self.folder)
         stale = layout.leftovers(self.folder)
@@ -308,7 +309,7 @@ class CheckpointManager:
         return self._starting_weights(parts, attempt)
 
     def _starting_weights(self, parts: tuple[str, ...], attempt: str) -> _Start:
-        """Rank 0: the plan of a run that resumes nothing: initial_load_path, else model.hf_path."""
+        """Rank 0: the start of a run that resumes nothing: initial_load_path, else model.hf_path."""
         if self.cfg.initial_load_path:
             fix = "set checkpoint.load_content to parts it holds, e.g. model"
             return _Start(initial_checkpoint(self.cfg.initial_load_path), parts, fix, attempt,
@@ -638,9 +639,9 @@ class CheckpointManager:
             if self.enabled:
                 self._wait()
         finally:
-            if self.enabled and self._sealer is not None:
+            if self._sealer is not None:
                 self._sealer.shutdown()
-            if self.enabled and self._stager is not None:
+            if self._stager is not None:
                 self._stager.close()
             if self.stop is not None:
                 self.stop.close()

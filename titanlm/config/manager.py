@@ -219,6 +219,8 @@ def _range_rules() -> dict[str, tuple[Callable[[Any], bool], str]]:
         "lr_scheduler.warmup_ratio": (lambda v: 0 <= v < 1, "in [0, 1)"),
         "lr_scheduler.min_lr_factor": (lambda v: 0 <= v <= 1, "in [0, 1]"),
         "activation_checkpoint.layer_fraction": (lambda v: 0 < v <= 1, "in (0, 1]"),
+        "debug.seed": (lambda v: 0 <= v < 2**32, "in [0, 2**32)"),
+        "data.num_workers": (lambda v: v >= 0, ">= 0 (0 = load in the training process)"),
     }
     for key in _schema()["parallelism"].values():
         if key.name == "data_parallel_shard_degree":

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import sentencepiece as spm
 
+from titanlm.errors import DataError
+
 # Bump when the corpus or the tokenizer recipe changes, so stale caches are never reused.
 DEMO_VERSION = "demo-v1"
 NUM_DOCUMENTS = 20_000
@@ -147,8 +149,14 @@ def ensure_demo_assets(cache_folder: str) -> DemoAssets:
     final = os.path.join(parent, DEMO_VERSION)
     if os.path.isdir(final):
         return _assets(final)
-    os.makedirs(parent, exist_ok=True)
-    with open(os.path.join(parent, f"{DEMO_VERSION}.lock"), "w") as lock:
+    try:
+        os.makedirs(parent, exist_ok=True)
+        lock = open(os.path.join(parent, f"{DEMO_VERSION}.lock"), "w")
+    except OSError as error:
+        raise DataError(
+            f"cannot create the demo corpus in {parent} ({error.strerror}); set data.cache_folder to a writable folder"
+        ) from None
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if os.path.isdir(final):
             return _assets(final)

@@ -48,17 +48,16 @@ def build_dataloader(
     The tokenizer is None only for random or bin data without one. `dataset_kind`: random, demo or
     bin, as the plan resolved data.dataset.
     """
-    kind = dataset_kind
     seq_len, batch_size, seed = cfg.training.seq_len, cfg.training.local_batch_size, cfg.debug.seed
     common = dict(seq_len=seq_len, seed=seed, dp_rank=dp_rank, dp_world_size=dp_world_size,
                   worker_block=batch_size)
     path = cfg.model.tokenizer_path if tokenizer_path is None else tokenizer_path
     dataset: ShardedStream
-    if kind == "demo":
+    if dataset_kind == "demo":
         assets = ensure_demo_assets(cfg.data.cache_folder)
         tokenizer = _checked_tokenizer(path or assets.tokenizer_path, vocab_size)
         dataset = TextTokenDataset(_encode_lines(tokenizer, assets.corpus_path), **common)
-    elif kind == "random":
+    elif dataset_kind == "random":
         tokenizer = _checked_tokenizer(path, vocab_size) if path else None
         dataset = RandomTokenDataset(vocab_size=vocab_size, **common)
     else:  # bin: already tokenized, the tokenizer is only for whoever decodes

@@ -44,6 +44,8 @@ def shard_batch_for_cp(batch: Batch, cp_rank: int, cp_size: int) -> Batch:
     if cp_size == 1:
         return batch
     rows, seq_len = batch["input_ids"].shape
+    # The plan refuses a training.seq_len that does not cut; a batch of another length is a bug.
+    assert seq_len % (2 * cp_size) == 0, f"rows of {seq_len} tokens do not cut into 2 x {cp_size} chunks"
     if "position_ids" not in batch:
         positions = torch.arange(seq_len, device=batch["input_ids"].device).expand(rows, seq_len)
         batch = {**batch, "position_ids": positions}

@@ -13,6 +13,9 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from titanlm.config.job_config import Parallelism
 from titanlm.errors import ParallelismError
 
+# Outermost first: tensor parallelism, the most communication-hungry, stays on neighbouring ranks.
+MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
+
 
 @dataclass(frozen=True)
 class Meshes:
@@ -40,6 +43,8 @@ class ParallelDims:
 
     @classmethod
     def from_config(cls, cfg: Parallelism, world_size: int) -> ParallelDims:
+        if world_size < 1:
+            raise ParallelismError(f"the world size must be >= 1 process, got {world_size}")
         dp_replicate = cfg.data_parallel_replicate_degree
         tp, pp, cp = cfg.tensor_parallel_degree, cfg.pipeline_parallel_degree, cfg.context_parallel_degree
         others = dp_replicate * tp * pp * cp
@@ -66,10 +71,21 @@ class ParallelDims:
         """Ranks that see different data."""
         return self.dp_replicate * self.dp_shard
 
+    def sizes(self) -> dict[str, int]:
+        """The mesh's dimensions, outermost first, and their sizes."""
+        return {name: getattr(self, name) for name in MESH_DIMS}
+
+    def coordinates(self, rank: int) -> dict[str, int]:
+        """A global rank's index along each mesh dimension (ranks fill the mesh row-major)."""
+        coords = {}
+        for name, size in reversed(self.sizes().items()):
+            coords[name] = rank % size
+            rank //= size
+        return {name: coords[name] for name in MESH_DIMS}
+
     def build_meshes(self, device_type: str) -> Meshes:
-        names = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
-        sizes = (self.pp, self.dp_replicate, self.dp_shard, self.cp, self.tp)
-        world = init_device_mesh(device_type, sizes, mesh_dim_names=names)
+        sizes = self.sizes()
+        world = init_device_mesh(device_type, tuple(sizes.values()), mesh_dim_names=tuple(sizes))
         dp = world["dp_replicate", "dp_shard"]._flatten("dp")
         if self.cp == 1:
             fsdp = world["dp_replicate", "dp_shard"] if self.dp_replicate > 1 else world["dp_shard"]

@@ -9,6 +9,8 @@ because it must see the final module tree.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from titanlm.models.attention import build_attention_backend
@@ -21,7 +23,9 @@ from titanlm.parallel.fsdp import apply_fsdp
 from titanlm.parallel.parallel_dims import Meshes
 from titanlm.parallel.pipeline import pipeline_parts
 from titanlm.parallel.tensor_parallel import apply_tp
-from titanlm.plan import RunPlan
+
+if TYPE_CHECKING:  # the plan is above the builders; they only read it
+    from titanlm.plan import RunPlan
 
 
 def parallelize(model: Transformer, meshes: Meshes, plan: RunPlan) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -20,7 +21,9 @@ from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import PipelineScheduleMulti, _PipelineSchedule, get_schedule_class
 
 from titanlm.models.transformer import Transformer
-from titanlm.plan import PipelinePlan
+
+if TYPE_CHECKING:  # the plan is above the builders; they only read it
+    from titanlm.plan import PipelinePlan
 
 
 def split_stage(model: Transformer, stage: int, pipeline: PipelinePlan) -> Transformer:

@@ -46,6 +46,8 @@ def split_indices(n: int, split_ratio: float, seed: int) -> tuple[np.ndarray, np
     rounds one of them to no record is refused, as an empty split would fail only later, in training.
     """
     _check_ratio(split_ratio)
+    if seed < 0:
+        raise ConfigError(f"--seed must be >= 0, got {seed}")
     num_valid = round(n * split_ratio)
     if split_ratio > 0 and num_valid == 0:
         fix = f"--split_ratio {1 / n:.3g} or more for at least one record" if n > 1 else "--split_ratio 1 (valid only)"
