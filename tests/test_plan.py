@@ -282,3 +282,15 @@ def test_dry_run_traces_a_step_of_the_real_model_under_fsdp(tmp_path) -> None:
     assert "fsdp        shard over 8 rank(s), reshard after forward: default" in result.stdout
     assert "  rank    7: pp=0 dp_replicate=0 dp_shard=7 cp=0 tp=0" in result.stdout
     assert "method: traced: one step on fake CPU tensors" in result.stdout
+
+
+def test_each_rank_has_its_own_place_in_the_mesh_with_tp_innermost() -> None:
+    dims = plan_of("--parallelism.tensor_parallel_degree", "4", "--parallelism.pipeline_parallel_degree", "4",
+                   "--parallelism.context_parallel_degree", "2", "--training.local_batch_size", "1",
+                   "--training.global_batch_size", "8", "--training.seq_len", "64", world=64).dims
+    assert dims.sizes() == {"pp": 4, "dp_replicate": 1, "dp_shard": 2, "cp": 2, "tp": 4}
+    assert dims.coordinates(0) == {"pp": 0, "dp_replicate": 0, "dp_shard": 0, "cp": 0, "tp": 0}
+    assert dims.coordinates(13) == {"pp": 0, "dp_replicate": 0, "dp_shard": 1, "cp": 1, "tp": 1}
+    assert dims.coordinates(63) == {"pp": 3, "dp_replicate": 0, "dp_shard": 1, "cp": 1, "tp": 3}
+    assert len({tuple(dims.coordinates(rank).values()) for rank in range(64)}) == 64
+    assert [rank for rank in range(64) if dims.coordinates(rank)["pp"] == 1] == list(dims.ranks_of_pp_rank(1))

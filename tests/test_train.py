@@ -234,3 +234,23 @@ def test_ac_modes_recompute_what_they_promise_in_backward() -> None:
     none, selective, full = backward_ops("none"), backward_ops("selective"), backward_ops("full")
     assert full["mm"] > selective["mm"] == none["mm"]  # only full recomputes the matmuls
     assert selective["mul"] > none["mul"]  # selective recomputes the elementwise ops
+
+
+def test_only_logged_steps_wait_for_the_device_and_count_documents(tmp_path, monkeypatch) -> None:
+    import titanlm.metrics
+
+    trainer = Trainer(load_config([*TINY_ARGS, "--job.dump_folder", str(tmp_path)]))
+    try:
+        batches = iter(trainer.dataloader)
+        timed = trainer.train_step(trainer.next_micro_batches(batches))
+        assert {"tgs", "tflops", "mfu", "memory_gib", "fwd_bwd_time"} <= set(timed)
+
+        def no_counting(batch):
+            raise AssertionError("an untimed step counted its documents")
+
+        monkeypatch.setattr(titanlm.metrics, "document_lengths", no_counting)
+        untimed = trainer.train_step(trainer.next_micro_batches(batches), timed=False)
+        assert not {"tgs", "tflops", "mfu", "memory_gib", "fwd_bwd_time"} & set(untimed)
+        assert {"step", "loss", "lr", "grad_norm", "step_time"} <= set(untimed)  # what metrics.keep_step reads
+    finally:
+        trainer.close()

@@ -105,9 +105,9 @@ def describe(plan: RunPlan, cfg: JobConfig) -> list[str]:
 
 def rank_lines(plan: RunPlan) -> list[str]:
     """Each rank's coordinates and, under pipeline parallelism, its stages."""
-    per_stage = plan.world_size // plan.dims.pp
+    per_stage = len(plan.dims.ranks_of_pp_rank(0))
     listed = range(plan.world_size) if plan.world_size <= RANKS_LISTED else [
-        rank for pp in range(plan.dims.pp) for rank in range(pp * per_stage, pp * per_stage + min(per_stage, 4))
+        rank for pp_rank in range(plan.dims.pp) for rank in plan.dims.ranks_of_pp_rank(pp_rank)[:4]
     ]
     lines = ["ranks" + ("" if plan.world_size <= RANKS_LISTED else f" (the first 4 of each pp rank's {per_stage})")]
     for rank in listed:
@@ -122,10 +122,10 @@ def memory_lines(estimates: dict[int, MemoryEstimate], plan: RunPlan, limit_gib:
     """The estimate table and whether every rank fits."""
     lines = ["peak memory per rank, GiB (params / grads / optimizer / activations / other = peak)"]
     fits = True
-    per_stage = plan.world_size // plan.dims.pp
     for pp_rank, est in estimates.items():
         if plan.dims.pp > 1:
-            who = f"pp rank {pp_rank} (ranks {pp_rank * per_stage}-{(pp_rank + 1) * per_stage - 1})"
+            ranks = plan.dims.ranks_of_pp_rank(pp_rank)
+            who = f"pp rank {pp_rank} (ranks {ranks[0]}-{ranks[-1]})"
         else:
             who = f"every rank (0-{plan.world_size - 1})" if plan.world_size > 1 else "the one rank"
         over = limit_gib is not None and est.peak_gib > limit_gib
@@ -159,11 +159,11 @@ def main(argv: list[str] | None = None) -> None:
         if options.memory == "none":
             return
         limit = options.gpu_memory_gib if options.device == "cuda" else None
-        per_stage = plan.world_size // plan.dims.pp
+        first_ranks = {pp_rank: plan.dims.ranks_of_pp_rank(pp_rank)[0] for pp_rank in range(plan.dims.pp)}
         estimates = {
-            pp_rank: estimate_memory(cfg, options.world_size, options.device, rank=pp_rank * per_stage)
-            if options.memory == "auto" else formula_memory(cfg, options.world_size, pp_rank * per_stage, options.device)
-            for pp_rank in range(plan.dims.pp)
+            pp_rank: estimate_memory(cfg, options.world_size, options.device, rank=rank)
+            if options.memory == "auto" else formula_memory(cfg, options.world_size, rank, options.device)
+            for pp_rank, rank in first_ranks.items()
         }
     except TitanlmError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -205,7 +205,7 @@ def _traced_step(cfg: JobConfig, plan: RunPlan, fake: bool) -> MemoryEstimate:
         norms = _cuda_rms_norm() if plan.device_type == "cuda" else nullcontext()
         propagation = _untracked_sharding_propagation() if fake else nullcontext()
         with tracker, norms, propagation:
-            _forward_backward(step, batch, global_tokens)
+            step.accumulate([batch], global_tokens, loss_scale=1.0)
             grads = _bytes(_categories(tracker.get_tracker_snapshot()), _GRADS)
             global_grad_norm([p.grad for p in params if p.grad is not None])  # clipping then scales in place
             optimizer.step()
@@ -269,18 +269,6 @@ def _random_batch(plan: RunPlan, device: torch.device) -> dict[str, torch.Tensor
         batch["position_ids"] = torch.arange(seq, device=device).expand(rows, seq)
         batch["document_ids"] = torch.zeros(rows, seq, dtype=torch.long, device=device)
     return batch
-
-
-def _forward_backward(step: LocalStep, batch: dict[str, torch.Tensor], global_tokens: int) -> None:
-    """One micro-batch's forward, loss and backward, as `LocalStep` runs it."""
-    model, chunk_tokens = step.parts[0], step.plan.loss_chunk_tokens
-    extra = {"position_ids": batch.get("position_ids"), "document_ids": batch.get("document_ids")}
-    with step.context():
-        if chunk_tokens:
-            summed = model(batch["input_ids"], **extra, labels=batch["labels"], loss_chunk_tokens=chunk_tokens)
-        else:
-            summed = step.loss_fn(model(batch["input_ids"], **extra), batch["labels"])
-        (summed / global_tokens).backward()
 
 
 def _categories(snapshot: dict[torch.device, dict]) -> dict[str, int]:

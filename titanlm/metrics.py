@@ -23,7 +23,7 @@ import uuid
 from collections import deque
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -31,9 +31,7 @@ from titanlm.config import JobConfig, config_to_dict, config_to_toml
 from titanlm.data.datasets import TextTokenDataset
 from titanlm.data.packing import PackedDataset
 from titanlm.models.flops import document_lengths, internevo_tflops, training_flops
-
-if TYPE_CHECKING:  # titanlm.plan imports this module
-    from titanlm.plan import RunPlan
+from titanlm.plan import RunPlan
 
 logger = logging.getLogger("titanlm")
 

@@ -78,11 +78,13 @@ class ModelStep:
         dist.all_reduce(label_tokens, group=self.loss_group)
         # A Python number: it divides both plain and vocab-sharded (DTensor) losses.
         global_tokens = max(label_tokens.item(), 1.0)
-        loss = self._run(prepared, global_tokens, loss_scale)
+        loss = self.accumulate(prepared, global_tokens, loss_scale)
         dist.all_reduce(loss, group=self.loss_group)
         return loss
 
-    def _run(self, micro_batches: list[Batch], global_tokens: float, loss_scale: float) -> torch.Tensor:
+    def accumulate(self, micro_batches: list[Batch], global_tokens: float, loss_scale: float) -> torch.Tensor:
+        """Forward and backward of prepared micro-batches, each loss divided by `global_tokens`; returns
+        this rank's share of the loss (the memory estimate traces this too)."""
         raise NotImplementedError
 
     def logits(self, batch: Batch) -> torch.Tensor | None:
@@ -101,7 +103,7 @@ def _extra_inputs(batch: Batch) -> dict[str, torch.Tensor | None]:
 class LocalStep(ModelStep):
     """The whole model on this rank: micro-batches accumulate one after another."""
 
-    def _run(self, micro_batches: list[Batch], global_tokens: float, loss_scale: float) -> torch.Tensor:
+    def accumulate(self, micro_batches: list[Batch], global_tokens: float, loss_scale: float) -> torch.Tensor:
         model = self.parts[0]
         total = torch.zeros((), device=self.device)
         for mb in micro_batches:
@@ -136,7 +138,7 @@ class PipelineStep(ModelStep):
             loss_fn=lambda output, labels: self.loss_fn(output, labels) * self._loss_factor,
         )
 
-    def _run(self, micro_batches: list[Batch], global_tokens: float, loss_scale: float) -> torch.Tensor:
+    def accumulate(self, micro_batches: list[Batch], global_tokens: float, loss_scale: float) -> torch.Tensor:
         inputs = torch.cat([mb["input_ids"] for mb in micro_batches])
         labels = torch.cat([mb["labels"] for mb in micro_batches])
         # Keyword tensors reach every stage of this rank (split per micro-batch), so later stages

@@ -37,7 +37,7 @@ from pathlib import Path
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -61,9 +61,7 @@ from titanlm.config.job_config import JobConfig
 from titanlm.distributed import PROCESS_GROUP_TIMEOUT_S
 from titanlm.errors import TitanlmError
 from titanlm.models.spec import ModelSpec, write_record
-
-if TYPE_CHECKING:  # titanlm.plan imports this package's constants
-    from titanlm.plan import CheckpointPlan
+from titanlm.plan import CheckpointPlan
 
 logger = logging.getLogger("titanlm")
 

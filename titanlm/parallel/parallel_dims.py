@@ -83,6 +83,11 @@ class ParallelDims:
             rank //= size
         return {name: coords[name] for name in MESH_DIMS}
 
+    def ranks_of_pp_rank(self, pp_rank: int) -> range:
+        """The global ranks holding pipeline rank `pp_rank`'s stages (pp is the outermost dimension)."""
+        per_stage = self.world_size // self.pp
+        return range(pp_rank * per_stage, (pp_rank + 1) * per_stage)
+
     def build_meshes(self, device_type: str) -> Meshes:
         sizes = self.sizes()
         world = init_device_mesh(device_type, tuple(sizes.values()), mesh_dim_names=tuple(sizes))

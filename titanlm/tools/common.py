@@ -9,6 +9,7 @@ with one error.
 
 from __future__ import annotations
 
+import json
 import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -17,7 +18,7 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Any, TypeVar
 
 from titanlm.data.tokenizer import Tokenizer, TokenizerFileError, build_tokenizer
-from titanlm.errors import ConfigError, MissingFileError
+from titanlm.errors import ConfigError, DataError, MissingFileError
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
@@ -81,3 +82,17 @@ def ordered_map(
         ) from None
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def read_json_file(path: str) -> Any:
+    """The JSON value a whole file holds (a byte-order mark is allowed), or one line naming the file and
+    where it is malformed."""
+    with open(path, encoding="utf-8-sig") as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise DataError(
+                f"{path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); fix the array"
+            ) from None
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path} is not UTF-8 text ({e.reason}); convert the file") from None

@@ -18,7 +18,6 @@ files of a split this run does not write are removed, and without it they are re
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -34,7 +33,7 @@ from titanlm.data.chat_templates import TEMPLATES, encode_alpaca
 from titanlm.data.tokenizer import Tokenizer
 from titanlm.errors import ConfigError, DataError, MissingFileError, TitanlmError
 from titanlm.files import give_default_mode
-from titanlm.tools.common import load_tokenizer
+from titanlm.tools.common import load_tokenizer, read_json_file
 
 SPLITS = ("train", "valid")
 
@@ -170,15 +169,7 @@ def tokenize_alpaca(
     if not os.path.isfile(input_json):
         raise MissingFileError(f"input {input_json} does not exist")
     tokenizer = load_tokenizer(tokenizer_path, "the TOKENIZER argument")
-    with open(input_json, encoding="utf-8") as f:
-        try:
-            records = json.load(f)
-        except json.JSONDecodeError as e:
-            raise DataError(
-                f"{input_json} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); fix the array"
-            ) from None
-        except UnicodeDecodeError as e:
-            raise DataError(f"{input_json} is not UTF-8 text ({e.reason}); convert the file") from None
+    records = read_json_file(input_json)
     if not isinstance(records, list):
         raise DataError(
             f"{input_json} holds a {type(records).__name__}; expected a JSON array of Alpaca records"

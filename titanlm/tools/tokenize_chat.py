@@ -61,7 +61,7 @@ from titanlm.data.chat_templates import (
 from titanlm.data.tokenizer import Tokenizer
 from titanlm.errors import ConfigError, DataError, MissingFileError, TitanlmError
 from titanlm.models.hf_checkpoint import tokenizer_file
-from titanlm.tools.common import check_workers, load_tokenizer, ordered_map
+from titanlm.tools.common import check_workers, load_tokenizer, ordered_map, read_json_file
 from titanlm.tools.tokenize_alpaca import (
     SPLITS,
     check_outputs,
@@ -150,15 +150,7 @@ def read_records(path: str) -> tuple[int, Iterator[tuple[str, str | None, Any]]]
     with open(path, "rb") as f:
         first = f.read(4096).removeprefix(b"\xef\xbb\xbf").lstrip()[:1]
     if first == b"[":
-        with open(path, encoding="utf-8-sig") as f:
-            try:
-                records = json.load(f)
-            except json.JSONDecodeError as e:
-                raise DataError(
-                    f"{path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); fix the array"
-                ) from None
-            except UnicodeDecodeError as e:
-                raise DataError(f"{path} is not UTF-8 text ({e.reason}); convert the file") from None
+        records = read_json_file(path)
         items = ((f"{path} record {number}", None, r) for number, r in enumerate(records, start=1))
         return len(records), items
     count = sum(1 for _ in _jsonl_lines(path))
