@@ -11,6 +11,9 @@
 #   benchmarks/gpu_checks.sh offload    Llama-3.1-8B's width cut to 16 layers (host memory of a 128 GiB
 #                                       machine), seq 4096: peak GPU memory and tokens/s with and without
 #                                       FSDP CPU offload; then generate from the debug run's checkpoint on CUDA
+#   benchmarks/gpu_checks.sh cp         context parallelism's kernels: each rank's share of a 32K packed row
+#                                       against masked SDPA (tests), then its attention time at cp 2 and 4
+#                                       against the whole row (benchmarks/cp_attention_time.py)
 # Wheels for packages the machine lacks go in .whl/ (see docs/benchmarks.md); logs go to $OUT or ./gpu_logs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -80,12 +83,18 @@ offload)
     timeout 60 $PY -m titanlm.tools.generate --checkpoint /tmp/gen/checkpoint/step-50 --prompt "1 + 2 =" \
         --prompt "count: one two" --temperature 0 --max_new_tokens 16 2>&1 | tail -12
     ;;
+cp)
+    timeout 300 $PY -m pytest -q -rs tests/test_cuda.py -k context_parallel 2>&1 | tee "$OUT/cp_tests.log" | tail -5
+    for cp in 2 4; do
+        timeout 120 $PY benchmarks/cp_attention_time.py --cp $cp 2>&1 | tee "$OUT/cp_attention_$cp.txt"
+    done
+    ;;
 titan)
     bench titan_eager --peers torchtitan
     bench titan_compile_sac_float8 --peers torchtitan --compile --ac selective --float8
     ;;
 *)
-    echo "usage: benchmarks/gpu_checks.sh tests | ladder A|B | titan | profile NAME | offload" >&2
+    echo "usage: benchmarks/gpu_checks.sh tests | ladder A|B | titan | profile NAME | offload | cp" >&2
     exit 2
     ;;
 esac

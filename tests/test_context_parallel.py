@@ -12,13 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from titanlm.models.attention import SDPABackend, document_causal_mask
+from titanlm.models.attention import FlexBackend, SDPABackend, VarlenBackend, document_causal_mask
 from titanlm.parallel.context_parallel import (
     cp_token_indices,
     shard_batch_for_cp,
 )
 from titanlm.plan import schedule_available
 from binmeta_files import write_internevo
+from cp_shares import packed_documents, reference_varlen_kernel, share_attention, whole_row_reference
 from trainer_runs import assert_records_close, read_metrics, run_in_process, run_torchrun
 
 CP2 = ["--parallelism.context_parallel_degree", "2"]
@@ -66,6 +67,81 @@ def test_mask_is_the_single_process_mask_restricted_to_local_queries(with_docume
         mask = document_causal_mask(queries, keys, *docs)
         brute = [[[bool(full[b, 0, q, k]) for k in keys] for q in queries] for b in range(2)]
         assert mask.expand(2, 1, -1, -1)[:, 0].tolist() == brute
+
+
+CP_BACKENDS = {"flex": FlexBackend, "varlen": lambda: VarlenBackend(reference_varlen_kernel), "sdpa": SDPABackend}
+ROW_KINDS = ("causal", "random_documents", "packed_documents")
+
+
+def cp_case(kind: str, rows: int, seq: int) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+    """Document ids (None for plain causal rows) and q, k, v [rows, heads, seq, dim] of one case."""
+    generator = torch.Generator().manual_seed(seq)
+    documents = {
+        "causal": None,
+        # Runs of random lengths, single tokens included, as the loader numbers them: ids rise along a row.
+        "random_documents": torch.randint(0, seq // 3, (rows, seq), generator=generator).sort(dim=1).values,
+        "packed_documents": packed_documents(rows, seq, mean_length=seq // 5, generator=generator),
+    }[kind]
+    q = torch.randn(rows, 4, seq, 8, generator=generator)
+    k, v = (torch.randn(rows, 2, seq, 8, generator=generator) for _ in range(2))  # grouped-query
+    return documents, [q, k, v]
+
+
+@pytest.mark.parametrize("kind", ROW_KINDS)
+@pytest.mark.parametrize("cp", [2, 4])
+@pytest.mark.parametrize("name", sorted(CP_BACKENDS))
+def test_each_rank_share_equals_the_whole_row_attention_of_its_queries(name, cp, kind) -> None:
+    documents, qkv = cp_case(kind, rows=2, seq=64)
+    expected = whole_row_reference(qkv, documents)
+    for rank in range(cp):
+        with torch.no_grad():
+            got = share_attention(CP_BACKENDS[name](), qkv, documents, rank, cp)
+        torch.testing.assert_close(got, expected[:, :, cp_token_indices(64, rank, cp)], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ROW_KINDS)
+def test_varlen_pieces_give_the_gradients_of_the_whole_row(kind) -> None:
+    """Backward through the pieces' key selection: the ranks' shares together give q, k and v the
+    gradients of whole-row attention (each rank's keys are the whole row, so k and v sum over ranks)."""
+    cp = 2
+    documents, qkv = cp_case(kind, rows=2, seq=48)
+    weights = torch.randn(2, 4, 48, 8, generator=torch.Generator().manual_seed(1))
+    leaves = [t.clone().requires_grad_() for t in qkv]
+    (whole_row_reference(leaves, documents) * weights).sum().backward()
+    expected = [t.grad for t in leaves]
+    leaves = [t.clone().requires_grad_() for t in qkv]
+    for rank in range(cp):
+        out = share_attention(VarlenBackend(reference_varlen_kernel), leaves, documents, rank, cp)
+        (out * weights[:, :, cp_token_indices(48, rank, cp)]).sum().backward()
+    for got, want in zip((t.grad for t in leaves), expected):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_varlen_pieces_cut_chunks_at_document_boundaries_and_see_their_document_prefix() -> None:
+    documents = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 3, 3]])  # 16 tokens, cp 2: chunks of 4
+    queries = cp_token_indices(16, 1, 2)  # tokens 4..11: document 1's 4..8, then document 2's 9..11
+    keys = torch.cat([cp_token_indices(16, r, 2) for r in range(2)])
+    pieces = VarlenBackend(reference_varlen_kernel).prepare_shard(
+        queries, keys, documents[:, queries], documents[:, keys], 1)
+    assert pieces.cu_seqlens_q.tolist() == [0, 5, 8]
+    assert pieces.cu_seqlens_k.tolist() == [0, 6, 9]  # document 1 from token 3; document 2 from token 9
+    assert (pieces.max_seqlen_q, pieces.max_seqlen_k) == (5, 6)
+    rows, positions = pieces.key_rows
+    assert keys[positions].tolist() == [3, 4, 5, 6, 7, 8, 9, 10, 11] and rows.tolist() == [0] * 9
+
+
+def test_flex_share_mask_skips_exactly_the_blocks_no_local_query_may_see() -> None:
+    """Rank 0 of cp 2 on a 1024-token row: its head chunk (tokens 0..255) sees only chunk 0, its tail
+    chunk (768..1023) everything before it. Of the [4 query x 8 key] blocks of 128, flex computes the 18
+    that hold an allowed pair and skips the other 14."""
+    seq, cp = 1024, 2
+    queries = cp_token_indices(seq, 0, cp)
+    keys = torch.cat([cp_token_indices(seq, r, cp) for r in range(cp)])
+    visited = FlexBackend().prepare_shard(queries, keys, None, None, 1).to_dense()[0, 0]
+    allowed = document_causal_mask(queries, keys)[0, 0]
+    any_allowed = allowed.view(4, 128, 8, 128).any(dim=3).any(dim=1)
+    assert visited.bool().tolist() == any_allowed.tolist()
+    assert visited.sum() == 3 + 15  # head: a causal 2 x 2 triangle; tail: 3 full chunks + its own triangle
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from cp_shares import packed_documents, share_attention
 from trainer_runs import run_in_process
 from titanlm.models import ModelArgs, Transformer
 from titanlm.models.attention import FlexBackend, SDPABackend, VarlenBackend, build_attention_backend
@@ -55,6 +56,28 @@ def test_fast_attention_kernels_match_the_masked_sdpa_reference_forward_and_back
     assert relative_error(logits, expected_logits) < 1e-2
     for name, grad in grads.items():
         assert relative_error(grad, expected_grads[name]) < 3e-2, name
+
+
+@pytest.mark.parametrize("cp", [2, 4])
+@pytest.mark.parametrize("backend", ["flex", "varlen"])
+def test_context_parallel_share_of_a_32k_packed_row_matches_masked_sdpa(backend: str, cp: int) -> None:
+    """Each rank's share of one 32K row packed with documents of 1-4K tokens (and a short one): its
+    queries against the gathered keys, forward and backward, as the masked SDPA reference computes
+    it (kernel checked alone: the gather is tested on CPU under torchrun)."""
+    seq, generator = 32768, torch.Generator().manual_seed(0)
+    documents = packed_documents(1, seq, mean_length=2048, generator=generator).cuda()
+    q = torch.randn(1, 4, seq, 128, generator=generator).cuda().bfloat16()
+    k, v = (torch.randn(1, 2, seq, 128, generator=generator).cuda().bfloat16() for _ in range(2))
+    kernel = FlexBackend() if backend == "flex" else VarlenBackend()
+    for rank in range(cp):
+        results = []
+        for attention in (kernel, SDPABackend()):
+            leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+            out = share_attention(attention, leaves, documents, rank, cp)
+            out.float().square().mean().backward()
+            results.append([out.detach(), *(t.grad for t in leaves)])
+        for got, expected in zip(*results):
+            assert relative_error(got, expected) < 2e-2, (backend, cp, rank)
 
 
 def test_auto_backend_on_cuda_is_a_document_aware_kernel() -> None:

@@ -11,7 +11,7 @@ import torch
 from titanlm import plan as plan_module
 from titanlm.config import load_config
 from titanlm.errors import CheckpointError, ConfigError, ParallelismError, TitanlmError, UnsupportedError
-from titanlm.plan import resolve, stage_layer_counts, stages_of_rank
+from titanlm.plan import resolve, stage_layer_counts, stages_of_rank, varlen_kernel_installed
 
 DEBUG = ["--model.flavor", "debug", "--data.dataset", "random"]  # 4 layers, 8 heads, 4 kv heads
 
@@ -188,16 +188,18 @@ def test_rowwise_float8_on_a_cpu_without_row_scales_is_refused_in_one_line(monke
 
 # --- attention, data, checkpoint --------------------------------------------------------------------
 
-def test_attention_auto_is_sdpa_on_cpu_and_under_context_parallelism() -> None:
+def test_attention_auto_is_sdpa_on_cpu_and_a_fast_kernel_on_cuda_with_or_without_context_parallelism() -> None:
     assert plan_of().attention_backend == "sdpa"
-    assert plan_of(device="cuda").attention_backend in ("varlen", "flex")
-    assert plan_of("--parallelism.context_parallel_degree", "2", "--training.seq_len", "64", world=2,
-                   device="cuda").attention_backend == "sdpa"
-    refused(ParallelismError, "model.attention_backend = 'flex' cannot express", "--model.attention_backend", "flex",
-            "--parallelism.context_parallel_degree", "2", "--training.seq_len", "64", world=2)
+    cp2 = ("--parallelism.context_parallel_degree", "2", "--training.seq_len", "64")
+    assert plan_of(*cp2, world=2).attention_backend == "sdpa"
+    fast = "varlen" if varlen_kernel_installed() else "flex"
+    assert plan_of(device="cuda").attention_backend == fast
+    assert plan_of(*cp2, world=2, device="cuda").attention_backend == fast
+    for name in ("flex", "varlen", "sdpa"):  # no backend is refused under cp
+        assert plan_of("--model.attention_backend", name, *cp2, world=2, device="cuda").attention_backend == name
     refused(UnsupportedError, "model.attention_backend = 'varlen' needs CUDA", "--model.attention_backend", "varlen")
-    refused(UnsupportedError, "model.attention_backend = 'flex' trains on CUDA only", "--model.attention_backend", "flex")
-    assert plan_of("--model.attention_backend", "flex", device="cuda").attention_backend == "flex"
+    refused(UnsupportedError, "model.attention_backend = 'flex' trains on CUDA only", "--model.attention_backend", "flex",
+            *cp2, world=2)
 
 
 def test_dataset_kind_and_the_data_paths_it_would_ignore() -> None:

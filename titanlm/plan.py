@@ -191,7 +191,7 @@ def resolve(cfg: JobConfig, world_size: int, device_type: str) -> RunPlan:
         tp=tp,
         pipeline=pipeline,
         float8=resolve_float8(cfg, device_type, fsdp),
-        attention_backend=resolve_attention_backend(cfg, dims, device_type),
+        attention_backend=resolve_attention_backend(cfg, device_type),
         activation_checkpoint=cfg.activation_checkpoint.mode,
         recomputed_layers=recomputed,
         compile=cfg.compile.enable,
@@ -444,28 +444,22 @@ def varlen_kernel_installed() -> bool:
     return any(importlib.util.find_spec(name) is not None for name in ("flash_attn", "torch.nn.attention.varlen"))
 
 
-def resolve_attention_backend(cfg: JobConfig, dims: ParallelDims, device_type: str) -> str:
-    """`auto`: sdpa on CPU; on CUDA varlen when a varlen kernel is installed, else flex. Context
-    parallelism masks local queries against gathered keys, which only sdpa takes today."""
+def resolve_attention_backend(cfg: JobConfig, device_type: str) -> str:
+    """`auto`: sdpa on CPU; on CUDA varlen when a varlen kernel is installed, else flex. The same
+    holds under context parallelism: every backend describes a rank's queries against the gathered
+    keys (`AttentionBackend.prepare_shard`)."""
     name = cfg.model.attention_backend
-    if dims.cp > 1:
-        if name not in ("auto", "sdpa"):
-            raise ParallelismError(
-                f"parallelism.context_parallel_degree > 1 masks local queries against gathered keys, which "
-                f"model.attention_backend = '{name}' cannot express; set model.attention_backend = 'sdpa' or 'auto'"
-            )
-        return "sdpa"
+    if name == "varlen" and device_type != "cuda":
+        raise UnsupportedError(
+            "model.attention_backend = 'varlen' needs CUDA and flash-attn (pip install flash-attn) or a "
+            "torch with torch.nn.attention.varlen; use 'sdpa' or 'flex' here"
+        )
+    if name == "flex" and device_type != "cuda":
+        raise UnsupportedError(
+            "model.attention_backend = 'flex' trains on CUDA only (flex attention has no backward on CPU); "
+            "use 'sdpa' or 'auto' here"
+        )
     if name != "auto":
-        if name == "varlen" and device_type != "cuda":
-            raise UnsupportedError(
-                "model.attention_backend = 'varlen' needs CUDA and flash-attn (pip install flash-attn) or a "
-                "torch with torch.nn.attention.varlen; use 'sdpa' or 'flex' here"
-            )
-        if name == "flex" and device_type != "cuda":
-            raise UnsupportedError(
-                "model.attention_backend = 'flex' trains on CUDA only (flex attention has no backward on CPU); "
-                "use 'sdpa' or 'auto' here"
-            )
         return name
     if device_type != "cuda":
         return "sdpa"

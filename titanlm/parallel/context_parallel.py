@@ -6,25 +6,33 @@ gives every rank the same attention work.
 
 Attention: each layer all-gathers k and v over the cp group (backward reduce-scatters their grads), so
 the local queries see the whole row. The gathered keys stay in rank-major order (rank 0's two chunks,
-then rank 1's, ...); the mask is built from every key's token index in the original row, so no reorder
-copy is needed. A query may attend a key iff key index <= query index and both share a document.
-Token indices, not `position_ids`, order the row: positions restart at every packed document.
+then rank 1's, ...); each key is known by its token index in the original row, so no reorder copy is
+needed. A query may attend a key iff key index <= query index and both share a document. Token
+indices, not `position_ids`, order the row: positions restart at every packed document.
 
-SDPA with that boolean mask runs on CPU (gloo) and GPU alike; the mask, built once per forward, is
-[batch, 1, S / cp, S] booleans (a cached [1, 1, S / cp, S] one without document ids). torch's ring
-attention (`torch.distributed.tensor.experimental.context_parallel`) is not wired in: it patches SDPA
-through global state, has no CPU kernel and takes no document masks.
+The wrapped backend turns those indices into its kernel's inputs once per forward (`prepare_shard`):
+sdpa a boolean mask [batch, 1, S / cp, S] (CPU and GPU; the reference), flex a BlockMask that skips
+fully masked blocks, varlen one (query piece, key prefix) pair per cp chunk and document, the keys
+picked out of the gathered ones. torch's ring attention
+(`torch.distributed.tensor.experimental.context_parallel`) is not wired in: it patches SDPA through
+global state, has no CPU kernel and takes no document masks.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.distributed._functional_collectives as funcol
 from torch.distributed.device_mesh import DeviceMesh
 
 from titanlm.data.datasets import Batch
-from titanlm.models.attention import AttentionBackend, document_causal_mask
+from titanlm.models.attention import AttentionBackend
 from titanlm.models.transformer import Attention, Transformer
+
+
+# torch 2.13 renamed the differentiable all-gather and deprecated the old name; 2.11 has only the old one.
+_all_gather_autograd = getattr(funcol, "all_gather_single_autograd", None) or funcol.all_gather_tensor_autograd
 
 
 def cp_token_indices(seq_len: int, cp_rank: int, cp_size: int, device: torch.device | None = None) -> torch.Tensor:
@@ -56,9 +64,8 @@ def shard_batch_for_cp(batch: Batch, cp_rank: int, cp_size: int) -> Batch:
 class AllGatherKVAttention(AttentionBackend):
     """Attention of this rank's queries over the keys/values of the whole row, gathered over `cp_mesh`.
 
-    `prepare` gathers the document ids once per forward and builds the mask; each layer then gathers
-    k and v. Only SDPA takes an arbitrary query-by-key mask, so the wrapped backend is sdpa (the plan
-    resolves the attention backend to sdpa under context parallelism).
+    `prepare` gathers the document ids once per forward and has the wrapped backend describe the
+    rank's queries against the gathered keys (`prepare_shard`); each layer then gathers k and v.
     """
 
     name = "allgather_cp"
@@ -68,7 +75,7 @@ class AllGatherKVAttention(AttentionBackend):
         self.group = cp_mesh.get_group()
         self.cp_rank = cp_mesh.get_local_rank()
         self.cp_size = cp_mesh.size()
-        self._causal_masks: dict[tuple[int, torch.device], torch.Tensor] = {}
+        self._causal: dict[tuple[int, int, torch.device], Any] = {}
 
     def _indices(self, local_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Original-row indices of the local queries and of the gathered (rank-major) keys."""
@@ -77,27 +84,28 @@ class AllGatherKVAttention(AttentionBackend):
         return keys[self.cp_rank], torch.cat(keys)
 
     def _gather_seq(self, tensor: torch.Tensor, seq_dim: int) -> torch.Tensor:
-        # all_gather_tensor_autograd exists in every supported torch (2.11 lacks all_gather_single_autograd).
-        return funcol.all_gather_tensor_autograd(tensor.contiguous(), seq_dim, self.group)
+        return _all_gather_autograd(tensor.contiguous(), seq_dim, self.group)
 
-    def prepare(self, document_ids: torch.Tensor | None) -> torch.Tensor | None:
+    def prepare(self, document_ids: torch.Tensor | None) -> Any:
         if document_ids is None:
-            return None  # plain causal: __call__ uses a cached mask for the local length
-        query_index, key_index = self._indices(document_ids.shape[1], document_ids.device)
+            return None  # plain causal: __call__ uses a cached description for the local shape
+        rows, local_len = document_ids.shape
+        query_index, key_index = self._indices(local_len, document_ids.device)
         key_documents = self._gather_seq(document_ids, 1)
-        return document_causal_mask(query_index, key_index, document_ids, key_documents)
+        return self.inner.prepare_shard(query_index, key_index, document_ids, key_documents, rows)
 
-    def _causal_mask(self, local_len: int, device: torch.device) -> torch.Tensor:
-        key = (local_len, device)
-        if key not in self._causal_masks:
-            self._causal_masks[key] = document_causal_mask(*self._indices(local_len, device))
-        return self._causal_masks[key]
+    def _causal_rows(self, rows: int, local_len: int, device: torch.device) -> Any:
+        key = (rows, local_len, device)
+        if key not in self._causal:
+            self._causal[key] = self.inner.prepare_shard(*self._indices(local_len, device), None, None, rows)
+        return self._causal[key]
 
     def __call__(self, q, k, v, prepared):
         # One collective for k and v together: [2, batch, kv_heads, seq, dim], gathered along seq.
         k_all, v_all = self._gather_seq(torch.stack((k, v)), 3).unbind(0)
-        mask = prepared if prepared is not None else self._causal_mask(q.shape[2], q.device)
-        return self.inner(q, k_all, v_all, mask)
+        if prepared is None:
+            prepared = self._causal_rows(q.shape[0], q.shape[2], q.device)
+        return self.inner(q, k_all, v_all, prepared)
 
 
 def apply_cp(model: Transformer, cp_mesh: DeviceMesh) -> None:
