@@ -23,12 +23,13 @@ def main(chunk: int, seq: int) -> None:
                      rope_theta=500000.0)
     model = Transformer(args)
     model.init_weights(seed=0)
+    model.loss_chunk_tokens = chunk
     tokens = torch.randint(0, args.vocab_size, (1, seq), generator=torch.Generator().manual_seed(0))
     labels = tokens.roll(-1, dims=1)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
     start = time.perf_counter()
     if chunk:
-        loss = model(tokens, labels=labels, loss_chunk_tokens=chunk)
+        loss = model(tokens, labels=labels)
     else:
         loss = F.cross_entropy(model(tokens).flatten(0, 1).float(), labels.flatten(), reduction="sum")
     loss.backward()

@@ -33,6 +33,12 @@ TWO_RANK_LAYOUTS: dict[str, tuple[list[str], list[str]]] = {
     "tp2_no_sp": ([], [*TP2, "--parallelism.sequence_parallel", "false"]),
     "tp2_no_loss_parallel": ([], [*TP2, "--parallelism.disable_loss_parallel"]),
     "tp2_internlm_bias": (INTERNLM, TP2),
+    # A step's 256 tokens in chunks of 40 (under SP, 20 from each rank's sequence shard): six, then 16.
+    "tp2_chunked_loss": ([], [*TP2, "--training.loss_chunk_tokens", "40"]),
+    "tp2_no_sp_chunked_loss": ([], [*TP2, "--parallelism.sequence_parallel", "false",
+                                    "--training.loss_chunk_tokens", "40"]),
+    "tp2_no_loss_parallel_chunked_loss": ([], [*TP2, "--parallelism.disable_loss_parallel",
+                                               "--training.loss_chunk_tokens", "40"]),
 }
 PP2 = ["--parallelism.pipeline_parallel_degree", "2", "--training.local_batch_size", "2",
        "--training.global_batch_size", "8"]  # dp 1: 4 micro-batches of 2 per step
@@ -53,6 +59,12 @@ if cpu_takes_row_scales():  # rowwise float8 on CPU needs torch >= 2.13
     TWO_RANK_LAYOUTS["tp2_float8_rowwise"] = (["--float8.enable", "--float8.recipe_name", "rowwise"], TP2)
     FLOAT8_TP.append("tp2_float8_rowwise")
 TWO_RANK_LAYOUTS["pp2_uneven_stages_internlm"] = (INTERNLM, [*PP2, "--parallelism.pipeline_parallel_stage_layers", "1,3"])
+# The last stage computes each micro-batch's loss (64 tokens) in chunks of 24, 24 and 16; the
+# zero-bubble schedule splits that stage's backward into input and weight passes.
+for schedule in ("1F1B", "InterleavedZeroBubble"):
+    TWO_RANK_LAYOUTS[f"pp2_{schedule}_chunked_loss"] = (
+        [], [*PP2, "--parallelism.pipeline_parallel_schedule", schedule, "--training.loss_chunk_tokens", "24"]
+    )
 
 FOUR_RANK_LAYOUTS: dict[str, tuple[list[str], list[str]]] = {
     "fsdp4": ([], ["--training.local_batch_size", "2"]),
@@ -62,6 +74,9 @@ FOUR_RANK_LAYOUTS: dict[str, tuple[list[str], list[str]]] = {
     "pp2_fsdp2_interleaved_zb": ([], [*PP2, "--training.local_batch_size", "1",
                                       "--parallelism.pipeline_parallel_schedule", "InterleavedZeroBubble"]),
     "pp2_tp2": ([], [*PP2, *TP2, "--training.local_batch_size", "2"]),
+    # Each tp rank's 32 sequence-parallel tokens in chunks of 12, 12 and 8 (a chunk gathers both ranks').
+    "pp2_tp2_chunked_loss": ([], [*PP2, *TP2, "--training.local_batch_size", "2",
+                                  "--training.loss_chunk_tokens", "24"]),
 }
 
 

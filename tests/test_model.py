@@ -137,8 +137,9 @@ def test_chunked_loss_equals_the_full_logits_loss_and_gradients(chunk: int) -> N
     full, chunked = Transformer(args), Transformer(args)
     full.init_weights(seed=1)
     chunked.init_weights(seed=1)
+    chunked.loss_chunk_tokens = chunk
     expected = torch.nn.functional.cross_entropy(full(tokens).flatten(0, 1), labels.flatten(), reduction="sum")
-    loss = chunked(tokens, labels=labels, loss_chunk_tokens=chunk)
+    loss = chunked(tokens, labels=labels)
     expected.backward()
     loss.backward()
     torch.testing.assert_close(loss, expected, rtol=1e-6, atol=0)

@@ -135,10 +135,14 @@ def test_a_looped_schedule_needs_two_virtual_stages() -> None:
             "--parallelism.pipeline_parallel_virtual_stages", "1", world=2)
 
 
-def test_loss_chunking_is_refused_with_tensor_or_pipeline_parallelism() -> None:
-    refused(ParallelismError, "training.loss_chunk_tokens works without tensor and pipeline parallelism",
-            "--training.loss_chunk_tokens", "1024", "--parallelism.tensor_parallel_degree", "2", world=2)
-    assert plan_of("--training.loss_chunk_tokens", "1024", world=2).loss_chunk_tokens == 1024
+@pytest.mark.parametrize("layout", [
+    ("--parallelism.tensor_parallel_degree", "2"),
+    ("--parallelism.tensor_parallel_degree", "2", "--parallelism.sequence_parallel", "false"),
+    ("--parallelism.tensor_parallel_degree", "2", "--parallelism.disable_loss_parallel"),
+    ("--parallelism.pipeline_parallel_degree", "2", "--training.global_batch_size", "16"),
+])
+def test_loss_chunking_is_planned_with_tensor_and_pipeline_parallelism(layout: tuple[str, ...]) -> None:
+    assert plan_of("--training.loss_chunk_tokens", "1024", *layout, world=2).loss_chunk_tokens == 1024
 
 
 # --- precision, FSDP, float8 ---------------------------------------------------------------------------

@@ -7,6 +7,8 @@ the result.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -23,24 +25,44 @@ def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, reduction: s
     )
 
 
-def _projected_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return token_cross_entropy(F.linear(hidden, weight), labels)
+def _projected_loss(
+    project: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, labels: torch.Tensor
+) -> torch.Tensor:
+    return token_cross_entropy(project(hidden), labels)
 
 
 def chunked_cross_entropy(
-    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_tokens: int
+    hidden: torch.Tensor,
+    project: Callable[[torch.Tensor], torch.Tensor],
+    labels: torch.Tensor,
+    chunk_tokens: int,
+    seq_shards: int = 1,
 ) -> torch.Tensor:
-    """Summed cross-entropy of `hidden @ weight.T` against `labels`, `chunk_tokens` tokens at a
-    time (0 = all at once).
+    """Summed cross-entropy of `project(hidden)` against `labels`, `chunk_tokens` tokens of logits at
+    a time (0 = all at once).
 
     Each chunk's logits are recomputed in backward instead of kept, so at most one chunk of the
     [tokens, vocab] float32 logits exists at once (at 32K tokens and a 128K vocabulary the whole
     would be 16 GiB), for one extra output-projection forward.
+
+    `project` is the output projection module, called on chunks [1, tokens, dim] so that tensor
+    parallelism's hooks apply to each: under loss parallelism a chunk's logits are split over the
+    vocabulary and its loss is a replicated DTensor. Under sequence parallelism `hidden` [batch,
+    seq / seq_shards, dim] is this rank's share of the sequence and the projection all-gathers each
+    chunk from the `seq_shards` ranks, so a chunk takes chunk_tokens / seq_shards tokens from each.
     """
-    hidden, labels = hidden.flatten(0, 1), labels.flatten()
-    if chunk_tokens <= 0 or chunk_tokens >= hidden.shape[0]:
-        return _projected_loss(hidden, weight, labels)
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for hidden_chunk, label_chunk in zip(hidden.split(chunk_tokens), labels.split(chunk_tokens)):
-        total = total + checkpoint(_projected_loss, hidden_chunk, weight, label_chunk, use_reentrant=False)
-    return total
+    batch, local_seq, dim = hidden.shape
+    local_tokens = batch * local_seq
+    hidden = hidden.reshape(1, local_tokens, dim)
+    # Row r: the labels of sequence shard r's tokens, in the order of the flattened hidden states, so
+    # that labels[:, a:b] lines up with the all-gather of every shard's hidden[:, a:b].
+    labels = labels.reshape(batch, seq_shards, local_seq).transpose(0, 1).reshape(seq_shards, local_tokens)
+    step = max(chunk_tokens // seq_shards, 1)
+    if chunk_tokens <= 0 or step >= local_tokens:
+        return _projected_loss(project, hidden, labels)
+    # sum() starts from 0, which adds to both plain tensors and replicated DTensors (they do not mix).
+    return sum(
+        checkpoint(_projected_loss, project, hidden[:, start : start + step], labels[:, start : start + step],
+                   use_reentrant=False)
+        for start in range(0, local_tokens, step)
+    )

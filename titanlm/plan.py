@@ -170,7 +170,6 @@ def resolve(cfg: JobConfig, world_size: int, device_type: str) -> RunPlan:
     pipeline = resolve_pipeline(cfg, dims, model.args, batch)
     fsdp = resolve_fsdp(cfg, dims, pipeline)
     precision = resolve_precision(cfg, device_type, fsdp)
-    check_loss_chunking(cfg, dims)
     checkpoint = resolve_checkpoint(cfg, device_type)
     notes = []
     if checkpoint.enabled and checkpoint.async_mode != cfg.checkpoint.async_mode:
@@ -473,14 +472,6 @@ def resolve_optimizer_implementation(cfg: JobConfig, device_type: str, fsdp: FSD
     if name != "auto":
         return name
     return "fused" if device_type == "cuda" and not fsdp.cpu_offload else "foreach"
-
-
-def check_loss_chunking(cfg: JobConfig, dims: ParallelDims) -> None:
-    if cfg.training.loss_chunk_tokens and (dims.tp > 1 or dims.pp > 1):
-        raise ParallelismError(
-            "training.loss_chunk_tokens works without tensor and pipeline parallelism (with TP, loss "
-            "parallelism already splits the logits over the vocabulary); set it to 0"
-        )
 
 
 def resolve_dataset(cfg: JobConfig) -> str:

@@ -110,8 +110,7 @@ class LocalStep(ModelStep):
             with self.loss_context():
                 with self.compute_context():
                     if self.plan.loss_chunk_tokens:  # the model computes the loss, chunk by chunk
-                        summed = model(mb["input_ids"], **_extra_inputs(mb), labels=mb["labels"],
-                                       loss_chunk_tokens=self.plan.loss_chunk_tokens)
+                        summed = model(mb["input_ids"], **_extra_inputs(mb), labels=mb["labels"])
                     else:
                         summed = self.loss_fn(model(mb["input_ids"], **_extra_inputs(mb)), mb["labels"])
                     loss = summed / global_tokens
@@ -135,8 +134,14 @@ class PipelineStep(ModelStep):
         self._loss_factor = 1.0  # loss scale / global label tokens, set before each schedule step
         self.schedule = build_schedule(
             parts, self.stage_ids, meshes.world["pp"], device, plan.pipeline, plan.batch.accumulation_steps,
-            loss_fn=lambda output, labels: self.loss_fn(output, labels) * self._loss_factor,
+            loss_fn=self._scaled_loss,
         )
+
+    def _scaled_loss(self, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """A micro-batch's loss for the schedule: of the last stage's logits, or with loss chunking the
+        summed loss that stage computed itself; times loss scale / global label tokens."""
+        summed = output if self.plan.loss_chunk_tokens else self.loss_fn(output, labels)
+        return summed * self._loss_factor
 
     def accumulate(self, micro_batches: list[Batch], global_tokens: float, loss_scale: float) -> torch.Tensor:
         inputs = torch.cat([mb["input_ids"] for mb in micro_batches])
@@ -145,6 +150,8 @@ class PipelineStep(ModelStep):
         # get the rope positions and document boundaries that activations do not carry.
         per_stage = {key: torch.cat([mb[key] for mb in micro_batches])
                      for key in ("position_ids", "document_ids") if key in micro_batches[0]}
+        if self.plan.loss_chunk_tokens:  # the last stage computes the loss, chunk by chunk
+            per_stage["labels"] = labels
         self._loss_factor = loss_scale / global_tokens
         losses: list[torch.Tensor] = []
         with self.loss_context():  # the schedule runs backward too: no autocast (several ranks cast with FSDP)
@@ -152,6 +159,7 @@ class PipelineStep(ModelStep):
                 *((inputs,) if self.has_first else ()),
                 target=labels if self.has_last else None,
                 losses=losses,
+                return_outputs=False,  # only the losses are wanted: no outputs kept until the step's end
                 **per_stage,
             )
         total = torch.zeros((), device=self.device)

@@ -72,7 +72,8 @@ class Training:
     loss_chunk_tokens: int = opt(
         0,
         "compute the output projection and loss this many tokens at a time, recomputing each chunk in "
-        "backward, so the full [tokens, vocab] logits never exist (long sequences, large vocabularies); 0 = off",
+        "backward, so the full [tokens, vocab] logits never exist (long sequences, large vocabularies); "
+        "also under TP (a rank's chunk holds its vocabulary share) and PP (on the last stage); 0 = off",
     )
     max_norm: float = opt(1.0, "gradient clipping norm; <= 0 disables clipping (the norm is still logged)")
     mixed_precision_param: str = opt(

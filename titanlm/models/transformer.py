@@ -131,9 +131,15 @@ class Transformer(nn.Module):
             self._register_state_dict_hook(_drop_tied_output)
             self.register_load_state_dict_pre_hook(_fill_tied_output)
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
-        # Set by sequence parallelism: hidden-state inputs (later pipeline stages) then hold only
-        # 1/hidden_seq_shards of the sequence, while rope tables must cover all of it.
+        # Set by sequence parallelism: hidden-state inputs (later pipeline stages) and the final norm's
+        # output then hold only 1/hidden_seq_shards of the sequence, while rope tables and labels cover
+        # all of it.
         self.hidden_seq_shards = 1
+        # Set from the plan (training.loss_chunk_tokens): the loss's logits are computed this many
+        # tokens at a time and recomputed in backward; 0 = all at once. An attribute, not a forward
+        # argument: pipeline stages get the schedule's keyword arguments, and torch 2.11's zero-bubble
+        # schedules take each of them for a tensor in backward (an int fails there).
+        self.loss_chunk_tokens = 0
 
     def tie_embeddings_(self) -> None:
         """With tied embeddings, make the output projection's weight the embedding's Parameter.
@@ -149,12 +155,12 @@ class Transformer(nn.Module):
         position_ids: torch.Tensor | None = None,
         document_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
-        loss_chunk_tokens: int = 0,
         cache: KVCache | None = None,
     ) -> torch.Tensor:
         """Logits [batch, seq, vocab] for token ids [batch, seq]; with `labels`, the summed token
-        cross-entropy instead, `loss_chunk_tokens` tokens at a time (0 = all at once). The loss is
-        computed here, not by the caller, so that FSDP has the output weight gathered for it.
+        cross-entropy instead, `self.loss_chunk_tokens` tokens of logits at a time. The loss is
+        computed here, not by the caller, so that FSDP has the output weight gathered for it and a
+        last pipeline stage can return it.
 
         Packed batches pass `position_ids` restarting at 0 per document and `document_ids`
         (equal id = same document); attention then stays inside each document. A pipeline stage
@@ -186,7 +192,7 @@ class Transformer(nn.Module):
             return h
         if labels is None:
             return self.output(h)
-        return chunked_cross_entropy(h, self.output.weight, labels, loss_chunk_tokens)
+        return chunked_cross_entropy(h, self.output, labels, self.loss_chunk_tokens, self.hidden_seq_shards)
 
     @torch.no_grad()
     def init_weights(self, seed: int) -> None:

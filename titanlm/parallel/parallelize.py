@@ -29,7 +29,8 @@ if TYPE_CHECKING:  # the plan is above the builders; they only read it
 
 
 def parallelize(model: Transformer, meshes: Meshes, plan: RunPlan) -> None:
-    """Apply the plan's float8, TP, CP, AC, compile and FSDP to a meta-device model, in place."""
+    """Apply the plan's float8, TP, CP, AC (and loss chunking), compile and FSDP to a meta-device
+    model, in place."""
     if plan.float8.enable:
         apply_float8(model, plan.float8)
     if plan.tp.degree > 1:
@@ -37,6 +38,7 @@ def parallelize(model: Transformer, meshes: Meshes, plan: RunPlan) -> None:
     if plan.dims.cp > 1:
         apply_cp(model, meshes.world["cp"])
     apply_ac(model, plan.activation_checkpoint, plan.recomputed_layers)
+    model.loss_chunk_tokens = plan.loss_chunk_tokens  # the loss's own recomputation, chunk by chunk
     if plan.compile:
         apply_compile(model)
     if plan.fsdp.enabled:

@@ -37,7 +37,9 @@ def apply_tp(model: Transformer, tp_mesh: DeviceMesh, sequence_parallel: bool, l
                 output_layouts=Shard(-1) if loss_parallel else Replicate(),
                 use_local_output=not loss_parallel,
             ),
-            **({"norm": SequenceParallel()} if sequence_parallel else {}),
+            # A plain local tensor out of the final norm: the chunked loss cuts this rank's share of
+            # the sequence into chunks, which the output's input hook then all-gathers one by one.
+            **({"norm": SequenceParallel(use_local_output=True)} if sequence_parallel else {}),
         },
     )
     # Both plans shard their weight over the vocabulary (Shard(0)), so a tied pair stays one DTensor.
