@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from benchmarks import benchmark
+from benchmarks import benchmark, long_context_memory
 from trainer_runs import REPO
 
 
@@ -76,3 +76,19 @@ def test_profile_step_splits_a_step_into_kinds_of_work(tmp_path):
     assert "matmul" in kinds  # aten::mm is classified, not left under "other"
     header = next(i for i, line in enumerate(lines) if "ms/step" in line)
     assert len(lines) - header - 1 == 5  # --top 5 rows of ops
+
+
+def test_long_context_memory_prints_each_settings_figures_and_how_they_were_made(capsys):
+    long_context_memory.main(["--flavor", "debug", "--seq_len", "256", "--layers", "1,2", "--modes", "full",
+                              "--loss_chunks", "64", "--layouts", "cp2,1gpu-offload"])
+    lines = capsys.readouterr().out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("| layout |"))
+    assert [cell.strip() for cell in lines[header].strip("|").split("|")] == list(long_context_memory.COLUMNS)
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[header + 2 : header + 4]]
+    assert [row[:3] for row in rows] == [["2 GPUs, cp 2", "full", "64"], ["1 GPU, cp 1, CPU offload", "full", "64"]]
+    assert [row[11] for row in rows] == ["traced", "formula"]
+    # A traced row: the two shallow traces of the per-block figure, then the whole depth's.
+    assert len(rows[0][12].split(" + ")) == 3 and rows[1][12] == "-"
+    assert all(float(cell) >= 0 for row in rows for cell in row[3:10])
+    assert any(line.startswith("one block without recomputation at cp 2, by shape") for line in lines)
+    assert lines[-1].startswith("tracing took ")

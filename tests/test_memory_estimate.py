@@ -28,6 +28,7 @@ from titanlm.memory_estimate import (
 )
 from titanlm.models import Transformer, count_params
 from titanlm.models.flavors import get_model_args
+from titanlm.plan import resolve
 
 DEBUG = str(Path(__file__).parents[1] / "train_configs" / "debug_model.toml")
 FSDP2 = ()
@@ -124,6 +125,23 @@ def test_the_formula_is_within_its_tolerance_of_the_trace(flags, device) -> None
     assert formula.peak_gib == pytest.approx(trace.peak_gib, rel=FORMULA_TOLERANCE)
     for field in ("params_gib", "grads_gib", "optimizer_gib"):
         assert getattr(formula, field) == pytest.approx(getattr(trace, field), rel=0.005), field
+
+
+CP2_ROWS = ("--parallelism.context_parallel_degree", "2", "--training.seq_len", "1024",
+            "--training.local_batch_size", "1", "--model.n_layers", "2")
+
+
+def test_under_context_parallelism_flex_and_varlen_are_traced_without_sdpas_dense_mask() -> None:
+    # sdpa takes a cp rank's causal rows as a boolean [1, 1, S/cp, S] mask, cached once, and keeps an
+    # additive bfloat16 copy of it in every block; flex's and varlen's kernels keep neither.
+    flash = traced(CP2_ROWS, "cuda")
+    sdpa = traced((*CP2_ROWS, "--model.attention_backend", "sdpa"), "cuda")
+    assert resolve(config(CP2_ROWS), 2, "cuda").attention_backend in ("flex", "varlen")
+    assert "attention as sdpa without a mask" in flash.note
+    mask_elements, blocks = 1024 // 2 * 1024, 2
+    assert (sdpa.activations_gib - flash.activations_gib) * GIB == pytest.approx(mask_elements * (1 + 2 * blocks))
+    # The closed form counts no mask for flex and varlen either.
+    assert formula_memory(config(CP2_ROWS), 2, 0, "cuda").peak_gib == pytest.approx(flash.peak_gib, rel=0.01)
 
 
 def test_pipeline_parallelism_is_estimated_by_the_formula_which_says_so() -> None:

@@ -11,9 +11,10 @@
   earlier micro-batches' gradients present), the gradient norm, then AdamW with its state already
   there. It counts exactly the tensors that step creates, keeps and frees, with three substitutions:
   the tensors live on the CPU (FSDP2 needs the CUDA runtime to wrap a model on a "cuda" device), in
-  the target device's dtypes; flex and varlen attention run as sdpa (no document masks: all three
-  keep the output and per-row softmax statistics, not the score matrix); and on a CUDA target the
-  norms keep what CUDA's fused rms_norm keeps (`_cuda_rms_norm`).
+  the target device's dtypes; flex and varlen attention run as sdpa without a mask, which keeps
+  what their kernels keep, the output and per-row softmax statistics, neither the score matrix nor
+  a mask (`_MaskFreeAttention`; no document masks); and on a CUDA target the norms keep what CUDA's
+  fused rms_norm keeps (`_cuda_rms_norm`).
 - "formula" (`formula_memory`): a closed form from parameter counts and per-token activation sizes,
   used where the trace cannot run: pipeline parallelism (the tracker follows one forward per step; a
   schedule runs many), float8 (torchao's layers), FSDP CPU offload (host and device memory would be
@@ -54,7 +55,7 @@ from torch.distributed.tensor import _sharding_prop
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
 from titanlm.config.job_config import JobConfig
-from titanlm.models.attention import build_attention_backend
+from titanlm.models.attention import AttentionBackend, build_attention_backend
 from titanlm.models.flavors import ModelArgs
 from titanlm.models.transformer import Transformer
 from titanlm.optim import build_optimizer
@@ -143,7 +144,7 @@ def trace_memory(
     if device_type != _TRACE_DEVICE:
         note += f", {device_type}'s dtypes ({str(plan.precision.param_dtype).removeprefix('torch.')} parameters)"
     if plan.attention_backend != "sdpa":
-        note += f"; {plan.attention_backend} attention as sdpa"
+        note += f"; {plan.attention_backend} attention as sdpa without a mask"
     if plan.compile:
         note += "; eagerly (a compiled model keeps less)"
     return replace(estimate, note=note)
@@ -188,7 +189,8 @@ def _traced_step(cfg: JobConfig, plan: RunPlan, fake: bool) -> MemoryEstimate:
     # does), and so is the meta-device model under FSDP, hence a mode that accepts real inputs.
     meshes = plan.dims.build_meshes(device.type)
     tensors = FakeTensorMode(allow_non_fake_inputs=True) if fake else nullcontext()
-    model = _build_model(traced_plan, meshes, device, tensors)
+    backend = build_attention_backend("sdpa") if plan.attention_backend == "sdpa" else _MaskFreeAttention()
+    model = _build_model(traced_plan, meshes, device, tensors, backend)
     gc.collect()  # the tracker sees a storage freed when Python frees it
     with tensors:
         step = LocalStep(traced_plan, [model], meshes, device)
@@ -222,7 +224,9 @@ def _traced_step(cfg: JobConfig, plan: RunPlan, fake: bool) -> MemoryEstimate:
     )
 
 
-def _build_model(plan: RunPlan, meshes: Meshes, device: torch.device, tensors: AbstractContextManager) -> Transformer:
+def _build_model(
+    plan: RunPlan, meshes: Meshes, device: torch.device, tensors: AbstractContextManager, backend: AttentionBackend
+) -> Transformer:
     """The model as `build_model_parts` builds it without pipeline stages, its tensors made under
     `tensors` (a FakeTensorMode, or nothing) and left unfilled: `init_weights` cuts each rank's shard
     out of a full tensor, which fake tensors cannot do.
@@ -231,7 +235,6 @@ def _build_model(plan: RunPlan, meshes: Meshes, device: torch.device, tensors: A
     mesh coordinates from the real rank tensors), then allocated. One process has nothing to shard and
     is built on `device` at once: the fake mode holds weak references to the meta parameters it has
     converted, which `materialize` then cannot swap."""
-    backend = build_attention_backend(plan.attention_backend)
     if not plan.fsdp.enabled:
         with tensors, device:
             model = Transformer(plan.model_args, backend)
@@ -243,6 +246,30 @@ def _build_model(plan: RunPlan, meshes: Meshes, device: torch.device, tensors: A
     with tensors:
         materialize_parallelized(model, device, plan.fsdp.cpu_offload)
     return model.train()
+
+
+class _MaskFreeAttention(AttentionBackend):
+    """flex and varlen as the trace runs them: causal sdpa with no mask, which keeps what their kernels
+    keep for backward, the output and the per-row logsumexp (the CPU's flash kernel, as theirs, makes
+    no score matrix). sdpa itself takes context parallelism's rows as a dense [1, 1, S/cp, S] boolean
+    mask, cached once per rank, and makes from it an additive copy in the compute dtype that every
+    block without recomputation keeps: at 32K tokens and cp 2, 0.5 GiB once and 1 GiB per block,
+    which flex (a block mask of under a MiB) and varlen (none) do not hold. Left out: varlen under
+    context parallelism copies each chunk's keys and values out of the gathered ones, (2 cp + 1) /
+    (2 cp) times the gathered bytes instead of them (at 32K tokens, cp 2 and Llama3-8B's 8 key-value
+    heads, 32 MiB more per block). Only the kept tensors matter here, so the causal alignment of a
+    rank's queries against the whole row's keys is not the real one."""
+
+    name = "sdpa without a mask"
+
+    def prepare(self, document_ids):
+        return None
+
+    def prepare_shard(self, query_index, key_index, query_documents, key_documents, rows):
+        return None
+
+    def __call__(self, q, k, v, prepared):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
 
 
 def _steady_state(params: list[nn.Parameter], optimizer: torch.optim.Optimizer, accumulating: bool) -> None:
