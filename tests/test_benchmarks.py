@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from benchmarks import benchmark, long_context_memory
 from trainer_runs import REPO
@@ -92,3 +93,13 @@ def test_long_context_memory_prints_each_settings_figures_and_how_they_were_made
     assert all(float(cell) >= 0 for row in rows for cell in row[3:10])
     assert any(line.startswith("one block without recomputation at cp 2, by shape") for line in lines)
     assert lines[-1].startswith("tracing took ")
+
+
+def test_cp_attention_benchmark_packs_documents_of_one_to_four_thousand_tokens():
+    from benchmarks import cp_attention_time
+
+    documents = cp_attention_time.packed_row(32768, torch.Generator().manual_seed(0))[0]
+    lengths = torch.unique_consecutive(documents, return_counts=True)[1]
+    assert documents.shape == (32768,) and documents.diff().ge(0).all()
+    assert lengths.sum() == 32768 and len(lengths) >= 8
+    assert all(1024 <= n < 4096 for n in lengths[:-1].tolist())  # the last one is cut by the row's end
