@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from benchmarks import benchmark, long_context_memory
+from titanlm.memory_estimate import shutdown_process_group
 from trainer_runs import REPO
 
 
@@ -80,6 +81,7 @@ def test_profile_step_splits_a_step_into_kinds_of_work(tmp_path):
 
 
 def test_long_context_memory_prints_each_settings_figures_and_how_they_were_made(capsys):
+    shutdown_process_group()  # the trace needs a process without one; the benchmark test above leaves its run's
     long_context_memory.main(["--flavor", "debug", "--seq_len", "256", "--layers", "1,2", "--modes", "full",
                               "--loss_chunks", "64", "--layouts", "cp2,1gpu-offload"])
     lines = capsys.readouterr().out.splitlines()
