@@ -7,7 +7,8 @@ heads, 8 KV heads, head dim 128, bf16). Each measurement is forward + backward o
 kernel alone (no all-gather), timed with CUDA events over `--iters` calls after 3 warm-up calls, in
 `--rounds` rounds: the figures are the median and range of the per-call times.
 
-- "whole row": the row's documents through the varlen kernel (flash attention's own packing);
+- "whole row": the row's documents through the varlen kernel (flash attention's own packing), the
+  reference of the ratios, and through flex (so a flex share's ratio can be read against flex's own);
 - "rank r share, flex / varlen": rank r's queries (a head and a tail chunk) against all keys in the
   rank-major order the all-gather leaves them in, as `AllGatherKVAttention` runs them.
 
@@ -78,15 +79,17 @@ def main() -> None:
         print(f"{name:32s} {median:8.2f} ({min(per_round):.2f}-{max(per_round):.2f}){ratio}")
         return median
 
-    varlen = VarlenBackend()
+    varlen, flex = VarlenBackend(), FlexBackend()
     whole = report("whole row, varlen", time_call(
         forward_backward(varlen, q, k, v, varlen.prepare(documents)), args.rounds, args.iters), None)
+    report("whole row, flex", time_call(
+        forward_backward(flex, q, k, v, flex.prepare(documents)), args.rounds, args.iters), whole)
     keys = torch.cat([cp_token_indices(args.seq, r, args.cp, q.device) for r in range(args.cp)])
     k_all, v_all = k[:, :, keys], v[:, :, keys]
     for rank in range(args.cp):
         queries = cp_token_indices(args.seq, rank, args.cp, q.device)
-        for backend in (FlexBackend(), varlen):
-            prepared = backend.prepare_shard(queries, keys, documents[:, queries], documents[:, keys], 1)
+        for backend in (flex, varlen):
+            prepared = backend.prepare_shard(queries, keys, documents[:, queries], documents[:, keys])
             call = forward_backward(backend, q[:, :, queries], k_all, v_all, prepared)
             report(f"rank {rank} share, {backend.name}", time_call(call, args.rounds, args.iters), whole)
 

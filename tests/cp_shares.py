@@ -1,7 +1,7 @@
 """One context-parallel rank's attention, computed alone: the cases and references the CP kernel tests share.
 
-`share_attention` runs a backend the way `AllGatherKVAttention` does (the rank's queries against
-all keys in rank-major order), without a process group; `reference_varlen_kernel` computes what a
+`share_attention` runs a backend inside `AllGatherKVAttention` (the rank's queries against all keys
+in rank-major order), its all-gathers emulated without a process group; `reference_varlen_kernel` computes what a
 varlen kernel computes, with SDPA, so the varlen pieces are checked where no varlen kernel runs.
 """
 
@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from titanlm.models.attention import SDPABackend, VarlenBatch
-from titanlm.parallel.context_parallel import cp_token_indices
+from titanlm.parallel.context_parallel import AllGatherKVAttention, cp_token_indices
 
 
 def packed_documents(rows: int, seq: int, mean_length: int, generator: torch.Generator) -> torch.Tensor:
@@ -38,16 +38,37 @@ def reference_varlen_kernel(q, k, v, pieces: VarlenBatch):
     return torch.cat(out)
 
 
+class _CPMesh:
+    """What `AllGatherKVAttention` reads of its cp mesh."""
+
+    def __init__(self, rank: int, size: int) -> None:
+        self.rank, self.cp = rank, size
+
+    def get_group(self) -> None:
+        return None
+
+    def get_local_rank(self) -> int:
+        return self.rank
+
+    def size(self) -> int:
+        return self.cp
+
+
 def share_attention(backend, qkv: list[torch.Tensor], documents: torch.Tensor | None, rank: int, cp: int):
-    """One cp rank's attention as `AllGatherKVAttention` runs it: its queries against the keys
-    gathered in rank-major order."""
+    """One cp rank's attention as `AllGatherKVAttention` computes it, its all-gathers emulated from
+    the whole row: the rank's queries against all keys, in the rank-major order the gather leaves.
+    `documents` None is a plain causal row, which `shard_batch_for_cp` gives one document id."""
     q, k, v = qkv
-    seq = q.shape[2]
+    rows, seq = q.shape[0], q.shape[2]
+    if documents is None:
+        documents = torch.zeros(rows, seq, dtype=torch.long, device=q.device)
     queries = cp_token_indices(seq, rank, cp, q.device)
     keys = torch.cat([cp_token_indices(seq, r, cp, q.device) for r in range(cp)])
-    docs = (documents[:, queries], documents[:, keys]) if documents is not None else (None, None)
-    prepared = backend.prepare_shard(queries, keys, *docs, q.shape[0])
-    return backend(q[:, :, queries], k[:, :, keys], v[:, :, keys], prepared)
+    attention = AllGatherKVAttention(backend, _CPMesh(rank, cp))
+    gathered = {2: documents[:, keys], 5: torch.stack((k, v))[:, :, :, keys]}  # by rank: ids, stacked k and v
+    attention._gather_seq = lambda tensor, seq_dim: gathered[tensor.dim()]
+    prepared = attention.prepare(documents[:, queries])
+    return attention(q[:, :, queries], k[:, :, queries], v[:, :, queries], prepared)
 
 
 def whole_row_reference(qkv: list[torch.Tensor], documents: torch.Tensor | None) -> torch.Tensor:

@@ -80,7 +80,7 @@ def test_sdpa_and_flex_agree_on_a_batch_with_different_boundaries_per_row() -> N
 def test_cu_seqlens_split_documents_and_rows() -> None:
     batch = cu_seqlens_from_document_ids(torch.tensor([[0, 0, 1, 1, 1], [0, 0, 0, 0, 0], [3, 4, 4, 4, 4]]))
     assert batch.cu_seqlens_q.tolist() == [0, 2, 5, 10, 11, 15] and batch.max_seqlen_q == 5
-    assert batch.cu_seqlens_k is batch.cu_seqlens_q and batch.key_rows is None  # keys laid out as queries
+    assert batch.cu_seqlens_k.tolist() == batch.cu_seqlens_q.tolist() and batch.key_rows is None  # keys as queries
 
 
 def test_every_configurable_backend_name_builds_its_backend() -> None:

@@ -36,12 +36,13 @@ def test_each_rank_keeps_a_head_chunk_and_its_mirror_tail_chunk() -> None:
         assert sorted(shares.tolist()) == list(range(32))
 
 
-def test_shard_keeps_every_token_with_its_global_position() -> None:
+def test_shard_keeps_every_token_with_its_global_position_and_one_document_per_row() -> None:
     row = torch.arange(16)
     batch = {"input_ids": torch.stack([row * 10, row * 10 + 1]), "labels": torch.stack([row, row])}
     shard = shard_batch_for_cp(batch, cp_rank=1, cp_size=2)
     kept = list(range(4, 12))
     assert shard["position_ids"].tolist() == [kept, kept]
+    assert shard["document_ids"].tolist() == [[0] * 8, [0] * 8]  # the kernels' inputs come from these
     assert shard["input_ids"].tolist() == [[10 * t for t in kept], [10 * t + 1 for t in kept]]
     assert shard["labels"].tolist() == [kept, kept]
 
@@ -122,7 +123,7 @@ def test_varlen_pieces_cut_chunks_at_document_boundaries_and_see_their_document_
     queries = cp_token_indices(16, 1, 2)  # tokens 4..11: document 1's 4..8, then document 2's 9..11
     keys = torch.cat([cp_token_indices(16, r, 2) for r in range(2)])
     pieces = VarlenBackend(reference_varlen_kernel).prepare_shard(
-        queries, keys, documents[:, queries], documents[:, keys], 1)
+        queries, keys, documents[:, queries], documents[:, keys])
     assert pieces.cu_seqlens_q.tolist() == [0, 5, 8]
     assert pieces.cu_seqlens_k.tolist() == [0, 6, 9]  # document 1 from token 3; document 2 from token 9
     assert (pieces.max_seqlen_q, pieces.max_seqlen_k) == (5, 6)
@@ -137,7 +138,8 @@ def test_flex_share_mask_skips_exactly_the_blocks_no_local_query_may_see() -> No
     seq, cp = 1024, 2
     queries = cp_token_indices(seq, 0, cp)
     keys = torch.cat([cp_token_indices(seq, r, cp) for r in range(cp)])
-    visited = FlexBackend().prepare_shard(queries, keys, None, None, 1).to_dense()[0, 0]
+    one_document = torch.zeros(1, seq, dtype=torch.long)
+    visited = FlexBackend().prepare_shard(queries, keys, one_document[:, queries], one_document).to_dense()[0, 0]
     allowed = document_causal_mask(queries, keys)[0, 0]
     any_allowed = allowed.view(4, 128, 8, 128).any(dim=3).any(dim=1)
     assert visited.bool().tolist() == any_allowed.tolist()

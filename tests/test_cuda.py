@@ -61,9 +61,9 @@ def test_fast_attention_kernels_match_the_masked_sdpa_reference_forward_and_back
 @pytest.mark.parametrize("cp", [2, 4])
 @pytest.mark.parametrize("backend", ["flex", "varlen"])
 def test_context_parallel_share_of_a_32k_packed_row_matches_masked_sdpa(backend: str, cp: int) -> None:
-    """Each rank's share of one 32K row packed with documents of 1-4K tokens (and a short one): its
-    queries against the gathered keys, forward and backward, as the masked SDPA reference computes
-    it (kernel checked alone: the gather is tested on CPU under torchrun)."""
+    """Each rank's share of one 32K row packed with documents of up to 4K tokens: its queries against
+    the gathered keys, forward and backward, as the masked SDPA reference computes it (the all-gathers
+    emulated in one process: the real ones are tested on CPU under torchrun)."""
     seq, generator = 32768, torch.Generator().manual_seed(0)
     documents = packed_documents(1, seq, mean_length=2048, generator=generator).cuda()
     q = torch.randn(1, 4, seq, 128, generator=generator).cuda().bfloat16()

@@ -251,9 +251,9 @@ def _build_model(
 class _MaskFreeAttention(AttentionBackend):
     """flex and varlen as the trace runs them: causal sdpa with no mask, which keeps what their kernels
     keep for backward, the output and the per-row logsumexp (the CPU's flash kernel, as theirs, makes
-    no score matrix). sdpa itself takes context parallelism's rows as a dense [1, 1, S/cp, S] boolean
-    mask, cached once per rank, and makes from it an additive copy in the compute dtype that every
-    block without recomputation keeps: at 32K tokens and cp 2, 0.5 GiB once and 1 GiB per block,
+    no score matrix). sdpa itself takes context parallelism's rows as a dense [rows, 1, S/cp, S]
+    boolean mask, built once per forward, and makes from it an additive copy in the compute dtype that
+    every block without recomputation keeps: at 32K tokens and cp 2, 0.5 GiB and 1 GiB per block,
     which flex (a block mask of under a MiB) and varlen (none) do not hold. Left out: varlen under
     context parallelism copies each chunk's keys and values out of the gathered ones, (2 cp + 1) /
     (2 cp) times the gathered bytes instead of them (at 32K tokens, cp 2 and Llama3-8B's 8 key-value
@@ -265,7 +265,7 @@ class _MaskFreeAttention(AttentionBackend):
     def prepare(self, document_ids):
         return None
 
-    def prepare_shard(self, query_index, key_index, query_documents, key_documents, rows):
+    def prepare_shard(self, query_index, key_index, query_documents, key_documents):
         return None
 
     def __call__(self, q, k, v, prepared):
@@ -390,9 +390,8 @@ def formula_memory(cfg: JobConfig, world_size: int, rank: int = 0, device_type: 
     V' = V/t under loss parallelism, else V); the loss's backward holds 2 more such tensors (3 under
     loss parallelism, measured). With training.loss_chunk_tokens = C nothing of the logits is kept
     and backward holds 3 fp32 [C, V] tensors. sdpa under a boolean mask (context parallelism, or bin
-    data's document ids) adds the mask (rows x S/cp x S bytes, rows = local_batch_size with
-    document ids, else 1, a causal mask cached once) and per call its additive copy in c bytes, which
-    a block without recomputation keeps. Without FSDP, autocast's c-byte copies of the weights count.
+    data's document ids) adds the mask (local_batch_size x S/cp x S bytes) and per call its additive
+    copy in c bytes, which a block without recomputation keeps. Without FSDP, autocast's c-byte copies of the weights count.
 
     Pipeline parallelism keeps the activations of the micro-batches in flight: all under GPipe and
     LoopedBFS; pp - pp_rank under 1F1B; under the schedules with v stages per rank, (v - 1) pp +
@@ -443,11 +442,10 @@ def formula_memory(cfg: JobConfig, world_size: int, rank: int = 0, device_type: 
     tokens = plan.batch.local_batch_size * plan.batch.seq_len // dims.cp
     per_token = _block_activation_bytes(plan, c)
     modes = [plan.activation_checkpoint if layer < plan.recomputed_layers else "none" for layer in layers]
-    mask, cached_mask, document_mask = 0, 0, 0
+    mask, document_mask = 0, 0
     if plan.attention_backend == "sdpa" and (dims.cp > 1 or plan.dataset == "bin"):
-        documents = plan.dataset == "bin"
-        mask = (plan.batch.local_batch_size if documents else 1) * plan.batch.seq_len // dims.cp * plan.batch.seq_len
-        document_mask, cached_mask = (mask, 0) if documents else (0, mask)  # context parallelism caches its own
+        # Under context parallelism every batch carries document ids (one per row without bin data).
+        document_mask = mask = plan.batch.local_batch_size * plan.batch.seq_len // dims.cp * plan.batch.seq_len
     blocks_kept = [per_token[mode] * tokens + (mask * c if mode == "none" else 0) for mode in modes]
     vocab_share = args.vocab_size // t if plan.tp.loss_parallel else args.vocab_size
     sp = t if plan.tp.sequence_parallel else 1
@@ -461,7 +459,7 @@ def formula_memory(cfg: JobConfig, world_size: int, rank: int = 0, device_type: 
             loss_backward = (3 if plan.tp.loss_parallel else 2) * log_probs
     autocast_copies = (n - embedding) * c if plan.precision.autocast_dtype else 0
     micro_batch = sum(blocks_kept) + final_kept + log_probs + document_mask + autocast_copies
-    activations = _micro_batches_in_flight(plan, pp_rank) * micro_batch + cached_mask
+    activations = _micro_batches_in_flight(plan, pp_rank) * micro_batch
 
     gathered = root * param_bytes if plan.fsdp.enabled else 0
     if plan.fsdp.enabled and plan.fsdp.reshard_after_forward == "never":

@@ -46,13 +46,12 @@ class AttentionBackend:
         self,
         query_index: torch.Tensor,
         key_index: torch.Tensor,
-        query_documents: torch.Tensor | None,
-        key_documents: torch.Tensor | None,
-        rows: int,
+        query_documents: torch.Tensor,
+        key_documents: torch.Tensor,
     ) -> Any:
         """Kernel inputs for queries and keys given by their token indices in the row ([n_q], [n_k];
-        the keys a permutation of the whole row) and their document ids ([rows, n_q], [rows, n_k], or
-        None for one document per row)."""
+        the keys a permutation of the whole row) and their document ids ([rows, n_q], [rows, n_k]; ids
+        rise along a row, as the loader numbers documents)."""
         raise NotImplementedError
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prepared: Any) -> torch.Tensor:
@@ -93,9 +92,9 @@ class SDPABackend(AttentionBackend):
         if document_ids is None:
             return None
         index = _row_index(document_ids)
-        return self.prepare_shard(index, index, document_ids, document_ids, document_ids.shape[0])
+        return self.prepare_shard(index, index, document_ids, document_ids)
 
-    def prepare_shard(self, query_index, key_index, query_documents, key_documents, rows):
+    def prepare_shard(self, query_index, key_index, query_documents, key_documents):
         return document_causal_mask(query_index, key_index, query_documents, key_documents)
 
     def __call__(self, q, k, v, prepared):
@@ -127,24 +126,20 @@ class FlexBackend(AttentionBackend):
     def prepare(self, document_ids: torch.Tensor | None):
         if document_ids is None:
             return None  # plain causal: __call__ uses a cached mask for the sequence length
-        index = _row_index(document_ids)
-        return self.prepare_shard(index, index, document_ids, document_ids, document_ids.shape[0])
 
-    def prepare_shard(self, query_index, key_index, query_documents, key_documents, rows):
-        from torch.nn.attention.flex_attention import create_block_mask
+        def document_causal(b, h, q_idx, kv_idx):  # whole rows: the indices are the row positions
+            return (q_idx >= kv_idx) & (document_ids[b, q_idx] == document_ids[b, kv_idx])
 
-        def causal(b, h, q_idx, kv_idx):
-            return key_index[kv_idx] <= query_index[q_idx]
+        batch, seq = document_ids.shape
+        return _block_mask(document_causal, batch, seq, seq, document_ids.device)
 
+    def prepare_shard(self, query_index, key_index, query_documents, key_documents):
         def document_causal(b, h, q_idx, kv_idx):
             same_document = query_documents[b, q_idx] == key_documents[b, kv_idx]
             return same_document & (key_index[kv_idx] <= query_index[q_idx])
 
-        device = query_index.device
-        build = _compiled_create_block_mask() if device.type == "cuda" else create_block_mask
-        if query_documents is None:
-            return build(causal, None, None, len(query_index), len(key_index), device=device)
-        return build(document_causal, rows, None, len(query_index), len(key_index), device=device)
+        rows = query_documents.shape[0]
+        return _block_mask(document_causal, rows, len(query_index), len(key_index), query_index.device)
 
     def __call__(self, q, k, v, prepared):
         from torch.nn.attention.flex_attention import flex_attention
@@ -153,6 +148,13 @@ class FlexBackend(AttentionBackend):
             prepared = _causal_block_mask(q.shape[2], q.device.type, q.device.index)
         flex = _compiled_flex_attention() if q.is_cuda else flex_attention
         return flex(q, k, v, block_mask=prepared, enable_gqa=_gqa(q, k))
+
+
+def _block_mask(mask_mod, rows: int, q_len: int, kv_len: int, device: torch.device):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    build = _compiled_create_block_mask() if device.type == "cuda" else create_block_mask
+    return build(mask_mod, rows, None, q_len, kv_len, device=device)
 
 
 @lru_cache(maxsize=8)
@@ -198,11 +200,7 @@ def cu_seqlens_from_document_ids(document_ids: torch.Tensor) -> VarlenBatch:
 
 
 def varlen_pieces(
-    query_index: torch.Tensor,
-    key_index: torch.Tensor,
-    query_documents: torch.Tensor | None,
-    key_documents: torch.Tensor | None,
-    rows: int,
+    query_index: torch.Tensor, key_index: torch.Tensor, query_documents: torch.Tensor, key_documents: torch.Tensor
 ) -> VarlenBatch:
     """Pieces of a shard of queries against the whole row's keys (context parallelism).
 
@@ -213,10 +211,7 @@ def varlen_pieces(
     row (the gathered keys); `key_rows` picks each piece's keys out of them.
     """
     device = query_index.device
-    n_queries, n_keys = len(query_index), len(key_index)
-    if query_documents is None or key_documents is None:
-        query_documents = torch.zeros(rows, n_queries, dtype=torch.long, device=device)
-        key_documents = torch.zeros(rows, n_keys, dtype=torch.long, device=device)
+    rows, n_queries, n_keys = query_documents.shape[0], len(query_index), len(key_index)
     row_documents = torch.empty_like(key_documents)
     row_documents[:, key_index] = key_documents
     position = torch.arange(n_keys, device=device)
@@ -270,8 +265,8 @@ class VarlenBackend(AttentionBackend):
     def prepare(self, document_ids: torch.Tensor | None) -> VarlenBatch | None:
         return None if document_ids is None else cu_seqlens_from_document_ids(document_ids)
 
-    def prepare_shard(self, query_index, key_index, query_documents, key_documents, rows):
-        return varlen_pieces(query_index, key_index, query_documents, key_documents, rows)
+    def prepare_shard(self, query_index, key_index, query_documents, key_documents):
+        return varlen_pieces(query_index, key_index, query_documents, key_documents)
 
     def __call__(self, q, k, v, prepared):
         if prepared is None:

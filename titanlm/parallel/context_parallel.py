@@ -47,17 +47,21 @@ def shard_batch_for_cp(batch: Batch, cp_rank: int, cp_size: int) -> Batch:
     """This rank's share of every [batch, seq] tensor of `batch` (see the module docstring).
 
     Rotary embeddings need each kept token's position in the full row, so a batch without
-    `position_ids` gets 0..S-1 before it is cut.
+    `position_ids` gets 0..S-1 before it is cut. One without `document_ids` gets one document per
+    row: the attention backend describes a rank's rows from them once per forward, in `prepare`,
+    outside the (possibly compiled) blocks.
     """
     if cp_size == 1:
         return batch
     rows, seq_len = batch["input_ids"].shape
     # The plan refuses a training.seq_len that does not cut; a batch of another length is a bug.
     assert seq_len % (2 * cp_size) == 0, f"rows of {seq_len} tokens do not cut into 2 x {cp_size} chunks"
+    device = batch["input_ids"].device
     if "position_ids" not in batch:
-        positions = torch.arange(seq_len, device=batch["input_ids"].device).expand(rows, seq_len)
-        batch = {**batch, "position_ids": positions}
-    index = cp_token_indices(seq_len, cp_rank, cp_size, batch["input_ids"].device)
+        batch = {**batch, "position_ids": torch.arange(seq_len, device=device).expand(rows, seq_len)}
+    if "document_ids" not in batch:
+        batch = {**batch, "document_ids": torch.zeros(rows, seq_len, dtype=torch.long, device=device)}
+    index = cp_token_indices(seq_len, cp_rank, cp_size, device)
     return {key: value.index_select(1, index) for key, value in batch.items()}
 
 
@@ -65,7 +69,8 @@ class AllGatherKVAttention(AttentionBackend):
     """Attention of this rank's queries over the keys/values of the whole row, gathered over `cp_mesh`.
 
     `prepare` gathers the document ids once per forward and has the wrapped backend describe the
-    rank's queries against the gathered keys (`prepare_shard`); each layer then gathers k and v.
+    rank's queries against the gathered keys (`prepare_shard`); each layer then gathers k and v and
+    runs the wrapped backend's kernel.
     """
 
     name = "allgather_cp"
@@ -75,7 +80,6 @@ class AllGatherKVAttention(AttentionBackend):
         self.group = cp_mesh.get_group()
         self.cp_rank = cp_mesh.get_local_rank()
         self.cp_size = cp_mesh.size()
-        self._causal: dict[tuple[int, int, torch.device], Any] = {}
 
     def _indices(self, local_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Original-row indices of the local queries and of the gathered (rank-major) keys."""
@@ -87,24 +91,15 @@ class AllGatherKVAttention(AttentionBackend):
         return _all_gather_autograd(tensor.contiguous(), seq_dim, self.group)
 
     def prepare(self, document_ids: torch.Tensor | None) -> Any:
-        if document_ids is None:
-            return None  # plain causal: __call__ uses a cached description for the local shape
-        rows, local_len = document_ids.shape
-        query_index, key_index = self._indices(local_len, document_ids.device)
+        # shard_batch_for_cp gives every batch document ids; a model called under CP without them is a bug.
+        assert document_ids is not None, "context parallelism needs the document ids shard_batch_for_cp adds"
+        query_index, key_index = self._indices(document_ids.shape[1], document_ids.device)
         key_documents = self._gather_seq(document_ids, 1)
-        return self.inner.prepare_shard(query_index, key_index, document_ids, key_documents, rows)
-
-    def _causal_rows(self, rows: int, local_len: int, device: torch.device) -> Any:
-        key = (rows, local_len, device)
-        if key not in self._causal:
-            self._causal[key] = self.inner.prepare_shard(*self._indices(local_len, device), None, None, rows)
-        return self._causal[key]
+        return self.inner.prepare_shard(query_index, key_index, document_ids, key_documents)
 
     def __call__(self, q, k, v, prepared):
         # One collective for k and v together: [2, batch, kv_heads, seq, dim], gathered along seq.
         k_all, v_all = self._gather_seq(torch.stack((k, v)), 3).unbind(0)
-        if prepared is None:
-            prepared = self._causal_rows(q.shape[0], q.shape[2], q.device)
         return self.inner(q, k_all, v_all, prepared)
 
 
