@@ -26,6 +26,7 @@ from typing import Any, Callable
 
 from titanlm.data.tokenizer import HuggingFaceTokenizer, Tokenizer
 from titanlm.errors import ConfigError, DataError
+from titanlm.files import read_text_file
 
 ROLES = ("system", "user", "assistant")
 # The special tokens that end a reply in these formats (beside the tokenizer's eos): decoding stops there.
@@ -398,18 +399,11 @@ def _compile(source: str, origin: str) -> Any:
         ) from None
 
 
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path} is not UTF-8 text ({e.reason}); convert the file") from None
-
-
 def _read_config(path: Path) -> dict:
     if not path.is_file():
         return {}
     try:
-        config = json.loads(_read_text(path))
+        config = json.loads(read_text_file(path))
     except json.JSONDecodeError as e:
         raise DataError(f"{path} is not valid JSON ({e})") from None
     return config if isinstance(config, dict) else {}
@@ -429,7 +423,7 @@ def load_hf_chat_template(tok: Tokenizer, tokenizer_path: str) -> HFChatTemplate
     config = _read_config(folder / "tokenizer_config.json")
     jinja_file = folder / "chat_template.jinja"
     if jinja_file.is_file():
-        source, origin = _read_text(jinja_file), str(jinja_file)
+        source, origin = read_text_file(jinja_file), str(jinja_file)
     else:
         source, origin = config.get("chat_template"), str(folder / "tokenizer_config.json")
         if isinstance(source, list):  # named templates: [{"name", "template"}, ...]

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 from titanlm.data.tokenizer import Tokenizer, TokenizerFileError, build_tokenizer
 from titanlm.errors import ConfigError, DataError, MissingFileError
+from titanlm.files import read_text_file
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
@@ -87,12 +88,9 @@ def ordered_map(
 def read_json_file(path: str) -> Any:
     """The JSON value a whole file holds (a byte-order mark is allowed), or one line naming the file and
     where it is malformed."""
-    with open(path, encoding="utf-8-sig") as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise DataError(
-                f"{path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); fix the array"
-            ) from None
-        except UnicodeDecodeError as e:
-            raise DataError(f"{path} is not UTF-8 text ({e.reason}); convert the file") from None
+    try:
+        return json.loads(read_text_file(path))
+    except json.JSONDecodeError as e:
+        raise DataError(
+            f"{path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); fix the array"
+        ) from None
