@@ -78,27 +78,52 @@ def round_spread(rounds: list[list[float]]) -> dict[str, float | int | None]:
     (None with a single round: one round has no spread to show)."""
     medians = [statistics.median(times) for times in rounds]
     low, middle, high = min(medians), statistics.median(medians), max(medians)
-    return {"rounds": len(medians), "min_s": low, "median_s": middle, "max_s": high,
-            "spread": (high - low) / middle if len(medians) > 1 else None}
+    return {
+        "rounds": len(medians),
+        "min_s": low,
+        "median_s": middle,
+        "max_s": high,
+        "spread": (high - low) / middle if len(medians) > 1 else None,
+    }
 
 
 def spread_warning(name: str, spread: dict[str, float | int | None]) -> str:
     """The warning to print when a system's rounds disagree by more than SPREAD_WARNING, else ""."""
     if spread["spread"] is None or spread["spread"] <= SPREAD_WARNING:
         return ""
-    return (f"WARNING: {name}'s rounds differ by {spread['spread']:.1%} of their median (more than "
-            f"{SPREAD_WARNING:.0%}), so its figure is not stable: check the machine's load, or raise --warmup "
-            "and --rounds")
+    return (
+        f"WARNING: {name}'s rounds differ by {spread['spread']:.1%} of their median (more than "
+        f"{SPREAD_WARNING:.0%}), so its figure is not stable: check the machine's load, or raise --warmup "
+        "and --rounds"
+    )
 
 
 def titanlm_trainer(args: argparse.Namespace) -> Trainer:
     overrides = [
-        "--model.name", args.model_name, "--model.flavor", args.flavor, "--model.n_layers", str(args.n_layers),
-        "--training.seq_len", str(args.seq_len), "--training.local_batch_size", str(args.batch),
-        "--training.mixed_precision_param", args.dtype, "--training.steps", str(10**9),
-        "--data.dataset", "random", "--job.dump_folder", args.dump_folder,
-        "--activation_checkpoint.mode", args.ac, "--model.attention_backend", args.attention_backend,
-        "--optimizer.lr", "1e-4",
+        "--model.name",
+        args.model_name,
+        "--model.flavor",
+        args.flavor,
+        "--model.n_layers",
+        str(args.n_layers),
+        "--training.seq_len",
+        str(args.seq_len),
+        "--training.local_batch_size",
+        str(args.batch),
+        "--training.mixed_precision_param",
+        args.dtype,
+        "--training.steps",
+        str(10**9),
+        "--data.dataset",
+        "random",
+        "--job.dump_folder",
+        args.dump_folder,
+        "--activation_checkpoint.mode",
+        args.ac,
+        "--model.attention_backend",
+        args.attention_backend,
+        "--optimizer.lr",
+        "1e-4",
     ]
     if args.compile:
         overrides.append("--compile.enable")
@@ -109,12 +134,20 @@ def titanlm_trainer(args: argparse.Namespace) -> Trainer:
 
 def full_state_on_cpu(trainer: Trainer) -> dict[str, torch.Tensor]:
     """titanlm's weights as plain full tensors, kept on the host so the GPU can be freed."""
-    return {canonical_param_name(name): (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu()
-            for name, p in trainer.model.state_dict().items()}
+    return {
+        canonical_param_name(name): (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu()
+        for name, p in trainer.model.state_dict().items()
+    }
 
 
-def hf_system(model_args: ModelArgs, weights: dict[str, torch.Tensor], device: torch.device,
-              compute_dtype: torch.dtype, args: argparse.Namespace, batch: Batch) -> tuple[System | None, str]:
+def hf_system(
+    model_args: ModelArgs,
+    weights: dict[str, torch.Tensor],
+    device: torch.device,
+    compute_dtype: torch.dtype,
+    args: argparse.Namespace,
+    batch: Batch,
+) -> tuple[System | None, str]:
     """The plain transformers loop, or None and why it cannot run; the second value notes deviations."""
     try:
         import transformers
@@ -136,10 +169,10 @@ def hf_system(model_args: ModelArgs, weights: dict[str, torch.Tensor], device: t
         apply_float8(model, Float8(enable=True), output_name="lm_head")
     forward = torch.compile(model) if args.compile else model
     fused = device.type == "cuda"
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1,
-                                  foreach=not fused, fused=fused)
-    autocast = (torch.autocast(device.type, dtype=compute_dtype) if compute_dtype != torch.float32
-                else nullcontext())
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, foreach=not fused, fused=fused
+    )
+    autocast = torch.autocast(device.type, dtype=compute_dtype) if compute_dtype != torch.float32 else nullcontext()
     input_ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
 
     def step() -> None:
@@ -201,10 +234,21 @@ def torchtitan_result(model_args: ModelArgs, args: argparse.Namespace) -> dict:
     from benchmarks.torchtitan_peer import run_torchtitan
 
     return run_torchtitan(
-        dim=model_args.dim, n_layers=model_args.n_layers, n_heads=model_args.n_heads,
-        n_kv_heads=model_args.n_kv_heads, ffn_dim=model_args.ffn_dim, vocab_size=model_args.vocab_size,
-        rope_theta=model_args.rope_theta, norm_eps=model_args.norm_eps, seq_len=args.seq_len, batch=args.batch,
-        steps=args.rounds * args.steps, warmup=args.warmup, compile=args.compile, ac=args.ac, float8=args.float8,
+        dim=model_args.dim,
+        n_layers=model_args.n_layers,
+        n_heads=model_args.n_heads,
+        n_kv_heads=model_args.n_kv_heads,
+        ffn_dim=model_args.ffn_dim,
+        vocab_size=model_args.vocab_size,
+        rope_theta=model_args.rope_theta,
+        norm_eps=model_args.norm_eps,
+        seq_len=args.seq_len,
+        batch=args.batch,
+        steps=args.rounds * args.steps,
+        warmup=args.warmup,
+        compile=args.compile,
+        ac=args.ac,
+        float8=args.float8,
         work_folder=f"{args.dump_folder}/torchtitan",
     )
 
@@ -217,8 +261,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seq_len", type=int, default=512)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--dtype", default="auto", help="auto, bfloat16, float16 or float32")
-    parser.add_argument("--ac", default="none", choices=("none", "full", "selective"),
-                        help="activation checkpointing")
+    parser.add_argument("--ac", default="none", choices=("none", "full", "selective"), help="activation checkpointing")
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--float8", action="store_true", help="torchao float8 training (tensorwise)")
     parser.add_argument("--attention_backend", default="auto")
@@ -226,8 +269,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=5, help="timed steps per system per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--peers", default="hf,torchtitan", help="comma list of hf, torchtitan; empty = none")
-    parser.add_argument("--sequential", action="store_true",
-                        help="one system after another, each freed before the next (always on CUDA)")
+    parser.add_argument(
+        "--sequential",
+        action="store_true",
+        help="one system after another, each freed before the next (always on CUDA)",
+    )
     parser.add_argument("--peak_tflops", type=float, default=-1.0)
     parser.add_argument("--json", default="", help="also write the results to this file")
     parser.add_argument("--dump_folder", default="./outputs/benchmark")
@@ -240,8 +286,9 @@ def main(argv: list[str] | None = None) -> None:
     trainer = titanlm_trainer(args)
     device, model_args = trainer.device, trainer.plan.model_args
     num_params, compute_dtype = param_count(model_args), trainer.plan.precision.param_dtype
-    tokens = torch.randint(0, model_args.vocab_size, (args.batch, args.seq_len + 1),
-                           generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(
+        0, model_args.vocab_size, (args.batch, args.seq_len + 1), generator=torch.Generator().manual_seed(0)
+    )
     batch = {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}
     titanlm = System("titanlm", partial(trainer.train_step, [batch]))
     weights = full_state_on_cpu(trainer) if "hf" in peers else {}
@@ -299,11 +346,16 @@ def main(argv: list[str] | None = None) -> None:
                     "peak_memory_gib": titan.get("peak_memory_gib"),
                     "timed_steps": len(titan["tps_timed"]),
                     "round_spread": round_spread(
-                        [[tokens_per_step / tps for tps in titan["tps_timed"][i : i + args.steps]]
-                         for i in range(0, len(titan["tps_timed"]), args.steps)]),
+                        [
+                            [tokens_per_step / tps for tps in titan["tps_timed"][i : i + args.steps]]
+                            for i in range(0, len(titan["tps_timed"]), args.steps)
+                        ]
+                    ),
                 }
-                notes["torchtitan"] = (f"torchtitan {titan.get('torchtitan_version')}: {titan['command']}; "
-                                       f"its own logged MFU {titan.get('mfu')}")
+                notes["torchtitan"] = (
+                    f"torchtitan {titan.get('torchtitan_version')}: {titan['command']}; "
+                    f"its own logged MFU {titan.get('mfu')}"
+                )
     warnings = [line for name, r in results.items() if (line := spread_warning(name, r["round_spread"]))]
     report = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -320,23 +372,35 @@ def main(argv: list[str] | None = None) -> None:
         "notes": notes,
         "warnings": warnings,
     }
-    print(f"{report['model']}, {num_params:,} params, seq {args.seq_len} x batch {args.batch}, {compute_dtype}, "
-          f"compile={args.compile}, ac={args.ac}, float8={args.float8}, {report['device']}")
+    print(
+        f"{report['model']}, {num_params:,} params, seq {args.seq_len} x batch {args.batch}, {compute_dtype}, "
+        f"compile={args.compile}, ac={args.ac}, float8={args.float8}, {report['device']}"
+    )
     print(f"{'system':<11} {'step s':>8} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>8}  vs titanlm")
     for name, r in results.items():
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
         memory = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] is not None else "n/a"
-        ratio = (f"titanlm/{name} = {results['titanlm']['tokens_per_s'] / r['tokens_per_s']:.3f}"
-                 if "titanlm" in results else "")
-        print(f"{name:<11} {r['median_step_s']:>8.4f} {r['tokens_per_s']:>10.1f} {r['achieved_tflops']:>8.2f} "
-              f"{mfu:>6} {memory:>8}  {ratio}")
+        ratio = (
+            f"titanlm/{name} = {results['titanlm']['tokens_per_s'] / r['tokens_per_s']:.3f}"
+            if "titanlm" in results
+            else ""
+        )
+        print(
+            f"{name:<11} {r['median_step_s']:>8.4f} {r['tokens_per_s']:>10.1f} {r['achieved_tflops']:>8.2f} "
+            f"{mfu:>6} {memory:>8}  {ratio}"
+        )
     print("step s over rounds (each round's median):")
     for name, r in results.items():
         spread = r["round_spread"]
-        share = (f"{spread['rounds']} rounds, spread {spread['spread']:.1%}" if spread["spread"] is not None
-                 else "one round: no spread")
-        print(f"{name:<11} min {spread['min_s']:.4f}  median {spread['median_s']:.4f}  max {spread['max_s']:.4f}  "
-              f"({share})")
+        share = (
+            f"{spread['rounds']} rounds, spread {spread['spread']:.1%}"
+            if spread["spread"] is not None
+            else "one round: no spread"
+        )
+        print(
+            f"{name:<11} min {spread['min_s']:.4f}  median {spread['median_s']:.4f}  max {spread['max_s']:.4f}  "
+            f"({share})"
+        )
     for name, note in notes.items():
         if note:
             print(f"{name}: {note}")

@@ -19,8 +19,7 @@ from titanlm.models import ModelArgs, Transformer
 
 
 def main(chunk: int, seq: int) -> None:
-    args = ModelArgs(dim=256, n_layers=2, n_heads=8, n_kv_heads=4, ffn_dim=768, vocab_size=128256,
-                     rope_theta=500000.0)
+    args = ModelArgs(dim=256, n_layers=2, n_heads=8, n_kv_heads=4, ffn_dim=768, vocab_size=128256, rope_theta=500000.0)
     model = Transformer(args)
     model.init_weights(seed=0)
     model.loss_chunk_tokens = chunk
@@ -34,8 +33,10 @@ def main(chunk: int, seq: int) -> None:
         loss = F.cross_entropy(model(tokens).flatten(0, 1).float(), labels.flatten(), reduction="sum")
     loss.backward()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(f"loss_chunk_tokens {chunk}: loss {loss.item():.2f}; peak RSS {peak:.2f} GiB "
-          f"({before:.2f} before the step); forward + backward {time.perf_counter() - start:.1f} s")
+    print(
+        f"loss_chunk_tokens {chunk}: loss {loss.item():.2f}; peak RSS {peak:.2f} GiB "
+        f"({before:.2f} before the step); forward + backward {time.perf_counter() - start:.1f} s"
+    )
 
 
 if __name__ == "__main__":

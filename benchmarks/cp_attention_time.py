@@ -69,9 +69,11 @@ def main() -> None:
     documents = packed_row(args.seq, generator).cuda()
     q = torch.randn(1, 32, args.seq, 128, generator=generator).cuda().bfloat16()
     k, v = (torch.randn(1, 8, args.seq, 128, generator=generator).cuda().bfloat16() for _ in range(2))
-    print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}, seq {args.seq}, cp {args.cp}, "
-          f"{int(documents.max()) + 1} documents; forward + backward per call, ms: median (min-max) "
-          f"over {args.rounds} rounds of {args.iters}")
+    print(
+        f"torch {torch.__version__}, {torch.cuda.get_device_name()}, seq {args.seq}, cp {args.cp}, "
+        f"{int(documents.max()) + 1} documents; forward + backward per call, ms: median (min-max) "
+        f"over {args.rounds} rounds of {args.iters}"
+    )
 
     def report(name: str, per_round: list[float], whole: float | None) -> float:
         median = statistics.median(per_round)
@@ -80,10 +82,16 @@ def main() -> None:
         return median
 
     varlen, flex = VarlenBackend(), FlexBackend()
-    whole = report("whole row, varlen", time_call(
-        forward_backward(varlen, q, k, v, varlen.prepare(documents)), args.rounds, args.iters), None)
-    report("whole row, flex", time_call(
-        forward_backward(flex, q, k, v, flex.prepare(documents)), args.rounds, args.iters), whole)
+    whole = report(
+        "whole row, varlen",
+        time_call(forward_backward(varlen, q, k, v, varlen.prepare(documents)), args.rounds, args.iters),
+        None,
+    )
+    report(
+        "whole row, flex",
+        time_call(forward_backward(flex, q, k, v, flex.prepare(documents)), args.rounds, args.iters),
+        whole,
+    )
     keys = torch.cat([cp_token_indices(args.seq, r, args.cp, q.device) for r in range(args.cp)])
     k_all, v_all = k[:, :, keys], v[:, :, keys]
     for rank in range(args.cp):

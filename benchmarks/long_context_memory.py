@@ -25,8 +25,21 @@ from titanlm.memory_estimate import MemoryEstimate, formula_memory, trace_memory
 from titanlm.plan import resolve
 
 FIGURES = ("params_gib", "grads_gib", "optimizer_gib", "activations_gib", "other_gib", "peak_gib")
-COLUMNS = ("layout", "recompute", "loss chunk", "params", "grads", "optimizer", "activations", "other", "peak",
-           "per block", "fits", "method", "trace s")
+COLUMNS = (
+    "layout",
+    "recompute",
+    "loss chunk",
+    "params",
+    "grads",
+    "optimizer",
+    "activations",
+    "other",
+    "peak",
+    "per block",
+    "fits",
+    "method",
+    "trace s",
+)
 
 
 @dataclass(frozen=True)
@@ -50,8 +63,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--flavor", default="8B", help="llama3 flavor (debug for a quick check)")
     parser.add_argument("--seq_len", type=int, default=32768)
     parser.add_argument("--layers", default="2,4", help="the two block counts of the per-block figure")
-    parser.add_argument("--extrapolate", action="store_true",
-                        help="extrapolate every figure from the two --layers depths instead of tracing the whole depth")
+    parser.add_argument(
+        "--extrapolate",
+        action="store_true",
+        help="extrapolate every figure from the two --layers depths instead of tracing the whole depth",
+    )
     parser.add_argument("--modes", default="none,selective,full", help="activation_checkpoint.mode values")
     parser.add_argument("--loss_chunks", default="0,4096", help="training.loss_chunk_tokens values (0 = off)")
     parser.add_argument("--layouts", default=",".join(LAYOUTS), help=f"some of {', '.join(LAYOUTS)}")
@@ -68,11 +84,27 @@ class Estimates:
 
     def flags(self, layout: Layout, mode: str, chunk: int, layers: int) -> list[str]:
         return [
-            "--model.name", "llama3", "--model.flavor", self.args.flavor, "--model.n_layers", str(layers),
-            "--training.seq_len", str(self.args.seq_len), "--training.local_batch_size", "1",
-            "--training.global_batch_size", "-1", "--training.mixed_precision_param", "bfloat16",
-            "--training.loss_chunk_tokens", str(chunk), "--activation_checkpoint.mode", mode,
-            "--parallelism.context_parallel_degree", str(layout.cp), *layout.flags,
+            "--model.name",
+            "llama3",
+            "--model.flavor",
+            self.args.flavor,
+            "--model.n_layers",
+            str(layers),
+            "--training.seq_len",
+            str(self.args.seq_len),
+            "--training.local_batch_size",
+            "1",
+            "--training.global_batch_size",
+            "-1",
+            "--training.mixed_precision_param",
+            "bfloat16",
+            "--training.loss_chunk_tokens",
+            str(chunk),
+            "--activation_checkpoint.mode",
+            mode,
+            "--parallelism.context_parallel_degree",
+            str(layout.cp),
+            *layout.flags,
         ]
 
     def get(self, layout: Layout, mode: str, chunk: int, layers: int) -> tuple[MemoryEstimate, float | None]:
@@ -100,8 +132,9 @@ def row(
     per_block = (made[b][0].activations_gib - made[a][0].activations_gib) / (b - a)
     if args.extrapolate:
         low, high = (estimates.get(layout, mode, chunk, layers) for layers in (a, b))
-        figures = {f: getattr(low[0], f) + (depth - a) * (getattr(high[0], f) - getattr(low[0], f)) / (b - a)
-                   for f in FIGURES}
+        figures = {
+            f: getattr(low[0], f) + (depth - a) * (getattr(high[0], f) - getattr(low[0], f)) / (b - a) for f in FIGURES
+        }
         seconds = [s for _, s in (*made.values(), low, high) if s is not None]
         method = f"traced at {a} and {b} blocks, extrapolated"
     else:
@@ -121,8 +154,9 @@ def block_shares(args: argparse.Namespace, depth_flags: list[str], cp: int) -> d
     tokens, h, g = args.seq_len // cp, m.n_heads * m.head_dim, m.n_kv_heads * m.head_dim
     return {
         "MLP intermediates (w1, w3, silu, their product)": 4 * m.ffn_dim * 2 * tokens / 2**30,
-        "attention (q, gathered k and v, output, fp32 logsumexp)":
-            ((2 * h + 2 * g * cp) * 2 + 4 * m.n_heads) * tokens / 2**30,
+        "attention (q, gathered k and v, output, fp32 logsumexp)": ((2 * h + 2 * g * cp) * 2 + 4 * m.n_heads)
+        * tokens
+        / 2**30,
         "norm inputs and outputs": 4 * m.dim * 2 * tokens / 2**30,
     }
 
@@ -136,8 +170,10 @@ def main(argv: list[str] | None = None) -> None:
     estimates = Estimates(args)
     whole_flags = estimates.flags(LAYOUTS["1gpu"], "none", 0, 0)  # n_layers 0: the flavor's own
     depth = resolve(load_config(whole_flags), 1, "cuda").model_args.n_layers
-    print(f"llama3 {args.flavor} ({depth} blocks), seq_len {args.seq_len}, local batch 1, bfloat16 compute, "
-          f"CUDA target, one rank's estimate, GiB; fits: peak <= 90% of {args.gpu_gib:g} GiB (tight: <= 100%)")
+    print(
+        f"llama3 {args.flavor} ({depth} blocks), seq_len {args.seq_len}, local batch 1, bfloat16 compute, "
+        f"CUDA target, one rank's estimate, GiB; fits: peak <= 90% of {args.gpu_gib:g} GiB (tight: <= 100%)"
+    )
     print(" ".join(__doc__.split("\n\n")[2].split()))
     print("| " + " | ".join(COLUMNS) + " |")
     print("|" + "---|" * len(COLUMNS))
@@ -155,12 +191,16 @@ def main(argv: list[str] | None = None) -> None:
                 cells += [f"{figures[f]:.1f}" for f in FIGURES] + [f"{figures['per_block_gib']:.2f}", fits, method]
                 cells.append(" + ".join(f"{s:.0f}" for s in seconds) or "-")
                 print("| " + " | ".join(cells) + " |", flush=True)
-    print("attention backend the plan resolves (flex and varlen traced as sdpa without a mask): "
-          + "; ".join(f"{name}: {backend}" for name, backend in backends.items()))
+    print(
+        "attention backend the plan resolves (flex and varlen traced as sdpa without a mask): "
+        + "; ".join(f"{name}: {backend}" for name, backend in backends.items())
+    )
     for cp in sorted({layout.cp for layout in layouts}):
         shares = block_shares(args, whole_flags, cp)
-        print(f"one block without recomputation at cp {cp}, by shape: {sum(shares.values()):.2f} GiB = "
-              + " + ".join(f"{value:.2f} {name}" for name, value in shares.items()))
+        print(
+            f"one block without recomputation at cp {cp}, by shape: {sum(shares.values()):.2f} GiB = "
+            + " + ".join(f"{value:.2f} {name}" for name, value in shares.items())
+        )
     print(f"tracing took {total:.0f} s in all")
 
 

@@ -18,8 +18,18 @@ import titanlm
 from titanlm.config import load_config
 from titanlm.train import Trainer
 
-TINY = ["--model.flavor", "debug", "--data.dataset", "random", "--training.seq_len", "128",
-        "--training.local_batch_size", "8", "--training.mixed_precision_param", "float32"]
+TINY = [
+    "--model.flavor",
+    "debug",
+    "--data.dataset",
+    "random",
+    "--training.seq_len",
+    "128",
+    "--training.local_batch_size",
+    "8",
+    "--training.mixed_precision_param",
+    "float32",
+]
 
 
 def main() -> None:
@@ -33,14 +43,29 @@ def main() -> None:
     rounds = []
     for _ in range(options.rounds):
         with tempfile.TemporaryDirectory() as folder:
-            trainer = Trainer(load_config([*TINY, *extra, "--training.steps", str(options.steps),
-                                           "--metrics.log_freq", str(options.log_freq), "--job.dump_folder", folder]))
+            trainer = Trainer(
+                load_config(
+                    [
+                        *TINY,
+                        *extra,
+                        "--training.steps",
+                        str(options.steps),
+                        "--metrics.log_freq",
+                        str(options.log_freq),
+                        "--job.dump_folder",
+                        folder,
+                    ]
+                )
+            )
             start = time.perf_counter()
             trainer.train()
             rounds.append((time.perf_counter() - start) / options.steps * 1000)
             trainer.close()
-    print("ms/step per round:", " ".join(f"{value:.1f}" for value in rounds),
-          f"| min {min(rounds):.1f} median {statistics.median(rounds):.1f} max {max(rounds):.1f}")
+    print(
+        "ms/step per round:",
+        " ".join(f"{value:.1f}" for value in rounds),
+        f"| min {min(rounds):.1f} median {statistics.median(rounds):.1f} max {max(rounds):.1f}",
+    )
 
 
 if __name__ == "__main__":

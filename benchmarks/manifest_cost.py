@@ -46,11 +46,15 @@ def main() -> None:
         finally:
             shutil.rmtree(folder)
         rows.append((save, write, check))
-        print(f"trial {trial}: save {save:.2f}s, manifest {write:.2f}s ({write / save:.0%} of the save), "
-              f"check {check:.2f}s")
+        print(
+            f"trial {trial}: save {save:.2f}s, manifest {write:.2f}s ({write / save:.0%} of the save), "
+            f"check {check:.2f}s"
+        )
     for name, values in zip(("save", "manifest", "check"), zip(*rows)):
-        print(f"{name}: median {statistics.median(values):.2f}s (range {min(values):.2f}-{max(values):.2f}s) "
-              f"for {args.gib} GiB")
+        print(
+            f"{name}: median {statistics.median(values):.2f}s (range {min(values):.2f}-{max(values):.2f}s) "
+            f"for {args.gib} GiB"
+        )
 
 
 if __name__ == "__main__":

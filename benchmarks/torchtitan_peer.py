@@ -66,10 +66,19 @@ LOG_TAIL_LINES = 40
 
 # Presets for the CLI: the Llama3 shapes the benchmark uses.
 PRESETS = {
-    "debug": dict(dim=256, n_layers=2, n_heads=16, n_kv_heads=16, ffn_dim=768, vocab_size=2048,
-                  rope_theta=500000.0, norm_eps=1e-5),
-    "8B": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336, vocab_size=128256,
-               rope_theta=500000.0, norm_eps=1e-5),
+    "debug": dict(
+        dim=256, n_layers=2, n_heads=16, n_kv_heads=16, ffn_dim=768, vocab_size=2048, rope_theta=500000.0, norm_eps=1e-5
+    ),
+    "8B": dict(
+        dim=4096,
+        n_layers=32,
+        n_heads=32,
+        n_kv_heads=8,
+        ffn_dim=14336,
+        vocab_size=128256,
+        rope_theta=500000.0,
+        norm_eps=1e-5,
+    ),
 }
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -148,27 +157,42 @@ def write_tokenizer(folder: Path, corpus: Path, vocab_size: int) -> int:
     return size
 
 
-def job_config(*, work: Path, seq_len: int, batch: int, total_steps: int, warmup: int,
-               compile: bool, ac: str, float8: bool) -> dict[str, dict[str, Any]]:
+def job_config(
+    *, work: Path, seq_len: int, batch: int, total_steps: int, warmup: int, compile: bool, ac: str, float8: bool
+) -> dict[str, dict[str, Any]]:
     """torchtitan 0.2.x job config sections (TOML tables) for the peer run."""
     if ac not in ("none", "full", "selective"):
         raise ValueError(f"ac must be none, full or selective, not {ac!r}")
     config: dict[str, dict[str, Any]] = {
         "job": {"dump_folder": str(work / "outputs"), "description": "titanlm benchmark peer"},
         "profiling": {"enable_profiling": False, "enable_memory_snapshot": False},
-        "metrics": {"log_freq": 1, "enable_tensorboard": False, "enable_wandb": False,
-                    "disable_color_printing": True},
-        "model": {"name": "llama3", "flavor": FLAVOR, "hf_assets_path": str(work / "tokenizer"),
-                  "converters": [FLOAT8_CONVERTER] if float8 else []},
+        "metrics": {"log_freq": 1, "enable_tensorboard": False, "enable_wandb": False, "disable_color_printing": True},
+        "model": {
+            "name": "llama3",
+            "flavor": FLAVOR,
+            "hf_assets_path": str(work / "tokenizer"),
+            "converters": [FLOAT8_CONVERTER] if float8 else [],
+        },
         "optimizer": {"name": "AdamW", "lr": 3e-4, "eps": 1e-8, "weight_decay": 0.1},
         "lr_scheduler": {"warmup_steps": max(1, min(warmup, total_steps))},
-        "training": {"dataset": "c4_test", "dataset_path": str(work / "data"),
-                     "local_batch_size": batch, "global_batch_size": -1, "seq_len": seq_len,
-                     "steps": total_steps, "max_norm": 1.0,
-                     "mixed_precision_param": "bfloat16", "mixed_precision_reduce": "float32"},
-        "parallelism": {"data_parallel_replicate_degree": 1, "data_parallel_shard_degree": -1,
-                        "tensor_parallel_degree": 1, "pipeline_parallel_degree": 1,
-                        "context_parallel_degree": 1},
+        "training": {
+            "dataset": "c4_test",
+            "dataset_path": str(work / "data"),
+            "local_batch_size": batch,
+            "global_batch_size": -1,
+            "seq_len": seq_len,
+            "steps": total_steps,
+            "max_norm": 1.0,
+            "mixed_precision_param": "bfloat16",
+            "mixed_precision_reduce": "float32",
+        },
+        "parallelism": {
+            "data_parallel_replicate_degree": 1,
+            "data_parallel_shard_degree": -1,
+            "tensor_parallel_degree": 1,
+            "pipeline_parallel_degree": 1,
+            "context_parallel_degree": 1,
+        },
         "checkpoint": {"enable": False},
         "activation_checkpoint": {"mode": ac, "selective_ac_option": "op"},
         "compile": {"enable": compile, "components": ["model", "loss"]},
@@ -194,6 +218,7 @@ def ffn_args(dim: int, ffn_dim: int) -> tuple[float | None, int]:
     set; then h rounded up to a multiple of multiple_of. The usual Llama3 pairs are tried first
     (8B: 1.3 and 1024 give 14336); otherwise multiple_of = ffn_dim with h in (0, ffn_dim].
     """
+
     def size(multiplier: float | None, multiple_of: int) -> int:
         h = int(2 * (4 * dim) / 3)
         if multiplier is not None:
@@ -223,11 +248,11 @@ def _runner(argv: list[str]) -> None:
     sys.argv = [sys.argv[0], *tt_args]
 
     import torch
-
     from torchtitan.models import llama3
     from torchtitan.models.llama3.model.model import FeedForward
     from torchtitan.protocols.train_spec import get_train_spec
-    from torchtitan.train import Trainer, main as torchtitan_main
+    from torchtitan.train import Trainer
+    from torchtitan.train import main as torchtitan_main
 
     multiplier, multiple_of = ffn_args(shape["dim"], shape["ffn_dim"])
     info_path = shape_path.with_name("runner_info.json")
@@ -241,26 +266,45 @@ def _runner(argv: list[str]) -> None:
             info_path.write_text(json.dumps(info, indent=1))
 
     args = PeerModelArgs(
-        dim=shape["dim"], n_layers=shape["n_layers"], n_heads=shape["n_heads"],
-        n_kv_heads=shape["n_kv_heads"], vocab_size=shape["vocab_size"],
-        multiple_of=multiple_of, ffn_dim_multiplier=multiplier,
-        norm_eps=shape["norm_eps"], rope_theta=shape["rope_theta"],
+        dim=shape["dim"],
+        n_layers=shape["n_layers"],
+        n_heads=shape["n_heads"],
+        n_kv_heads=shape["n_kv_heads"],
+        vocab_size=shape["vocab_size"],
+        multiple_of=multiple_of,
+        ffn_dim_multiplier=multiplier,
+        norm_eps=shape["norm_eps"],
+        rope_theta=shape["rope_theta"],
     )
     with torch.device("meta"):
-        ffn = FeedForward(dim=args.dim, hidden_dim=4 * args.dim, multiple_of=args.multiple_of,
-                          ffn_dim_multiplier=args.ffn_dim_multiplier)
+        ffn = FeedForward(
+            dim=args.dim,
+            hidden_dim=4 * args.dim,
+            multiple_of=args.multiple_of,
+            ffn_dim_multiplier=args.ffn_dim_multiplier,
+        )
     if ffn.w1.out_features != shape["ffn_dim"]:
         raise RuntimeError(f"torchtitan would build an FFN of {ffn.w1.out_features}, not {shape['ffn_dim']}")
     llama3.llama3_args[FLAVOR] = args
     if get_train_spec("llama3").model_args.get(FLAVOR) is not args:
         raise RuntimeError("could not register the flavor in torchtitan's llama3 flavor table")
-    info_path.write_text(json.dumps({
-        "flavor": FLAVOR, "ffn_dim_used": ffn.w1.out_features, "multiple_of": multiple_of,
-        "ffn_dim_multiplier": multiplier, "vocab_size": args.vocab_size,
-    }, indent=1))
-    print(f"[titanlm-peer] registered llama3 flavor {FLAVOR}: dim {args.dim}, layers {args.n_layers}, "
-          f"heads {args.n_heads}/{args.n_kv_heads}, ffn {ffn.w1.out_features}, vocab {args.vocab_size}",
-          flush=True)
+    info_path.write_text(
+        json.dumps(
+            {
+                "flavor": FLAVOR,
+                "ffn_dim_used": ffn.w1.out_features,
+                "multiple_of": multiple_of,
+                "ffn_dim_multiplier": multiplier,
+                "vocab_size": args.vocab_size,
+            },
+            indent=1,
+        )
+    )
+    print(
+        f"[titanlm-peer] registered llama3 flavor {FLAVOR}: dim {args.dim}, layers {args.n_layers}, "
+        f"heads {args.n_heads}/{args.n_kv_heads}, ffn {ffn.w1.out_features}, vocab {args.vocab_size}",
+        flush=True,
+    )
     torchtitan_main(Trainer)
 
 
@@ -275,8 +319,11 @@ def parse_log(text: str) -> dict[str, Any]:
         match = _STEP.search(line)
         if match is None:
             continue
-        entry = {"loss": float(match["loss"]) if re.fullmatch(r"[-\d.einfa]+", match["loss"]) else math.nan,
-                 "memory_gib": float(match["mem"]), "tps": float(match["tps"].replace(",", ""))}
+        entry = {
+            "loss": float(match["loss"]) if re.fullmatch(r"[-\d.einfa]+", match["loss"]) else math.nan,
+            "memory_gib": float(match["mem"]),
+            "tps": float(match["tps"].replace(",", "")),
+        }
         if match["tflops"]:
             entry["tflops"] = float(match["tflops"].replace(",", ""))
         if match["mfu"]:
@@ -288,8 +335,7 @@ def parse_log(text: str) -> dict[str, Any]:
         mixed = "bf16 autocast (AMP), fp32 parameters"
     elif "handled by fully_shard" in text:
         mixed = "FSDP bf16 parameters, fp32 reduce"
-    return {"steps": steps, "n_params": int(params[-1].replace(",", "")) if params else None,
-            "mixed_precision": mixed}
+    return {"steps": steps, "n_params": int(params[-1].replace(",", "")) if params else None, "mixed_precision": mixed}
 
 
 def _error_line(lines: list[str]) -> str | None:
@@ -342,10 +388,28 @@ def torchtitan_version() -> str | None:
         return None
 
 
-def run_torchtitan(*, dim: int, n_layers: int, n_heads: int, n_kv_heads: int, ffn_dim: int, vocab_size: int,
-                   rope_theta: float, norm_eps: float, seq_len: int, batch: int, steps: int, warmup: int,
-                   compile: bool, ac: str, float8: bool, work_folder: str, timeout_s: int = 900,
-                   alloc_conf: str | None = "expandable_segments:True", echo: bool = False) -> dict:
+def run_torchtitan(
+    *,
+    dim: int,
+    n_layers: int,
+    n_heads: int,
+    n_kv_heads: int,
+    ffn_dim: int,
+    vocab_size: int,
+    rope_theta: float,
+    norm_eps: float,
+    seq_len: int,
+    batch: int,
+    steps: int,
+    warmup: int,
+    compile: bool,
+    ac: str,
+    float8: bool,
+    work_folder: str,
+    timeout_s: int = 900,
+    alloc_conf: str | None = "expandable_segments:True",
+    echo: bool = False,
+) -> dict:
     """Train the shape with torchtitan's own trainer on one GPU; its median tokens/s after warm-up.
 
     Returns {"tokens_per_s", "mfu" (fraction, None if not logged), "peak_memory_gib" (largest
@@ -378,37 +442,83 @@ def run_torchtitan(*, dim: int, n_layers: int, n_heads: int, n_kv_heads: int, ff
         n_docs = min(20000, max(500, total_steps * batch * seq_len // 150))
         corpus = write_dataset(work / "data", n_docs)
         tokenizer_vocab = write_tokenizer(work / "tokenizer", corpus, vocab_size)
-        shape = dict(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads, ffn_dim=ffn_dim,
-                     vocab_size=vocab_size, rope_theta=float(rope_theta), norm_eps=float(norm_eps))
+        shape = dict(
+            dim=dim,
+            n_layers=n_layers,
+            n_heads=n_heads,
+            n_kv_heads=n_kv_heads,
+            ffn_dim=ffn_dim,
+            vocab_size=vocab_size,
+            rope_theta=float(rope_theta),
+            norm_eps=float(norm_eps),
+        )
         (work / "shape.json").write_text(json.dumps(shape, indent=1))
         (work / "runner_info.json").unlink(missing_ok=True)
         toml_path = work / "job.toml"
-        write_toml(toml_path, job_config(work=work, seq_len=seq_len, batch=batch, total_steps=total_steps,
-                                         warmup=warmup, compile=compile, ac=ac, float8=float8))
+        write_toml(
+            toml_path,
+            job_config(
+                work=work,
+                seq_len=seq_len,
+                batch=batch,
+                total_steps=total_steps,
+                warmup=warmup,
+                compile=compile,
+                ac=ac,
+                float8=float8,
+            ),
+        )
     except Exception as exc:
         return {**result, "error": f"could not prepare the work folder: {type(exc).__name__}: {exc}"}
 
-    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
-            "-m", "benchmarks.torchtitan_peer", "--runner", str(work / "shape.json"),
-            "--job.config_file", str(toml_path)]
+    argv = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "1",
+        "-m",
+        "benchmarks.torchtitan_peer",
+        "--runner",
+        str(work / "shape.json"),
+        "--job.config_file",
+        str(toml_path),
+    ]
     env = dict(os.environ)
-    extra_env = {"PYTHONPATH": os.pathsep.join([str(REPO_ROOT), *filter(None, [env.get("PYTHONPATH")])]),
-                 "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-                 "HF_DATASETS_CACHE": str(work / "hf_datasets_cache")}
+    extra_env = {
+        "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), *filter(None, [env.get("PYTHONPATH")])]),
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_DATASETS_CACHE": str(work / "hf_datasets_cache"),
+    }
     if alloc_conf:
         extra_env["PYTORCH_ALLOC_CONF"] = alloc_conf
     env.update(extra_env)
-    command = " ".join([f"cd {shlex.quote(str(REPO_ROOT))} &&",
-                        *(f"{k}={shlex.quote(v)}" for k, v in extra_env.items()), *map(shlex.quote, argv)])
-    result.update(command=command, work_folder=str(work), tokenizer_vocab=tokenizer_vocab,
-                  total_steps=total_steps)
+    command = " ".join(
+        [
+            f"cd {shlex.quote(str(REPO_ROOT))} &&",
+            *(f"{k}={shlex.quote(v)}" for k, v in extra_env.items()),
+            *map(shlex.quote, argv),
+        ]
+    )
+    result.update(command=command, work_folder=str(work), tokenizer_vocab=tokenizer_vocab, total_steps=total_steps)
 
     log_path = work / "torchtitan.log"
     lines: list[str] = []
     start = time.perf_counter()
     try:
-        proc = subprocess.Popen(argv, env=env, cwd=str(REPO_ROOT), stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True)
+        proc = subprocess.Popen(
+            argv,
+            env=env,
+            cwd=str(REPO_ROOT),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            errors="replace",
+            start_new_session=True,
+        )
     except OSError as exc:
         return {**result, "error": f"could not launch torchrun: {exc}"}
 
@@ -448,8 +558,10 @@ def run_torchtitan(*, dim: int, n_layers: int, n_heads: int, n_kv_heads: int, ff
     result["steps_logged"] = len(per_step)
 
     if timed_out:
-        return {**result, "error": f"torchtitan timed out after {timeout_s}s "
-                                   f"({len(per_step)} of {total_steps} steps logged)"}
+        return {
+            **result,
+            "error": f"torchtitan timed out after {timeout_s}s ({len(per_step)} of {total_steps} steps logged)",
+        }
     if proc.returncode != 0:
         cause = _error_line(lines) or "see log_tail"
         return {**result, "error": f"torchtitan exited with code {proc.returncode}: {cause}"}
@@ -475,12 +587,25 @@ def main(argv: list[str] | None = None) -> None:
     if argv[:1] == ["--runner"]:
         _runner(argv[1:])
         return
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="debug",
-                        help="model shape to start from; the flags below override it")
-    for name, kind in (("dim", int), ("n_layers", int), ("n_heads", int), ("n_kv_heads", int),
-                       ("ffn_dim", int), ("vocab_size", int), ("rope_theta", float), ("norm_eps", float)):
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default="debug",
+        help="model shape to start from; the flags below override it",
+    )
+    for name, kind in (
+        ("dim", int),
+        ("n_layers", int),
+        ("n_heads", int),
+        ("n_kv_heads", int),
+        ("ffn_dim", int),
+        ("vocab_size", int),
+        ("rope_theta", float),
+        ("norm_eps", float),
+    ):
         parser.add_argument(f"--{name}", type=kind)
     parser.add_argument("--seq_len", type=int, default=2048)
     parser.add_argument("--batch", type=int, default=1)
@@ -495,9 +620,19 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     shape = dict(PRESETS[args.preset])
     shape.update({k: getattr(args, k) for k in shape if getattr(args, k) is not None})
-    result = run_torchtitan(**shape, seq_len=args.seq_len, batch=args.batch, steps=args.steps,
-                            warmup=args.warmup, compile=args.compile, ac=args.ac, float8=args.float8,
-                            work_folder=args.work_folder, timeout_s=args.timeout_s, echo=not args.quiet)
+    result = run_torchtitan(
+        **shape,
+        seq_len=args.seq_len,
+        batch=args.batch,
+        steps=args.steps,
+        warmup=args.warmup,
+        compile=args.compile,
+        ac=args.ac,
+        float8=args.float8,
+        work_folder=args.work_folder,
+        timeout_s=args.timeout_s,
+        echo=not args.quiet,
+    )
     print(json.dumps({k: v for k, v in result.items() if k != "log_tail"}, indent=1))
     if "error" in result:
         print(result["log_tail"], file=sys.stderr)

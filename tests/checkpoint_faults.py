@@ -46,7 +46,7 @@ def overwrite_bytes(path: Path, count: int = 64) -> None:
     """Change `count` bytes in the middle of a file, keeping its size: what a stray write does."""
     data = bytearray(path.read_bytes())
     middle = len(data) // 2
-    data[middle:middle + count] = bytes(255 - b for b in data[middle:middle + count])
+    data[middle : middle + count] = bytes(255 - b for b in data[middle : middle + count])
     path.write_bytes(bytes(data))
 
 
@@ -62,7 +62,6 @@ def _outcome(run: Callable[[], object]) -> str:
 
 def _worker(workdir: str) -> None:
     import torch.distributed as dist
-
     from trainer_runs import run_in_process
 
     work = Path(workdir)

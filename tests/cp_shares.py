@@ -32,8 +32,7 @@ def reference_varlen_kernel(q, k, v, pieces: VarlenBatch):
     for q0, q1, k0, k1 in zip(cu_q[:-1], cu_q[1:], cu_k[:-1], cu_k[1:]):
         allowed = torch.arange(k1 - k0)[None, :] <= torch.arange(q1 - q0)[:, None] + (k1 - k0) - (q1 - q0)
         piece = [t.transpose(0, 1)[None] for t in (q[q0:q1], k[k0:k1], v[k0:k1])]  # [1, heads, len, dim]
-        attended = F.scaled_dot_product_attention(
-            *piece, attn_mask=allowed, enable_gqa=k.shape[1] != q.shape[1])
+        attended = F.scaled_dot_product_attention(*piece, attn_mask=allowed, enable_gqa=k.shape[1] != q.shape[1])
         out.append(attended[0].transpose(0, 1))
     return torch.cat(out)
 

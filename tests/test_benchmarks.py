@@ -13,10 +13,10 @@ import sys
 
 import pytest
 import torch
+from trainer_runs import REPO
 
 from benchmarks import benchmark, long_context_memory
 from titanlm.memory_estimate import shutdown_process_group
-from trainer_runs import REPO
 
 
 def test_round_spread_is_min_median_max_of_the_round_medians():
@@ -45,8 +45,27 @@ def test_spread_warning_fires_above_ten_percent_of_the_median(slowest, warns):
 def test_benchmark_times_titanlm_and_the_hf_loop_on_one_shape(tmp_path, capsys, order):
     pytest.importorskip("transformers")
     report_path = tmp_path / "bench.json"
-    benchmark.main(["--seq_len", "32", "--batch", "2", "--steps", "2", "--rounds", "2", "--warmup", "1",
-                    "--n_layers", "2", "--json", str(report_path), "--dump_folder", str(tmp_path / "out"), *order])
+    benchmark.main(
+        [
+            "--seq_len",
+            "32",
+            "--batch",
+            "2",
+            "--steps",
+            "2",
+            "--rounds",
+            "2",
+            "--warmup",
+            "1",
+            "--n_layers",
+            "2",
+            "--json",
+            str(report_path),
+            "--dump_folder",
+            str(tmp_path / "out"),
+            *order,
+        ]
+    )
     report = json.loads(report_path.read_text())
     assert report["model"] == "llama3/debug cut to 2 layers"
     assert set(report["results"]) == {"titanlm", "hf"}
@@ -58,18 +77,36 @@ def test_benchmark_times_titanlm_and_the_hf_loop_on_one_shape(tmp_path, capsys, 
         # Sequential runs measure each system's peak memory on its own (here the process's peak RSS).
         assert (result["peak_memory_gib"] is not None) == bool(order)
     assert "needs CUDA" in report["notes"]["torchtitan"]
-    assert report["warnings"] == [line for name, r in report["results"].items()
-                                  if (line := benchmark.spread_warning(name, r["round_spread"]))]
+    assert report["warnings"] == [
+        line for name, r in report["results"].items() if (line := benchmark.spread_warning(name, r["round_spread"]))
+    ]
     out = capsys.readouterr().out
     assert "titanlm/hf = " in out and "step s over rounds" in out and "(2 rounds, spread " in out
 
 
 def test_profile_step_splits_a_step_into_kinds_of_work(tmp_path):
     result = subprocess.run(
-        [sys.executable, "benchmarks/profile_step.py", "--training.seq_len", "32", "--training.local_batch_size",
-         "2", "--training.mixed_precision_param", "float32", "--job.dump_folder", str(tmp_path), "--steps", "1",
-         "--top", "5"],
-        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "benchmarks/profile_step.py",
+            "--training.seq_len",
+            "32",
+            "--training.local_batch_size",
+            "2",
+            "--training.mixed_precision_param",
+            "float32",
+            "--job.dump_folder",
+            str(tmp_path),
+            "--steps",
+            "1",
+            "--top",
+            "5",
+        ],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
@@ -82,8 +119,22 @@ def test_profile_step_splits_a_step_into_kinds_of_work(tmp_path):
 
 def test_long_context_memory_prints_each_settings_figures_and_how_they_were_made(capsys):
     shutdown_process_group()  # the trace needs a process without one; the benchmark test above leaves its run's
-    long_context_memory.main(["--flavor", "debug", "--seq_len", "256", "--layers", "1,2", "--modes", "full",
-                              "--loss_chunks", "64", "--layouts", "cp2,1gpu-offload"])
+    long_context_memory.main(
+        [
+            "--flavor",
+            "debug",
+            "--seq_len",
+            "256",
+            "--layers",
+            "1,2",
+            "--modes",
+            "full",
+            "--loss_chunks",
+            "64",
+            "--layouts",
+            "cp2,1gpu-offload",
+        ]
+    )
     lines = capsys.readouterr().out.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("| layout |"))
     assert [cell.strip() for cell in lines[header].strip("|").split("|")] == list(long_context_memory.COLUMNS)

@@ -13,11 +13,12 @@ import re
 
 import numpy as np
 import pytest
-
-from titanlm.data.binmeta import BinMetaFolder, BinWriter, DataFormatError, encode_line, validate_folder
 from binmeta_files import write_internevo
 
-# The three documents of InternLM's data-preparation example (doc/usage.md), whose meta it prints as (0, 11), (90, 15), (208, 13).
+from titanlm.data.binmeta import BinMetaFolder, BinWriter, DataFormatError, encode_line, validate_folder
+
+# The three documents of InternLM's data-preparation example (doc/usage.md), whose meta it prints as
+# (0, 11), (90, 15), (208, 13).
 USAGE_DOCS = [
     [73075, 75302, 69522, 69022, 98899, 67713, 68015, 81269, 74637, 75445, 99157],
     [69469, 60355, 73026, 68524, 60846, 61844, 98899, 67775, 79241, 98899, 67713, 67800, 67453, 67838, 99157],
@@ -227,9 +228,7 @@ def test_offsets_not_strictly_increasing(tmp_path):
     path = _good(tmp_path)
     _edit_meta(path, lambda m: m.__setitem__((2, 0), m[1, 0]))
     message = _problem(tmp_path)
-    assert (
-        f"{path}.meta row 2" in message and "not strictly increasing" in message and "regenerate" in message
-    )
+    assert f"{path}.meta row 2" in message and "not strictly increasing" in message and "regenerate" in message
 
 
 def test_offset_beyond_file_size(tmp_path):

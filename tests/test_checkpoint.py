@@ -17,13 +17,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.distributed.tensor import DTensor
 from torch.distributed.checkpoint.state_dict import get_model_state_dict
+from torch.distributed.tensor import DTensor
+from trainer_runs import REPO, TINY_ARGS, read_metrics, run_in_process, run_torchrun, worker_env
 
 from titanlm.checkpoint import CheckpointError, layout
 from titanlm.config import load_config
 from titanlm.train import Trainer
-from trainer_runs import REPO, TINY_ARGS, read_metrics, run_in_process, run_torchrun, worker_env
 
 STEPS = ["--training.steps", "10", "--debug.deterministic"]
 CKPT = ["--checkpoint.enable", "--checkpoint.interval", "100"]  # saves only when a test asks for one
@@ -87,7 +87,10 @@ def test_resume_in_a_fresh_process_reproduces_the_uninterrupted_run_bitwise(tmp_
     run_in_process(tmp_path, [*STEPS, *CKPT, *stop_at(tmp_path, 5)])
     result = subprocess.run(
         [sys.executable, "-m", "titanlm.train", *TINY_ARGS, *STEPS, *CKPT, "--job.dump_folder", str(tmp_path)],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert_bitwise(read_metrics(tmp_path), straight)
@@ -168,8 +171,10 @@ def pretrained(tmp_path_factory) -> tuple[Path, dict[str, torch.Tensor]]:
     trainer = Trainer(load_config([*TINY_ARGS, *CKPT, "--training.steps", "4", "--job.dump_folder", str(dump)]))
     trainer.train()
     trainer.close()
-    run_in_process(dump / "export", [*CKPT, "--training.steps", "4", "--checkpoint.last_save_model_only",
-                                     "--checkpoint.export_dtype", "bfloat16"])
+    run_in_process(
+        dump / "export",
+        [*CKPT, "--training.steps", "4", "--checkpoint.last_save_model_only", "--checkpoint.export_dtype", "bfloat16"],
+    )
     assert names(dump / "export" / "checkpoint") == ["step-4-model"]
     return dump, weights(trainer)
 
@@ -225,24 +230,37 @@ def expect_error(dump: Path, extra: list[str], match: str) -> None:
 def test_a_missing_load_step_lists_the_complete_checkpoints(tmp_path, pretrained) -> None:
     folder = pretrained[0] / "checkpoint"
     before = names(folder)
-    expect_error(tmp_path, ["--checkpoint.folder", str(folder), "--checkpoint.load_step", "3"],
-                 r"no complete step-3 \(complete checkpoints: step-4\); pick one of those")
+    expect_error(
+        tmp_path,
+        ["--checkpoint.folder", str(folder), "--checkpoint.load_step", "3"],
+        r"no complete step-3 \(complete checkpoints: step-4\); pick one of those",
+    )
     assert names(folder) == before
 
 
 def test_a_checkpoint_of_another_model_fails_listing_the_offending_keys(tmp_path, pretrained) -> None:
     source = str(pretrained[0] / "checkpoint" / "step-4")
-    expect_error(tmp_path, [INITIAL, source, "--model.name", "internlm2"],  # 2 kv heads instead of 4
-                 r"does not fit this run; shape differs: model\.layers\.0\.attention\.wk\.weight "
-                 r"\(checkpoint \[128, 256\], this run \[64, 256\]\).*model\.flavor")
-    expect_error(tmp_path, [INITIAL, source, "--model.name", "internlm"],  # q/k/v/o biases
-                 r"missing: model\.layers\.0\.attention\.wq\.bias")
+    expect_error(
+        tmp_path,
+        [INITIAL, source, "--model.name", "internlm2"],  # 2 kv heads instead of 4
+        r"does not fit this run; shape differs: model\.layers\.0\.attention\.wk\.weight "
+        r"\(checkpoint \[128, 256\], this run \[64, 256\]\).*model\.flavor",
+    )
+    expect_error(
+        tmp_path,
+        [INITIAL, source, "--model.name", "internlm"],  # q/k/v/o biases
+        r"missing: model\.layers\.0\.attention\.wq\.bias",
+    )
 
 
 def test_a_weights_only_export_needs_load_content_model(tmp_path, pretrained) -> None:
     export = str(pretrained[0] / "export" / "checkpoint" / "step-4-model")
-    expect_error(tmp_path, [INITIAL, export], r"holds no optimizer, lr_scheduler, dataloader, train_state "
-                 r"\(it holds model\); set checkpoint\.load_content to parts it holds, e\.g\. model")
+    expect_error(
+        tmp_path,
+        [INITIAL, export],
+        r"holds no optimizer, lr_scheduler, dataloader, train_state "
+        r"\(it holds model\); set checkpoint\.load_content to parts it holds, e\.g\. model",
+    )
 
 
 def test_initial_load_path_must_name_one_dcp_checkpoint(tmp_path, pretrained) -> None:
@@ -253,15 +271,29 @@ def test_initial_load_path_must_name_one_dcp_checkpoint(tmp_path, pretrained) ->
 
 def test_training_starts_from_a_hugging_face_folder_with_its_weights(tmp_path) -> None:
     from hf_models import hf_llama
+
     from titanlm.models import get_model_args
     from titanlm.models.hf_adapter import from_hf_state_dict
 
     hf = hf_llama(get_model_args("llama3", "debug"), seed=3)
     hf.save_pretrained(tmp_path / "hf")
-    expect_error(tmp_path, [INITIAL, str(tmp_path / "hf")],
-                 r"is a Hugging Face model, which holds weights only; set checkpoint\.load_content = model")
-    cfg = load_config([*TINY_ARGS, *CKPT, "--job.dump_folder", str(tmp_path / "run"), INITIAL, str(tmp_path / "hf"),
-                       "--checkpoint.load_content", "model"])
+    expect_error(
+        tmp_path,
+        [INITIAL, str(tmp_path / "hf")],
+        r"is a Hugging Face model, which holds weights only; set checkpoint\.load_content = model",
+    )
+    cfg = load_config(
+        [
+            *TINY_ARGS,
+            *CKPT,
+            "--job.dump_folder",
+            str(tmp_path / "run"),
+            INITIAL,
+            str(tmp_path / "hf"),
+            "--checkpoint.load_content",
+            "model",
+        ]
+    )
     trainer = Trainer(cfg)
     loaded = weights(trainer)
     expected = from_hf_state_dict(hf.state_dict())
@@ -274,15 +306,21 @@ def test_training_starts_from_a_hugging_face_folder_with_its_weights(tmp_path) -
 
 def test_load_content_names_known_parts_of_an_initial_load_path(tmp_path, pretrained) -> None:
     source = str(pretrained[0] / "checkpoint" / "step-4")
-    expect_error(tmp_path, [INITIAL, source, "--checkpoint.load_content", "model,weights"],
-                 r"unknown part\(s\) weights; use all, or a comma list of model, optimizer")
+    expect_error(
+        tmp_path,
+        [INITIAL, source, "--checkpoint.load_content", "model,weights"],
+        r"unknown part\(s\) weights; use all, or a comma list of model, optimizer",
+    )
     expect_error(tmp_path, ["--checkpoint.load_content", "model"], r"initial_load_path, which is empty")
 
 
 def test_an_unwritable_checkpoint_folder_fails_at_start(tmp_path) -> None:
     (tmp_path / "a-file").write_text("")
-    expect_error(tmp_path, ["--checkpoint.folder", str(tmp_path / "a-file" / "checkpoint")],
-                 r"a-file/checkpoint is not writable \(.*a-file is a file, not a folder\)")
+    expect_error(
+        tmp_path,
+        ["--checkpoint.folder", str(tmp_path / "a-file" / "checkpoint")],
+        r"a-file/checkpoint is not writable \(.*a-file is a file, not a folder\)",
+    )
 
 
 def test_a_step_folder_without_metadata_fails_instead_of_being_skipped(tmp_path) -> None:
@@ -301,6 +339,7 @@ def test_load_step_refuses_to_rewind_past_newer_checkpoints(tmp_path) -> None:
 def test_a_checkpoint_resumes_at_another_data_parallel_degree(tmp_path, straight) -> None:
     """FSDP 4 ranks -> 2 and 2 ranks -> 1 process, global batch 4 throughout: DCP reshards parameters
     and optimizer state, and the data position is global, so the resumed steps follow the straight run."""
+
     def args(scenario: str, dp: int) -> list[str]:
         return [*STEPS, *CKPT, "--training.local_batch_size", str(4 // dp), *stop_at(tmp_path / scenario, 5)]
 
@@ -329,10 +368,26 @@ def test_sigterm_to_one_rank_saves_on_all_ranks_exits_0_and_the_run_resumes(tmp_
     run = [*CKPT, "--training.steps", "1000"]
     log = open(tmp_path / "torchrun.log", "w")
     job = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "titanlm.train",
-         *TINY_ARGS, *run, "--training.local_batch_size", "2", "--job.dump_folder", str(tmp_path)],
-        cwd=REPO, env=worker_env(),
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "titanlm.train",
+            *TINY_ARGS,
+            *run,
+            "--training.local_batch_size",
+            "2",
+            "--job.dump_folder",
+            str(tmp_path),
+        ],
+        cwd=REPO,
+        env=worker_env(),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     try:
         deadline = time.monotonic() + 90
@@ -356,8 +411,17 @@ def test_sigterm_to_one_rank_saves_on_all_ranks_exits_0_and_the_run_resumes(tmp_
 
 
 def test_float16_loss_scale_continues_after_a_resume(tmp_path) -> None:
-    fp16 = ["--training.mixed_precision_param", "float16", "--grad_scaler.growth_interval", "1",
-            "--grad_scaler.initial_scale", "1024", *CKPT, "--checkpoint.interval", "3"]
+    fp16 = [
+        "--training.mixed_precision_param",
+        "float16",
+        "--grad_scaler.growth_interval",
+        "1",
+        "--grad_scaler.initial_scale",
+        "1024",
+        *CKPT,
+        "--checkpoint.interval",
+        "3",
+    ]
     first = run_in_process(tmp_path, [*fp16, "--training.steps", "3"])
     second = run_in_process(tmp_path, [*fp16, "--training.steps", "5"])
     scales = [r["loss_scale"] for r in first + second]
@@ -371,8 +435,11 @@ def test_an_fsdp_checkpoint_resumes_under_tensor_parallelism(tmp_path, straight)
     Tolerance 1e-5: TP alone changes the reduction order (about 2e-6 relative on the loss)."""
     common = [*STEPS, *CKPT, *stop_at(tmp_path / "fsdp2totp2", 5)]
     run_torchrun(2, {"fsdp2totp2": [*common, "--training.local_batch_size", "2"]}, tmp_path)
-    run_torchrun(2, {"fsdp2totp2": [*common, "--training.local_batch_size", "4",
-                                    "--parallelism.tensor_parallel_degree", "2"]}, tmp_path)
+    run_torchrun(
+        2,
+        {"fsdp2totp2": [*common, "--training.local_batch_size", "4", "--parallelism.tensor_parallel_degree", "2"]},
+        tmp_path,
+    )
     records = read_metrics(tmp_path / "fsdp2totp2")
     assert [r["step"] for r in records] == list(range(1, 11))
     for got, want in zip(records, straight):

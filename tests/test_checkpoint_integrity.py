@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from checkpoint_faults import full_disk, overwrite_bytes
+from trainer_runs import REPO, read_metrics, run_in_process, worker_env
 
 from titanlm.checkpoint import CheckpointError, manifest
 from titanlm.checkpoint.folder_lock import LOCK_FILE, FolderLock
-from checkpoint_faults import full_disk, overwrite_bytes
-from trainer_runs import REPO, read_metrics, run_in_process, worker_env
 
 CKPT = ["--checkpoint.enable", "--checkpoint.interval", "2", "--debug.deterministic"]
 
@@ -62,11 +62,14 @@ def test_every_published_checkpoint_has_a_manifest_of_all_its_files(saved) -> No
     assert LOCK_FILE not in names(saved[0])  # the lock is gone with the run
 
 
-@pytest.mark.parametrize("harm, said", [
-    ("overwrite", r"__0_0\.distcp does not match the checksum"),
-    ("truncate", r"__0_0\.distcp has [\d,]+ bytes, [\d,]+ when saved"),
-    ("delete", r"__0_0\.distcp is missing"),
-])
+@pytest.mark.parametrize(
+    "harm, said",
+    [
+        ("overwrite", r"__0_0\.distcp does not match the checksum"),
+        ("truncate", r"__0_0\.distcp has [\d,]+ bytes, [\d,]+ when saved"),
+        ("delete", r"__0_0\.distcp is missing"),
+    ],
+)
 def test_a_damaged_newest_checkpoint_stops_the_resume_naming_the_file_and_the_previous_one(
     saved, tmp_path, harm, said
 ) -> None:
@@ -79,8 +82,11 @@ def test_a_damaged_newest_checkpoint_stops_the_resume_naming_the_file_and_the_pr
     else:
         shard.unlink()
     before = names(run / "checkpoint")
-    with pytest.raises(CheckpointError, match=rf"step-5 is damaged: {said}.*mv .*step-5 .*step-5\.damaged.* "
-                                              r"resume from step-4, the previous complete checkpoint") as error:
+    with pytest.raises(
+        CheckpointError,
+        match=rf"step-5 is damaged: {said}.*mv .*step-5 .*step-5\.damaged.* "
+        r"resume from step-4, the previous complete checkpoint",
+    ) as error:
         run_in_process(run, [*CKPT, "--training.steps", "7"])
     assert "\n" not in str(error.value)
     assert names(run / "checkpoint") == before and LOCK_FILE not in names(run)
@@ -140,8 +146,13 @@ def small_disk(tmp_path, saved):
     mount = tmp_path / "small"
     mount.mkdir()
     size_kib = one_checkpoint * 3 // 2 // 1024
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kib}k", "tmpfs", str(mount)],
-                            capture_output=True, text=True) if os.geteuid() == 0 else None
+    result = (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size_kib}k", "tmpfs", str(mount)], capture_output=True, text=True
+        )
+        if os.geteuid() == 0
+        else None
+    )
     if result is None or result.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here ({result.stderr.strip() if result else 'not root'})")
     yield mount
@@ -160,13 +171,24 @@ def test_a_real_full_disk_is_recognised_though_torch_reports_no_os_error(tmp_pat
 
 
 def test_an_async_save_on_a_full_disk_stops_the_run_at_the_next_step_boundary(tmp_path) -> None:
-    from titanlm.config import load_config
-    from titanlm.train import Trainer
     from trainer_runs import TINY_ARGS
 
+    from titanlm.config import load_config
+    from titanlm.train import Trainer
+
     dump = tmp_path / "run"
-    cfg = load_config([*TINY_ARGS, *CKPT, "--training.steps", "20", "--checkpoint.async_mode", "async",
-                       "--job.dump_folder", str(dump)])
+    cfg = load_config(
+        [
+            *TINY_ARGS,
+            *CKPT,
+            "--training.steps",
+            "20",
+            "--checkpoint.async_mode",
+            "async",
+            "--job.dump_folder",
+            str(dump),
+        ]
+    )
     trainer = Trainer(cfg)
     try:
         with full_disk(during="step-4.tmp-"), pytest.raises(CheckpointError, match=r"is full .* saving step-4 failed"):
@@ -189,8 +211,18 @@ def test_the_newest_checkpoint_before_skipped_steps_survives_keep_latest_k(tmp_p
         return value * float("inf") if calls["n"] >= 3 else value
 
     monkeypatch.setattr(titanlm.update, "global_grad_norm", inf_from_step_3)
-    run_in_process(tmp_path, ["--checkpoint.enable", "--checkpoint.interval", "1", "--checkpoint.keep_latest_k", "1",
-                              "--training.max_consecutive_skips", "0"])
+    run_in_process(
+        tmp_path,
+        [
+            "--checkpoint.enable",
+            "--checkpoint.interval",
+            "1",
+            "--checkpoint.keep_latest_k",
+            "1",
+            "--training.max_consecutive_skips",
+            "0",
+        ],
+    )
     assert names(tmp_path / "checkpoint") == ["step-2", "step-5"]  # step-3, 4 held diverged weights
     assert manifest.read_manifest(str(tmp_path / "checkpoint" / "step-5"))["consecutive_skips"] == 3
 
@@ -199,14 +231,24 @@ def test_a_second_job_on_the_folder_is_refused_naming_the_holder_and_a_dead_hold
     tmp_path, caplog
 ) -> None:
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from titanlm.checkpoint.folder_lock import FolderLock; "
-         f"FolderLock({str(tmp_path)!r}, 'job.dump_folder').acquire(); print('held', flush=True); time.sleep(60)"],
-        cwd=REPO, env=worker_env(), stdout=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from titanlm.checkpoint.folder_lock import FolderLock; "
+            f"FolderLock({str(tmp_path)!r}, 'job.dump_folder').acquire(); print('held', flush=True); time.sleep(60)",
+        ],
+        cwd=REPO,
+        env=worker_env(),
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(CheckpointError, match=rf"job.dump_folder {tmp_path} is in use by another titanlm job "
-                                                  rf"\(host .+, pid {holder.pid}, started .+\)"):
+        with pytest.raises(
+            CheckpointError,
+            match=rf"job.dump_folder {tmp_path} is in use by another titanlm job "
+            rf"\(host .+, pid {holder.pid}, started .+\)",
+        ):
             run_in_process(tmp_path, CKPT)
         assert names(tmp_path) == [LOCK_FILE]  # the refused job wrote nothing: no checkpoint/, no metrics
     finally:
@@ -220,10 +262,13 @@ def test_a_second_job_on_the_folder_is_refused_naming_the_holder_and_a_dead_hold
 
 def test_the_lock_is_exclusive_between_processes_and_released_with_the_process(tmp_path) -> None:
     FolderLock(str(tmp_path), "job.dump_folder").acquire()  # this process holds it
-    probe = ("import sys; from titanlm.checkpoint.folder_lock import FolderLock; "
-             f"FolderLock({str(tmp_path)!r}, 'job.dump_folder').acquire()")
-    refused = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=worker_env(), capture_output=True,
-                             text=True, timeout=60)
+    probe = (
+        "import sys; from titanlm.checkpoint.folder_lock import FolderLock; "
+        f"FolderLock({str(tmp_path)!r}, 'job.dump_folder').acquire()"
+    )
+    refused = subprocess.run(
+        [sys.executable, "-c", probe], cwd=REPO, env=worker_env(), capture_output=True, text=True, timeout=60
+    )
     assert refused.returncode != 0 and f"pid {os.getpid()}" in refused.stderr
 
 
@@ -235,15 +280,25 @@ def test_a_failed_start_leaves_no_checkpoint_folder_and_no_lock(tmp_path) -> Non
 
 def test_an_unusable_dump_folder_with_checkpoints_off_is_one_line(tmp_path) -> None:
     (tmp_path / "a-file").write_text("")
-    with pytest.raises(CheckpointError, match=r"job.dump_folder .*a-file/run is not writable \(.*\); fix its "
-                                              r"permissions or set job.dump_folder"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"job.dump_folder .*a-file/run is not writable \(.*\); fix its "
+        r"permissions or set job.dump_folder",
+    ):
         run_in_process(tmp_path / "a-file" / "run", [])
 
 
 @pytest.mark.multiprocess
 def test_two_ranks_agree_on_a_damaged_shard_and_on_one_rank_s_full_disk(tmp_path) -> None:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(Path(__file__).with_name("checkpoint_faults.py")), str(tmp_path)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(Path(__file__).with_name("checkpoint_faults.py")),
+        str(tmp_path),
+    ]
     result = subprocess.run(command, cwd=REPO, env=worker_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     seen = [json.loads((tmp_path / f"rank-{rank}.json").read_text()) for rank in (0, 1)]
@@ -253,8 +308,11 @@ def test_two_ranks_agree_on_a_damaged_shard_and_on_one_rank_s_full_disk(tmp_path
         assert "resume from step-1" in ranks_view["damaged"]
         assert "is full" in ranks_view["full"] and "saving step-2 failed" in ranks_view["full"]
     assert seen[0] == seen[1]
-    starts = [json.loads(line) for line in (tmp_path / "damaged" / "metrics.jsonl").read_text().splitlines()
-              if '"event": "start"' in line]
+    starts = [
+        json.loads(line)
+        for line in (tmp_path / "damaged" / "metrics.jsonl").read_text().splitlines()
+        if '"event": "start"' in line
+    ]
     assert [start["resumed_from_step"] for start in starts] == [0, 1]  # the damaged step-2 was never loaded
     assert [r["step"] for r in read_metrics(tmp_path / "damaged")] == [1, 2, 3]
     assert names(tmp_path / "full" / "checkpoint") == ["step-1"]
@@ -264,10 +322,18 @@ def test_export_and_generate_refuse_a_damaged_checkpoint_in_one_line(saved, tmp_
     run = copy_of(saved, tmp_path)
     step = run / "checkpoint" / "step-5"
     overwrite_bytes(step / "__0_0.distcp")
-    for tool, args in (("convert", ["dcp_to_hf", str(step), str(tmp_path / "hf")]),
-                       ("generate", ["--checkpoint", str(step), "--prompt", "hi", "--max_new_tokens", "2"])):
-        result = subprocess.run([sys.executable, "-m", f"titanlm.tools.{tool}", *args], cwd=REPO, env=worker_env(),
-                                capture_output=True, text=True, timeout=120)
+    for tool, args in (
+        ("convert", ["dcp_to_hf", str(step), str(tmp_path / "hf")]),
+        ("generate", ["--checkpoint", str(step), "--prompt", "hi", "--max_new_tokens", "2"]),
+    ):
+        result = subprocess.run(
+            [sys.executable, "-m", f"titanlm.tools.{tool}", *args],
+            cwd=REPO,
+            env=worker_env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert result.returncode == 2, (tool, result.stderr[-2000:])
         assert result.stderr.strip().count("\n") == 0, (tool, result.stderr)
         assert "step-5 is damaged: __0_0.distcp does not match the checksum" in result.stderr, (tool, result.stderr)

@@ -9,8 +9,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from titanlm.config import ConfigError, JobConfig, config_to_dict, config_to_toml, load_config
-from titanlm.config import manager
+from titanlm.config import ConfigError, JobConfig, config_to_dict, config_to_toml, load_config, manager
 from titanlm.config.job_config import opt
 from titanlm.config.manager import load_config_or_exit
 
@@ -261,7 +260,7 @@ def test_wrong_type_from_toml_names_file(tmp_path, toml, needle):
 
 def test_value_not_in_choices(tmp_path):
     message = config_error(["--model.name", "gpt"])
-    assert message.startswith('model.name must be one of "", llama3, internlm, internlm2; got \'gpt\'')
+    assert message.startswith("model.name must be one of \"\", llama3, internlm, internlm2; got 'gpt'")
     path = write_toml(tmp_path, '[optimizer]\nimplementation = "cuda"\n')
     message = config_error(["--job.config_file", path])
     assert "optimizer.implementation must be one of auto, fused, foreach, for-loop" in message

@@ -11,6 +11,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from binmeta_files import write_internevo
+from cp_shares import packed_documents, reference_varlen_kernel, share_attention, whole_row_reference
+from trainer_runs import assert_records_close, read_metrics, run_in_process, run_torchrun
 
 from titanlm.models.attention import FlexBackend, SDPABackend, VarlenBackend, document_causal_mask
 from titanlm.parallel.context_parallel import (
@@ -18,9 +21,6 @@ from titanlm.parallel.context_parallel import (
     shard_batch_for_cp,
 )
 from titanlm.plan import schedule_available
-from binmeta_files import write_internevo
-from cp_shares import packed_documents, reference_varlen_kernel, share_attention, whole_row_reference
-from trainer_runs import assert_records_close, read_metrics, run_in_process, run_torchrun
 
 CP2 = ["--parallelism.context_parallel_degree", "2"]
 TP2 = ["--parallelism.tensor_parallel_degree", "2"]
@@ -123,7 +123,8 @@ def test_varlen_pieces_cut_chunks_at_document_boundaries_and_see_their_document_
     queries = cp_token_indices(16, 1, 2)  # tokens 4..11: document 1's 4..8, then document 2's 9..11
     keys = torch.cat([cp_token_indices(16, r, 2) for r in range(2)])
     pieces = VarlenBackend(reference_varlen_kernel).prepare_shard(
-        queries, keys, documents[:, queries], documents[:, keys])
+        queries, keys, documents[:, queries], documents[:, keys]
+    )
     assert pieces.cu_seqlens_q.tolist() == [0, 5, 8]
     assert pieces.cu_seqlens_k.tolist() == [0, 6, 9]  # document 1 from token 3; document 2 from token 9
     assert (pieces.max_seqlen_q, pieces.max_seqlen_k) == (5, 6)
@@ -155,8 +156,18 @@ def bin_args(tmp_path_factory) -> list[str]:
     root = tmp_path_factory.mktemp("bin")
     write_internevo(root / "en" / "data.bin", docs)
     # The same folder validates at step 5: validation parity under CP and PP comes with the training runs.
-    return ["--data.dataset", "bin", "--data.train_folder", str(root), "--model.attention_backend", "sdpa",
-            "--data.valid_folder", str(root), "--data.valid_every", "5"]
+    return [
+        "--data.dataset",
+        "bin",
+        "--data.train_folder",
+        str(root),
+        "--model.attention_backend",
+        "sdpa",
+        "--data.valid_folder",
+        str(root),
+        "--data.valid_every",
+        "5",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -186,14 +197,23 @@ def assert_matches_single_process(records: list[dict], expected: list[dict]) -> 
 
 
 # name -> (data source of the oracle, layout arguments)
-PP2 = ["--parallelism.pipeline_parallel_degree", "2", "--training.local_batch_size", "2",
-       "--training.global_batch_size", "8"]  # dp 1: 4 micro-batches of 2 rows
+PP2 = [
+    "--parallelism.pipeline_parallel_degree",
+    "2",
+    "--training.local_batch_size",
+    "2",
+    "--training.global_batch_size",
+    "8",
+]  # dp 1: 4 micro-batches of 2 rows
 TWO_RANK_LAYOUTS = {
     "cp2": ("random", [*CP2, *DP1_ON_2]),
     "cp2_documents": ("bin", [*CP2, *DP1_ON_2]),
     "pp2_documents": ("bin", PP2),  # positions and document ids reach the later stage
-    **({"pp2_zbv_documents": ("bin", [*PP2, "--parallelism.pipeline_parallel_schedule", "ZBVZeroBubble"])}
-       if schedule_available("ZBVZeroBubble") else {}),
+    **(
+        {"pp2_zbv_documents": ("bin", [*PP2, "--parallelism.pipeline_parallel_schedule", "ZBVZeroBubble"])}
+        if schedule_available("ZBVZeroBubble")
+        else {}
+    ),
 }
 FOUR_RANK_LAYOUTS = {
     "cp2_fsdp2": ("random", [*CP2, *DP2]),
@@ -201,8 +221,10 @@ FOUR_RANK_LAYOUTS = {
     "cp2_tp2": ("random", [*CP2, *TP2, *DP1_ON_2]),
     "cp4_documents": ("bin", ["--parallelism.context_parallel_degree", "4", *DP1_ON_2]),
     "pp2_cp2_documents": ("bin", [*CP2, *PP2]),  # EasyLLM's 32-GPU recipe combines pp and cp (with tp)
-    "pp2_interleaved_tp2_documents": ("bin", [*PP2, *TP2, "--parallelism.pipeline_parallel_schedule",
-                                              "Interleaved1F1B"]),  # four stages on two pp ranks
+    "pp2_interleaved_tp2_documents": (
+        "bin",
+        [*PP2, *TP2, "--parallelism.pipeline_parallel_schedule", "Interleaved1F1B"],
+    ),  # four stages on two pp ranks
 }
 
 

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from hf_models import hf_llama, perturb_norms_and_biases
 from safetensors.torch import load_file, save_file
 
 from titanlm.checkpoint import manifest
@@ -23,12 +23,12 @@ from titanlm.models.hf_adapter import (
     unpack_wqkv,
 )
 from titanlm.tools.convert import main
-from hf_models import hf_llama, perturb_norms_and_biases
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
-GQA = ModelArgs(dim=64, n_layers=2, n_heads=8, n_kv_heads=2, ffn_dim=160, vocab_size=300, rope_theta=500000.0,
-                max_seq_len=2048)
+GQA = ModelArgs(
+    dim=64, n_layers=2, n_heads=8, n_kv_heads=2, ffn_dim=160, vocab_size=300, rope_theta=500000.0, max_seq_len=2048
+)
 TINY_FLAVORS = {
     "llama3": GQA,
     "internlm": replace(GQA, n_kv_heads=8, attn_bias=True, rope_theta=10000.0, vocab_size=128),
@@ -96,14 +96,14 @@ def test_hf_llama_to_dcp_gives_the_logits_of_transformers(tmp_path: Path, sharde
 
 
 @pytest.mark.parametrize("family", sorted(TINY_FLAVORS))
-def test_dcp_to_hf_loads_in_stock_transformers_with_the_logits_of_titanlm(
-    tmp_path: Path, family: str
-) -> None:
+def test_dcp_to_hf_loads_in_stock_transformers_with_the_logits_of_titanlm(tmp_path: Path, family: str) -> None:
     ours = _titanlm(TINY_FLAVORS[family], seed=1)
     _save_dcp(ours, tmp_path / "step-7")
 
-    assert _convert("dcp_to_hf", tmp_path / "step-7", tmp_path / "hf",
-                    "--model.name", family, "--model.flavor", "tiny") == 0
+    assert (
+        _convert("dcp_to_hf", tmp_path / "step-7", tmp_path / "hf", "--model.name", family, "--model.flavor", "tiny")
+        == 0
+    )
     hf = _transformers().AutoModelForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager")
     assert type(hf).__name__ == "LlamaForCausalLM"
     _assert_same_logits(ours, hf)
@@ -115,8 +115,20 @@ def test_hf_to_dcp_to_hf_round_trip_is_bitwise(tmp_path: Path) -> None:
     assert _convert("hf_to_dcp", tmp_path / "src", tmp_path / "dcp") == 0
     assert manifest.damage(str(tmp_path / "dcp"), checksums=True) is None  # checked like a training checkpoint
     assert len(manifest.read_manifest(str(tmp_path / "dcp"))["files"]) >= 3  # .metadata, shard, model record
-    assert _convert("dcp_to_hf", tmp_path / "dcp", tmp_path / "back", "--model.name", "llama3",
-                    "--model.flavor", "tiny", "--max_shard_size", "40KB") == 0
+    assert (
+        _convert(
+            "dcp_to_hf",
+            tmp_path / "dcp",
+            tmp_path / "back",
+            "--model.name",
+            "llama3",
+            "--model.flavor",
+            "tiny",
+            "--max_shard_size",
+            "40KB",
+        )
+        == 0
+    )
 
     original, converted = _read_safetensors(tmp_path / "src"), _read_safetensors(tmp_path / "back")
     assert converted.keys() == original.keys()
@@ -174,8 +186,20 @@ def test_native_export_reads_back_into_the_same_weights(
     ours = _titanlm(args, seed=3)
     _save_dcp(ours, tmp_path / "step-7")
 
-    assert _convert("dcp_to_hf", tmp_path / "step-7", tmp_path / "hf", "--model.name", family,
-                    "--model.flavor", "tiny", "--layout", "native") == 0
+    assert (
+        _convert(
+            "dcp_to_hf",
+            tmp_path / "step-7",
+            tmp_path / "hf",
+            "--model.name",
+            family,
+            "--model.flavor",
+            "tiny",
+            "--layout",
+            "native",
+        )
+        == 0
+    )
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert (config["model_type"], config["architectures"]) == (family, [architecture])
     assert attention_key in _read_safetensors(tmp_path / "hf")
@@ -191,8 +215,10 @@ def test_a_flavor_that_does_not_match_the_hf_weights_is_refused_listing_the_fiel
 ) -> None:
     hf_llama(GQA, seed=4).save_pretrained(tmp_path / "hf")
 
-    assert _convert("hf_to_dcp", tmp_path / "hf", tmp_path / "dcp", "--model.name", "llama3",
-                    "--model.flavor", "debug") == 2
+    assert (
+        _convert("hf_to_dcp", tmp_path / "hf", tmp_path / "dcp", "--model.name", "llama3", "--model.flavor", "debug")
+        == 2
+    )
     error = capsys.readouterr().err
     assert "flavor that does not match the weights" in error
     assert "dim: weights 64, flavor 256" in error and "n_layers: weights 2, flavor 4" in error
@@ -205,8 +231,10 @@ def test_a_norm_epsilon_unlike_the_flavors_is_reported_and_converted(
     """InternLM v1's HF config says rms_norm_eps 1e-6 where InternEvo (and the flavor) use 1e-5."""
     hf_llama(replace(GQA, norm_eps=1e-6), seed=8).save_pretrained(tmp_path / "hf")
     with caplog.at_level("WARNING"):
-        assert _convert("hf_to_dcp", tmp_path / "hf", tmp_path / "dcp", "--model.name", "llama3",
-                        "--model.flavor", "tiny") == 0
+        assert (
+            _convert("hf_to_dcp", tmp_path / "hf", tmp_path / "dcp", "--model.name", "llama3", "--model.flavor", "tiny")
+            == 0
+        )
     assert "norm_eps is 1e-06 in its config and 1e-05 in --model.flavor tiny" in caplog.text
     assert (tmp_path / "dcp").exists()
 
@@ -216,8 +244,10 @@ def test_a_flavor_that_does_not_match_the_dcp_weights_is_refused(
 ) -> None:
     _save_dcp(_titanlm(GQA, seed=5), tmp_path / "step-7")
 
-    assert _convert("dcp_to_hf", tmp_path / "step-7", tmp_path / "hf", "--model.name", "llama3",
-                    "--model.flavor", "debug") == 2
+    assert (
+        _convert("dcp_to_hf", tmp_path / "step-7", tmp_path / "hf", "--model.name", "llama3", "--model.flavor", "debug")
+        == 2
+    )
     error = capsys.readouterr().err
     assert "the model llama3/debug does not match the weights" in error
     assert "dim: weights 64, flavor 256" in error and "n_layers: weights 2, flavor 4" in error
@@ -225,9 +255,7 @@ def test_a_flavor_that_does_not_match_the_dcp_weights_is_refused(
     assert not (tmp_path / "hf").exists()
 
 
-def test_missing_and_unexpected_keys_are_listed_by_name(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_missing_and_unexpected_keys_are_listed_by_name(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     hf_llama(GQA, seed=6).save_pretrained(tmp_path / "hf")
     weights = load_file(tmp_path / "hf" / "model.safetensors")
     weights.pop("model.layers.1.mlp.up_proj.weight")
@@ -275,8 +303,9 @@ def _without_a_shard(folder: Path) -> None:
     ],
     ids=["no-weights", "missing-shard"],
 )
-def test_missing_hf_files_are_named(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                    shard_size: str, damage, message: str) -> None:
+def test_missing_hf_files_are_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], shard_size: str, damage, message: str
+) -> None:
     hf_llama(GQA, seed=8).save_pretrained(tmp_path / "hf", max_shard_size=shard_size)
     damage(tmp_path / "hf")
     assert _convert("hf_to_dcp", tmp_path / "hf", tmp_path / "dcp") == 2
@@ -285,8 +314,10 @@ def test_missing_hf_files_are_named(tmp_path: Path, capsys: pytest.CaptureFixtur
 
 def test_a_folder_without_dcp_metadata_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "step-7").mkdir()
-    assert _convert("dcp_to_hf", tmp_path / "step-7", tmp_path / "hf", "--model.name", "llama3",
-                    "--model.flavor", "tiny") == 2
+    assert (
+        _convert("dcp_to_hf", tmp_path / "step-7", tmp_path / "hf", "--model.name", "llama3", "--model.flavor", "tiny")
+        == 2
+    )
     assert "has no .metadata file, so it is not a DCP checkpoint" in capsys.readouterr().err
 
 
@@ -303,7 +334,13 @@ def test_a_folder_without_dcp_metadata_is_named(tmp_path: Path, capsys: pytest.C
     ids=["gelu", "mlp-bias", "yarn-rope-scaling", "linear-rope-parameters", "sliding-window", "head-dim"],
 )
 def test_configs_with_features_titanlm_lacks_are_refused(unsupported: dict) -> None:
-    config = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 8,
-              "intermediate_size": 160, "vocab_size": 300} | unsupported
+    config = {
+        "model_type": "llama",
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 8,
+        "intermediate_size": 160,
+        "vocab_size": 300,
+    } | unsupported
     with pytest.raises(ConversionError, match=next(iter(unsupported))):
         args_from_hf_config(config, "config.json")

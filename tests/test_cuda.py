@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from cp_shares import packed_documents, share_attention
 from trainer_runs import run_in_process
+
 from titanlm.models import ModelArgs, Transformer
 from titanlm.models.attention import FlexBackend, SDPABackend, VarlenBackend, build_attention_backend
 
@@ -21,8 +21,14 @@ pytestmark = [
 ]
 
 ARGS = ModelArgs(dim=256, n_layers=2, n_heads=8, n_kv_heads=2, ffn_dim=512, vocab_size=512, rope_theta=10000.0)
-BF16_ARGS = ["--training.mixed_precision_param", "bfloat16", "--training.seq_len", "256",
-             "--training.local_batch_size", "4"]
+BF16_ARGS = [
+    "--training.mixed_precision_param",
+    "bfloat16",
+    "--training.seq_len",
+    "256",
+    "--training.local_batch_size",
+    "4",
+]
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -89,8 +95,9 @@ def test_auto_backend_on_cuda_is_a_document_aware_kernel() -> None:
 
 
 def test_bf16_training_learns_and_reports_mfu_and_memory(tmp_path) -> None:
-    records = run_in_process(tmp_path, [*BF16_ARGS, "--data.dataset", "demo", "--training.steps", "30",
-                                        "--lr_scheduler.warmup_steps", "5"])
+    records = run_in_process(
+        tmp_path, [*BF16_ARGS, "--data.dataset", "demo", "--training.steps", "30", "--lr_scheduler.warmup_steps", "5"]
+    )
     assert records[-1]["loss"] < records[0]["loss"] - 1.0
     assert all(r["mfu"] is not None and 0 < r["mfu"] < 1 for r in records), "H100/H200 peaks are in the table"
     assert records[-1]["memory_gib"] > 0

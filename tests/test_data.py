@@ -23,10 +23,10 @@ from titanlm.data import (
     ensure_demo_assets,
     generate_corpus,
 )
+from titanlm.data import demo as demo_module
 from titanlm.data.binmeta import BinWriter
 from titanlm.data.loader import build_dataloader
 from titanlm.plan import resolve, resolve_dataset
-from titanlm.data import demo as demo_module
 
 pytestmark = pytest.mark.filterwarnings("ignore:'set_vital' is deprecated")
 
@@ -34,6 +34,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:'set_vital' is deprecated")
 def loader_for(cfg: JobConfig, *args, **kwargs):
     """`build_dataloader` as the trainer calls it: with the dataset kind the plan resolves."""
     return build_dataloader(cfg, resolve_dataset(cfg), *args, **kwargs)
+
 
 SEQ = 8
 
@@ -51,8 +52,7 @@ def _take(it, n: int) -> list:
 
 def _same(a: list[dict], b: list[dict]) -> bool:
     return len(a) == len(b) and all(
-        torch.equal(x["input_ids"], y["input_ids"]) and torch.equal(x["labels"], y["labels"])
-        for x, y in zip(a, b)
+        torch.equal(x["input_ids"], y["input_ids"]) and torch.equal(x["labels"], y["labels"]) for x, y in zip(a, b)
     )
 
 
@@ -382,8 +382,11 @@ def test_valid_folder_errors_name_data_valid_folder(tmp_path):
     with pytest.raises(ValueError, match=r"nope does not exist or is not a folder; check data\.valid_folder$"):
         build_valid_dataloader(cfg, 0, 1, vocab_size=64)
     cfg.data.valid_folder, cfg.data.min_length = str(tmp_path / "valid"), 31  # drops both documents
-    with pytest.raises(ValueError, match=r"data\.valid_folder = .*valid' holds no documents of at least "
-                                         r"data\.min_length = 31 tokens"):
+    with pytest.raises(
+        ValueError,
+        match=r"data\.valid_folder = .*valid' holds no documents of at least "
+        r"data\.min_length = 31 tokens",
+    ):
         build_valid_dataloader(cfg, 0, 1, vocab_size=64)
 
 

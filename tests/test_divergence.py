@@ -10,12 +10,12 @@ import re
 from pathlib import Path
 
 import pytest
+from trainer_runs import TINY_ARGS, read_metrics, run_in_process
 
 from titanlm.checkpoint import layout
 from titanlm.checkpoint.train_state import TrainState, capture_rng
 from titanlm.config import ConfigError, load_config
 from titanlm.train import Trainer, TrainingDiverged
-from trainer_runs import TINY_ARGS, read_metrics, run_in_process
 
 SKIPPED = "update skipped"
 ZERO_GRADS = "every gradient is zero"
@@ -47,8 +47,9 @@ def warnings_with(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
 def test_lr_1e6_stops_after_max_consecutive_skips_and_the_stopping_step_is_not_saved(tmp_path, caplog) -> None:
     caplog.set_level(logging.WARNING, logger="titanlm")
     with pytest.raises(TrainingDiverged, match=r"training.max_consecutive_skips = 3") as stopped:
-        run_in_process(tmp_path, ["--optimizer.lr", "1e6", "--training.steps", "8",
-                                  "--training.max_consecutive_skips", "3", *CKPT])
+        run_in_process(
+            tmp_path, ["--optimizer.lr", "1e6", "--training.steps", "8", "--training.max_consecutive_skips", "3", *CKPT]
+        )
     last = stopped.value.step
     assert stopped.value.skips == 3
     skipped = warnings_with(caplog, SKIPPED)
@@ -62,8 +63,9 @@ def test_lr_1e6_stops_after_max_consecutive_skips_and_the_stopping_step_is_not_s
 
 def test_max_consecutive_skips_0_never_stops(tmp_path, caplog) -> None:
     caplog.set_level(logging.WARNING, logger="titanlm")
-    records = run_in_process(tmp_path, ["--optimizer.lr", "1e6", "--training.steps", "8",
-                                        "--training.max_consecutive_skips", "0"])
+    records = run_in_process(
+        tmp_path, ["--optimizer.lr", "1e6", "--training.steps", "8", "--training.max_consecutive_skips", "0"]
+    )
     assert [r["step"] for r in records] == list(range(1, 9))
     skips = records[-1]["inf_nan_skip_batches"]
     assert skips >= 3
@@ -116,8 +118,17 @@ def test_a_checkpoint_saved_before_the_count_existed_still_loads(tmp_path, monke
 @pytest.mark.parametrize(
     ("flags", "warns"),
     [
-        (["--training.mixed_precision_param", "float16", "--grad_scaler.initial_scale", "1e-30",
-          "--grad_scaler.min_scale", "1e-30"], True),
+        (
+            [
+                "--training.mixed_precision_param",
+                "float16",
+                "--grad_scaler.initial_scale",
+                "1e-30",
+                "--grad_scaler.min_scale",
+                "1e-30",
+            ],
+            True,
+        ),
         ([], False),
         (["--training.mixed_precision_param", "float16", "--grad_scaler.initial_scale", "1024"], False),
     ],
@@ -187,9 +198,25 @@ def test_the_command_line_exits_3_with_one_line_when_training_diverges(tmp_path)
     from trainer_runs import REPO, worker_env
 
     result = subprocess.run(
-        [sys.executable, "-m", "titanlm.train", *TINY_ARGS, "--job.dump_folder", str(tmp_path), "--optimizer.lr", "1e6",
-         "--training.steps", "8", "--training.max_consecutive_skips", "3"],
-        cwd=REPO, env=worker_env(), capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "titanlm.train",
+            *TINY_ARGS,
+            "--job.dump_folder",
+            str(tmp_path),
+            "--optimizer.lr",
+            "1e6",
+            "--training.steps",
+            "8",
+            "--training.max_consecutive_skips",
+            "3",
+        ],
+        cwd=REPO,
+        env=worker_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 3, result.stderr[-2000:]
     (line,) = result.stderr.strip().splitlines()
@@ -199,9 +226,24 @@ def test_the_command_line_exits_3_with_one_line_when_training_diverges(tmp_path)
 
 def test_float16_overflows_while_the_loss_scale_backs_off_are_not_divergence(tmp_path, caplog) -> None:
     caplog.set_level(logging.WARNING, logger="titanlm")
-    records = run_in_process(tmp_path, [*FLOAT16, "--grad_scaler.initial_scale", "1e30", "--grad_scaler.max_scale",
-                                        "1e30", "--grad_scaler.backoff_factor", "0.001", "--grad_scaler.hysteresis", "1",
-                                        "--training.steps", "10", "--training.max_consecutive_skips", "2"])
+    records = run_in_process(
+        tmp_path,
+        [
+            *FLOAT16,
+            "--grad_scaler.initial_scale",
+            "1e30",
+            "--grad_scaler.max_scale",
+            "1e30",
+            "--grad_scaler.backoff_factor",
+            "0.001",
+            "--grad_scaler.hysteresis",
+            "1",
+            "--training.steps",
+            "10",
+            "--training.max_consecutive_skips",
+            "2",
+        ],
+    )
     assert records[-1]["step"] == 10
     skipped = records[-1]["inf_nan_skip_batches"]
     assert skipped > 2  # more overflows in a row than the limit, yet the run went on

@@ -5,8 +5,9 @@ from __future__ import annotations
 import importlib.util
 import re
 
-from titanlm.config import reference_markdown
 from trainer_runs import REPO
+
+from titanlm.config import reference_markdown
 
 START, END = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
 
@@ -18,9 +19,7 @@ def readme() -> str:
 def test_readme_config_reference_is_the_generated_table() -> None:
     text = readme()
     documented = text[text.index(START) + len(START) : text.index(END)].strip()
-    assert documented == reference_markdown(), (
-        "README's config table is stale: run `python scripts/update_readme.py`"
-    )
+    assert documented == reference_markdown(), "README's config table is stale: run `python scripts/update_readme.py`"
 
 
 def test_readme_train_configs_exist() -> None:

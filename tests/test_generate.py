@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from hf_models import INTERNLM2_TEMPLATE, hf_llama, perturb_norms_and_biases, write_tiny_tokenizer
 
 from titanlm.checkpoint.hf_export import export_hf_folder
 from titanlm.data.chat_templates import render_chat
@@ -26,13 +27,13 @@ from titanlm.models.hf_adapter import from_hf_state_dict
 from titanlm.models.spec import ModelSpec, write_record
 from titanlm.models.transformer import KVCache
 from titanlm.tools.generate import main
-from hf_models import INTERNLM2_TEMPLATE, hf_llama, perturb_norms_and_biases, write_tiny_tokenizer
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
 # Llama 3.0-style: untied, no scaling, sizes that divide nothing evenly.
-LLAMA30 = ModelArgs(dim=48, n_layers=2, n_heads=6, n_kv_heads=2, ffn_dim=93, vocab_size=301, rope_theta=500000.0,
-                    max_seq_len=256)
+LLAMA30 = ModelArgs(
+    dim=48, n_layers=2, n_heads=6, n_kv_heads=2, ffn_dim=93, vocab_size=301, rope_theta=500000.0, max_seq_len=256
+)
 # 3.1-style 'llama3' RoPE scaling, with an original length shorter than the test sequences.
 SCALING = RopeScaling("llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_seq_len=16)
 LLAMA31 = replace(LLAMA30, dim=64, n_heads=4, ffn_dim=160, rope_scaling=SCALING)
@@ -76,19 +77,23 @@ def _prompts(*texts: str) -> list[str]:
 def _hf_greedy(model, prompt_ids: list[int], new_tokens: int) -> tuple[list[int], list[float]]:
     """transformers' greedy tokens for one prompt and the log-softmax of its raw logits at each."""
     out = model.generate(
-        torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
-        do_sample=False, max_new_tokens=new_tokens, eos_token_id=STOPS, pad_token_id=STOPS[0],
-        output_logits=True, return_dict_in_generate=True,
+        torch.tensor([prompt_ids]),
+        attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+        do_sample=False,
+        max_new_tokens=new_tokens,
+        eos_token_id=STOPS,
+        pad_token_id=STOPS[0],
+        output_logits=True,
+        return_dict_in_generate=True,
     )
-    ids = out.sequences[0, len(prompt_ids):].tolist()
+    ids = out.sequences[0, len(prompt_ids) :].tolist()
     return ids, [step.log_softmax(-1)[0, token].item() for step, token in zip(out.logits, ids)]
 
 
 def _assert_same(results: list[dict], expected: list[dict]) -> None:
     assert [r["completion_ids"] for r in results] == [e["completion_ids"] for e in expected]
     for result, other in zip(results, expected):
-        torch.testing.assert_close(torch.tensor(result["logprobs"]), torch.tensor(other["logprobs"]),
-                                   rtol=0, atol=1e-5)
+        torch.testing.assert_close(torch.tensor(result["logprobs"]), torch.tensor(other["logprobs"]), rtol=0, atol=1e-5)
 
 
 # ---- decoding ------------------------------------------------------------------------------
@@ -116,8 +121,9 @@ def test_internlm2_native_folder_generates_what_transformers_does_on_its_llama_e
         torch.testing.assert_close(torch.tensor(result["logprobs"]), torch.tensor(logprobs), rtol=0, atol=1e-4)
 
 
-@pytest.mark.parametrize("args", [LLAMA30, LLAMA31, LLAMA32], ids=["3.0-untied-odd", "3.1-rope-scaling",
-                                                                    "3.2-tied-scaled"])
+@pytest.mark.parametrize(
+    "args", [LLAMA30, LLAMA31, LLAMA32], ids=["3.0-untied-odd", "3.1-rope-scaling", "3.2-tied-scaled"]
+)
 def test_greedy_tokens_and_logprobs_equal_transformers(
     tmp_path: Path, tiny_tokenizer: Path, capsys: pytest.CaptureFixture[str], args: ModelArgs
 ) -> None:
@@ -149,8 +155,16 @@ def test_a_left_padded_batch_gives_each_prompt_what_it_gives_alone(
     _assert_same(in_pairs, alone)
 
     (tmp_path / "prompts.txt").write_text("\n".join(prompts[:2]) + "\n\n")  # a blank line is no prompt
-    from_file = _generate(capsys, "--checkpoint", tmp_path / "hf", "--prompts_file", tmp_path / "prompts.txt",
-                          "--prompt", prompts[2], *GREEDY)
+    from_file = _generate(
+        capsys,
+        "--checkpoint",
+        tmp_path / "hf",
+        "--prompts_file",
+        tmp_path / "prompts.txt",
+        "--prompt",
+        prompts[2],
+        *GREEDY,
+    )
     assert [r["prompt"] for r in from_file] == [prompts[2], *prompts[:2]]
     _assert_same(from_file, [alone[2], *alone[:2]])
 
@@ -172,8 +186,19 @@ def test_sampling_is_seeded_and_logprobs_are_the_raw_models(
     tmp_path: Path, tiny_tokenizer: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     hf = _hf_folder(tmp_path / "hf", LLAMA30, seed=2, tokenizer=tiny_tokenizer)
-    argv = ("--checkpoint", tmp_path / "hf", *_prompts(*PROMPTS), "--max_new_tokens", 16,
-            "--temperature", 1.5, "--top_k", 20, "--top_p", 0.9)
+    argv = (
+        "--checkpoint",
+        tmp_path / "hf",
+        *_prompts(*PROMPTS),
+        "--max_new_tokens",
+        16,
+        "--temperature",
+        1.5,
+        "--top_k",
+        20,
+        "--top_p",
+        0.9,
+    )
     first = _generate(capsys, *argv, "--seed", 3)
     assert _generate(capsys, *argv, "--seed", 3) == first
     assert [r["completion_ids"] for r in _generate(capsys, *argv, "--seed", 4)] != [r["completion_ids"] for r in first]
@@ -198,8 +223,19 @@ def test_a_dcp_checkpoint_generates_what_the_hf_folder_with_its_weights_does(
     write_record(tmp_path / "step-5", ModelSpec("llama3", LLAMA32, tokenizer_path=str(tokenizer)))
     shutil.rmtree(tmp_path / "tokenizer")  # the checkpoint's own copy must do
 
-    sampled = (*_prompts(*PROMPTS), "--max_new_tokens", 16, "--temperature", 0.9, "--top_k", 50, "--top_p", 0.95,
-               "--seed", 7)
+    sampled = (
+        *_prompts(*PROMPTS),
+        "--max_new_tokens",
+        16,
+        "--temperature",
+        0.9,
+        "--top_k",
+        50,
+        "--top_p",
+        0.95,
+        "--seed",
+        7,
+    )
     from_hf = _generate(capsys, "--checkpoint", tmp_path / "hf", *sampled)
     from_dcp = _generate(capsys, "--checkpoint", tmp_path / "step-5", *sampled)
     assert [r["prompt_ids"] for r in from_dcp] == [r["prompt_ids"] for r in from_hf]
@@ -212,17 +248,37 @@ def test_a_dcp_checkpoint_generates_what_the_hf_folder_with_its_weights_does(
 def test_llama3_chat_prompt_equals_transformers_with_the_official_template(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], llama3_path: Path, llama3_hf_tokenizer
 ) -> None:
-    args = ModelArgs(dim=16, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=32, vocab_size=128256,
-                     rope_theta=500000.0, tie_embeddings=True)
+    args = ModelArgs(
+        dim=16,
+        n_layers=1,
+        n_heads=2,
+        n_kv_heads=1,
+        ffn_dim=32,
+        vocab_size=128256,
+        rope_theta=500000.0,
+        tie_embeddings=True,
+    )
     hf_llama(args, seed=0, bos_id=128000, eos_id=128009).save_pretrained(tmp_path / "hf")
     shutil.copy(llama3_path, tmp_path / "hf" / "tokenizer.model")
     prompts = ("  What is 2+2? ", "Hi")  # the format strips each message
-    results = _generate(capsys, "--checkpoint", tmp_path / "hf", "--chat", "--system", "Be brief.",
-                        *_prompts(*prompts), "--temperature", 0, "--max_new_tokens", 3)
+    results = _generate(
+        capsys,
+        "--checkpoint",
+        tmp_path / "hf",
+        "--chat",
+        "--system",
+        "Be brief.",
+        *_prompts(*prompts),
+        "--temperature",
+        0,
+        "--max_new_tokens",
+        3,
+    )
     for prompt, result in zip(prompts, results):
         messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": prompt}]
         assert result["prompt_ids"] == llama3_hf_tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, return_dict=False)
+            messages, add_generation_prompt=True, return_dict=False
+        )
 
 
 def test_llama3_conversation_ids_and_assistant_spans(llama3_path: Path, llama3_hf_tokenizer) -> None:
@@ -243,14 +299,16 @@ def test_internlm2_chat_prompt_equals_transformers_with_the_official_template(
     dcp.save({"model": model.state_dict()}, checkpoint_id=tmp_path / "ckpt", no_dist=True)
     write_record(tmp_path / "ckpt", ModelSpec("internlm2", LLAMA30, tokenizer_path=str(tiny_tokenizer)))
     prompts = ("What is the colour of the sky?", "Hello")
-    results = _generate(capsys, "--checkpoint", tmp_path / "ckpt", "--chat", "--system", "Be brief.",
-                        *_prompts(*prompts), *GREEDY)
+    results = _generate(
+        capsys, "--checkpoint", tmp_path / "ckpt", "--chat", "--system", "Be brief.", *_prompts(*prompts), *GREEDY
+    )
 
     hf_tok = transformers.AutoTokenizer.from_pretrained(tiny_tokenizer.parent)
     for prompt, result in zip(prompts, results):
         messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": prompt}]
-        assert result["prompt_ids"] == hf_tok.apply_chat_template(messages, add_generation_prompt=True,
-                                                                  return_dict=False)
+        assert result["prompt_ids"] == hf_tok.apply_chat_template(
+            messages, add_generation_prompt=True, return_dict=False
+        )
     tok = build_tokenizer(str(tiny_tokenizer))
     chat = render_chat(tok, "internlm2", CONVERSATION)
     assert chat.ids == hf_tok.apply_chat_template(CONVERSATION, return_dict=False)
@@ -263,14 +321,25 @@ def test_internlm_v1_chat_prompt_is_the_alpaca_template_prompt(
 ) -> None:
     _hf_folder(tmp_path / "hf", LLAMA30, seed=5, tokenizer=tiny_tokenizer)
     (plain, with_system) = (
-        _generate(capsys, "--checkpoint", tmp_path / "hf", "--chat", "--chat_format", "internlm", *extra,
-                  "--prompt", "What is blue?", *GREEDY)[0]
+        _generate(
+            capsys,
+            "--checkpoint",
+            tmp_path / "hf",
+            "--chat",
+            "--chat_format",
+            "internlm",
+            *extra,
+            "--prompt",
+            "What is blue?",
+            *GREEDY,
+        )[0]
         for extra in ((), ("--system", "Be brief."))
     )
     tok = build_tokenizer(str(tiny_tokenizer))
     assert plain["prompt_ids"] == tok.encode("<|User|>:What is blue?<eoh>\n<|Bot|>:", bos=True, eos=False)
     assert with_system["prompt_ids"] == tok.encode(
-        "<|System|>:Be brief.\n<|User|>:What is blue?<eoh>\n<|Bot|>:", bos=True, eos=False)
+        "<|System|>:Be brief.\n<|User|>:What is blue?<eoh>\n<|Bot|>:", bos=True, eos=False
+    )
     chat = render_chat(tok, "internlm", CONVERSATION[1:3])
     ((start, end),) = chat.assistant_spans
     assert tok.decode(chat.ids[start:end]) == "It is blue.<eoa>\n"
@@ -310,8 +379,14 @@ def _chat_without_specials(tmp_path: Path, tokenizer: Path) -> list[str]:
         (_old_checkpoint, "step-1 has no titanlm_model.json"),
         (_chat_without_specials, "the llama3 chat format needs the special token <|begin_of_text|>"),
     ],
-    ids=["missing-folder", "not-a-model-folder", "trainer-checkpoint-folder", "no-tokenizer",
-         "old-checkpoint-without-flags", "chat-tokens"],
+    ids=[
+        "missing-folder",
+        "not-a-model-folder",
+        "trainer-checkpoint-folder",
+        "no-tokenizer",
+        "old-checkpoint-without-flags",
+        "chat-tokens",
+    ],
 )
 def test_bad_input_gives_one_error_line_and_status_2(
     tmp_path: Path, tiny_tokenizer: Path, capsys: pytest.CaptureFixture[str], make, message: str
@@ -328,7 +403,9 @@ def test_bad_input_gives_one_error_line_and_status_2(
 def test_the_module_runs_and_reports_errors_without_a_traceback(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "titanlm.tools.generate", "--checkpoint", str(tmp_path / "absent"), "--prompt", "hi"],
-        capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
     )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.distributed.checkpoint import FileSystemReader
-
 from hf_models import hf_llama
+from torch.distributed.checkpoint import FileSystemReader
+from trainer_runs import REPO, TINY_ARGS, assert_records_close, read_metrics, run_in_process, run_torchrun, worker_env
+
 from titanlm.checkpoint.hf_export import export_hf_folder
 from titanlm.config import load_config
 from titanlm.data.demo import ensure_demo_assets
@@ -24,16 +25,16 @@ from titanlm.models.flavors import RopeScaling
 from titanlm.models.hf_adapter import args_from_hf_config, hf_config
 from titanlm.models.hf_checkpoint import read_hf_model
 from titanlm.models.spec import ModelSpec, ModelSpecError, read_record, resolve_model_spec
-from titanlm.train import Trainer
 from titanlm.tools.convert import main as convert
-from trainer_runs import REPO, TINY_ARGS, assert_records_close, read_metrics, run_in_process, run_torchrun, worker_env
+from titanlm.train import Trainer
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
 # head_dim 8: four RoPE frequencies, whose wavelengths (6.3, 167, 4456, 118k) fall in all three bands
 # of the llama3 scaling when its original length is 16, shorter than the test sequences.
-ODD = ModelArgs(dim=48, n_layers=3, n_heads=6, n_kv_heads=2, ffn_dim=136, vocab_size=520, rope_theta=500000.0,
-                max_seq_len=2048)
+ODD = ModelArgs(
+    dim=48, n_layers=3, n_heads=6, n_kv_heads=2, ffn_dim=136, vocab_size=520, rope_theta=500000.0, max_seq_len=2048
+)
 SCALED = replace(ODD, rope_scaling=RopeScaling("llama3", 8.0, 1.0, 4.0, original_max_seq_len=16), max_seq_len=1024)
 TIED = replace(SCALED, tie_embeddings=True)
 KINDS = {"llama3.0-untied-odd": ODD, "llama3.1-scaled": SCALED, "llama3.2-tied-scaled": TIED}
@@ -119,8 +120,14 @@ def test_internlm2_native_layout_with_dynamic_scaling_matches_its_llama_export(
 
 
 def test_new_flavors_have_the_published_parameter_counts() -> None:
-    published = {("llama3", "3.1-8B"): 8.03e9, ("llama3", "3.1-70B"): 70.55e9, ("llama3", "3.1-405B"): 405.85e9,
-                 ("llama3", "3.2-1B"): 1.236e9, ("llama3", "3.2-3B"): 3.213e9, ("internlm2", "1.8B"): 1.89e9}
+    published = {
+        ("llama3", "3.1-8B"): 8.03e9,
+        ("llama3", "3.1-70B"): 70.55e9,
+        ("llama3", "3.1-405B"): 405.85e9,
+        ("llama3", "3.2-1B"): 1.236e9,
+        ("llama3", "3.2-3B"): 3.213e9,
+        ("internlm2", "1.8B"): 1.89e9,
+    }
     for (family, flavor), count in published.items():
         with torch.device("meta"):
             model = Transformer(FLAVORS[family][flavor])
@@ -140,8 +147,7 @@ def test_finetune_from_hf_folder_then_export_with_no_flags_loads_in_transformers
     tmp_path: Path, demo_cache: Path
 ) -> None:
     folder = hf_folder(tmp_path / "hf", TIED, demo_cache)
-    records = _train(tmp_path, folder, "--training.steps", "3", "--checkpoint.enable",
-                     "--checkpoint.last_save_in_hf")
+    records = _train(tmp_path, folder, "--training.steps", "3", "--checkpoint.enable", "--checkpoint.last_save_in_hf")
     assert len(records) == 3
     step = tmp_path / "run" / "checkpoint" / "step-3"
     assert read_record(step).args == TIED
@@ -158,15 +164,29 @@ def test_finetune_from_hf_folder_then_export_with_no_flags_loads_in_transformers
     ours = build_tokenizer(str(folder / "tokenizer.model"))
     assert config["tie_word_embeddings"] and config["rope_scaling"]["rope_type"] == "llama3"
     assert (config["bos_token_id"], config["eos_token_id"], config["max_position_embeddings"]) == (
-        ours.bos_id, ours.eos_id, TIED.max_seq_len)
+        ours.bos_id,
+        ours.eos_id,
+        TIED.max_seq_len,
+    )
     hf_tokenizer = _transformers().AutoTokenizer.from_pretrained(tmp_path / "export")
     assert hf_tokenizer("12 + 30 = 42").input_ids == ours.encode("12 + 30 = 42", bos=True, eos=False)
 
 
 def test_tied_embeddings_are_one_parameter_with_one_gradient_saved_once(tmp_path: Path, demo_cache: Path) -> None:
     folder = hf_folder(tmp_path / "hf", TIED, demo_cache)
-    cfg = load_config([*TINY_ARGS, NO_FLAVOR, "--model.hf_path", str(folder), "--job.dump_folder",
-                       str(tmp_path / "run"), "--checkpoint.enable", "--training.steps", "2"])
+    cfg = load_config(
+        [
+            *TINY_ARGS,
+            NO_FLAVOR,
+            "--model.hf_path",
+            str(folder),
+            "--job.dump_folder",
+            str(tmp_path / "run"),
+            "--checkpoint.enable",
+            "--training.steps",
+            "2",
+        ]
+    )
     trainer = Trainer(cfg)
     try:
         model = trainer.model
@@ -198,13 +218,17 @@ def test_tied_embeddings_under_fsdp2_and_tp2_match_one_process(tmp_path: Path, d
     folder = hf_folder(tmp_path / "hf", replace(TIED, vocab_size=2048), demo_cache)
     model = [NO_FLAVOR, "--model.hf_path", str(folder)]
     oracle = run_in_process(tmp_path / "one", model)
-    runs = run_torchrun(2, {
-        "fsdp2": [*model, "--training.local_batch_size", "2"],
-        "fsdp2_full_ac": [*model, "--training.local_batch_size", "2", "--activation_checkpoint.mode", "full"],
-        "tp2_loss_parallel": [*model, "--parallelism.tensor_parallel_degree", "2"],
-        "cp2": [*model, "--parallelism.context_parallel_degree", "2"],
-    }, tmp_path)
-    for name, records in runs.items():
+    runs = run_torchrun(
+        2,
+        {
+            "fsdp2": [*model, "--training.local_batch_size", "2"],
+            "fsdp2_full_ac": [*model, "--training.local_batch_size", "2", "--activation_checkpoint.mode", "full"],
+            "tp2_loss_parallel": [*model, "--parallelism.tensor_parallel_degree", "2"],
+            "cp2": [*model, "--parallelism.context_parallel_degree", "2"],
+        },
+        tmp_path,
+    )
+    for records in runs.values():
         assert_records_close(records, oracle)
 
 
@@ -233,8 +257,11 @@ def _train_main(tmp_path: Path, *argv: str) -> subprocess.CompletedProcess:
     "damage, flags, message",
     [
         (lambda f: _edit_config(f, hidden_act="gelu"), [], "hidden_act='gelu' is not supported"),
-        (lambda f: _edit_config(f, rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 5e5}), [],
-         "rope_parameters type 'yarn' is not supported"),
+        (
+            lambda f: _edit_config(f, rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 5e5}),
+            [],
+            "rope_parameters type 'yarn' is not supported",
+        ),
         (lambda f: (f / "model.safetensors").unlink(), [], "has neither model.safetensors nor"),
         (lambda f: (f / "tokenizer.model").unlink(), [], "has no tokenizer (tokenizer.json or tokenizer.model)"),
         (lambda f: None, ["--model.flavor", "debug"], "model.flavor = 'debug' disagrees with model.hf_path"),
@@ -265,9 +292,20 @@ def test_initial_load_path_loads_without_checkpointing(tmp_path: Path, demo_cach
     """A fine-tune must start from the named weights whether or not checkpoints are saved."""
     folder = hf_folder(tmp_path / "hf", replace(ODD, vocab_size=2048, max_seq_len=8192), demo_cache)
     assert convert(["hf_to_dcp", str(folder), str(tmp_path / "dcp")]) == 0
-    cfg = load_config([*TINY_ARGS, "--model.flavor=", "--model.hf_path", str(folder), "--job.dump_folder",
-                       str(tmp_path / "run"), "--checkpoint.initial_load_path", str(tmp_path / "dcp"),
-                       "--checkpoint.load_content", "model"])
+    cfg = load_config(
+        [
+            *TINY_ARGS,
+            "--model.flavor=",
+            "--model.hf_path",
+            str(folder),
+            "--job.dump_folder",
+            str(tmp_path / "run"),
+            "--checkpoint.initial_load_path",
+            str(tmp_path / "dcp"),
+            "--checkpoint.load_content",
+            "model",
+        ]
+    )
     random_start = run_in_process(tmp_path / "scratch", ["--model.n_layers", "3"])[0]["loss"]
     trainer = Trainer(cfg)
     try:
@@ -288,8 +326,9 @@ def test_a_data_folder_the_dataset_would_ignore_is_refused(tmp_path: Path) -> No
 
 def test_first_log_lines_say_where_weights_tokenizer_and_data_come_from(tmp_path: Path, demo_cache: Path) -> None:
     folder = hf_folder(tmp_path / "hf", ODD, demo_cache)
-    result = _train_main(tmp_path, NO_FLAVOR, "--model.hf_path", str(folder), "--training.steps", "1",
-                         "--checkpoint.enable")
+    result = _train_main(
+        tmp_path, NO_FLAVOR, "--model.hf_path", str(folder), "--training.steps", "1", "--checkpoint.enable"
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"weights: model from Hugging Face folder {folder}" in result.stdout
     assert f"tokenizer: {folder / 'tokenizer.model'}" in result.stdout

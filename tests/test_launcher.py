@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+from trainer_runs import REPO, TINY_ARGS, read_metrics, run_in_process, worker_env
 
 from titanlm.checkpoint.stop import Action, StopRequests
 from titanlm.distributed import init_distributed, report_error
 from titanlm.launch import Relay, failure_code
-from trainer_runs import REPO, TINY_ARGS, read_metrics, run_in_process, worker_env
 
 CONFIG = ["--job.config_file", str(REPO / "train_configs" / "debug_model.toml")]  # run_train.sh's default
 # Runs until a signal stops it, and saves only then.
@@ -34,14 +34,23 @@ TWO_RANKS = [*TINY_ARGS, *ENDLESS, "--training.local_batch_size", "2", "--job.du
 def start(cwd: Path, command: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
     """`command` started in `cwd`, in a session of its own as a batch step would be; its output in console.log."""
     with open(cwd / "console.log", "w") as console:
-        return subprocess.Popen(command, cwd=cwd, env={**worker_env(), **(env or {})}, stdout=console,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(
+            command,
+            cwd=cwd,
+            env={**worker_env(), **(env or {})},
+            stdout=console,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
 
 def run_train_sh(cwd: Path, args: list[str], log_rank: int = 0) -> subprocess.Popen:
     """`NGPU=2 LOG_RANK=log_rank scripts/run_train.sh ARGS` started in `cwd`."""
-    return start(cwd, ["bash", str(REPO / "scripts" / "run_train.sh"), *args],
-                 {"NGPU": "2", "PYTHON": sys.executable, "LOG_RANK": str(log_rank)})
+    return start(
+        cwd,
+        ["bash", str(REPO / "scripts" / "run_train.sh"), *args],
+        {"NGPU": "2", "PYTHON": sys.executable, "LOG_RANK": str(log_rank)},
+    )
 
 
 def children(parent: int) -> list[int]:
@@ -91,13 +100,21 @@ def complete_steps(dump: Path) -> list[int]:
 
 @pytest.mark.multiprocess
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("args, log_rank, key, code", [
-    (["--training.steps", "-3"], 0, "config error: training.steps", 2),
-    (["--data.dataset", "bin", "--data.train_folder", "data/pretrain"], 0, "data/pretrain", 2),
-    (["--training.steps", "-3"], 1, "config error: training.steps", 2),
-    (["--optimizer.lr", "1e6", "--training.max_consecutive_skips", "2", "--training.steps", "20"], 0,
-     "error: training diverged", 3),
-], ids=["config error", "missing data folder", "rank 0's output hidden", "divergence"])
+@pytest.mark.parametrize(
+    "args, log_rank, key, code",
+    [
+        (["--training.steps", "-3"], 0, "config error: training.steps", 2),
+        (["--data.dataset", "bin", "--data.train_folder", "data/pretrain"], 0, "data/pretrain", 2),
+        (["--training.steps", "-3"], 1, "config error: training.steps", 2),
+        (
+            ["--optimizer.lr", "1e6", "--training.max_consecutive_skips", "2", "--training.steps", "20"],
+            0,
+            "error: training diverged",
+            3,
+        ),
+    ],
+    ids=["config error", "missing data folder", "rank 0's output hidden", "divergence"],
+)
 def test_an_error_every_rank_meets_is_one_line_once_and_its_exit_code(tmp_path, args, log_rank, key, code) -> None:
     """Rank 0 prints it; with LOG_RANK hiding rank 0's output the launcher prints rank 0's line instead."""
     job = run_train_sh(tmp_path, [*TINY_ARGS, "--job.dump_folder", "run", *args], log_rank)
@@ -112,10 +129,14 @@ def test_an_error_every_rank_meets_is_one_line_once_and_its_exit_code(tmp_path, 
     assert "Traceback" not in console and "ChildFailedError" not in console and "<NONE>" not in console
 
 
-@pytest.mark.parametrize("exitcode, expected, code", [
-    (1, "rank 1 exited with code 1", 1),  # a traceback, which the rank printed
-    (-signal.SIGKILL, "rank 1 was killed by SIGKILL", 128 + signal.SIGKILL),
-], ids=["traceback", "SIGKILL"])
+@pytest.mark.parametrize(
+    "exitcode, expected, code",
+    [
+        (1, "rank 1 exited with code 1", 1),  # a traceback, which the rank printed
+        (-signal.SIGKILL, "rank 1 was killed by SIGKILL", 128 + signal.SIGKILL),
+    ],
+    ids=["traceback", "SIGKILL"],
+)
 def test_a_rank_that_left_no_error_line_is_named_with_its_exit(tmp_path, capfd, exitcode, expected, code) -> None:
     """torchrun's stand-in message for a missing error file, "<NONE>", is never shown."""
     failure = ProcessFailure(local_rank=1, pid=1234, exitcode=exitcode, error_file=str(tmp_path / "error.json"))
@@ -132,11 +153,15 @@ def test_a_rank_without_an_error_file_prints_its_error_with_its_rank(monkeypatch
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("sig, to_workers_too, code", [
-    (signal.SIGTERM, True, 0),  # scancel: every process of the step
-    (signal.SIGUSR1, False, 0),  # sbatch --signal=B:USR1 to a batch script that execs run_train.sh
-    (signal.SIGINT, False, 130),  # Ctrl-C: the terminal's foreground process group, which the workers left
-], ids=["SIGTERM", "SIGUSR1", "Ctrl-C"])
+@pytest.mark.parametrize(
+    "sig, to_workers_too, code",
+    [
+        (signal.SIGTERM, True, 0),  # scancel: every process of the step
+        (signal.SIGUSR1, False, 0),  # sbatch --signal=B:USR1 to a batch script that execs run_train.sh
+        (signal.SIGINT, False, 130),  # Ctrl-C: the terminal's foreground process group, which the workers left
+    ],
+    ids=["SIGTERM", "SIGUSR1", "Ctrl-C"],
+)
 def test_a_signal_to_the_job_saves_on_every_rank_and_the_run_resumes(tmp_path, sig, to_workers_too, code) -> None:
     """Also: relative paths resolve against the directory the script was started in, not the repository."""
     job = run_train_sh(tmp_path, TWO_RANKS)
@@ -167,8 +192,23 @@ def test_a_second_ctrl_c_aborts_at_once_without_a_traceback(tmp_path, launcher) 
     if launcher == "run_train.sh":
         job = run_train_sh(tmp_path, TWO_RANKS)
     else:
-        job = start(tmp_path, [sys.executable, "-m", "titanlm.launch", "--standalone", "--nproc_per_node", "2",
-                               "--max-restarts", "1", "-m", "titanlm.train", *CONFIG, *TWO_RANKS])
+        job = start(
+            tmp_path,
+            [
+                sys.executable,
+                "-m",
+                "titanlm.launch",
+                "--standalone",
+                "--nproc_per_node",
+                "2",
+                "--max-restarts",
+                "1",
+                "-m",
+                "titanlm.train",
+                *CONFIG,
+                *TWO_RANKS,
+            ],
+        )
     workers = []
     try:
         workers = wait_until_training(job, tmp_path / "run")
@@ -192,8 +232,20 @@ def test_workers_stop_when_their_launchers_process_group_is_killed(tmp_path, lau
     """As a job step's end (or a user's kill of the group) does: SIGKILL to the launcher's process group,
     which torchrun's workers are not part of. They save, as for scancel, and exit."""
     if launcher == "torchrun":
-        job = start(tmp_path, [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                               "-m", "titanlm.train", *CONFIG, *TWO_RANKS])
+        job = start(
+            tmp_path,
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc_per_node=2",
+                "-m",
+                "titanlm.train",
+                *CONFIG,
+                *TWO_RANKS,
+            ],
+        )
     else:
         job = run_train_sh(tmp_path, TWO_RANKS)
     workers = []
@@ -221,8 +273,13 @@ def test_a_worker_whose_launcher_died_exits_after_the_grace_even_if_it_cannot_st
     )
     env = {**worker_env(), "TORCHELASTIC_RUN_ID": "test"}
     env.pop("TITANLM_LAUNCHER_PID", None)
-    launcher = subprocess.Popen(["bash", "-c", '"$0" -c "$1" & echo $!; wait', sys.executable, worker],
-                                env=env, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    launcher = subprocess.Popen(
+        ["bash", "-c", '"$0" -c "$1" & echo $!; wait', sys.executable, worker],
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     pid = int(launcher.stdout.readline())
     assert launcher.stdout.readline().strip() == "ready"
     assert_the_worker_gets_sigterm_when_killed(launcher, pid)
@@ -258,7 +315,9 @@ def test_a_worker_behind_a_wrapper_process_runs_and_stops_when_the_launcher_dies
     wrapper = '"$0" -c "$1"; exit $?'
     launcher = subprocess.Popen(
         ["bash", "-c", f'TITANLM_LAUNCHER_PID=$$ bash -c \'{wrapper}\' "$0" "$1" & wait', sys.executable, worker],
-        env={**worker_env(), "TORCHELASTIC_RUN_ID": "test"}, stdout=subprocess.PIPE, text=True,
+        env={**worker_env(), "TORCHELASTIC_RUN_ID": "test"},
+        stdout=subprocess.PIPE,
+        text=True,
         start_new_session=True,
     )
     pid = int(launcher.stdout.readline())

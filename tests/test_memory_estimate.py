@@ -10,7 +10,7 @@ cost, and only one of them could be tracked.
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -50,7 +50,7 @@ def config(flags: tuple[str, ...]):
     return load_config(["--job.config_file", DEBUG, *flags])
 
 
-@lru_cache(maxsize=None)
+@cache
 def traced(flags: tuple[str, ...], device: str = "cpu", rank: int = 0, fake: bool = True) -> MemoryEstimate:
     return trace_memory(config(flags), 2, device, rank, fake=fake)
 
@@ -118,6 +118,7 @@ LAYOUTS = {
     "chunked-loss": (("--training.loss_chunk_tokens", "64", *SMALL), "cpu"),
 }
 
+
 @pytest.mark.parametrize("flags, device", LAYOUTS.values(), ids=LAYOUTS.keys())
 def test_the_formula_is_within_its_tolerance_of_the_trace(flags, device) -> None:
     trace, formula = traced(flags, device), formula_memory(config(flags), 2, 0, device)
@@ -127,8 +128,16 @@ def test_the_formula_is_within_its_tolerance_of_the_trace(flags, device) -> None
         assert getattr(formula, field) == pytest.approx(getattr(trace, field), rel=0.005), field
 
 
-CP2_ROWS = ("--parallelism.context_parallel_degree", "2", "--training.seq_len", "1024",
-            "--training.local_batch_size", "1", "--model.n_layers", "2")
+CP2_ROWS = (
+    "--parallelism.context_parallel_degree",
+    "2",
+    "--training.seq_len",
+    "1024",
+    "--training.local_batch_size",
+    "1",
+    "--model.n_layers",
+    "2",
+)
 
 
 def test_under_context_parallelism_flex_and_varlen_are_traced_without_sdpas_dense_mask() -> None:

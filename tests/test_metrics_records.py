@@ -12,12 +12,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from trainer_runs import TINY_ARGS, read_metrics, run_in_process
 
 from titanlm.config import load_config
 from titanlm.data.binmeta import BinWriter
 from titanlm.metrics import METRIC_KEYS, STEP_KEYS, MetricsLogger, epoch_tokens, plan_line, read_runs
 from titanlm.train import main
-from trainer_runs import TINY_ARGS, read_metrics, run_in_process
 
 EVERY_OTHER = ["--metrics.log_freq", "2"]  # 5 steps: logged at 1, 2, 4 and 5
 
@@ -50,8 +50,17 @@ def test_eta_is_the_mean_step_time_so_far_times_the_steps_left(every_step) -> No
 def test_eta_follows_the_last_20_steps_only() -> None:
     cfg = load_config(["--training.steps", "40"])
     metrics = MetricsLogger(cfg, is_main=False)  # writes nothing
-    records = [{"step": step, "loss": 1.0, "lr": 0.1, "grad_norm": 1.0, "step_time": 9.5 if step <= 10 else 0.5,
-                "data_time": 0.5} for step in range(1, 30)]
+    records = [
+        {
+            "step": step,
+            "loss": 1.0,
+            "lr": 0.1,
+            "grad_norm": 1.0,
+            "step_time": 9.5 if step <= 10 else 0.5,
+            "data_time": 0.5,
+        }
+        for step in range(1, 30)
+    ]
     for record in records[:-1]:
         metrics.keep_step(record)
     assert metrics.log_step(records[-1])["eta"] == pytest.approx((10.0 + 19 * 1.0) / 20 * 11)  # steps 10-29
@@ -153,8 +162,9 @@ def wandb_history(path: Path) -> list[dict]:
             record.ParseFromString(pending)
             pending = b""
             if record.WhichOneof("record_type") == "history":
-                rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
-                             for item in record.history.item})
+                rows.append(
+                    {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+                )
     return rows
 
 

@@ -6,11 +6,11 @@ from dataclasses import replace
 
 import pytest
 import torch
+from hf_models import hf_llama
 
 from titanlm.models import FLAVORS, ModelArgs, Transformer, count_params, get_model_args
 from titanlm.models.flops import matmul_params, training_flops
 from titanlm.models.hf_adapter import from_hf_state_dict, to_hf_state_dict
-from hf_models import hf_llama
 
 # Published sizes (billions, 2 decimals) of the released checkpoints these flavors describe.
 PUBLISHED_BILLIONS = {

@@ -14,12 +14,12 @@ import pytest
 import torch
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule
 from torch.distributed.tensor import DTensor
+from trainer_runs import TINY_ARGS, assert_records_close, run_in_process
 
 from titanlm.config import load_config
 from titanlm.models import Transformer, get_model_args
 from titanlm.parallel.parallelize import materialize_parallelized
 from titanlm.train import Trainer
-from trainer_runs import TINY_ARGS, assert_records_close, run_in_process
 
 OFFLOAD = ["--parallelism.fsdp_cpu_offload"]
 
@@ -68,8 +68,17 @@ def test_offload_allocates_parameters_in_host_memory_and_buffers_on_the_device()
 def test_on_a_gpu_the_state_stays_in_pinned_host_memory_and_the_job_learns_in_less_gpu_memory(
     tmp_path, demo_cache
 ) -> None:
-    args = [*TINY_ARGS, "--training.mixed_precision_param", "bfloat16", "--training.steps", "20",
-            "--data.dataset", "demo", "--data.cache_folder", str(demo_cache)]
+    args = [
+        *TINY_ARGS,
+        "--training.mixed_precision_param",
+        "bfloat16",
+        "--training.steps",
+        "20",
+        "--data.dataset",
+        "demo",
+        "--data.cache_folder",
+        str(demo_cache),
+    ]
 
     def fresh_peak() -> None:
         gc.collect()

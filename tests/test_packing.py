@@ -35,6 +35,7 @@ def loader_for(cfg: JobConfig, *args, **kwargs):
     """`build_dataloader` as the trainer calls it: with the dataset kind the plan resolves."""
     return build_dataloader(cfg, resolve_dataset(cfg), *args, **kwargs)
 
+
 SEQ = 16
 VOCAB = 1 << 20
 
@@ -113,11 +114,13 @@ class Oracle:
         assert (types[used:] == -1).all()
 
 
-def memory_dataset(docs, types=None, type_names=("a",), seed=0, rank=0, world=1, block=1, into_one=False,
-                   weights=None) -> PackedDataset:
+def memory_dataset(
+    docs, types=None, type_names=("a",), seed=0, rank=0, world=1, block=1, into_one=False, weights=None
+) -> PackedDataset:
     documents = MemoryDocuments(docs, types if types is not None else [0] * len(docs), list(type_names))
-    return PackedDataset(documents, SEQ, seed, rank, world, worker_block=block, pack_sample_into_one=into_one,
-                         weights=weights)
+    return PackedDataset(
+        documents, SEQ, seed, rank, world, worker_block=block, pack_sample_into_one=into_one, weights=weights
+    )
 
 
 def epoch_rows(ds: PackedDataset, epoch: int) -> list[dict[str, torch.Tensor]]:
@@ -261,8 +264,11 @@ def test_dataset_weights_from_a_toml_list_or_a_comma_string_weigh_alike(tmp_path
     listed.write_text('[data]\ndataset_weights = ["en:0.7", "code:0.3"]\n')
     comma = tmp_path / "comma.toml"
     comma.write_text('[data]\ndataset_weights = "en:0.7, code:0.3"\n')
-    configs = [load_config(["--job.config_file", str(listed)]), load_config(["--job.config_file", str(comma)]),
-               load_config(["--data.dataset_weights", "en:0.7,code:0.3"])]
+    configs = [
+        load_config(["--job.config_file", str(listed)]),
+        load_config(["--job.config_file", str(comma)]),
+        load_config(["--data.dataset_weights", "en:0.7,code:0.3"]),
+    ]
     for cfg in configs:
         np.testing.assert_allclose(parse_dataset_weights(cfg.data.dataset_weights, ["code", "en"]), [0.3, 0.7])
     malformed = load_config(["--data.dataset_weights", "en:0.7,code=0.3"]).data.dataset_weights
@@ -364,8 +370,7 @@ def global_steps(loaders: list[StatefulDataLoader], steps: int) -> list[set[tupl
     """Per global step, the set of rows (as token tuples) all ranks received."""
     per_rank = [take(loader, steps) for loader in loaders]
     return [
-        {tuple(row.tolist()) for batches in per_rank for row in batches[step]["input_ids"]}
-        for step in range(steps)
+        {tuple(row.tolist()) for batches in per_rank for row in batches[step]["input_ids"]} for step in range(steps)
     ]
 
 
@@ -431,4 +436,3 @@ def test_valid_loader_covers_every_document_once(corpus, tmp_path):
     first = next(iter(build_valid_dataloader(bin_cfg(root, valid_folder=valid), 0, 1, VOCAB)))
     assert first["input_ids"][0, 0] == abs(docs[0][0])
     assert build_valid_dataloader(bin_cfg(root), 0, 1, VOCAB) is None
-

@@ -8,10 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from trainer_runs import read_metrics, run_in_process
 
 from titanlm.data.binmeta import BinWriter
 from titanlm.tools import plot
-from trainer_runs import read_metrics, run_in_process
 
 
 @pytest.fixture(scope="module")
@@ -21,8 +21,18 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     with BinWriter(str(root / "data" / "en" / "data.bin")) as writer:
         for d in range(20):
             writer.write([1 + (d * 7 + t) % 100 for t in range(60)])
-    data = ["--data.dataset", "bin", "--data.train_folder", str(root / "data"), "--data.valid_folder",
-            str(root / "data"), "--data.valid_every", "2", "--metrics.log_freq", "2"]
+    data = [
+        "--data.dataset",
+        "bin",
+        "--data.train_folder",
+        str(root / "data"),
+        "--data.valid_folder",
+        str(root / "data"),
+        "--data.valid_every",
+        "2",
+        "--metrics.log_freq",
+        "2",
+    ]
     for seed in ("1", "2"):
         run_in_process(root / f"seed{seed}", ["--debug.seed", seed, *data])
     return {"seed1": root / "seed1", "seed2": root / "seed2"}
@@ -40,8 +50,12 @@ def lines_per_panel(fig) -> dict[str, list[str]]:
 
 def test_plot_writes_a_png_with_a_panel_per_key_and_a_line_per_run(runs, tmp_path, capsys) -> None:
     out = tmp_path / "curves.png"
-    assert plot.main([str(runs["seed1"]), str(runs["seed2"] / "metrics.jsonl"), "-o", str(out),
-                      "--keys", "loss,lr,grad_norm"]) == 0
+    assert (
+        plot.main(
+            [str(runs["seed1"]), str(runs["seed2"] / "metrics.jsonl"), "-o", str(out), "--keys", "loss,lr,grad_norm"]
+        )
+        == 0
+    )
     assert png_size(out) == (2 * 640, 2 * 420)  # 2 x 2 panels of 6.4 x 4.2 inches at 100 dpi
     curves = [plot.load(str(runs[name])) for name in ("seed1", "seed2")]
     fig = plot.figure(curves, ["loss", "lr", "grad_norm"])

@@ -7,14 +7,13 @@ import math
 import random
 
 import torch
+from trainer_runs import TINY_ARGS, read_metrics
 
 from titanlm.config import load_config
-from titanlm.loss import IGNORE_INDEX
 from titanlm.data.demo import ensure_demo_assets
-from titanlm.loss import token_cross_entropy
+from titanlm.loss import IGNORE_INDEX, token_cross_entropy
 from titanlm.tools.tokenize_alpaca import main as tokenize_alpaca
 from titanlm.train import Trainer
-from trainer_runs import TINY_ARGS, read_metrics
 
 
 def alpaca_records(n: int) -> list[dict[str, str]]:
@@ -22,7 +21,9 @@ def alpaca_records(n: int) -> list[dict[str, str]]:
     records = []
     for _ in range(n):
         a, b = rng.randint(1, 50), rng.randint(1, 50)
-        records.append({"instruction": "add the numbers", "input": f"{a} plus {b}", "output": f"{a} plus {b} is {a + b}."})
+        records.append(
+            {"instruction": "add the numbers", "input": f"{a} plus {b}", "output": f"{a} plus {b} is {a + b}."}
+        )
     return records
 
 
@@ -35,10 +36,29 @@ def make_sft_data(tmp_path, demo_cache):
 
 
 def sft_args(data, tokenizer, dump) -> list[str]:
-    return [*TINY_ARGS, "--data.dataset", "bin", "--data.train_folder", str(data / "train"),
-            "--data.valid_folder", str(data / "valid"), "--data.valid_every", "5", "--training.seq_len", "64",
-            "--model.tokenizer_path", tokenizer, "--job.dump_folder", str(dump), "--training.steps", "10",
-            "--optimizer.lr", "3e-3", "--model.attention_backend", "sdpa"]
+    return [
+        *TINY_ARGS,
+        "--data.dataset",
+        "bin",
+        "--data.train_folder",
+        str(data / "train"),
+        "--data.valid_folder",
+        str(data / "valid"),
+        "--data.valid_every",
+        "5",
+        "--training.seq_len",
+        "64",
+        "--model.tokenizer_path",
+        tokenizer,
+        "--job.dump_folder",
+        str(dump),
+        "--training.steps",
+        "10",
+        "--optimizer.lr",
+        "3e-3",
+        "--model.attention_backend",
+        "sdpa",
+    ]
 
 
 def test_masked_prompt_positions_carry_no_gradient(tmp_path, demo_cache) -> None:
@@ -77,28 +97,37 @@ def test_validation_is_the_token_weighted_loss_per_type(tmp_path) -> None:
 
     import numpy as np
     import torch.nn.functional as F
-
-    from titanlm.distributed import init_distributed
+    from binmeta_files import write_internevo
 
     from titanlm.data import build_valid_dataloader
+    from titanlm.distributed import init_distributed
     from titanlm.models import Transformer, get_model_args
     from titanlm.validation import validation_metrics
-    from binmeta_files import write_internevo
 
     rng = np.random.default_rng(0)
     for kind, count in (("en", 7), ("code", 3)):
-        write_internevo(tmp_path / "valid" / kind / "data.bin", [rng.integers(1, 2048, size=int(n)).tolist()
-                                                                   for n in rng.integers(5, 40, size=count)])
+        write_internevo(
+            tmp_path / "valid" / kind / "data.bin",
+            [rng.integers(1, 2048, size=int(n)).tolist() for n in rng.integers(5, 40, size=count)],
+        )
     cfg = load_config([*TINY_ARGS, "--data.valid_folder", str(tmp_path / "valid"), "--training.seq_len", "64"])
     loader = build_valid_dataloader(cfg, 0, 1, vocab_size=2048)
     model = Transformer(get_model_args("llama3", "debug"))
     model.init_weights(seed=0)
     init_distributed()  # a one-rank group when no test made one yet
+
     def logits_of(batch):
         return model(batch["input_ids"], batch["position_ids"], batch["document_ids"])
 
-    metrics = validation_metrics(logits_of, loader, lambda batch: batch, nullcontext, loader.dataset.types,
-                                 [torch.distributed.group.WORLD, None], torch.device("cpu"))
+    metrics = validation_metrics(
+        logits_of,
+        loader,
+        lambda batch: batch,
+        nullcontext,
+        loader.dataset.types,
+        [torch.distributed.group.WORLD, None],
+        torch.device("cpu"),
+    )
     sums, counts = {}, {}
     with torch.no_grad():
         for batch in loader:

@@ -10,26 +10,33 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from titanlm.config import load_config
-from titanlm.data.binmeta import BinMetaFolder
-from titanlm.loss import IGNORE_INDEX
-from titanlm.data.tokenizer import build_tokenizer
-from titanlm.loss import token_cross_entropy
-from titanlm.tools.tokenize_chat import main, resolve_tokenizer
-from titanlm.train import Trainer
 from hf_models import INTERNLM2_TEMPLATE, LLAMA3_TEMPLATE, write_tiny_tokenizer
 from trainer_runs import read_metrics, run_in_process
 
+from titanlm.config import load_config
+from titanlm.data.binmeta import BinMetaFolder
+from titanlm.data.tokenizer import build_tokenizer
+from titanlm.loss import IGNORE_INDEX, token_cross_entropy
+from titanlm.tools.tokenize_chat import main, resolve_tokenizer
+from titanlm.train import Trainer
+
 SYSTEM = {"role": "system", "content": "Be brief."}
 CONVERSATIONS = [
-    [SYSTEM, {"role": "user", "content": "What is the colour of the sky?"},
-     {"role": "assistant", "content": "It is blue."}, {"role": "user", "content": "And the sea?"},
-     {"role": "assistant", "content": "  Blue too, mostly.\n"}],
-    [{"role": "user", "content": "Hello there"}, {"role": "assistant", "content": "Hello, how are you today?"},
-     {"role": "user", "content": "  a cat sat on the mat "},
-     {"role": "assistant", "content": "and looked at the moon."},
-     {"role": "user", "content": "Why?"}, {"role": "assistant", "content": "the quick brown fox."}],
+    [
+        SYSTEM,
+        {"role": "user", "content": "What is the colour of the sky?"},
+        {"role": "assistant", "content": "It is blue."},
+        {"role": "user", "content": "And the sea?"},
+        {"role": "assistant", "content": "  Blue too, mostly.\n"},
+    ],
+    [
+        {"role": "user", "content": "Hello there"},
+        {"role": "assistant", "content": "Hello, how are you today?"},
+        {"role": "user", "content": "  a cat sat on the mat "},
+        {"role": "assistant", "content": "and looked at the moon."},
+        {"role": "user", "content": "Why?"},
+        {"role": "assistant", "content": "the quick brown fox."},
+    ],
 ]
 
 
@@ -95,7 +102,11 @@ def _folder_with(tmp_path: Path, tiny_folder: Path, template: str | None) -> Pat
 @pytest.mark.parametrize("template", ["builtin", "hf"])
 @pytest.mark.parametrize("family", ["llama3", "internlm2"])
 def test_ids_equal_apply_chat_template_and_only_replies_with_end_of_turn_are_trained(
-    tmp_path: Path, family: str, template: str, tiny_folder: Path, llama3_folder: Path,
+    tmp_path: Path,
+    family: str,
+    template: str,
+    tiny_folder: Path,
+    llama3_folder: Path,
     llama3_hf_tokenizer,  # noqa: F811
 ) -> None:
     transformers = pytest.importorskip("transformers")
@@ -105,8 +116,9 @@ def test_ids_equal_apply_chat_template_and_only_replies_with_end_of_turn_are_tra
         folder, end, strip = tiny_folder, "<|im_end|>", False
         oracle = transformers.AutoTokenizer.from_pretrained(tiny_folder)
     source = _write(tmp_path / "chats.jsonl", _messages(CONVERSATIONS))
-    assert _tokenize(source, tmp_path / "out", folder, family if template == "builtin" else "hf",
-                     "--split_ratio", 0) == 0
+    assert (
+        _tokenize(source, tmp_path / "out", folder, family if template == "builtin" else "hf", "--split_ratio", 0) == 0
+    )
     tok = build_tokenizer(resolve_tokenizer(str(folder)))
     documents = _documents(tmp_path / "out")
     assert len(documents) == len(CONVERSATIONS)  # --split_ratio 0: all in train, in input order
@@ -157,15 +169,20 @@ def _many(n: int) -> list[list[dict]]:
     for k in range(n):
         turns = [SYSTEM] if k % 3 == 0 else []
         for t in range(1 + k % 4):
-            turns += [{"role": "user", "content": f"What is {k} plus {t}?"},
-                      {"role": "assistant", "content": f"{k} plus {t} is {k + t}."}]
+            turns += [
+                {"role": "user", "content": f"What is {k} plus {t}?"},
+                {"role": "assistant", "content": f"{k} plus {t} is {k + t}."},
+            ]
         conversations.append(turns)
     return conversations
 
 
 def _files(out: Path) -> list[bytes]:
-    return [(out / split / "en" / name).read_bytes() for split in ("train", "valid")
-            for name in ("dataset.bin", "dataset.bin.meta")]
+    return [
+        (out / split / "en" / name).read_bytes()
+        for split in ("train", "valid")
+        for name in ("dataset.bin", "dataset.bin.meta")
+    ]
 
 
 def test_messages_sharegpt_jsonl_and_json_array_inputs_write_identical_files(tmp_path: Path, tiny_folder: Path) -> None:
@@ -174,8 +191,12 @@ def test_messages_sharegpt_jsonl_and_json_array_inputs_write_identical_files(tmp
     for name, records in (("messages", _messages(conversations)), ("sharegpt", _sharegpt(conversations))):
         for jsonl in (True, False):
             source = _write(tmp_path / f"{name}.{'jsonl' if jsonl else 'json'}", records, jsonl)
-            assert _tokenize(source, tmp_path / source.name.replace(".", "_"), tiny_folder, "internlm2",
-                             "--split_ratio", 0.25) == 0
+            assert (
+                _tokenize(
+                    source, tmp_path / source.name.replace(".", "_"), tiny_folder, "internlm2", "--split_ratio", 0.25
+                )
+                == 0
+            )
             outputs.append(_files(tmp_path / source.name.replace(".", "_")))
     assert all(files == outputs[0] for files in outputs)
     assert len(_documents(tmp_path / "messages_jsonl", "valid")) == 10
@@ -184,8 +205,20 @@ def test_messages_sharegpt_jsonl_and_json_array_inputs_write_identical_files(tmp
 def test_two_workers_write_the_bytes_of_one(tmp_path: Path, tiny_folder: Path) -> None:
     source = _write(tmp_path / "chats.jsonl", _messages(_many(700)))  # more chunks than the pool has in flight
     for workers in (1, 2):
-        assert main([str(source), str(tmp_path / f"w{workers}"), str(tiny_folder), "--template", "hf",
-                     "--workers", str(workers)]) == 0
+        assert (
+            main(
+                [
+                    str(source),
+                    str(tmp_path / f"w{workers}"),
+                    str(tiny_folder),
+                    "--template",
+                    "hf",
+                    "--workers",
+                    str(workers),
+                ]
+            )
+            == 0
+        )
     assert _files(tmp_path / "w1") == _files(tmp_path / "w2")
 
 
@@ -193,12 +226,14 @@ def test_long_conversations_lose_whole_turns_else_their_reply_is_cut_else_they_a
     tmp_path: Path, tiny_folder: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     long = "the quick brown fox jumps over the lazy dog. " * 6
-    records = _messages([
-        CONVERSATIONS[1][:2],  # fits
-        CONVERSATIONS[1],  # the third turn does not fit
-        [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": long}],  # the reply is cut
-        [{"role": "user", "content": long}, {"role": "assistant", "content": "Hello"}],  # dropped
-    ])
+    records = _messages(
+        [
+            CONVERSATIONS[1][:2],  # fits
+            CONVERSATIONS[1],  # the third turn does not fit
+            [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": long}],  # the reply is cut
+            [{"role": "user", "content": long}, {"role": "assistant", "content": "Hello"}],  # dropped
+        ]
+    )
     source = _write(tmp_path / "chats.jsonl", records)
     assert _tokenize(source, tmp_path / "full", tiny_folder, "internlm2", "--split_ratio", 0) == 0
     full = _documents(tmp_path / "full")
@@ -206,8 +241,10 @@ def test_long_conversations_lose_whole_turns_else_their_reply_is_cut_else_they_a
     max_length = reply_ends[1] + 3
     assert len(full[1]) > max_length >= len(full[0])
     capsys.readouterr()
-    assert _tokenize(source, tmp_path / "cut", tiny_folder, "internlm2", "--split_ratio", 0,
-                     "--max_length", max_length) == 0
+    assert (
+        _tokenize(source, tmp_path / "cut", tiny_folder, "internlm2", "--split_ratio", 0, "--max_length", max_length)
+        == 0
+    )
     expected = f"--max_length {max_length}: cut 1 after the last reply that fits and 1 inside its first reply; "
     expected += "dropped 1"
     assert expected in capsys.readouterr().out
@@ -217,10 +254,13 @@ def test_long_conversations_lose_whole_turns_else_their_reply_is_cut_else_they_a
     assert len(cut_reply) == max_length and cut_reply == full[2][:max_length] and cut_reply[-1] > 0
 
 
-def test_prompt_tokens_with_id_0_are_reported(tmp_path: Path, llama3_folder: Path,
-                                              capsys: pytest.CaptureFixture[str]) -> None:
-    source = _write(tmp_path / "chats.jsonl", _messages([[{"role": "user", "content": "Hi!"},
-                                                          {"role": "assistant", "content": "Hello."}]]))
+def test_prompt_tokens_with_id_0_are_reported(
+    tmp_path: Path, llama3_folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = _write(
+        tmp_path / "chats.jsonl",
+        _messages([[{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello."}]]),
+    )
     assert _tokenize(source, tmp_path / "out", llama3_folder, "llama3", "--split_ratio", 0) == 0  # "!" is id 0
     assert "warning: 1 input-only tokens have id 0" in capsys.readouterr().out
 
@@ -232,11 +272,15 @@ BAD_RECORDS = {
     "no messages": ({"text": "hi"}, 'line 2: no "messages" (OpenAI style) or "conversations" (ShareGPT) list'),
     "empty messages": ({"messages": []}, 'line 2: "messages" is empty'),
     "unknown role": ({"messages": [{"role": "tool", "content": "x"}]}, 'line 2: messages message 1 has "role": "tool"'),
-    "unknown sharegpt role": ({"conversations": [{"from": "bot", "value": "x"}]},
-                              'line 2: conversations message 1 has "from": "bot"'),
+    "unknown sharegpt role": (
+        {"conversations": [{"from": "bot", "value": "x"}]},
+        'line 2: conversations message 1 has "from": "bot"',
+    ),
     "missing content": ({"messages": [{"role": "user"}]}, 'line 2: messages message 1 (user): "content" is missing'),
-    "non-string content": ({"conversations": [{"from": "gpt", "value": ["x"]}]},
-                           'line 2: conversations message 1 (gpt): "value" is a list, not a string'),
+    "non-string content": (
+        {"conversations": [{"from": "gpt", "value": ["x"]}]},
+        'line 2: conversations message 1 (gpt): "value" is a list, not a string',
+    ),
     "no assistant": ({"messages": [{"role": "user", "content": "x"}]}, "line 2: no assistant turn"),
 }
 
@@ -252,8 +296,9 @@ def _assert_nothing_written(tmp_path: Path, inputs: set[str]) -> None:
 
 
 @pytest.mark.parametrize("case", list(BAD_RECORDS))
-def test_a_bad_record_is_named_and_nothing_is_written(tmp_path: Path, tiny_folder: Path, case: str,
-                                                      capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_bad_record_is_named_and_nothing_is_written(
+    tmp_path: Path, tiny_folder: Path, case: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     record, expected = BAD_RECORDS[case]
     source = _write(tmp_path / "chats.jsonl", [GOOD, record, GOOD])
     assert _tokenize(source, tmp_path / "out", tiny_folder, "internlm2", "--split_ratio", 0) == 2
@@ -268,12 +313,24 @@ def test_bad_json_is_named_by_line_or_element_and_workers_stop_the_same_way(
     source = tmp_path / "chats.jsonl"
     source.write_text("\n".join(lines) + "\n")
     for workers in (1, 2):
-        assert main([str(source), str(tmp_path / "out"), str(tiny_folder), "--template", "internlm2",
-                     "--workers", str(workers)]) == 2
+        assert (
+            main(
+                [
+                    str(source),
+                    str(tmp_path / "out"),
+                    str(tiny_folder),
+                    "--template",
+                    "internlm2",
+                    "--workers",
+                    str(workers),
+                ]
+            )
+            == 2
+        )
         _assert_one_error(capsys, f"{source} line 301 is not valid JSON")
     array = _write(tmp_path / "chats.json", [GOOD, {"messages": [{"role": "user", "content": 1}]}], jsonl=False)
     assert _tokenize(array, tmp_path / "out", tiny_folder, "internlm2", "--split_ratio", 0) == 2
-    _assert_one_error(capsys, f"{array} record 2: messages message 1 (user): \"content\" is a int")
+    _assert_one_error(capsys, f'{array} record 2: messages message 1 (user): "content" is a int')
     array.write_text('[{"messages": []},\n oops]')
     assert _tokenize(array, tmp_path / "out", tiny_folder, "internlm2") == 2
     _assert_one_error(capsys, f"{array} is not valid JSON (line 2, column 2")
@@ -284,10 +341,16 @@ def test_bad_json_is_named_by_line_or_element_and_workers_stop_the_same_way(
 TEMPLATE_CASES = {
     "missing specials": ("llama3", "", "needs the special token <|begin_of_text|>, which this tokenizer lacks"),
     "no chat_template": ("hf", None, "tokenizer_config.json has no chat_template"),
-    "not prefix-stable": ("hf", INTERNLM2_TEMPLATE + "{{ eos_token }}",
-                          "is not prefix-stable: messages 1..1 and the generation prompt render as text"),
-    "hf specials": ("hf", LLAMA3_TEMPLATE,
-                    "writes <|end_header_id|>, <|eot_id|>, <|start_header_id|>, which this tokenizer has no token for"),
+    "not prefix-stable": (
+        "hf",
+        INTERNLM2_TEMPLATE + "{{ eos_token }}",
+        "is not prefix-stable: messages 1..1 and the generation prompt render as text",
+    ),
+    "hf specials": (
+        "hf",
+        LLAMA3_TEMPLATE,
+        "writes <|end_header_id|>, <|eot_id|>, <|start_header_id|>, which this tokenizer has no token for",
+    ),
 }
 
 
@@ -303,8 +366,9 @@ def test_a_template_the_tokenizer_cannot_serve_stops_the_run(
     _assert_nothing_written(tmp_path, {"chats.jsonl"} | ({"tok"} if chat_template != "" else set()))
 
 
-def test_an_unknown_template_or_existing_output_is_refused(tmp_path: Path, tiny_folder: Path,
-                                                           capsys: pytest.CaptureFixture[str]) -> None:
+def test_an_unknown_template_or_existing_output_is_refused(
+    tmp_path: Path, tiny_folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     source = _write(tmp_path / "chats.jsonl", [GOOD] * 10)  # one in valid at the default --split_ratio 0.1
     with pytest.raises(SystemExit) as info:
         _tokenize(source, tmp_path / "out", tiny_folder, "chatml")
@@ -325,12 +389,35 @@ def test_sft_on_multi_turn_output_trains_and_only_replies_carry_gradient(tmp_pat
     source = _write(tmp_path / "chats.jsonl", _messages(_many(200)))
     assert _tokenize(source, tmp_path / "sft", tiny_folder, "internlm2", "--max_length", 128) == 0
     assert sum(len(_trained_runs(ids)) > 1 for ids in _documents(tmp_path / "sft")) > 60  # multi-turn
-    args = ["--data.dataset", "bin", "--data.train_folder", str(tmp_path / "sft" / "train"),
-            "--model.tokenizer_path", str(tiny_folder / "tokenizer.json"), "--training.seq_len", "128",
-            "--model.attention_backend", "sdpa", "--model.n_layers", "1"]
-    trainer = Trainer(load_config(["--model.flavor", "debug", "--training.local_batch_size", "4",
-                                   "--training.mixed_precision_param", "float32",
-                                   "--job.dump_folder", str(tmp_path / "probe"), *args]))
+    args = [
+        "--data.dataset",
+        "bin",
+        "--data.train_folder",
+        str(tmp_path / "sft" / "train"),
+        "--model.tokenizer_path",
+        str(tiny_folder / "tokenizer.json"),
+        "--training.seq_len",
+        "128",
+        "--model.attention_backend",
+        "sdpa",
+        "--model.n_layers",
+        "1",
+    ]
+    trainer = Trainer(
+        load_config(
+            [
+                "--model.flavor",
+                "debug",
+                "--training.local_batch_size",
+                "4",
+                "--training.mixed_precision_param",
+                "float32",
+                "--job.dump_folder",
+                str(tmp_path / "probe"),
+                *args,
+            ]
+        )
+    )
     batch = trainer.model_step.prepare(next(iter(trainer.dataloader)))
     labels = batch["labels"]
     tok = build_tokenizer(str(tiny_folder / "tokenizer.json"))
@@ -344,7 +431,8 @@ def test_sft_on_multi_turn_output_trains_and_only_replies_carry_gradient(tmp_pat
     assert torch.all(per_position[masked] == 0) and torch.all(per_position[~masked] > 0)
     trainer.close()
 
-    run_in_process(tmp_path / "run", [*args, "--training.steps", "6", "--training.local_batch_size", "2",
-                                      "--optimizer.lr", "3e-3"])
+    run_in_process(
+        tmp_path / "run", [*args, "--training.steps", "6", "--training.local_batch_size", "2", "--optimizer.lr", "3e-3"]
+    )
     losses = [r["loss"] for r in read_metrics(tmp_path / "run") if "loss" in r]
     assert losses[-1] < losses[0] - 1.0, losses

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hf_models import write_tiny_tokenizer
+from trainer_runs import REPO, TINY_ARGS, worker_env
 
 from titanlm.config import load_config
 from titanlm.data import ensure_demo_assets
@@ -25,8 +27,6 @@ from titanlm.models.hf_checkpoint import write_safetensors
 from titanlm.plan import resolve
 from titanlm.tools import common, tokenize, tokenize_alpaca, tokenize_chat
 from titanlm.train import main as train_main
-from hf_models import write_tiny_tokenizer
-from trainer_runs import REPO, TINY_ARGS, worker_env
 
 pytestmark = pytest.mark.filterwarnings("ignore:'set_vital' is deprecated")
 
@@ -65,8 +65,17 @@ def test_tokenize_with_a_missing_tokenizer_and_two_workers_exits_2_at_once(tmp_p
     source = _jsonl(tmp_path / "raw.jsonl", ["one", "two"])
     missing = tmp_path / "nope.model"
     start = time.monotonic()
-    result = _tool("tokenize", "--text_input_path", source, "--bin_output_path", tmp_path / "out" / "en" / "d.bin",
-                   "--tokenizer_path", missing, "--workers", 2)
+    result = _tool(
+        "tokenize",
+        "--text_input_path",
+        source,
+        "--bin_output_path",
+        tmp_path / "out" / "en" / "d.bin",
+        "--tokenizer_path",
+        missing,
+        "--workers",
+        2,
+    )
     assert result.returncode == 2 and time.monotonic() - start < 60
     err = _one_line(result.stderr, f"tokenizer {missing} does not exist", "check --tokenizer_path")
     assert "model.tokenizer_path" not in err
@@ -82,11 +91,27 @@ def test_an_unreadable_tokenizer_names_each_tools_own_argument(tmp_path: Path, c
     alpaca = tmp_path / "alpaca.json"
     alpaca.write_text(json.dumps([{"instruction": "a", "output": "b"}]))
     runs = [
-        ("set --tokenizer_path to", lambda: tokenize.main([
-            "--text_input_path", str(source), "--bin_output_path", str(tmp_path / "a" / "en" / "d.bin"),
-            "--tokenizer_path", str(junk), "--workers", "2"])),
-        ("set the TOKENIZER argument to", lambda: tokenize_chat.main([
-            str(chats), str(tmp_path / "b"), str(junk), "--template", "internlm2", "--workers", "2"])),
+        (
+            "set --tokenizer_path to",
+            lambda: tokenize.main(
+                [
+                    "--text_input_path",
+                    str(source),
+                    "--bin_output_path",
+                    str(tmp_path / "a" / "en" / "d.bin"),
+                    "--tokenizer_path",
+                    str(junk),
+                    "--workers",
+                    "2",
+                ]
+            ),
+        ),
+        (
+            "set the TOKENIZER argument to",
+            lambda: tokenize_chat.main(
+                [str(chats), str(tmp_path / "b"), str(junk), "--template", "internlm2", "--workers", "2"]
+            ),
+        ),
         ("set the TOKENIZER argument to", lambda: tokenize_alpaca.main([str(alpaca), str(tmp_path / "c"), str(junk)])),
     ]
     before = _tree(tmp_path)
@@ -132,8 +157,14 @@ def test_a_text_a_worker_cannot_tokenize_mid_run_is_one_line_naming_its_line(
     lines = source.read_text().splitlines(keepends=True)
     lines[2499] = '{"content": "broken \\ud800 escape"}\n'  # valid JSON, not valid Unicode
     source.write_text("".join(lines))
-    args = ["--text_input_path", source, "--bin_output_path", tmp_path / "out" / "en" / "d.bin",
-            "--tokenizer_path", demo_tokenizer]
+    args = [
+        "--text_input_path",
+        source,
+        "--bin_output_path",
+        tmp_path / "out" / "en" / "d.bin",
+        "--tokenizer_path",
+        demo_tokenizer,
+    ]
     expected = (f"{source} line 2500: cannot tokenize the text", "lone UTF-16 surrogate", "fix or remove it")
     result = _tool("tokenize", *args, "--workers", 2)  # in the third of three chunks, all in flight
     assert result.returncode == 2
@@ -146,8 +177,21 @@ def test_a_text_a_worker_cannot_tokenize_mid_run_is_one_line_naming_its_line(
 
 def test_workers_below_1_are_refused_before_anything_is_read(tmp_path: Path, demo_tokenizer, capsys) -> None:
     source = _jsonl(tmp_path / "raw.jsonl", ["one"])
-    assert tokenize.main(["--text_input_path", str(source), "--bin_output_path", str(tmp_path / "o" / "en" / "d.bin"),
-                          "--tokenizer_path", demo_tokenizer, "--workers", "0"]) == 2
+    assert (
+        tokenize.main(
+            [
+                "--text_input_path",
+                str(source),
+                "--bin_output_path",
+                str(tmp_path / "o" / "en" / "d.bin"),
+                "--tokenizer_path",
+                demo_tokenizer,
+                "--workers",
+                "0",
+            ]
+        )
+        == 2
+    )
     _one_line(capsys.readouterr().err, "--workers 0 must be at least 1")
     assert _tree(tmp_path) == ["raw.jsonl"]
 
@@ -169,20 +213,39 @@ def _modes(folder: Path) -> dict[str, str]:
 def test_tool_outputs_get_the_mode_of_a_plain_open(tmp_path: Path, demo_tokenizer, umask: int) -> None:
     file, folder = oct(0o666 & ~umask), oct(0o777 & ~umask)
     source = _jsonl(tmp_path / "raw.jsonl", ["one", "two"])
-    assert tokenize.main(["--text_input_path", str(source), "--bin_output_path", str(tmp_path / "pre" / "en" / "d.bin"),
-                          "--tokenizer_path", demo_tokenizer, "--workers", "2"]) == 0
+    assert (
+        tokenize.main(
+            [
+                "--text_input_path",
+                str(source),
+                "--bin_output_path",
+                str(tmp_path / "pre" / "en" / "d.bin"),
+                "--tokenizer_path",
+                demo_tokenizer,
+                "--workers",
+                "2",
+            ]
+        )
+        == 0
+    )
     assert _modes(tmp_path / "pre") == {"en": folder, "en/d.bin": file, "en/d.bin.meta": file}
 
     alpaca = tmp_path / "alpaca.json"
     alpaca.write_text(json.dumps([{"instruction": f"q{i}", "output": f"a{i}"} for i in range(10)]))
     assert tokenize_alpaca.main([str(alpaca), str(tmp_path / "sft"), demo_tokenizer]) == 0
     chats = tmp_path / "chats.jsonl"
-    chats.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"},
-                                                      {"role": "assistant", "content": f"a{i}"}]}) + "\n"
-                             for i in range(10)))
+    chats.write_text(
+        "".join(
+            json.dumps({"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]})
+            + "\n"
+            for i in range(10)
+        )
+    )
     tiny = write_tiny_tokenizer(tmp_path / "tiny")
-    assert tokenize_chat.main([str(chats), str(tmp_path / "chat"), str(tiny), "--template", "internlm2",
-                               "--workers", "2"]) == 0
+    assert (
+        tokenize_chat.main([str(chats), str(tmp_path / "chat"), str(tiny), "--template", "internlm2", "--workers", "2"])
+        == 0
+    )
     for out in ("sft", "chat"):
         modes = _modes(tmp_path / out)
         assert modes == {name: folder if "." not in name else file for name in modes}, (out, modes)
@@ -210,15 +273,30 @@ def _alpaca(tmp_path: Path, n: int) -> Path:
 @pytest.mark.parametrize(
     "records, ratio, expected",
     [
-        (4, "0.1", ["--split_ratio 0.1 puts round(4 x 0.1) = 0 of the 4 records into valid, so the validation "
-                    "split would be empty", "pass --split_ratio 0.25 or more", "or --split_ratio 0 to write no"]),
-        (3, "0.9", ["--split_ratio 0.9 puts all 3 records into valid, so the train split would be empty",
-                    "lower --split_ratio"]),
+        (
+            4,
+            "0.1",
+            [
+                "--split_ratio 0.1 puts round(4 x 0.1) = 0 of the 4 records into valid, so the validation "
+                "split would be empty",
+                "pass --split_ratio 0.25 or more",
+                "or --split_ratio 0 to write no",
+            ],
+        ),
+        (
+            3,
+            "0.9",
+            [
+                "--split_ratio 0.9 puts all 3 records into valid, so the train split would be empty",
+                "lower --split_ratio",
+            ],
+        ),
     ],
     ids=["empty-valid", "empty-train"],
 )
-def test_alpaca_refuses_a_ratio_that_leaves_a_split_empty(tmp_path: Path, demo_tokenizer, capsys, records: int,
-                                                          ratio: str, expected: list[str]) -> None:
+def test_alpaca_refuses_a_ratio_that_leaves_a_split_empty(
+    tmp_path: Path, demo_tokenizer, capsys, records: int, ratio: str, expected: list[str]
+) -> None:
     source = _alpaca(tmp_path, records)
     assert tokenize_alpaca.main([str(source), str(tmp_path / "sft"), demo_tokenizer, "--split_ratio", ratio]) == 2
     _one_line(capsys.readouterr().err, *expected)
@@ -236,13 +314,17 @@ def test_alpaca_split_ratio_0_writes_train_only_and_says_so(tmp_path: Path, demo
 
 def test_chat_refuses_a_ratio_that_leaves_valid_empty(tmp_path: Path, capsys) -> None:
     chats = tmp_path / "chats.jsonl"
-    chats.write_text(json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]})
-                     + "\n")
+    chats.write_text(
+        json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}) + "\n"
+    )
     tiny = write_tiny_tokenizer(tmp_path / "tiny")
     before = _tree(tmp_path)
     assert tokenize_chat.main([str(chats), str(tmp_path / "out"), str(tiny), "--template", "internlm2"]) == 2
-    _one_line(capsys.readouterr().err, "--split_ratio 0.1 puts round(1 x 0.1) = 0 of the 1 records into valid",
-              "--split_ratio 0 to write no validation split")
+    _one_line(
+        capsys.readouterr().err,
+        "--split_ratio 0.1 puts round(1 x 0.1) = 0 of the 1 records into valid",
+        "--split_ratio 0 to write no validation split",
+    )
     assert _tree(tmp_path) == before
 
 
@@ -255,12 +337,17 @@ def _sft_tool(tmp_path: Path, tool: str, demo_tokenizer: str, n: int = 10) -> Ca
         source = _alpaca(tmp_path, n)
         return lambda *extra: tokenize_alpaca.main([str(source), str(tmp_path / "out"), demo_tokenizer, *extra])
     chats = tmp_path / "chats.jsonl"
-    chats.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"},
-                                                      {"role": "assistant", "content": f"a{i}"}]}) + "\n"
-                             for i in range(n)))
+    chats.write_text(
+        "".join(
+            json.dumps({"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]})
+            + "\n"
+            for i in range(n)
+        )
+    )
     tiny = write_tiny_tokenizer(tmp_path / "tiny")
-    return lambda *extra: tokenize_chat.main([str(chats), str(tmp_path / "out"), str(tiny), "--template",
-                                              "internlm2", "--workers", "1", *extra])
+    return lambda *extra: tokenize_chat.main(
+        [str(chats), str(tmp_path / "out"), str(tiny), "--template", "internlm2", "--workers", "1", *extra]
+    )
 
 
 def _contents(folder: Path) -> dict[str, bytes]:
@@ -289,8 +376,11 @@ def test_one_split_beside_another_runs_other_split_is_refused_without_overwrite(
     capsys.readouterr()
     before = _contents(tmp_path / "out")
     assert run("--split_ratio", "1") == 2  # valid only
-    _one_line(capsys.readouterr().err, f"{tmp_path / 'out' / 'train' / 'en' / 'dataset.bin'} is left from an earlier "
-              "run, and this run writes no train split; pass --overwrite to remove it")
+    _one_line(
+        capsys.readouterr().err,
+        f"{tmp_path / 'out' / 'train' / 'en' / 'dataset.bin'} is left from an earlier "
+        "run, and this run writes no train split; pass --overwrite to remove it",
+    )
     assert _contents(tmp_path / "out") == before
 
 
@@ -358,14 +448,29 @@ def test_float8_rowwise_with_float8_all_gather_is_refused_whatever_the_world_siz
 
 @pytest.mark.multiprocess
 def test_float8_rowwise_with_float8_all_gather_is_refused_on_two_ranks_with_the_same_message(tmp_path: Path) -> None:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-               "titanlm.train", *TINY_ARGS, "--job.dump_folder", str(tmp_path / "run"), *_ROWWISE_ALL_GATHER_FLAGS]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "titanlm.train",
+        *TINY_ARGS,
+        "--job.dump_folder",
+        str(tmp_path / "run"),
+        *_ROWWISE_ALL_GATHER_FLAGS,
+    ]
     result = subprocess.run(command, cwd=REPO, env=worker_env(), capture_output=True, text=True, timeout=180)
     assert result.returncode != 0 and _ROWWISE_ALL_GATHER in result.stderr, result.stderr[-3000:]
 
 
-_ROWWISE_ALL_GATHER_FLAGS = ["--float8.enable", "--float8.recipe_name", "rowwise",
-                             "--float8.enable_fsdp_float8_all_gather"]
+_ROWWISE_ALL_GATHER_FLAGS = [
+    "--float8.enable",
+    "--float8.recipe_name",
+    "rowwise",
+    "--float8.enable_fsdp_float8_all_gather",
+]
 _ROWWISE_ALL_GATHER = (
     "float8.enable_fsdp_float8_all_gather = true needs float8.recipe_name = 'tensorwise', not 'rowwise' (torchao "
     "all-gathers only tensorwise-scaled weights in float8); set float8.recipe_name = 'tensorwise' or "

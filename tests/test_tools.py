@@ -115,9 +115,7 @@ def test_bad_tokenizer_files_name_the_file_and_line(tmp_path, demo_tokenizer):
     junk.write_bytes(b"{ not json")
     with pytest.raises(ValueError, match=r"junk\.json' as a huggingface tokenizer.*tokenizer_path"):
         build_tokenizer(str(junk))
-    with pytest.raises(
-        ValueError, match=r"tokenizer\.model line \d+ is not `base64token rank`.*tokenizer_path"
-    ):
+    with pytest.raises(ValueError, match=r"tokenizer\.model line \d+ is not `base64token rank`.*tokenizer_path"):
         build_tokenizer(demo_tokenizer, kind="tiktoken")  # a SentencePiece file named as tiktoken
     with pytest.raises(ValueError, match="use one of auto, sentencepiece"):
         build_tokenizer(demo_tokenizer, kind="bpe")
@@ -161,14 +159,10 @@ def test_tokenize_json_file_holding_one_record(tmp_path, demo_tokenizer):
     one.write_text(json.dumps({"content": "just one", "meta": [1, 2]}))
     assert _run_tokenize(one, tmp_path / "en" / "d.bin", demo_tokenizer) == 0
     data = BinMetaFolder(str(tmp_path))
-    assert data.num_documents == 1 and data.read(0).tolist() == build_tokenizer(demo_tokenizer).encode(
-        "just one"
-    )
+    assert data.num_documents == 1 and data.read(0).tolist() == build_tokenizer(demo_tokenizer).encode("just one")
 
 
-def test_tokenize_matches_internevo_loop_byte_for_byte_with_any_worker_count(
-    tmp_path, demo_cache, monkeypatch
-):
+def test_tokenize_matches_internevo_loop_byte_for_byte_with_any_worker_count(tmp_path, demo_cache, monkeypatch):
     assets = ensure_demo_assets(str(demo_cache))
     monkeypatch.setattr(tokenize, "_CHUNK_DOCS", 64)  # many chunks, so the order of results matters
     outputs = {}
@@ -282,9 +276,7 @@ def test_alpaca_masks_prompt_and_splits_exactly_and_disjointly(tmp_path, demo_to
 
     assert _run_alpaca(tmp_path, records, demo_tokenizer, "--split_ratio", "0.3", out="again") == 0
     assert _split(tmp_path, "valid", "again") == valid  # same seed, same split
-    assert (
-        _run_alpaca(tmp_path, records, demo_tokenizer, "--split_ratio", "0.3", "--seed", "1", out="s1") == 0
-    )
+    assert _run_alpaca(tmp_path, records, demo_tokenizer, "--split_ratio", "0.3", "--seed", "1", out="s1") == 0
     assert sorted(_split(tmp_path, "valid", "s1")) != sorted(valid)
     assert _run_alpaca(tmp_path, records, demo_tokenizer, "--max_length", "9", out="short") == 0
     assert {len(d) for d in _split(tmp_path, "train", "short")} == {9}
@@ -322,9 +314,7 @@ def test_llama3_template_matches_meta_chat_format(tmp_path, llama3_path):
     assert _run_alpaca(tmp_path, [record], llama3_path, "--template", "llama3", "--split_ratio", "0") == 0
     (ids,) = _split(tmp_path, "train")
     prompt = chat.encode_dialog_prompt([RawMessage(role="user", content="Name a colour.\n\nNot red.")]).tokens
-    reply, _ = chat.encode_message(
-        RawMessage(role="assistant", content="Blue.", stop_reason="end_of_turn"), None
-    )
+    reply, _ = chat.encode_message(RawMessage(role="assistant", content="Blue.", stop_reason="end_of_turn"), None)
     assert reply[:4] == prompt[-4:]  # the assistant header ends the prompt; the reply follows it
     assert ids == [-t for t in prompt] + reply[4:]
     assert ids[:2] == [-128000, -128006] and ids[-1] == 128009

@@ -59,15 +59,19 @@ def test_parse_log_reads_steps_params_and_precision():
 
 
 def test_error_line_skips_the_launcher_wrapper():
-    lines = ["Traceback (most recent call last):", "[rank0]: torch.OutOfMemoryError: CUDA out of memory.",
-             "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: "]
+    lines = [
+        "Traceback (most recent call last):",
+        "[rank0]: torch.OutOfMemoryError: CUDA out of memory.",
+        "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: ",
+    ]
     assert peer._error_line(lines) == "[rank0]: torch.OutOfMemoryError: CUDA out of memory."
 
 
 def test_job_config_is_valid_toml(tmp_path: Path):
     work = tmp_path / 'a "quoted" \\ wörk'  # paths are written as TOML strings
-    config = peer.job_config(work=work, seq_len=8192, batch=1, total_steps=15, warmup=5,
-                             compile=True, ac="selective", float8=True)
+    config = peer.job_config(
+        work=work, seq_len=8192, batch=1, total_steps=15, warmup=5, compile=True, ac="selective", float8=True
+    )
     peer.write_toml(tmp_path / "job.toml", config)
     parsed = tomllib.loads((tmp_path / "job.toml").read_text())
     assert parsed["model"]["flavor"] == peer.FLAVOR
@@ -80,8 +84,9 @@ def test_job_config_is_valid_toml(tmp_path: Path):
     assert parsed["compile"] == {"enable": True, "components": ["model", "loss"]}
     assert parsed["metrics"]["log_freq"] == 1 and parsed["checkpoint"]["enable"] is False
     with pytest.raises(ValueError):
-        peer.job_config(work=tmp_path, seq_len=8, batch=1, total_steps=1, warmup=0, compile=False,
-                        ac="partial", float8=False)
+        peer.job_config(
+            work=tmp_path, seq_len=8, batch=1, total_steps=1, warmup=0, compile=False, ac="partial", float8=False
+        )
 
 
 def test_dataset_and_tokenizer_stay_within_vocab(tmp_path: Path):
@@ -107,15 +112,27 @@ def _forbid_launch(*args, **kwargs):
 
 def _pretend_torchtitan_is_installed(monkeypatch, installed: bool) -> None:
     find_spec, spec = importlib.util.find_spec, object() if installed else None
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, package=None: spec if name == "torchtitan" else find_spec(name, package))
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, package=None: spec if name == "torchtitan" else find_spec(name, package),
+    )
 
 
 def test_run_torchtitan_without_torchtitan_reports_and_launches_nothing(tmp_path: Path, monkeypatch):
     _pretend_torchtitan_is_installed(monkeypatch, False)
     monkeypatch.setattr(peer.subprocess, "Popen", _forbid_launch)
-    result = peer.run_torchtitan(**peer.PRESETS["debug"], seq_len=64, batch=1, steps=2, warmup=1,
-                                 compile=False, ac="none", float8=False, work_folder=str(tmp_path))
+    result = peer.run_torchtitan(
+        **peer.PRESETS["debug"],
+        seq_len=64,
+        batch=1,
+        steps=2,
+        warmup=1,
+        compile=False,
+        ac="none",
+        float8=False,
+        work_folder=str(tmp_path),
+    )
     assert result["error"] == "torchtitan is not installed (pip install torchtitan==0.2.2)"
 
 
@@ -125,8 +142,17 @@ def test_run_torchtitan_without_cuda_reports_and_launches_nothing(tmp_path: Path
     _pretend_torchtitan_is_installed(monkeypatch, True)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(peer.subprocess, "Popen", _forbid_launch)
-    result = peer.run_torchtitan(**peer.PRESETS["debug"], seq_len=64, batch=1, steps=2, warmup=1,
-                                 compile=False, ac="none", float8=False, work_folder=str(tmp_path))
+    result = peer.run_torchtitan(
+        **peer.PRESETS["debug"],
+        seq_len=64,
+        batch=1,
+        steps=2,
+        warmup=1,
+        compile=False,
+        ac="none",
+        float8=False,
+        work_folder=str(tmp_path),
+    )
     assert result["error"] == "torchtitan needs CUDA and none is available"
 
 
@@ -154,8 +180,17 @@ def test_run_torchtitan_launches_the_runner_and_reads_its_log(tmp_path: Path, mo
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
     monkeypatch.setattr(peer.subprocess, "Popen", FakeTorchrun)
     FakeTorchrun.launched.clear()
-    result = peer.run_torchtitan(**peer.PRESETS["debug"], seq_len=64, batch=1, steps=2, warmup=1,
-                                 compile=False, ac="none", float8=False, work_folder=str(tmp_path))
+    result = peer.run_torchtitan(
+        **peer.PRESETS["debug"],
+        seq_len=64,
+        batch=1,
+        steps=2,
+        warmup=1,
+        compile=False,
+        ac="none",
+        float8=False,
+        work_folder=str(tmp_path),
+    )
     assert "error" not in result, result
     [(argv, kwargs)] = FakeTorchrun.launched
     assert argv[argv.index("-m", 2) : argv.index("-m", 2) + 3] == ["-m", "benchmarks.torchtitan_peer", "--runner"]

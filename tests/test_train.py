@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from trainer_runs import REPO, TINY_ARGS, assert_records_close, read_metrics, run_in_process
 
 from titanlm.config import load_config
 from titanlm.config.job_config import GradScaler, LRScheduler
@@ -16,21 +17,35 @@ from titanlm.metrics import METRIC_KEYS
 from titanlm.optim import lr_factor
 from titanlm.parallel import ParallelDims, ParallelismError
 from titanlm.train import Trainer
-from trainer_runs import REPO, TINY_ARGS, assert_records_close, read_metrics, run_in_process
 
 
 def test_demo_run_loss_falls(tmp_path, demo_cache) -> None:
-    records = run_in_process(tmp_path, [
-        "--data.dataset", "demo", "--data.cache_folder", str(demo_cache), "--training.steps", "40",
-        "--training.seq_len", "64", "--training.local_batch_size", "8", "--optimizer.lr", "3e-3",
-    ])
+    records = run_in_process(
+        tmp_path,
+        [
+            "--data.dataset",
+            "demo",
+            "--data.cache_folder",
+            str(demo_cache),
+            "--training.steps",
+            "40",
+            "--training.seq_len",
+            "64",
+            "--training.local_batch_size",
+            "8",
+            "--optimizer.lr",
+            "3e-3",
+        ],
+    )
     first, last = records[0]["loss"], sum(r["loss"] for r in records[-5:]) / 5
     assert first > 6.5  # ~ln(vocab) at initialization
     assert last < first - 2.0, [r["loss"] for r in records]
 
 
 def test_gradient_accumulation_equals_one_large_micro_batch(tmp_path) -> None:
-    accumulated = run_in_process(tmp_path / "a", ["--training.local_batch_size", "1", "--training.global_batch_size", "4"])
+    accumulated = run_in_process(
+        tmp_path / "a", ["--training.local_batch_size", "1", "--training.global_batch_size", "4"]
+    )
     large = run_in_process(tmp_path / "b", ["--training.local_batch_size", "4"])
     assert_records_close(accumulated, large)
 
@@ -60,8 +75,19 @@ def test_nan_gradient_step_is_skipped_and_counted(tmp_path) -> None:
 
 
 def test_float16_loss_scale_backs_off_on_overflow_and_training_continues(tmp_path) -> None:
-    cfg = load_config([*TINY_ARGS, "--job.dump_folder", str(tmp_path), "--training.mixed_precision_param",
-                       "float16", "--grad_scaler.hysteresis", "1", "--grad_scaler.initial_scale", "1024"])
+    cfg = load_config(
+        [
+            *TINY_ARGS,
+            "--job.dump_folder",
+            str(tmp_path),
+            "--training.mixed_precision_param",
+            "float16",
+            "--grad_scaler.hysteresis",
+            "1",
+            "--grad_scaler.initial_scale",
+            "1024",
+        ]
+    )
     trainer = Trainer(cfg)
     batches = iter(trainer.dataloader)
     assert trainer.train_step(trainer.next_micro_batches(batches))["loss_scale"] == 1024
@@ -77,8 +103,17 @@ def test_float16_loss_scale_backs_off_on_overflow_and_training_continues(tmp_pat
 
 def test_one_process_low_precision_keeps_fp32_weights_and_computes_under_autocast(tmp_path) -> None:
     fp32 = run_in_process(tmp_path / "fp32", ["--training.steps", "3"])
-    cfg = load_config([*TINY_ARGS, "--job.dump_folder", str(tmp_path / "bf16"), "--training.steps", "3",
-                       "--training.mixed_precision_param", "bfloat16"])
+    cfg = load_config(
+        [
+            *TINY_ARGS,
+            "--job.dump_folder",
+            str(tmp_path / "bf16"),
+            "--training.steps",
+            "3",
+            "--training.mixed_precision_param",
+            "bfloat16",
+        ]
+    )
     trainer = Trainer(cfg)
     try:
         assert all(type(p) is torch.nn.Parameter and p.dtype == torch.float32 for p in trainer.model.parameters())
@@ -150,9 +185,22 @@ def test_global_batch_must_be_a_multiple_of_local_batch_times_dp(tmp_path) -> No
 
 def test_cli_reports_bad_input_in_one_line_and_exit_code_2(tmp_path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "titanlm.train", *TINY_ARGS, "--job.dump_folder", str(tmp_path),
-         "--parallelism.tensor_parallel_degree", "2", "--parallelism.data_parallel_shard_degree", "1"],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "titanlm.train",
+            *TINY_ARGS,
+            "--job.dump_folder",
+            str(tmp_path),
+            "--parallelism.tensor_parallel_degree",
+            "2",
+            "--parallelism.data_parallel_shard_degree",
+            "1",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 2
     assert "error: [parallelism] degrees multiply to 2" in result.stderr
@@ -168,11 +216,15 @@ def test_compiled_blocks_and_loss_match_eager(tmp_path) -> None:
 def test_float8_training_tracks_full_precision_and_keeps_the_output_layer(tmp_path) -> None:
     pytest.importorskip("torchao.float8")
     full = run_in_process(tmp_path / "fp32", ["--training.steps", "3"])
-    cfg = load_config([*TINY_ARGS, "--job.dump_folder", str(tmp_path / "fp8"), "--training.steps", "3",
-                       "--float8.enable"])
+    cfg = load_config(
+        [*TINY_ARGS, "--job.dump_folder", str(tmp_path / "fp8"), "--training.steps", "3", "--float8.enable"]
+    )
     trainer = Trainer(cfg)
-    linear_types = {name: type(module).__name__ for name, module in trainer.model.named_modules()
-                    if name.endswith(("wq", "w2", "output"))}
+    linear_types = {
+        name: type(module).__name__
+        for name, module in trainer.model.named_modules()
+        if name.endswith(("wq", "w2", "output"))
+    }
     assert linear_types["layers.0.attention.wq"] == "Float8Linear"
     assert linear_types["output"] == "Linear"
     fp8 = trainer.train()
@@ -184,7 +236,8 @@ def test_float8_training_tracks_full_precision_and_keeps_the_output_layer(tmp_pa
 
 
 @pytest.mark.parametrize(
-    "ac", [["full"], ["full", "--activation_checkpoint.layer_fraction", "0.5"], ["selective"]],
+    "ac",
+    [["full"], ["full", "--activation_checkpoint.layer_fraction", "0.5"], ["selective"]],
     ids=["full", "half_of_the_layers", "selective_op"],
 )
 def test_activation_checkpointing_changes_nothing_but_memory(tmp_path, ac) -> None:

@@ -11,12 +11,13 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
+from trainer_runs import REPO
+
 from titanlm.config import load_config
 from titanlm.config.job_config import Parallelism
+from titanlm.dry_run import main as dry_run_main
 from titanlm.models import get_model_args
 from titanlm.parallel import ParallelDims, ParallelismError
-from titanlm.dry_run import main as dry_run_main
-from trainer_runs import REPO
 
 # config -> the world size its header comment names
 WORLDS = {
@@ -27,8 +28,13 @@ WORLDS = {
     "internlm_7b_sft.toml": 8,
     "llama3_8b_sft.toml": 8,
 }
-DEGREES = ("tensor_parallel_degree", "pipeline_parallel_degree", "context_parallel_degree",
-           "data_parallel_replicate_degree", "data_parallel_shard_degree")
+DEGREES = (
+    "tensor_parallel_degree",
+    "pipeline_parallel_degree",
+    "context_parallel_degree",
+    "data_parallel_replicate_degree",
+    "data_parallel_shard_degree",
+)
 # `global_batch_size = G   # micro_num A x micro_bsz B x dp C`, InternEvo's batch arithmetic spelled out
 BATCH_COMMENT = re.compile(r"^global_batch_size = (\d+)\s+# micro_num (\d+) x micro_bsz (\d+) x dp (\d+)$", re.M)
 
@@ -89,25 +95,55 @@ def dry_run(capsys, *args: str) -> tuple[int, str, str]:
 
 @pytest.mark.parametrize("name", sorted(WORLDS))
 def test_dry_run_of_every_shipped_config_at_its_world_size_passes(name: str, capsys) -> None:
-    code, out, err = dry_run(capsys, "--job.config_file", str(REPO / "train_configs" / name),
-                             "--world_size", str(WORLDS[name]), "--device", "cuda", "--memory", "formula")
+    code, out, err = dry_run(
+        capsys,
+        "--job.config_file",
+        str(REPO / "train_configs" / name),
+        "--world_size",
+        str(WORLDS[name]),
+        "--device",
+        "cuda",
+        "--memory",
+        "formula",
+    )
     assert (code, err) == (0, "")
     assert out.startswith(f"plan for {WORLDS[name]} x cuda")
     assert f"  rank {WORLDS[name] - 1:>4}:" in out or WORLDS[name] > 64  # every rank placed
 
 
-@pytest.mark.parametrize(("flags", "message"), [
-    (["--world_size", "31"], "error: world size 31 is not divisible by data_parallel_replicate_degree x "
-                             "tensor_parallel_degree x pipeline_parallel_degree x context_parallel_degree = 32"),
-    (["--world_size", "128", "--parallelism.tensor_parallel_degree", "16"],
-     "error: parallelism.tensor_parallel_degree 16 does not divide the model's n_kv_heads (8)"),
-    (["--world_size", "512", "--parallelism.pipeline_parallel_degree", "64"],
-     "error: 64 pipeline stages but the model has only 32 layers"),
-    (["--world_size", "32", "--training.seq_len", "32766"],
-     "error: training.seq_len 32766 is not divisible by 2 x parallelism.context_parallel_degree = 4"),
-], ids=["31_ranks", "tp_16_vs_8_kv_heads", "pp_64_vs_32_layers", "cp_vs_seq_len"])
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (
+            ["--world_size", "31"],
+            "error: world size 31 is not divisible by data_parallel_replicate_degree x "
+            "tensor_parallel_degree x pipeline_parallel_degree x context_parallel_degree = 32",
+        ),
+        (
+            ["--world_size", "128", "--parallelism.tensor_parallel_degree", "16"],
+            "error: parallelism.tensor_parallel_degree 16 does not divide the model's n_kv_heads (8)",
+        ),
+        (
+            ["--world_size", "512", "--parallelism.pipeline_parallel_degree", "64"],
+            "error: 64 pipeline stages but the model has only 32 layers",
+        ),
+        (
+            ["--world_size", "32", "--training.seq_len", "32766"],
+            "error: training.seq_len 32766 is not divisible by 2 x parallelism.context_parallel_degree = 4",
+        ),
+    ],
+    ids=["31_ranks", "tp_16_vs_8_kv_heads", "pp_64_vs_32_layers", "cp_vs_seq_len"],
+)
 def test_dry_run_of_a_broken_easyllm_layout_fails_with_the_trainers_line(flags, message, capsys) -> None:
-    code, out, err = dry_run(capsys, "--job.config_file", str(REPO / "train_configs" / "llama3_8b.toml"),
-                             "--device", "cuda", "--memory", "none", *flags)
+    code, out, err = dry_run(
+        capsys,
+        "--job.config_file",
+        str(REPO / "train_configs" / "llama3_8b.toml"),
+        "--device",
+        "cuda",
+        "--memory",
+        "none",
+        *flags,
+    )
     assert code == 2 and err.startswith(message) and err.count("\n") == 1, err
     assert out == ""

@@ -17,15 +17,24 @@ REPO = Path(__file__).resolve().parents[1]
 
 # A tiny fp32 setup: 5 steps in about a second per scenario on 2 CPU cores.
 TINY_ARGS = [
-    "--model.flavor", "debug",
-    "--training.steps", "5",
-    "--training.seq_len", "32",
-    "--training.local_batch_size", "4",
-    "--training.mixed_precision_param", "float32",
-    "--optimizer.lr", "1e-3",
-    "--lr_scheduler.warmup_steps", "2",
-    "--metrics.log_freq", "1",
-    "--data.dataset", "random",
+    "--model.flavor",
+    "debug",
+    "--training.steps",
+    "5",
+    "--training.seq_len",
+    "32",
+    "--training.local_batch_size",
+    "4",
+    "--training.mixed_precision_param",
+    "float32",
+    "--optimizer.lr",
+    "1e-3",
+    "--lr_scheduler.warmup_steps",
+    "2",
+    "--metrics.log_freq",
+    "1",
+    "--data.dataset",
+    "random",
 ]
 
 
@@ -66,13 +75,25 @@ def worker_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
 
 
-def run_torchrun(nproc: int, scenarios: dict[str, list[str]], workdir: Path, timeout: int = 300) -> dict[str, list[dict]]:
+def run_torchrun(
+    nproc: int, scenarios: dict[str, list[str]], workdir: Path, timeout: int = 300
+) -> dict[str, list[dict]]:
     """Launch `nproc` gloo processes that train every scenario; return each scenario's records."""
     spec = workdir / "scenarios.json"
-    spec.write_text(json.dumps({name: [*TINY_ARGS, "--job.dump_folder", str(workdir / name), *extra]
-                                for name, extra in scenarios.items()}))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               str(Path(__file__).resolve()), str(spec)]
+    spec.write_text(
+        json.dumps(
+            {name: [*TINY_ARGS, "--job.dump_folder", str(workdir / name), *extra] for name, extra in scenarios.items()}
+        )
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        str(Path(__file__).resolve()),
+        str(spec),
+    ]
     env = worker_env()
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, f"torchrun failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"

@@ -143,8 +143,9 @@ def exit_with_launcher(grace_s: float = ORPHAN_GRACE_S) -> None:
 def _watch_launcher(parent: int, launcher: int, grace_s: float) -> None:
     while os.getppid() == parent and _exists(launcher):
         time.sleep(1.0)
-    logger.warning(f"the launcher (pid {launcher}) is gone: stopping after the current step, "
-                   f"or in {grace_s:.0f} s without saving")
+    logger.warning(
+        f"the launcher (pid {launcher}) is gone: stopping after the current step, or in {grace_s:.0f} s without saving"
+    )
     os.kill(os.getpid(), signal.SIGTERM)
     time.sleep(grace_s)
     logger.warning(f"still running {grace_s:.0f} s after the launcher died: exiting without saving")

@@ -31,11 +31,15 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--world_size", type=int, required=True, help="number of processes (GPUs) of the job")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="device the job runs on")
     parser.add_argument(
-        "--gpu_memory_gib", type=float, default=80.0,
+        "--gpu_memory_gib",
+        type=float,
+        default=80.0,
         help="memory of one GPU; ranks whose estimate exceeds it are flagged (cuda only; default 80)",
     )
     parser.add_argument(
-        "--memory", choices=("auto", "formula", "none"), default="auto",
+        "--memory",
+        choices=("auto", "formula", "none"),
+        default="auto",
         help="auto: trace one step of the real model under fake tensors where it can (seconds to a minute for a "
         "7B model), else the closed form; formula: the closed form only (instant); none: no estimate",
     )
@@ -61,9 +65,13 @@ def describe(plan: RunPlan, cfg: JobConfig) -> list[str]:
     initial_load_path = cfg.checkpoint.initial_load_path
     d, b, p, f, tp, pipe = plan.dims, plan.batch, plan.precision, plan.fsdp, plan.tp, plan.pipeline
     args = plan.model_args
-    compute = (f"autocast to {_name(p.autocast_dtype)}" if p.autocast_dtype else
-               f"FSDP casts to {_name(p.param_dtype)}" if f.enabled and p.param_dtype != torch.float32
-               else _name(p.param_dtype))
+    compute = (
+        f"autocast to {_name(p.autocast_dtype)}"
+        if p.autocast_dtype
+        else f"FSDP casts to {_name(p.param_dtype)}"
+        if f.enabled and p.param_dtype != torch.float32
+        else _name(p.param_dtype)
+    )
     lines = [
         f"plan for {plan.world_size} x {plan.device_type}",
         f"  model       {plan.model.describe()}: {args.n_layers} layers, dim {args.dim}, {args.n_heads} heads "
@@ -73,31 +81,68 @@ def describe(plan: RunPlan, cfg: JobConfig) -> list[str]:
         f"({b.tokens_per_step:,} tokens/step), {b.accumulation_steps} micro-batch(es) per step",
         f"  precision   parameters {_name(p.param_dtype)}, compute {compute}, gradient reduce {_name(p.reduce_dtype)}"
         + (", dynamic loss scaling (float16)" if p.loss_scaling else ""),
-        "  fsdp        " + (f"shard over {f.shard_degree} rank(s)"
-                            + (f" x {f.replicate_degree} replicas (HSDP)" if f.replicate_degree > 1 else "")
-                            + f", reshard after forward: {f.reshard_after_forward}"
-                            + (", CPU offload" if f.cpu_offload else "") if f.enabled else "off (one process)"),
-        "  tensor      " + (f"{tp.degree}-way, sequence parallel {'on' if tp.sequence_parallel else 'off'}, "
-                            f"loss parallel {'on' if tp.loss_parallel else 'off'}" if tp.degree > 1 else "off"),
-        "  context     " + (f"{d.cp}-way (head + tail chunk per rank, keys/values all-gathered)" if d.cp > 1 else "off"),
-        "  pipeline    " + (f"{pipe.schedule}, {pipe.num_stages} stages ({pipe.stages_per_rank} per rank), layers per "
-                            f"stage {list(pipe.layers_per_stage)}" if pipe.degree > 1 else "off"),
-        f"  attention   {plan.attention_backend}" + (
+        "  fsdp        "
+        + (
+            f"shard over {f.shard_degree} rank(s)"
+            + (f" x {f.replicate_degree} replicas (HSDP)" if f.replicate_degree > 1 else "")
+            + f", reshard after forward: {f.reshard_after_forward}"
+            + (", CPU offload" if f.cpu_offload else "")
+            if f.enabled
+            else "off (one process)"
+        ),
+        "  tensor      "
+        + (
+            f"{tp.degree}-way, sequence parallel {'on' if tp.sequence_parallel else 'off'}, "
+            f"loss parallel {'on' if tp.loss_parallel else 'off'}"
+            if tp.degree > 1
+            else "off"
+        ),
+        "  context     "
+        + (f"{d.cp}-way (head + tail chunk per rank, keys/values all-gathered)" if d.cp > 1 else "off"),
+        "  pipeline    "
+        + (
+            f"{pipe.schedule}, {pipe.num_stages} stages ({pipe.stages_per_rank} per rank), layers per "
+            f"stage {list(pipe.layers_per_stage)}"
+            if pipe.degree > 1
+            else "off"
+        ),
+        f"  attention   {plan.attention_backend}"
+        + (
             " (auto: varlen where flash-attn or torch's varlen attention is installed, as here, else flex)"
-            if plan.attention_backend == "varlen" and cfg.model.attention_backend == "auto" else
-            " (auto: varlen where flash-attn or torch's varlen attention is installed, not here)"
-            if plan.attention_backend == "flex" and cfg.model.attention_backend == "auto" else ""),
+            if plan.attention_backend == "varlen" and cfg.model.attention_backend == "auto"
+            else " (auto: varlen where flash-attn or torch's varlen attention is installed, not here)"
+            if plan.attention_backend == "flex" and cfg.model.attention_backend == "auto"
+            else ""
+        ),
         f"  recompute   {plan.activation_checkpoint}"
         + (f" ({plan.recomputed_layers} of {args.n_layers} blocks)" if plan.activation_checkpoint != "none" else ""),
         f"  compile     {'on' if plan.compile else 'off'}",
-        "  float8      " + (f"{plan.float8.recipe_name}" + (", float8 all-gather" if plan.float8.enable_fsdp_float8_all_gather
-                                                               else "") if plan.float8.enable else "off"),
+        "  float8      "
+        + (
+            f"{plan.float8.recipe_name}" + (", float8 all-gather" if plan.float8.enable_fsdp_float8_all_gather else "")
+            if plan.float8.enable
+            else "off"
+        ),
         "  loss        " + (f"chunks of {plan.loss_chunk_tokens} tokens" if plan.loss_chunk_tokens else "whole logits"),
         f"  data        {plan.dataset}",
-        "  checkpoint  " + (("on, " + ("synchronous saves" if plan.checkpoint.async_mode == "disabled"
-                                        else f"{plan.checkpoint.async_mode} saves")) if plan.checkpoint.enabled else "off")
-        + (f"; from checkpoint.initial_load_path it takes {', '.join(plan.checkpoint.load_parts)}"
-           if initial_load_path else ""),
+        "  checkpoint  "
+        + (
+            (
+                "on, "
+                + (
+                    "synchronous saves"
+                    if plan.checkpoint.async_mode == "disabled"
+                    else f"{plan.checkpoint.async_mode} saves"
+                )
+            )
+            if plan.checkpoint.enabled
+            else "off"
+        )
+        + (
+            f"; from checkpoint.initial_load_path it takes {', '.join(plan.checkpoint.load_parts)}"
+            if initial_load_path
+            else ""
+        ),
     ]
     lines += [f"  note        {note}" for note in plan.notes]
     return lines
@@ -106,9 +151,11 @@ def describe(plan: RunPlan, cfg: JobConfig) -> list[str]:
 def rank_lines(plan: RunPlan) -> list[str]:
     """Each rank's coordinates and, under pipeline parallelism, its stages."""
     per_stage = len(plan.dims.ranks_of_pp_rank(0))
-    listed = range(plan.world_size) if plan.world_size <= RANKS_LISTED else [
-        rank for pp_rank in range(plan.dims.pp) for rank in plan.dims.ranks_of_pp_rank(pp_rank)[:4]
-    ]
+    listed = (
+        range(plan.world_size)
+        if plan.world_size <= RANKS_LISTED
+        else [rank for pp_rank in range(plan.dims.pp) for rank in plan.dims.ranks_of_pp_rank(pp_rank)[:4]]
+    )
     lines = ["ranks" + ("" if plan.world_size <= RANKS_LISTED else f" (the first 4 of each pp rank's {per_stage})")]
     for rank in listed:
         coords = plan.dims.coordinates(rank)
@@ -118,7 +165,9 @@ def rank_lines(plan: RunPlan) -> list[str]:
     return lines
 
 
-def memory_lines(estimates: dict[int, MemoryEstimate], plan: RunPlan, limit_gib: float | None) -> tuple[list[str], bool]:
+def memory_lines(
+    estimates: dict[int, MemoryEstimate], plan: RunPlan, limit_gib: float | None
+) -> tuple[list[str], bool]:
     """The estimate table and whether every rank fits."""
     lines = ["peak memory per rank, GiB (params / grads / optimizer / activations / other = peak)"]
     fits = True
@@ -144,10 +193,14 @@ def advice(est: MemoryEstimate) -> str:
     """Which settings to change, by what takes the memory."""
     state = est.params_gib + est.grads_gib + est.optimizer_gib
     if est.activations_gib >= state:
-        return ("activations dominate: set activation_checkpoint.mode = 'selective' or 'full', lower "
-                "training.local_batch_size or training.seq_len, or add context_parallel_degree")
-    return ("weights, gradients and optimizer state dominate: shard further (more ranks in data_parallel_shard_degree, "
-            "or tensor/pipeline parallelism), or set parallelism.fsdp_cpu_offload = true")
+        return (
+            "activations dominate: set activation_checkpoint.mode = 'selective' or 'full', lower "
+            "training.local_batch_size or training.seq_len, or add context_parallel_degree"
+        )
+    return (
+        "weights, gradients and optimizer state dominate: shard further (more ranks in data_parallel_shard_degree, "
+        "or tensor/pipeline parallelism), or set parallelism.fsdp_cpu_offload = true"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -162,7 +215,8 @@ def main(argv: list[str] | None = None) -> None:
         first_ranks = {pp_rank: plan.dims.ranks_of_pp_rank(pp_rank)[0] for pp_rank in range(plan.dims.pp)}
         estimates = {
             pp_rank: estimate_memory(cfg, options.world_size, options.device, rank=rank)
-            if options.memory == "auto" else formula_memory(cfg, options.world_size, rank, options.device)
+            if options.memory == "auto"
+            else formula_memory(cfg, options.world_size, rank, options.device)
             for pp_rank, rank in first_ranks.items()
         }
     except TitanlmError as error:

@@ -50,8 +50,10 @@ class Relay:
             # on its way out.
             raise SystemExit(INTERRUPTED_EXIT_CODE)
         if sig == signal.SIGINT:
-            say("Ctrl-C: the ranks stop after their current step, saving it when checkpoints are on; "
-                "Ctrl-C again aborts")
+            say(
+                "Ctrl-C: the ranks stop after their current step, saving it when checkpoints are on; "
+                "Ctrl-C again aborts"
+            )
         else:
             say(f"{sig.name}: the ranks stop after their current step, saving it when checkpoints are on")
         if self.received != signal.SIGINT:

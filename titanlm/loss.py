@@ -20,7 +20,9 @@ def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, reduction: s
     """Cross-entropy of logits [..., vocab] against labels [...] in float32; "sum" over labelled
     tokens, or "none" for one loss per token (0 where the label is IGNORE_INDEX)."""
     return F.cross_entropy(
-        logits.flatten(0, -2).float(), labels.flatten(), ignore_index=IGNORE_INDEX,
+        logits.flatten(0, -2).float(),
+        labels.flatten(),
+        ignore_index=IGNORE_INDEX,
         reduction=reduction,
     )
 
@@ -62,7 +64,12 @@ def chunked_cross_entropy(
         return _projected_loss(project, hidden, labels)
     # sum() starts from 0, which adds to both plain tensors and replicated DTensors (they do not mix).
     return sum(
-        checkpoint(_projected_loss, project, hidden[:, start : start + step], labels[:, start : start + step],
-                   use_reentrant=False)
+        checkpoint(
+            _projected_loss,
+            project,
+            hidden[:, start : start + step],
+            labels[:, start : start + step],
+            use_reentrant=False,
+        )
         for start in range(0, local_tokens, step)
     )

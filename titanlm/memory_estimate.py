@@ -121,9 +121,7 @@ def _untraceable(plan: RunPlan) -> str:
     return ""
 
 
-def trace_memory(
-    cfg: JobConfig, world_size: int, device_type: str, rank: int = 0, fake: bool = True
-) -> MemoryEstimate:
+def trace_memory(cfg: JobConfig, world_size: int, device_type: str, rank: int = 0, fake: bool = True) -> MemoryEstimate:
     """Trace one steady-state step of rank `rank` (see the module docstring) in a fake process group
     of `world_size`, destroyed afterwards. Needs a process without a process group.
 
@@ -218,9 +216,14 @@ def _traced_step(cfg: JobConfig, plan: RunPlan, fake: bool) -> MemoryEstimate:
     activations = _bytes(peak, _ACTIVATIONS)
     other = peak["Total"] - params_bytes - optimizer_bytes - activations - _bytes(peak, _GRADS)
     return MemoryEstimate(
-        params_gib=params_bytes / GIB, grads_gib=grads / GIB, optimizer_gib=optimizer_bytes / GIB,
-        activations_gib=activations / GIB, other_gib=other / GIB, peak_gib=peak["Total"] / GIB,
-        method="traced", note="",
+        params_gib=params_bytes / GIB,
+        grads_gib=grads / GIB,
+        optimizer_gib=optimizer_bytes / GIB,
+        activations_gib=activations / GIB,
+        other_gib=other / GIB,
+        peak_gib=peak["Total"] / GIB,
+        method="traced",
+        note="",
     )
 
 
@@ -391,7 +394,8 @@ def formula_memory(cfg: JobConfig, world_size: int, rank: int = 0, device_type: 
     loss parallelism, measured). With training.loss_chunk_tokens = C nothing of the logits is kept
     and backward holds 3 fp32 [C, V] tensors. sdpa under a boolean mask (context parallelism, or bin
     data's document ids) adds the mask (local_batch_size x S/cp x S bytes) and per call its additive
-    copy in c bytes, which a block without recomputation keeps. Without FSDP, autocast's c-byte copies of the weights count.
+    copy in c bytes, which a block without recomputation keeps. Without FSDP, autocast's c-byte copies of
+    the weights count.
 
     Pipeline parallelism keeps the activations of the micro-batches in flight: all under GPipe and
     LoopedBFS; pp - pp_rank under 1F1B; under the schedules with v stages per rank, (v - 1) pp +
@@ -472,15 +476,19 @@ def formula_memory(cfg: JobConfig, world_size: int, rank: int = 0, device_type: 
         # back; FSDP holds it and the next gathered, its unsharded gradients and the output's. The
         # last block's comes first, with the most activations left; the first block's last, with
         # the most gradients made: which one is higher depends on recomputation.
-        workspace = gathered + (block * (2 * gathered_bytes + param_bytes) + output * param_bytes
-                                if plan.fsdp.enabled else 0)
-        restored = [(per_token["none"] - per_token[mode]) * tokens + mask * c if mode != "none" else 0
-                    for mode in modes]
+        workspace = gathered + (
+            block * (2 * gathered_bytes + param_bytes) + output * param_bytes if plan.fsdp.enabled else 0
+        )
+        restored = [
+            (per_token["none"] - per_token[mode]) * tokens + mask * c if mode != "none" else 0 for mode in modes
+        ]
         after_loss = activations - log_probs - final_kept
         moments["the last block's backward"] = (after_loss + restored[-1], earlier_grads, workspace)
         made = 4 * (n - block - embedding) / shard
         moments["the first block's backward"] = (
-            after_loss - sum(blocks_kept[1:]) + restored[0], max(earlier_grads, made), workspace
+            after_loss - sum(blocks_kept[1:]) + restored[0],
+            max(earlier_grads, made),
+            workspace,
         )
     if plan.fsdp.enabled:
         moments["the end of backward"] = (0, grads, root * (param_bytes + r))
@@ -493,9 +501,14 @@ def formula_memory(cfg: JobConfig, world_size: int, rank: int = 0, device_type: 
     if plan.fsdp.cpu_offload:
         note += f"; {(params + grads + optimizer) / GIB:.2f} GiB of state in host memory, left out"
     return MemoryEstimate(
-        params_gib=params * on_device / GIB, grads_gib=grads * on_device / GIB,
-        optimizer_gib=optimizer * on_device / GIB, activations_gib=activations / GIB, other_gib=other / GIB,
-        peak_gib=peak / GIB, method="formula", note=note,
+        params_gib=params * on_device / GIB,
+        grads_gib=grads * on_device / GIB,
+        optimizer_gib=optimizer * on_device / GIB,
+        activations_gib=activations / GIB,
+        other_gib=other / GIB,
+        peak_gib=peak / GIB,
+        method="formula",
+        note=note,
     )
 
 

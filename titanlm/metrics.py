@@ -51,8 +51,19 @@ PEAK_BF16_FLOPS: dict[str, float] = {
 }
 
 METRIC_KEYS = (
-    "step", "loss", "tgs", "tflops", "mfu", "lr", "loss_scale", "grad_norm", "memory_gib",
-    "num_consumed_tokens", "inf_nan_skip_batches", "fwd_bwd_time", "eta",
+    "step",
+    "loss",
+    "tgs",
+    "tflops",
+    "mfu",
+    "lr",
+    "loss_scale",
+    "grad_norm",
+    "memory_gib",
+    "num_consumed_tokens",
+    "inf_nan_skip_batches",
+    "fwd_bwd_time",
+    "eta",
 )
 STEP_KEYS = ("step", "loss", "lr", "grad_norm")  # what every step records, logged or not
 ETA_WINDOW = 20  # steps whose mean time predicts the rest
@@ -118,8 +129,10 @@ def _as_numbers(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return records
     device = tensors[0].device
     values = iter(torch.stack([t.detach().to(device, torch.float64) for t in tensors]).tolist())
-    return [{key: next(values) if isinstance(value, torch.Tensor) else value for key, value in record.items()}
-            for record in records]
+    return [
+        {key: next(values) if isinstance(value, torch.Tensor) else value for key, value in record.items()}
+        for record in records
+    ]
 
 
 @dataclass
@@ -188,8 +201,12 @@ class MetricsLogger:
             return
         runs = read_runs(self._jsonl_path) if resumed_from_step else []
         run_id = runs[-1].id if runs and runs[-1].id else f"{datetime.now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
-        start = {"event": "start", "run": run_id, "resumed_from_step": resumed_from_step,
-                 "time": datetime.now().isoformat(timespec="seconds")}
+        start = {
+            "event": "start",
+            "run": run_id,
+            "resumed_from_step": resumed_from_step,
+            "time": datetime.now().isoformat(timespec="seconds"),
+        }
         self._jsonl.write(json.dumps(start) + "\n")
         self._jsonl.flush()
         if self._cfg.metrics.enable_wandb:
@@ -197,7 +214,11 @@ class MetricsLogger:
 
             name = self._cfg.job.description or os.path.basename(os.path.abspath(self.folder))
             self._wandb = wandb.init(
-                project=self._cfg.metrics.wandb_project, name=name, id=run_id, resume="allow", dir=self.folder,
+                project=self._cfg.metrics.wandb_project,
+                name=name,
+                id=run_id,
+                resume="allow",
+                dir=self.folder,
                 config=config_to_dict(self._cfg),
             )
 
@@ -234,8 +255,7 @@ class MetricsLogger:
 
     def _write(self, record: dict[str, Any]) -> None:
         self._jsonl.write(json.dumps(record) + "\n")
-        scalars = {key: value for key, value in record.items()
-                   if key != "step" and isinstance(value, (int, float))}
+        scalars = {key: value for key, value in record.items() if key != "step" and isinstance(value, (int, float))}
         if self._tb is not None:
             for key, value in scalars.items():
                 self._tb.add_scalar(key, value, record["step"])
@@ -281,8 +301,14 @@ class Throughput:
         useful_flops = training_flops(args, lengths) * plan.dims.dp
         return {
             "tgs": batch.tokens_per_step / world / step_time,
-            "tflops": internevo_tflops(args, batch.global_batch_size, batch.seq_len, step_time, world,
-                                       recompute=plan.activation_checkpoint != "none"),
+            "tflops": internevo_tflops(
+                args,
+                batch.global_batch_size,
+                batch.seq_len,
+                step_time,
+                world,
+                recompute=plan.activation_checkpoint != "none",
+            ),
             "mfu": useful_flops / (step_time * world * self.peak_flops) if self.peak_flops else None,
             "memory_gib": peak_memory_gib(self.device),
         }

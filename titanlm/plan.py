@@ -27,7 +27,6 @@ from titanlm.models.spec import ModelSpec, resolve_model_spec, warn_beyond_train
 from titanlm.optim import check_optimizer
 from titanlm.parallel.parallel_dims import ParallelDims
 
-
 # What a checkpoint holds (titanlm.checkpoint.content saves and loads these parts).
 CHECKPOINT_PARTS = ("model", "optimizer", "lr_scheduler", "dataloader", "train_state")
 
@@ -505,8 +504,9 @@ def resolve_checkpoint(cfg: JobConfig, device_type: str) -> CheckpointPlan:
     async_mode = ck.async_mode
     if async_mode == "async_with_pinned_mem" and device_type != "cuda":
         async_mode = "async"  # pinned shared memory needs CUDA; the background thread works anywhere
-    return CheckpointPlan(ck.enable, load_parts(ck.load_content, ck.initial_load_path), async_mode,
-                          getattr(torch, ck.export_dtype))
+    return CheckpointPlan(
+        ck.enable, load_parts(ck.load_content, ck.initial_load_path), async_mode, getattr(torch, ck.export_dtype)
+    )
 
 
 def load_parts(content: list[str], initial_load_path: str) -> tuple[str, ...]:

@@ -44,9 +44,7 @@ class ModelStep:
         self.device = device
         self.loss_group = meshes.loss.get_group()
         # Pipeline stages share the grad norm and the loss over it; None without pipeline parallelism.
-        self.pp_group: dist.ProcessGroup | None = (
-            meshes.world["pp"].get_group() if plan.pipeline.degree > 1 else None
-        )
+        self.pp_group: dist.ProcessGroup | None = meshes.world["pp"].get_group() if plan.pipeline.degree > 1 else None
         self.cp_rank = meshes.world["cp"].get_local_rank()
         self.loss_fn: LossFn = torch.compile(token_cross_entropy) if plan.compile else token_cross_entropy
 
@@ -133,7 +131,12 @@ class PipelineStep(ModelStep):
         self.has_last = plan.pipeline.num_stages - 1 in self.stage_ids
         self._loss_factor = 1.0  # loss scale / global label tokens, set before each schedule step
         self.schedule = build_schedule(
-            parts, self.stage_ids, meshes.world["pp"], device, plan.pipeline, plan.batch.accumulation_steps,
+            parts,
+            self.stage_ids,
+            meshes.world["pp"],
+            device,
+            plan.pipeline,
+            plan.batch.accumulation_steps,
             loss_fn=self._scaled_loss,
         )
 
@@ -148,8 +151,11 @@ class PipelineStep(ModelStep):
         labels = torch.cat([mb["labels"] for mb in micro_batches])
         # Keyword tensors reach every stage of this rank (split per micro-batch), so later stages
         # get the rope positions and document boundaries that activations do not carry.
-        per_stage = {key: torch.cat([mb[key] for mb in micro_batches])
-                     for key in ("position_ids", "document_ids") if key in micro_batches[0]}
+        per_stage = {
+            key: torch.cat([mb[key] for mb in micro_batches])
+            for key in ("position_ids", "document_ids")
+            if key in micro_batches[0]
+        }
         if self.plan.loss_chunk_tokens:  # the last stage computes the loss, chunk by chunk
             per_stage["labels"] = labels
         self._loss_factor = loss_scale / global_tokens
@@ -170,10 +176,13 @@ class PipelineStep(ModelStep):
 
     def logits(self, batch: Batch) -> torch.Tensor | None:
         return pipeline_forward(
-            self.parts, list(self.stage_ids), list(self.plan.pipeline.stage_owners), self.pp_group,
-            batch["input_ids"], **_extra_inputs(batch),
+            self.parts,
+            list(self.stage_ids),
+            list(self.plan.pipeline.stage_owners),
+            self.pp_group,
+            batch["input_ids"],
+            **_extra_inputs(batch),
         )
-
 
 
 def build_model_step(plan: RunPlan, parts: list[Transformer], meshes: Meshes, device: torch.device) -> ModelStep:

@@ -26,7 +26,12 @@ from titanlm.config import JobConfig, config_to_toml, load_config_or_exit
 from titanlm.data import build_dataloader, build_valid_dataloader
 from titanlm.data.datasets import Batch
 from titanlm.distributed import (
-    exit_with_launcher, init_distributed, launched_by_torchrun, report_error, set_determinism, shutdown,
+    exit_with_launcher,
+    init_distributed,
+    launched_by_torchrun,
+    report_error,
+    set_determinism,
+    shutdown,
 )
 from titanlm.errors import INTERRUPTED_EXIT_CODE, USER_ERROR_EXIT_CODE, TitanlmError, TrainingDiverged
 from titanlm.loss_scaler import DynamicLossScaler
@@ -57,8 +62,16 @@ class Trainer:
         self.optimizer = build_optimizer(params, cfg.optimizer, plan.optimizer_implementation)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.lr_scheduler, cfg.training.steps)
         self.loss_scaler = DynamicLossScaler(cfg.grad_scaler) if plan.precision.loss_scaling else None
-        self.update = OptimizerUpdate(plan, cfg.training, self.model_parts, self.optimizer, self.lr_scheduler,
-                                      self.loss_scaler, self.model_step.pp_group, self.dist.is_main)
+        self.update = OptimizerUpdate(
+            plan,
+            cfg.training,
+            self.model_parts,
+            self.optimizer,
+            self.lr_scheduler,
+            self.loss_scaler,
+            self.model_step.pp_group,
+            self.dist.is_main,
+        )
         dp_rank, vocab = meshes.dp.get_local_rank(), plan.model_args.vocab_size
         self.dataloader, self.tokenizer = build_dataloader(
             cfg, plan.dataset, dp_rank, plan.dims.dp, vocab, plan.model.tokenizer_path
@@ -66,8 +79,17 @@ class Trainer:
         self.valid_loader = build_valid_dataloader(cfg, dp_rank, plan.dims.dp, vocab)
         # Checkpoints record the tokenizer the run really uses (the demo corpus brings its own).
         spec = replace(plan.model, tokenizer_path=self.tokenizer.path if self.tokenizer else "")
-        self.checkpointer = CheckpointManager(cfg, plan.checkpoint, spec, self.model_parts, self.optimizer,
-                                              self.lr_scheduler, self.dataloader, dp_rank, self.device)
+        self.checkpointer = CheckpointManager(
+            cfg,
+            plan.checkpoint,
+            spec,
+            self.model_parts,
+            self.optimizer,
+            self.lr_scheduler,
+            self.dataloader,
+            dp_rank,
+            self.device,
+        )
         self.metrics = MetricsLogger(cfg, self.dist.is_main)
         self.throughput = Throughput(plan, self.device, cfg.metrics.peak_tflops)
         self.step = 0
@@ -80,8 +102,15 @@ class Trainer:
             raise
         self.metrics.start(resumed_from_step=self.step)
         batch = plan.batch
-        logger.info(plan_line(self.step, cfg.training.steps, batch.global_batch_size, batch.seq_len,
-                              epoch_tokens(self.dataloader.dataset)))
+        logger.info(
+            plan_line(
+                self.step,
+                cfg.training.steps,
+                batch.global_batch_size,
+                batch.seq_len,
+                epoch_tokens(self.dataloader.dataset),
+            )
+        )
 
     def _announce(self) -> None:
         """The first log lines: what runs, where the weights, tokenizer and data come from, what is written."""
@@ -185,7 +214,9 @@ class Trainer:
                 self.metrics.keep_step(record)
             if self.update.diverged():  # before step_end, so the diverged step is never saved
                 self.metrics.flush()
-                raise TrainingDiverged(self.step, self.update.consecutive_skips, self.cfg.training.max_consecutive_skips)
+                raise TrainingDiverged(
+                    self.step, self.update.consecutive_skips, self.cfg.training.max_consecutive_skips
+                )
             if self.valid_loader is not None and valid_every > 0 and self.step % valid_every == 0:
                 self.metrics.log({"step": self.step, **self.validate()})
             if self.checkpointer.step_end(self.train_state()):
@@ -199,8 +230,15 @@ class Trainer:
             part.eval()
         try:
             step = self.model_step
-            return validation_metrics(step.logits, self.valid_loader, step.prepare, step.context,
-                                      self.valid_loader.dataset.types, step.eval_groups(), self.device)
+            return validation_metrics(
+                step.logits,
+                self.valid_loader,
+                step.prepare,
+                step.context,
+                self.valid_loader.dataset.types,
+                step.eval_groups(),
+                self.device,
+            )
         finally:
             for part in self.model_parts:
                 part.train()

@@ -29,9 +29,17 @@ class OptimizerUpdate:
     can still back off is the scaler finding its level, not divergence, and is not counted in a row.
     """
 
-    def __init__(self, plan: RunPlan, cfg: Training, parts: list[nn.Module], optimizer: Optimizer,
-                 lr_scheduler: LRScheduler, loss_scaler: DynamicLossScaler | None,
-                 pp_group: dist.ProcessGroup | None, is_main: bool) -> None:
+    def __init__(
+        self,
+        plan: RunPlan,
+        cfg: Training,
+        parts: list[nn.Module],
+        optimizer: Optimizer,
+        lr_scheduler: LRScheduler,
+        loss_scaler: DynamicLossScaler | None,
+        pp_group: dist.ProcessGroup | None,
+        is_main: bool,
+    ) -> None:
         self.plan, self.cfg = plan, cfg
         self.parts, self.optimizer, self.lr_scheduler = parts, optimizer, lr_scheduler
         self.loss_scaler = loss_scaler
@@ -98,7 +106,8 @@ class OptimizerUpdate:
         cause = (
             f"the float16 gradients underflowed at loss scale {self.loss_scaler.scale:g} (raise "
             "grad_scaler.initial_scale and grad_scaler.min_scale)"
-            if self.loss_scaler else "the loss does not depend on the weights"
+            if self.loss_scaler
+            else "the loss does not depend on the weights"
         )
         logger.warning(
             f"step {step}: every gradient is zero (grad norm 0), so the step learns nothing: {cause}, "

@@ -19,7 +19,6 @@ from titanlm.data.datasets import Batch
 from titanlm.loss import IGNORE_INDEX, token_cross_entropy
 
 
-
 @torch.no_grad()
 def validation_metrics(
     logits_of: Callable[[Batch], torch.Tensor | None],
@@ -48,7 +47,10 @@ def validation_metrics(
         if isinstance(losses, DTensor):
             losses = losses.full_tensor()
         labelled = labels != IGNORE_INDEX
-        losses, type_ids = losses[labelled].double(), batch["type_ids"].flatten()[labelled] if "type_ids" in batch else None
+        losses, type_ids = (
+            losses[labelled].double(),
+            batch["type_ids"].flatten()[labelled] if "type_ids" in batch else None,
+        )
         loss_sums[-1] += losses.sum()
         counts[-1] += losses.numel()
         if type_ids is not None:

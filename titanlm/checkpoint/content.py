@@ -97,8 +97,14 @@ def union(parts: list[nn.Module]) -> nn.Module:
 class TrainingContent:
     """The live objects a checkpoint is taken from and restored into."""
 
-    def __init__(self, model_parts: list[nn.Module], optimizer: Optimizer, lr_scheduler: LRScheduler,
-                 dataloader: StatefulDataLoader, dp_rank: int) -> None:
+    def __init__(
+        self,
+        model_parts: list[nn.Module],
+        optimizer: Optimizer,
+        lr_scheduler: LRScheduler,
+        dataloader: StatefulDataLoader,
+        dp_rank: int,
+    ) -> None:
         self.model = union(model_parts)
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler

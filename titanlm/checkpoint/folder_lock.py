@@ -34,7 +34,7 @@ except ImportError:  # Windows: no flock; titanlm runs on Linux and macOS
 # Locks this process holds, by lock-file path. A second lock taken in the same process replaces the first:
 # flock would refuse it, yet the holder can only be an abandoned run of this process (a failed start
 # whose objects are still referenced, e.g. by a traceback), never another job.
-_held: dict[str, "FolderLock"] = {}
+_held: dict[str, FolderLock] = {}
 
 
 class FolderInUse(CheckpointError):

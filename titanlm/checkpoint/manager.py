@@ -33,10 +33,10 @@ import secrets
 import shutil
 import time
 from collections.abc import Callable
-from pathlib import Path
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -217,9 +217,18 @@ class CheckpointManager:
     """Locks the run's folders, loads at start, saves after steps, and stops the run on request; with
     checkpoint.enable off it only loads the starting weights, if any, and stops on request."""
 
-    def __init__(self, cfg: JobConfig, resolved: CheckpointPlan, spec: ModelSpec, model_parts: list[nn.Module],
-                 optimizer: Optimizer, lr_scheduler: LRScheduler, dataloader: StatefulDataLoader, dp_rank: int,
-                 device: torch.device) -> None:
+    def __init__(
+        self,
+        cfg: JobConfig,
+        resolved: CheckpointPlan,
+        spec: ModelSpec,
+        model_parts: list[nn.Module],
+        optimizer: Optimizer,
+        lr_scheduler: LRScheduler,
+        dataloader: StatefulDataLoader,
+        dp_rank: int,
+        device: torch.device,
+    ) -> None:
         """Lock the folders and choose what to start from; nothing is loaded yet.
 
         `resolved`: the plan's checkpoint settings (what a load takes, the async mode this device runs);
@@ -253,9 +262,13 @@ class CheckpointManager:
         )
         self._sealer = ThreadPoolExecutor(1, "titanlm-save") if self.enabled and self.async_mode != "disabled" else None
         self._stager = (
-            DefaultStager(StagingOptions(use_pinned_memory=True, use_shared_memory=True,
-                                         use_async_staging=False, use_non_blocking_copy=True))
-            if self.enabled and self.async_mode == "async_with_pinned_mem" else None
+            DefaultStager(
+                StagingOptions(
+                    use_pinned_memory=True, use_shared_memory=True, use_async_staging=False, use_non_blocking_copy=True
+                )
+            )
+            if self.enabled and self.async_mode == "async_with_pinned_mem"
+            else None
         )
 
     def _choose_start(self, parts: tuple[str, ...]) -> _Start:
@@ -310,8 +323,13 @@ class CheckpointManager:
         """Rank 0: the start of a run that resumes nothing: initial_load_path, else model.hf_path."""
         if self.cfg.initial_load_path:
             fix = "set checkpoint.load_content to parts it holds, e.g. model"
-            return _Start(initial_checkpoint(self.cfg.initial_load_path), parts, fix, attempt,
-                         origin="checkpoint.initial_load_path")
+            return _Start(
+                initial_checkpoint(self.cfg.initial_load_path),
+                parts,
+                fix,
+                attempt,
+                origin="checkpoint.initial_load_path",
+            )
         if self.spec.hf_path:
             return _Start(self.spec.hf_path, ("model",), "", attempt, origin="model.hf_path")
         return _Start(None, (), "", attempt)
@@ -422,8 +440,10 @@ class CheckpointManager:
         earlier = [step for step in layout.complete_steps(self.folder) if step < damaged_step]
         load_step = " and set checkpoint.load_step = -1" if self.cfg.load_step >= 0 else ""
         if earlier:
-            return (f"move it aside ({aside}){load_step} and restart to resume from step-{earlier[-1]}, the previous "
-                    "complete checkpoint")
+            return (
+                f"move it aside ({aside}){load_step} and restart to resume from step-{earlier[-1]}, the previous "
+                "complete checkpoint"
+            )
         return f"move it aside ({aside}){load_step}; there is no earlier complete checkpoint, so the run starts over"
 
     def step_end(self, state: TrainState) -> bool:
@@ -599,7 +619,7 @@ class CheckpointManager:
             removed = layout.prune(self.folder, self.cfg.keep_latest_k, spare=spared)
             if removed:
                 logger.info(f"removed {', '.join(f'step-{s}' for s in removed)} (checkpoint.keep_latest_k)")
-            if spared is not None and spared not in layout.complete_steps(self.folder)[-self.cfg.keep_latest_k:]:
+            if spared is not None and spared not in layout.complete_steps(self.folder)[-self.cfg.keep_latest_k :]:
                 logger.warning(
                     f"kept step-{spared} beyond checkpoint.keep_latest_k: it is the newest checkpoint saved before "
                     "the current run of skipped inf/NaN steps"

@@ -19,7 +19,6 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from titanlm.checkpoint import manifest
-
 from titanlm.models.flavors import ModelArgs
 from titanlm.models.hf_adapter import ConversionError, StateDict
 from titanlm.models.hf_checkpoint import SHOWN_KEYS, Shapes, check_tensors, meta_state_dict, require_dir, tensor_shapes

@@ -61,8 +61,9 @@ class StopRequests:
                 self._say("second Ctrl-C: aborting without saving")
                 os._exit(INTERRUPTED_EXIT_CODE)
             self._interrupted = True
-            self._say("Ctrl-C: stopping after the current step (saving it when checkpoints are on); "
-                      "Ctrl-C again aborts")
+            self._say(
+                "Ctrl-C: stopping after the current step (saving it when checkpoints are on); Ctrl-C again aborts"
+            )
         self._signal = max(self._signal, signum)
 
     def _say(self, line: str) -> None:

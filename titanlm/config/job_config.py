@@ -183,13 +183,21 @@ class Parallelism:
         "1F1B",
         "pipeline schedule: GPipe, 1F1B (one stage per rank), Interleaved1F1B, LoopedBFS, "
         "InterleavedZeroBubble (pipeline_parallel_virtual_stages per rank), ZBVZeroBubble, DualPipeV (2 per rank)",
-        choices=("GPipe", "1F1B", "Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble", "ZBVZeroBubble",
-                 "DualPipeV"),
+        choices=(
+            "GPipe",
+            "1F1B",
+            "Interleaved1F1B",
+            "LoopedBFS",
+            "InterleavedZeroBubble",
+            "ZBVZeroBubble",
+            "DualPipeV",
+        ),
     )
     pipeline_parallel_virtual_stages: int = opt(2, "stages per rank for the looped schedules")
     pipeline_parallel_stage_layers: list[int] = opt(
-        [], "layers per stage, e.g. 3,5,5,3 (TOML: [3, 5, 5, 3]) to lighten the embedding/output stages; "
-        "empty = even split"
+        [],
+        "layers per stage, e.g. 3,5,5,3 (TOML: [3, 5, 5, 3]) to lighten the embedding/output stages; "
+        "empty = even split",
     )
     context_parallel_degree: int = opt(1, "context parallel size (sequence split across ranks)")
 
@@ -229,7 +237,8 @@ class Checkpoint:
         False, "at the last step save only the weights, as step-N-model in export_dtype, not a full checkpoint"
     )
     export_dtype: str = opt(
-        "float32", "dtype of the last_save_model_only and last_save_in_hf weights",
+        "float32",
+        "dtype of the last_save_model_only and last_save_in_hf weights",
         choices=("float32", "bfloat16", "float16"),
     )
     last_save_in_hf: bool = opt(
@@ -284,9 +293,7 @@ class Compile:
 class Float8:
     enable: bool = opt(False, "train Linear layers in float8 through torchao (all but the output layer)")
     recipe_name: str = opt("tensorwise", "torchao float8 scaling recipe", choices=("tensorwise", "rowwise"))
-    enable_fsdp_float8_all_gather: bool = opt(
-        False, "all-gather FSDP parameters in float8 (tensorwise recipe only)"
-    )
+    enable_fsdp_float8_all_gather: bool = opt(False, "all-gather FSDP parameters in float8 (tensorwise recipe only)")
 
 
 @dataclass

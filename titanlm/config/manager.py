@@ -183,9 +183,7 @@ def _read_toml(path: str) -> dict[str, Any]:
         with open(path, "rb") as f:
             data = tomllib.load(f)
     except FileNotFoundError:
-        raise ConfigError(
-            f"config file '{path}' does not exist (from --job.config_file); check the path"
-        ) from None
+        raise ConfigError(f"config file '{path}' does not exist (from --job.config_file); check the path") from None
     except OSError as e:
         raise ConfigError(f"cannot read config file '{path}': {e.strerror}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
@@ -194,9 +192,7 @@ def _read_toml(path: str) -> dict[str, Any]:
     for section, table in data.items():
         _section(section, path)
         if not isinstance(table, dict):
-            raise ConfigError(
-                f"config section '{section}' in '{path}' must be a table ([{section}]), got {table!r}"
-            )
+            raise ConfigError(f"config section '{section}' in '{path}' must be a table ([{section}]), got {table!r}")
         for name, value in table.items():
             key = _lookup(section, name, path)
             out[key.path] = _check_value(key, value, path)
@@ -259,8 +255,7 @@ def toml_value(value: Any) -> str:
         return repr(value)
     if isinstance(value, str):
         escaped = (
-            f"\\{c}" if c in '"\\' else f"\\u{ord(c):04x}" if ord(c) < 0x20 or ord(c) == 0x7F else c
-            for c in value
+            f"\\{c}" if c in '"\\' else f"\\u{ord(c):04x}" if ord(c) < 0x20 or ord(c) == 0x7F else c for c in value
         )
         return f'"{"".join(escaped)}"'
     if isinstance(value, list):
@@ -297,9 +292,7 @@ def reference_markdown() -> str:
         for key in section_keys.values():
             choices = f" ({_choices_text(key.choices)})" if key.choices else ""
             meaning = f"{key.help}{choices}".replace("|", "\\|")
-            lines.append(
-                f"| `{key.path}` | {_type_name(key.type)} | `{toml_value(key.default)}` | {meaning} |"
-            )
+            lines.append(f"| `{key.path}` | {_type_name(key.type)} | `{toml_value(key.default)}` | {meaning} |")
     return "\n".join(lines)
 
 

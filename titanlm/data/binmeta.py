@@ -18,8 +18,9 @@ import json
 import mmap
 import os
 import tempfile
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -106,9 +107,7 @@ class BinWriter:
         self._bin.close()
         fits = self._offset <= np.iinfo(np.int32).max
         dtype = np.int32 if self.meta_dtype == "int32" and fits else np.int64
-        meta = np.lib.format.open_memmap(
-            self._meta_tmp, mode="w+", dtype=dtype, shape=(self.num_documents, 2)
-        )
+        meta = np.lib.format.open_memmap(self._meta_tmp, mode="w+", dtype=dtype, shape=(self.num_documents, 2))
         self._rows.seek(0)
         block = 1 << 20
         for start in range(0, self.num_documents, block):
@@ -172,9 +171,7 @@ def _find_bins(root: str, setting: str) -> tuple[list[tuple[str, str]], list[str
             if name.endswith(META_SUFFIX):
                 bin_name = name[: -len(".meta")]
                 if not os.path.isfile(os.path.join(folder, bin_name)):
-                    problems.append(
-                        f"{path} has no {bin_name} beside it; restore the .bin or delete the stray .meta"
-                    )
+                    problems.append(f"{path} has no {bin_name} beside it; restore the .bin or delete the stray .meta")
             elif name.endswith(BIN_SUFFIX):
                 if not os.path.isfile(path + ".meta"):
                     problems.append(f"{path} has no {name}.meta beside it; {_REGENERATE}")
@@ -200,9 +197,7 @@ def _load_meta(bin_path: str) -> np.ndarray:
     try:
         raw = np.load(meta_path, allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
-        raise DataFormatError(
-            f"{meta_path} is not a NumPy array written by np.save ({e}); {_REGENERATE}"
-        ) from None
+        raise DataFormatError(f"{meta_path} is not a NumPy array written by np.save ({e}); {_REGENERATE}") from None
     if raw.ndim != 2 or raw.shape[1] != 2 or raw.dtype.kind not in "iu":
         raise DataFormatError(
             f"{meta_path} holds a {raw.dtype} array of shape {raw.shape}; expected (N, 2) integers "
@@ -234,9 +229,7 @@ def _load_meta(bin_path: str) -> np.ndarray:
         )
     if counts.min() < 0:
         row = int(np.argmax(counts < 0))
-        raise DataFormatError(
-            f"{meta_path} row {row} has a negative token count {counts[row]}; {_REGENERATE}"
-        )
+        raise DataFormatError(f"{meta_path} row {row} has a negative token count {counts[row]}; {_REGENERATE}")
     with open(bin_path, "rb") as f:
         f.seek(size - 1)
         if f.read(1) != b"\n":

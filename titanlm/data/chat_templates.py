@@ -18,11 +18,11 @@ from __future__ import annotations
 import functools
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from titanlm.data.tokenizer import HuggingFaceTokenizer, Tokenizer
 from titanlm.errors import ConfigError, DataError
@@ -196,16 +196,12 @@ def encode_alpaca(
     "input" may be missing (treated as empty); "instruction" and "output" are required strings.
     """
     if not isinstance(record, dict):
-        raise DataError(
-            f"record {index} is a {type(record).__name__}, not an object with instruction/output"
-        )
+        raise DataError(f"record {index} is a {type(record).__name__}, not an object with instruction/output")
     fields = {}
     for key, required in (("instruction", True), ("input", False), ("output", True)):
         value = record.get(key, None if required else "")
         if not isinstance(value, str):
-            problem = (
-                "is missing (or null)" if value is None else f"is a {type(value).__name__}, not a string"
-            )
+            problem = "is missing (or null)" if value is None else f"is a {type(value).__name__}, not a string"
             raise DataError(f'record {index}: key "{key}" {problem} (keys present: {sorted(record)})')
         fields[key] = value
     prompt, response = TEMPLATES[template](tok, fields["instruction"], fields["input"], fields["output"])
@@ -291,8 +287,11 @@ class HFChatTemplate:
         jinja2 = _jinja2()
         try:
             return _compile(self.source, self.origin).render(
-                messages=[dict(m) for m in messages], add_generation_prompt=generation_prompt,
-                tools=None, documents=None, **self.tokens,
+                messages=[dict(m) for m in messages],
+                add_generation_prompt=generation_prompt,
+                tools=None,
+                documents=None,
+                **self.tokens,
             )
         except jinja2.TemplateError as e:
             raise DataError(f"the chat template of {self.origin} failed: {e}") from None
@@ -383,8 +382,9 @@ def _compile(source: str, origin: str) -> Any:
     def raise_exception(message: str) -> None:
         raise jinja2.TemplateError(message)
 
-    def tojson(x: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None,
-               sort_keys: bool = False) -> str:
+    def tojson(
+        x: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None, sort_keys: bool = False
+    ) -> str:
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, loopcontrols])
@@ -394,9 +394,7 @@ def _compile(source: str, origin: str) -> Any:
     try:
         return env.from_string(source)
     except jinja2.TemplateSyntaxError as e:
-        raise DataError(
-            f"the chat template of {origin} is not valid Jinja2 (line {e.lineno}: {e.message})"
-        ) from None
+        raise DataError(f"the chat template of {origin} is not valid Jinja2 (line {e.lineno}: {e.message})") from None
 
 
 def _read_config(path: Path) -> dict:
@@ -436,8 +434,11 @@ def load_hf_chat_template(tok: Tokenizer, tokenizer_path: str) -> HFChatTemplate
         )
     # (text, special) of every added token transformers would know of
     listed = [(name, True) for name in getattr(tok, "special_tokens", {})]  # tiktoken's
-    listed += [(_content(t), t.get("special", False)) for t in config.get("added_tokens_decoder", {}).values()
-               if isinstance(t, dict)]
+    listed += [
+        (_content(t), t.get("special", False))
+        for t in config.get("added_tokens_decoder", {}).values()
+        if isinstance(t, dict)
+    ]
     listed += [(_content(config.get(key)), True) for key in _TEMPLATE_TOKENS]
     listed += [(_content(t), True) for t in config.get("additional_special_tokens", [])]
     listed += [(name, True) for name in _BOS_EOS_NAMES if tok.token_id(name) in (tok.bos_id, tok.eos_id)]

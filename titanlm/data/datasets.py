@@ -8,7 +8,8 @@ same on every rank, so a run resumes exactly, at the same or at another DP degre
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -16,7 +17,6 @@ from numpy.typing import ArrayLike
 from torch.utils.data import IterableDataset, get_worker_info
 
 from titanlm.errors import CheckpointError, DataError
-
 
 Sample = dict[str, torch.Tensor]  # one sample: tensors [seq]
 Batch = dict[str, torch.Tensor]  # collated samples: tensors [batch, seq]
@@ -84,8 +84,9 @@ class RandomTokenDataset(ShardedStream):
     Sample i comes from a generator seeded by (seed, i), so it does not depend on the layout.
     """
 
-    def __init__(self, vocab_size: int, seq_len: int, seed: int, dp_rank: int, dp_world_size: int,
-                 worker_block: int = 1):
+    def __init__(
+        self, vocab_size: int, seq_len: int, seed: int, dp_rank: int, dp_world_size: int, worker_block: int = 1
+    ):
         super().__init__(seq_len, seed, dp_rank, dp_world_size, worker_block)
         self.vocab_size = vocab_size
 
@@ -106,16 +107,21 @@ class TextTokenDataset(ShardedStream):
     the same number of windows, so global sample i is window i % n of epoch i // n.
     """
 
-    def __init__(self, documents: Sequence[ArrayLike], seq_len: int, seed: int, dp_rank: int,
-                 dp_world_size: int, worker_block: int = 1):
+    def __init__(
+        self,
+        documents: Sequence[ArrayLike],
+        seq_len: int,
+        seed: int,
+        dp_rank: int,
+        dp_world_size: int,
+        worker_block: int = 1,
+    ):
         super().__init__(seq_len, seed, dp_rank, dp_world_size, worker_block)
         self._documents = [np.asarray(d) for d in documents]
         num_tokens = sum(len(d) for d in self._documents)
         self.windows_per_epoch = (num_tokens - 1) // seq_len
         if self.windows_per_epoch < 1:
-            raise DataError(
-                f"the documents hold {num_tokens} tokens, fewer than seq_len + 1 = {seq_len + 1}"
-            )
+            raise DataError(f"the documents hold {num_tokens} tokens, fewer than seq_len + 1 = {seq_len + 1}")
         self._cached: tuple[int, np.ndarray] | None = None
 
     def _stream(self, epoch: int) -> np.ndarray:

@@ -31,13 +31,26 @@ _NUMBER_WORDS = (
 _ADJECTIVES = "red green blue yellow small big old young quiet happy".split()
 # (singular, plural) nouns and (singular, plural) verbs give subject-verb agreement to learn.
 _NOUNS = [
-    ("cat", "cats"), ("dog", "dogs"), ("bird", "birds"), ("child", "children"), ("farmer", "farmers"),
-    ("teacher", "teachers"), ("fox", "foxes"), ("horse", "horses"), ("robot", "robots"),
+    ("cat", "cats"),
+    ("dog", "dogs"),
+    ("bird", "birds"),
+    ("child", "children"),
+    ("farmer", "farmers"),
+    ("teacher", "teachers"),
+    ("fox", "foxes"),
+    ("horse", "horses"),
+    ("robot", "robots"),
     ("sailor", "sailors"),
 ]
 _VERBS = [
-    ("sees", "see"), ("likes", "like"), ("follows", "follow"), ("finds", "find"), ("watches", "watch"),
-    ("carries", "carry"), ("helps", "help"), ("paints", "paint"),
+    ("sees", "see"),
+    ("likes", "like"),
+    ("follows", "follow"),
+    ("finds", "find"),
+    ("watches", "watch"),
+    ("carries", "carry"),
+    ("helps", "help"),
+    ("paints", "paint"),
 ]
 _PLACES = "garden forest river market school kitchen harbour field library bridge".split()
 _THINGS = "door box lamp gate chest window".split()

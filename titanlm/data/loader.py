@@ -34,7 +34,11 @@ def _encode_lines(tokenizer: Tokenizer, corpus_path: str) -> list[np.ndarray]:
 
 
 def build_dataloader(
-    cfg: JobConfig, dataset_kind: str, dp_rank: int, dp_world_size: int, vocab_size: int,
+    cfg: JobConfig,
+    dataset_kind: str,
+    dp_rank: int,
+    dp_world_size: int,
+    vocab_size: int,
     tokenizer_path: str | None = None,
 ) -> tuple[StatefulDataLoader, Tokenizer | None]:
     """This rank's loader of {"input_ids", "labels"} LongTensor [local_batch_size, seq_len] batches;
@@ -49,8 +53,7 @@ def build_dataloader(
     bin, as the plan resolved data.dataset.
     """
     seq_len, batch_size, seed = cfg.training.seq_len, cfg.training.local_batch_size, cfg.debug.seed
-    common = dict(seq_len=seq_len, seed=seed, dp_rank=dp_rank, dp_world_size=dp_world_size,
-                  worker_block=batch_size)
+    common = dict(seq_len=seq_len, seed=seed, dp_rank=dp_rank, dp_world_size=dp_world_size, worker_block=batch_size)
     path = cfg.model.tokenizer_path if tokenizer_path is None else tokenizer_path
     dataset: ShardedStream
     if dataset_kind == "demo":
@@ -64,8 +67,10 @@ def build_dataloader(
         tokenizer = _checked_tokenizer(path, vocab_size) if path else None
         documents = BinMetaFolder(cfg.data.train_folder, cfg.data.min_length, vocab_size)
         dataset = PackedDataset(
-            documents, pack_sample_into_one=cfg.data.pack_sample_into_one,
-            weights=parse_dataset_weights(cfg.data.dataset_weights, documents.types), **common,
+            documents,
+            pack_sample_into_one=cfg.data.pack_sample_into_one,
+            weights=parse_dataset_weights(cfg.data.dataset_weights, documents.types),
+            **common,
         )
     return _stateful_loader(dataset, batch_size, cfg.data.num_workers), tokenizer
 
@@ -91,16 +96,17 @@ def build_valid_dataloader(
             f"{min_length} tokens, so validation would measure nothing; point it at validation data or set it to ''"
         )
     dataset = PackedRows(
-        documents, cfg.training.seq_len, dp_rank, dp_world_size,
+        documents,
+        cfg.training.seq_len,
+        dp_rank,
+        dp_world_size,
         row_multiple=dp_world_size * batch_size,
         pack_sample_into_one=cfg.data.pack_sample_into_one,
     )
     return _stateful_loader(dataset, batch_size, cfg.data.num_workers)
 
 
-def _stateful_loader(
-    dataset: ShardedStream | PackedRows, batch_size: int, num_workers: int
-) -> StatefulDataLoader:
+def _stateful_loader(dataset: ShardedStream | PackedRows, batch_size: int, num_workers: int) -> StatefulDataLoader:
     with warnings.catch_warnings():  # torchdata 0.11 calls torch.set_vital, deprecated in newer torch
         warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
         return StatefulDataLoader(dataset, batch_size=batch_size, num_workers=num_workers)

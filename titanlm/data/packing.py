@@ -40,9 +40,9 @@ import torch
 from torch.utils.data import Dataset
 
 from titanlm.data.datasets import Sample, ShardedStream
-from titanlm.loss import IGNORE_INDEX
 from titanlm.data.mixing import shuffled_order, weighted_order
 from titanlm.errors import ConfigError, DataError
+from titanlm.loss import IGNORE_INDEX
 
 
 class Documents(Protocol):
@@ -158,9 +158,17 @@ class PackedDataset(ShardedStream):
     stream with no sample skipped or repeated.
     """
 
-    def __init__(self, documents: Documents, seq_len: int, seed: int, dp_rank: int, dp_world_size: int,
-                 worker_block: int = 1, pack_sample_into_one: bool = False,
-                 weights: np.ndarray | None = None):
+    def __init__(
+        self,
+        documents: Documents,
+        seq_len: int,
+        seed: int,
+        dp_rank: int,
+        dp_world_size: int,
+        worker_block: int = 1,
+        pack_sample_into_one: bool = False,
+        weights: np.ndarray | None = None,
+    ):
         super().__init__(seq_len, seed, dp_rank, dp_world_size, worker_block)
         self.documents = documents
         self.pack_sample_into_one = pack_sample_into_one
@@ -228,8 +236,15 @@ class PackedRows(Dataset):
     full batches, as one with fewer would leave the others waiting in a collective.
     """
 
-    def __init__(self, documents: Documents, seq_len: int, dp_rank: int, dp_world_size: int,
-                 row_multiple: int = 1, pack_sample_into_one: bool = False):
+    def __init__(
+        self,
+        documents: Documents,
+        seq_len: int,
+        dp_rank: int,
+        dp_world_size: int,
+        row_multiple: int = 1,
+        pack_sample_into_one: bool = False,
+    ):
         if not 0 <= dp_rank < dp_world_size or row_multiple % dp_world_size:
             raise ValueError(
                 f"dp_rank {dp_rank} must be in [0, {dp_world_size}) and row_multiple {row_multiple} "
@@ -256,5 +271,10 @@ class PackedRows(Dataset):
         if not 0 <= j < self._len:
             raise IndexError(j)
         row = j * self.dp_world_size + self.dp_rank
-        return packed_sample(self.documents, self._doc_types, self.plan,
-                             row if row < self.plan.num_rows else None, self.pack_sample_into_one)
+        return packed_sample(
+            self.documents,
+            self._doc_types,
+            self.plan,
+            row if row < self.plan.num_rows else None,
+            self.pack_sample_into_one,
+        )

@@ -13,8 +13,8 @@ import os
 import re
 import shutil
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import sentencepiece as spm
 import tiktoken
@@ -118,8 +118,7 @@ LLAMA3_NUM_SPECIAL_TOKENS = 256
 def llama3_special_tokens(num_base_tokens: int) -> dict[str, int]:
     """Llama 3's 256 special tokens, numbered right after the ordinary ranks (128000 onward)."""
     reserved = (
-        f"<|reserved_special_token_{2 + i}|>"
-        for i in range(LLAMA3_NUM_SPECIAL_TOKENS - len(_LLAMA3_NAMED_SPECIALS))
+        f"<|reserved_special_token_{2 + i}|>" for i in range(LLAMA3_NUM_SPECIAL_TOKENS - len(_LLAMA3_NAMED_SPECIALS))
     )
     names = (*_LLAMA3_NAMED_SPECIALS, *reserved)
     return {name: num_base_tokens + i for i, name in enumerate(names)}
@@ -329,7 +328,11 @@ def export_hf_tokenizer(tokenizer_path: str, out_dir: Path) -> Tokenizer:
     return tokenizer
 
 
-_HF_TOKENIZER_NAME = {"sentencepiece": "tokenizer.model", "tiktoken": "tokenizer.model", "huggingface": "tokenizer.json"}
+_HF_TOKENIZER_NAME = {
+    "sentencepiece": "tokenizer.model",
+    "tiktoken": "tokenizer.model",
+    "huggingface": "tokenizer.json",
+}
 _HF_TOKENIZER_CLASS = {
     "sentencepiece": "LlamaTokenizer",
     "tiktoken": "PreTrainedTokenizerFast",
@@ -344,8 +347,14 @@ def _hf_tokenizer_config(tokenizer: Tokenizer, kind: str) -> dict:
             config[role] = _piece(tokenizer, token_id)
     if kind == "tiktoken":
         config["added_tokens_decoder"] = {
-            str(token_id): {"content": name, "special": True, "lstrip": False, "rstrip": False,
-                            "normalized": False, "single_word": False}
+            str(token_id): {
+                "content": name,
+                "special": True,
+                "lstrip": False,
+                "rstrip": False,
+                "normalized": False,
+                "single_word": False,
+            }
             for name, token_id in tokenizer.special_tokens.items()
         }
     return config

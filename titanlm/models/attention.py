@@ -231,15 +231,16 @@ def varlen_pieces(
     key_lengths = first_query + query_lengths - key_start
 
     cu_seqlens_k = _cumulative(key_lengths)
-    total_keys, max_q, max_k = torch.stack(
-        [cu_seqlens_k[-1], query_lengths.max(), key_lengths.max()]
-    ).tolist()
+    total_keys, max_q, max_k = torch.stack([cu_seqlens_k[-1], query_lengths.max(), key_lengths.max()]).tolist()
     piece = torch.repeat_interleave(torch.arange(len(first), device=device), key_lengths, output_size=total_keys)
     key_position = key_start[piece] + torch.arange(total_keys, device=device) - cu_seqlens_k[piece]
     gathered_at = torch.empty_like(key_index)
     gathered_at[key_index] = position  # where each row position sits among the gathered keys
     return VarlenBatch(
-        _cumulative(query_lengths).to(torch.int32), cu_seqlens_k.to(torch.int32), max_q, max_k,
+        _cumulative(query_lengths).to(torch.int32),
+        cu_seqlens_k.to(torch.int32),
+        max_q,
+        max_k,
         key_rows=(row[piece], gathered_at[key_position]),
     )
 
@@ -291,10 +292,17 @@ def _varlen_kernel() -> VarlenKernel | None:
     except ImportError:
         flash_attn_varlen_func = None
     if flash_attn_varlen_func is not None:
+
         def flash(q, k, v, pieces: VarlenBatch):
             # flash-attn >= 2.1 aligns causal masks of unequal lengths at the bottom right.
             return flash_attn_varlen_func(
-                q, k, v, pieces.cu_seqlens_q, pieces.cu_seqlens_k, pieces.max_seqlen_q, pieces.max_seqlen_k,
+                q,
+                k,
+                v,
+                pieces.cu_seqlens_q,
+                pieces.cu_seqlens_k,
+                pieces.max_seqlen_q,
+                pieces.max_seqlen_k,
                 causal=True,
             )
 

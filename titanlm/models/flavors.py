@@ -87,8 +87,9 @@ _INTERNLM2 = dict(vocab_size=_INTERNLM2_VOCAB, rope_theta=1000000.0, n_kv_heads=
 
 FLAVORS: dict[str, dict[str, ModelArgs]] = {
     "llama3": {
-        "debug": ModelArgs(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, ffn_dim=768,
-                           vocab_size=2048, rope_theta=500000.0),
+        "debug": ModelArgs(
+            dim=256, n_layers=4, n_heads=8, n_kv_heads=4, ffn_dim=768, vocab_size=2048, rope_theta=500000.0
+        ),
         # Llama 3 (April 2024)
         "8B": ModelArgs(dim=4096, n_layers=32, n_heads=32, ffn_dim=14336, **_LLAMA3),
         "70B": ModelArgs(dim=8192, n_layers=80, n_heads=64, ffn_dim=28672, **_LLAMA3),
@@ -101,16 +102,51 @@ FLAVORS: dict[str, dict[str, ModelArgs]] = {
         "3.2-3B": ModelArgs(dim=3072, n_layers=28, n_heads=24, ffn_dim=8192, **_LLAMA32),
     },
     "internlm": {
-        "debug": ModelArgs(dim=256, n_layers=4, n_heads=8, n_kv_heads=8, ffn_dim=768,
-                           vocab_size=2048, rope_theta=10000.0, attn_bias=True, max_seq_len=2048),
-        "7B": ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, ffn_dim=11008, max_seq_len=2048,
-                        vocab_size=_INTERNLM_VOCAB, rope_theta=10000.0, attn_bias=True),
-        "13B": ModelArgs(dim=5120, n_layers=40, n_heads=40, n_kv_heads=40, ffn_dim=13824, max_seq_len=2048,
-                         vocab_size=_INTERNLM_VOCAB, rope_theta=10000.0, attn_bias=True),
+        "debug": ModelArgs(
+            dim=256,
+            n_layers=4,
+            n_heads=8,
+            n_kv_heads=8,
+            ffn_dim=768,
+            vocab_size=2048,
+            rope_theta=10000.0,
+            attn_bias=True,
+            max_seq_len=2048,
+        ),
+        "7B": ModelArgs(
+            dim=4096,
+            n_layers=32,
+            n_heads=32,
+            n_kv_heads=32,
+            ffn_dim=11008,
+            max_seq_len=2048,
+            vocab_size=_INTERNLM_VOCAB,
+            rope_theta=10000.0,
+            attn_bias=True,
+        ),
+        "13B": ModelArgs(
+            dim=5120,
+            n_layers=40,
+            n_heads=40,
+            n_kv_heads=40,
+            ffn_dim=13824,
+            max_seq_len=2048,
+            vocab_size=_INTERNLM_VOCAB,
+            rope_theta=10000.0,
+            attn_bias=True,
+        ),
     },
     "internlm2": {
-        "debug": ModelArgs(dim=256, n_layers=4, n_heads=8, n_kv_heads=2, ffn_dim=768,
-                           vocab_size=2048, rope_theta=1000000.0, max_seq_len=32768),
+        "debug": ModelArgs(
+            dim=256,
+            n_layers=4,
+            n_heads=8,
+            n_kv_heads=2,
+            ffn_dim=768,
+            vocab_size=2048,
+            rope_theta=1000000.0,
+            max_seq_len=32768,
+        ),
         "1.8B": ModelArgs(dim=2048, n_layers=24, n_heads=16, ffn_dim=8192, **_INTERNLM2),
         "7B": ModelArgs(dim=4096, n_layers=32, n_heads=32, ffn_dim=14336, **_INTERNLM2),
         "20B": ModelArgs(dim=6144, n_layers=48, n_heads=48, ffn_dim=16384, **_INTERNLM2),

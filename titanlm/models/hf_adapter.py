@@ -109,9 +109,7 @@ def pack_wqkv(wq: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor, n_kv_heads: 
     return torch.cat([q, k, v], dim=1).reshape(-1, *rest)
 
 
-def unpack_wqkv(
-    wqkv: torch.Tensor, n_heads: int, n_kv_heads: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def unpack_wqkv(wqkv: torch.Tensor, n_heads: int, n_kv_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Inverse of `pack_wqkv`: split each kv group [g, 1, 1] into Llama's q, k and v rows."""
     group = n_heads // n_kv_heads
     rest = wqkv.shape[1:]
@@ -132,7 +130,9 @@ def to_internlm2_state_dict(state_dict: StateDict, args: ModelArgs) -> StateDict
                 layer, kind = match.groups()
                 prefix = f"layers.{layer}.attention"
                 out[f"model.{prefix}.wqkv.{kind}"] = pack_wqkv(
-                    tensor, state_dict[f"{prefix}.wk.{kind}"], state_dict[f"{prefix}.wv.{kind}"],
+                    tensor,
+                    state_dict[f"{prefix}.wk.{kind}"],
+                    state_dict[f"{prefix}.wv.{kind}"],
                     args.n_kv_heads,
                 )
         else:
@@ -183,8 +183,7 @@ def from_hf(state_dict: StateDict, args: ModelArgs, model_type: str) -> StateDic
 def _check_model_type(model_type: str) -> None:
     if model_type not in FAMILY_OF_MODEL_TYPE:
         raise ConversionError(
-            f"HF model_type '{model_type}' is not supported; titanlm reads and writes "
-            f"{', '.join(FAMILY_OF_MODEL_TYPE)}"
+            f"HF model_type '{model_type}' is not supported; titanlm reads and writes {', '.join(FAMILY_OF_MODEL_TYPE)}"
         )
 
 
@@ -383,6 +382,7 @@ LENGTH_ONLY = ("max_seq_len",)
 
 def same_within_length(a: RopeScaling | None, b: RopeScaling | None) -> bool:
     """Whether two RoPE scalings give the same frequencies up to the trained length."""
+
     def effective(scaling: RopeScaling | None) -> RopeScaling | None:
         return None if scaling is None or scaling.kind == "dynamic" else scaling
 
@@ -405,8 +405,14 @@ def check_flavor(args: ModelArgs, name: str, flavor: str, source: str) -> None:
     expected = flavor_args(name, flavor)
     for field in NUMERICS_ONLY:
         if getattr(args, field) != getattr(expected, field):
-            logger.warning("%s: %s is %s in its config and %s in --model.flavor %s; training uses the flavor's",
-                           source, field, getattr(args, field), getattr(expected, field), flavor)
+            logger.warning(
+                "%s: %s is %s in its config and %s in --model.flavor %s; training uses the flavor's",
+                source,
+                field,
+                getattr(args, field),
+                getattr(expected, field),
+                flavor,
+            )
     differences = flavor_differences(args, expected)
     if differences:
         raise ConversionError(

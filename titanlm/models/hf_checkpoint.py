@@ -84,8 +84,14 @@ def read_json(path: Path) -> dict[str, Any]:
 # A tokenizer in an HF folder: the file the tokenizer is read from, in order of preference (the fast
 # tokenizer.json, else a SentencePiece or tiktoken tokenizer.model), and the files that go with it.
 TOKENIZER_MAIN_FILES = ("tokenizer.json", "tokenizer.model")
-TOKENIZER_COMPANIONS = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "tokenizer.model",
-                        "tokenizer.json", "generation_config.json")
+TOKENIZER_COMPANIONS = (
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "tokenizer.json",
+    "generation_config.json",
+)
 
 
 def tokenizer_file(folder: Path) -> Path | None:
@@ -115,9 +121,7 @@ def safetensors_files(hf_dir: Path) -> list[Path]:
         files = [hf_dir / file for file in sorted(set(weight_map.values()))]
         absent = [file.name for file in files if not file.is_file()]
         if absent:
-            raise ConversionError(
-                f"{index} lists shards missing from {hf_dir}: {', '.join(absent)}; download them"
-            )
+            raise ConversionError(f"{index} lists shards missing from {hf_dir}: {', '.join(absent)}; download them")
         return files
     if (hf_dir / HF_SINGLE).is_file():
         return [hf_dir / HF_SINGLE]
@@ -195,7 +199,9 @@ def _load_safetensors(file: Path) -> StateDict:
     try:
         return load_file(file)
     except Exception as err:  # safetensors raises its own SafetensorError for damaged files
-        raise ConversionError(f"{file} cannot be read ({err}); the file is damaged or truncated: re-download it") from None
+        raise ConversionError(
+            f"{file} cannot be read ({err}); the file is damaged or truncated: re-download it"
+        ) from None
 
 
 def write_safetensors(state: StateDict, out_dir: Path, shard_bytes: int) -> list[Path]:

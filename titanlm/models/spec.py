@@ -100,9 +100,7 @@ def resolve_model_spec(model: Model) -> ModelSpec:
     return ModelSpec(family, with_layers(args, model.n_layers), model.flavor, str(folder), tokenizer)
 
 
-def read_hf_folder(
-    folder: Path, name: str | None = None, flavor: str | None = None
-) -> tuple[ModelSpec, StateDict]:
+def read_hf_folder(folder: Path, name: str | None = None, flavor: str | None = None) -> tuple[ModelSpec, StateDict]:
     """The model of an HF folder (family from its model_type, tokenizer file if it has one) and its
     weights as a titanlm state dict; `flavor` (with `name`) must match it when given."""
     args, state = read_hf_model(folder, name, flavor)

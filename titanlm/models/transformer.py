@@ -2,8 +2,8 @@
 
 Pre-norm blocks of RMSNorm -> attention (RoPE, grouped-query, optional q/k/v/o bias) and
 RMSNorm -> SwiGLU MLP; input and output embeddings untied, or tied as one Parameter (Llama 3.2
-1B/3B). The families differ only in the numbers of `ModelArgs`. Rotary embeddings use the "rotate half" layout of Hugging Face's Llama,
-so HF weights load without permuting q/k rows.
+1B/3B). The families differ only in the numbers of `ModelArgs`. Rotary embeddings use the "rotate
+half" layout of Hugging Face's Llama, so HF weights load without permuting q/k rows.
 
 The model is built on the meta device and materialized afterwards with `init_weights`, which
 gives the same values whatever the parallel layout (see its docstring).
@@ -280,9 +280,7 @@ def _fill_(param: torch.Tensor, name: str, seed: int, fill) -> None:
     generator.manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
     full = fill(torch.empty(param.shape, dtype=torch.float32, device=device), generator)
     if isinstance(param, DTensor):
-        local_shape, offset = compute_local_shape_and_global_offset(
-            param.shape, param.device_mesh, param.placements
-        )
+        local_shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
         index = tuple(slice(o, o + n) for o, n in zip(offset, local_shape))
         param.to_local().copy_(full[index])
     else:

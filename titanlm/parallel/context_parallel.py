@@ -30,7 +30,6 @@ from titanlm.data.datasets import Batch
 from titanlm.models.attention import AttentionBackend
 from titanlm.models.transformer import Attention, Transformer
 
-
 # torch 2.13 renamed the differentiable all-gather and deprecated the old name; 2.11 has only the old one.
 _all_gather_autograd = getattr(funcol, "all_gather_single_autograd", None) or funcol.all_gather_tensor_autograd
 

@@ -17,8 +17,8 @@ from titanlm.config.job_config import Float8
 
 
 def apply_float8(model: nn.Module, cfg: Float8, output_name: str = "output") -> None:
-    """`cfg`: the settings in effect (`RunPlan.float8`). Swap eligible Linear layers for torchao's float8 ones in place; `output_name` (the vocab
-    projection, "lm_head" in transformers models) stays in high precision.
+    """`cfg`: the settings in effect (`RunPlan.float8`). Swap eligible Linear layers for torchao's float8
+    ones in place; `output_name` (the vocab projection, "lm_head" in transformers models) stays in high precision.
 
     Tensor parallelism comes after this with its usual styles: the Float8Linear layers then see
     DTensor activations and scale them over the whole tensor, as one process does (measured on

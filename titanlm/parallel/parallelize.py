@@ -42,8 +42,14 @@ def parallelize(model: Transformer, meshes: Meshes, plan: RunPlan) -> None:
     if plan.compile:
         apply_compile(model)
     if plan.fsdp.enabled:
-        apply_fsdp(model, meshes.fsdp, plan.precision.param_dtype, plan.precision.reduce_dtype,
-                   plan.fsdp.reshard_after_forward, plan.fsdp.cpu_offload)
+        apply_fsdp(
+            model,
+            meshes.fsdp,
+            plan.precision.param_dtype,
+            plan.precision.reduce_dtype,
+            plan.fsdp.reshard_after_forward,
+            plan.fsdp.cpu_offload,
+        )
 
 
 def build_model_parts(plan: RunPlan, meshes: Meshes, device: torch.device, seed: int) -> list[Transformer]:

@@ -46,8 +46,16 @@ from titanlm.models.spec import ModelSpec, read_hf_folder, write_record
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # What each direction writes, so that --overwrite replaces exactly its own earlier output.
-_HF_OUTPUTS = ("model*.safetensors", HF_INDEX, "config.json", "tokenizer*", "special_tokens_map.json",
-               "added_tokens.json", "generation_config.json", "tokenization_*.py")
+_HF_OUTPUTS = (
+    "model*.safetensors",
+    HF_INDEX,
+    "config.json",
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "generation_config.json",
+    "tokenization_*.py",
+)
 _DCP_OUTPUTS = ("*.distcp", ".metadata", "titanlm_model.json", "tokenizer")
 _SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
@@ -158,9 +166,12 @@ class _staged_output:
 
 
 def _matching_flavors(args: ModelArgs) -> list[str]:
-    return [f"--model.name {name} --model.flavor {flavor}"
-            for name, flavors in FLAVORS.items() for flavor, known in flavors.items()
-            if not flavor_differences(args, known)]
+    return [
+        f"--model.name {name} --model.flavor {flavor}"
+        for name, flavors in FLAVORS.items()
+        for flavor, known in flavors.items()
+        if not flavor_differences(args, known)
+    ]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -173,34 +184,53 @@ def _parser() -> argparse.ArgumentParser:
     to_dcp = commands.add_parser("hf_to_dcp", help="HF model folder -> DCP checkpoint {'model': ...}")
     to_dcp.add_argument("hf_dir", help="folder with config.json and model*.safetensors")
     to_dcp.add_argument("out_dir", help="new or empty folder for the DCP checkpoint")
-    to_dcp.add_argument("--model.name", dest="name", choices=sorted(FLAVORS),
-                        help="family of --model.flavor (default: from config.json's model_type)")
-    to_dcp.add_argument("--model.flavor", dest="flavor",
-                        help="check the weights against this flavor (default: derive the model "
-                        "from config.json)")
+    to_dcp.add_argument(
+        "--model.name",
+        dest="name",
+        choices=sorted(FLAVORS),
+        help="family of --model.flavor (default: from config.json's model_type)",
+    )
+    to_dcp.add_argument(
+        "--model.flavor",
+        dest="flavor",
+        help="check the weights against this flavor (default: derive the model from config.json)",
+    )
 
-    to_hf_cmd = commands.add_parser("dcp_to_hf",
-                                    help="DCP checkpoint (e.g. a trainer step-N folder) -> HF folder")
+    to_hf_cmd = commands.add_parser("dcp_to_hf", help="DCP checkpoint (e.g. a trainer step-N folder) -> HF folder")
     to_hf_cmd.add_argument("dcp_dir", help="DCP checkpoint folder (with .metadata)")
     to_hf_cmd.add_argument("out_dir", help="new or empty folder for the HF model")
-    to_hf_cmd.add_argument("--model.name", dest="name", choices=sorted(FLAVORS),
-                           help="model family the checkpoint was trained as (only for checkpoints without "
-                           "titanlm_model.json)")
-    to_hf_cmd.add_argument("--model.flavor", dest="flavor",
-                           help="flavor the checkpoint was trained as (only for checkpoints without "
-                           "titanlm_model.json)")
-    to_hf_cmd.add_argument("--tokenizer_path", default="",
-                           help="tokenizer to ship with the export (default: the one the checkpoint records)")
-    to_hf_cmd.add_argument("--layout", choices=LAYOUTS, default="llama",
-                           help="llama: LlamaForCausalLM, loads in stock transformers (default); "
-                           "native: the family's own HF names and config (needs its remote code)")
-    to_hf_cmd.add_argument("--dtype", choices=sorted(DTYPES),
-                           help="dtype of the weights (default: the checkpoint's)")
+    to_hf_cmd.add_argument(
+        "--model.name",
+        dest="name",
+        choices=sorted(FLAVORS),
+        help="model family the checkpoint was trained as (only for checkpoints without titanlm_model.json)",
+    )
+    to_hf_cmd.add_argument(
+        "--model.flavor",
+        dest="flavor",
+        help="flavor the checkpoint was trained as (only for checkpoints without titanlm_model.json)",
+    )
+    to_hf_cmd.add_argument(
+        "--tokenizer_path",
+        default="",
+        help="tokenizer to ship with the export (default: the one the checkpoint records)",
+    )
+    to_hf_cmd.add_argument(
+        "--layout",
+        choices=LAYOUTS,
+        default="llama",
+        help="llama: LlamaForCausalLM, loads in stock transformers (default); "
+        "native: the family's own HF names and config (needs its remote code)",
+    )
+    to_hf_cmd.add_argument("--dtype", choices=sorted(DTYPES), help="dtype of the weights (default: the checkpoint's)")
     to_hf_cmd.add_argument("--max_shard_size", default="5GB", help="largest safetensors shard (default 5GB)")
 
     for command in (to_dcp, to_hf_cmd):
-        command.add_argument("--overwrite", action="store_true",
-                             help="write into a non-empty OUT_DIR, replacing an earlier conversion's files")
+        command.add_argument(
+            "--overwrite",
+            action="store_true",
+            help="write into a non-empty OUT_DIR, replacing an earlier conversion's files",
+        )
     return parser
 
 
@@ -211,13 +241,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         if options.command == "hf_to_dcp":
             spec = hf_to_dcp(options.hf_dir, options.out_dir, options.name, options.flavor, options.overwrite)
             model = _matching_flavors(spec.args) or [f"--model.hf_path {options.hf_dir}"]
-            print(f"wrote DCP checkpoint {options.out_dir} ({spec.family}, {spec.args.n_layers} layers, dim "
-                  f"{spec.args.dim}{', tokenizer included' if spec.tokenizer_path else ', no tokenizer found'}); "
-                  f"train from it with {' or '.join(model)} --checkpoint.initial_load_path {options.out_dir} "
-                  "--checkpoint.load_content model")
+            print(
+                f"wrote DCP checkpoint {options.out_dir} ({spec.family}, {spec.args.n_layers} layers, dim "
+                f"{spec.args.dim}{', tokenizer included' if spec.tokenizer_path else ', no tokenizer found'}); "
+                f"train from it with {' or '.join(model)} --checkpoint.initial_load_path {options.out_dir} "
+                "--checkpoint.load_content model"
+            )
         else:
-            files = dcp_to_hf(options.dcp_dir, options.out_dir, options.name, options.flavor, options.layout,
-                              options.dtype, options.max_shard_size, options.overwrite, options.tokenizer_path)
+            files = dcp_to_hf(
+                options.dcp_dir,
+                options.out_dir,
+                options.name,
+                options.flavor,
+                options.layout,
+                options.dtype,
+                options.max_shard_size,
+                options.overwrite,
+                options.tokenizer_path,
+            )
             print(f"wrote {len(files)} files to {options.out_dir}")
     except TitanlmError as err:
         print(f"error: {err}", file=sys.stderr)

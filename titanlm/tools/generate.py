@@ -174,14 +174,17 @@ def _check_prompts(prompts: list[list[int]], spec: ModelSpec) -> None:
 def _report(text: str, prompt_ids: list[int], completion: Completion, tok: Tokenizer, as_json: bool) -> str:
     reply = completion.ids[:-1] if completion.stopped else completion.ids
     if as_json:
-        return json.dumps({
-            "prompt": text,
-            "prompt_ids": prompt_ids,
-            "completion": tok.decode(reply),
-            "completion_ids": completion.ids,
-            "logprobs": completion.logprobs,
-            "finish_reason": "stop" if completion.stopped else "length",
-        }, ensure_ascii=False)
+        return json.dumps(
+            {
+                "prompt": text,
+                "prompt_ids": prompt_ids,
+                "completion": tok.decode(reply),
+                "completion_ids": completion.ids,
+                "logprobs": completion.logprobs,
+                "finish_reason": "stop" if completion.stopped else "length",
+            },
+            ensure_ascii=False,
+        )
     ending = "ended by a stop token" if completion.stopped else "cut at --max_new_tokens"
     return f"### Prompt\n{text}\n### Completion ({len(completion.ids)} tokens, {ending})\n{tok.decode(reply)}\n"
 
@@ -191,33 +194,55 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m titanlm.tools.generate",
         description="Sample completions from an HF model folder or a titanlm DCP checkpoint.",
     )
-    parser.add_argument("--checkpoint", required=True,
-                        help="Hugging Face model folder, or titanlm DCP checkpoint folder (with .metadata)")
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help="Hugging Face model folder, or titanlm DCP checkpoint folder (with .metadata)",
+    )
     parser.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for several")
-    parser.add_argument("--prompts_file", help="text file with one prompt a line, blank lines skipped; they follow any --prompt")
-    parser.add_argument("--max_new_tokens", type=int, default=Sampling.max_new_tokens,
-                        help="most tokens to generate per prompt")
+    parser.add_argument(
+        "--prompts_file", help="text file with one prompt a line, blank lines skipped; they follow any --prompt"
+    )
+    parser.add_argument(
+        "--max_new_tokens", type=int, default=Sampling.max_new_tokens, help="most tokens to generate per prompt"
+    )
     parser.add_argument("--temperature", type=float, default=Sampling.temperature, help="0 = greedy decoding")
-    parser.add_argument("--top_k", type=int, default=Sampling.top_k,
-                        help="sample among the k likeliest tokens; 0 = all")
-    parser.add_argument("--top_p", type=float, default=Sampling.top_p,
-                        help="sample among the likeliest tokens that together have probability top_p; 1 = all")
+    parser.add_argument(
+        "--top_k", type=int, default=Sampling.top_k, help="sample among the k likeliest tokens; 0 = all"
+    )
+    parser.add_argument(
+        "--top_p",
+        type=float,
+        default=Sampling.top_p,
+        help="sample among the likeliest tokens that together have probability top_p; 1 = all",
+    )
     parser.add_argument("--seed", type=int, default=Sampling.seed, help="seed of the sampling")
     parser.add_argument("--batch_size", type=int, default=16, help="prompts decoded together")
-    parser.add_argument("--chat", action="store_true",
-                        help="wrap each prompt as a user turn of the model's chat format, then the assistant's header")
+    parser.add_argument(
+        "--chat",
+        action="store_true",
+        help="wrap each prompt as a user turn of the model's chat format, then the assistant's header",
+    )
     parser.add_argument("--system", default="", help="system message before each prompt (with --chat)")
-    parser.add_argument("--chat_format", choices=sorted(CHAT_FORMATS),
-                        help="chat format of --chat (default: the model family's)")
-    parser.add_argument("--tokenizer_path", default="",
-                        help="tokenizer file or folder (default: the checkpoint's)")
-    parser.add_argument("--model.name", dest="name", choices=sorted(FLAVORS),
-                        help="model family, for checkpoints without titanlm_model.json")
-    parser.add_argument("--model.flavor", dest="flavor",
-                        help="flavor the checkpoint was trained as, for checkpoints without titanlm_model.json")
+    parser.add_argument(
+        "--chat_format", choices=sorted(CHAT_FORMATS), help="chat format of --chat (default: the model family's)"
+    )
+    parser.add_argument("--tokenizer_path", default="", help="tokenizer file or folder (default: the checkpoint's)")
+    parser.add_argument(
+        "--model.name",
+        dest="name",
+        choices=sorted(FLAVORS),
+        help="model family, for checkpoints without titanlm_model.json",
+    )
+    parser.add_argument(
+        "--model.flavor",
+        dest="flavor",
+        help="flavor the checkpoint was trained as, for checkpoints without titanlm_model.json",
+    )
     parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda or cuda:N")
-    parser.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
-                        help="auto = bfloat16 on cuda, float32 on cpu")
+    parser.add_argument(
+        "--dtype", choices=["auto", *DTYPES], default="auto", help="auto = bfloat16 on cuda, float32 on cpu"
+    )
     parser.add_argument("--json", action="store_true", help="one JSON object per prompt, one a line")
     return parser
 
@@ -241,8 +266,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     model = inference_model(spec.args, state, device, dtype)
     del state
-    print(f"generate: {spec.family} model, {spec.args.n_layers} layers, dim {spec.args.dim}, on {device} in "
-          f"{str(dtype).removeprefix('torch.')}; prompts: {len(prompts)}", file=sys.stderr)
+    print(
+        f"generate: {spec.family} model, {spec.args.n_layers} layers, dim {spec.args.dim}, on {device} in "
+        f"{str(dtype).removeprefix('torch.')}; prompts: {len(prompts)}",
+        file=sys.stderr,
+    )
     for first in range(0, len(prompts), options.batch_size):
         batch = prompts[first : first + options.batch_size]
         for offset, completion in enumerate(generate(model, batch, sampling, stops, max(tok.pad_id, 0))):

@@ -97,18 +97,12 @@ def report(folder: BinMetaFolder, tokenizer: Tokenizer | None, samples: int) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m titanlm.tools.inspect_data", description=__doc__.split("\n")[0]
-    )
+    parser = argparse.ArgumentParser(prog="python -m titanlm.tools.inspect_data", description=__doc__.split("\n")[0])
     parser.add_argument("root", metavar="ROOT", help="data folder holding type sub-folders (en, cn, code, ...)")
     parser.add_argument("--tokenizer", help="decode samples (and check ids against its vocabulary) with this")
     parser.add_argument("--samples", type=int, default=3, help="documents to print, spread over the folder")
-    parser.add_argument(
-        "--min_length", type=int, default=0, help="drop documents shorter than this, as training does"
-    )
-    parser.add_argument(
-        "--validate", action="store_true", help="check the folder; exit 1 listing the problems"
-    )
+    parser.add_argument("--min_length", type=int, default=0, help="drop documents shorter than this, as training does")
+    parser.add_argument("--validate", action="store_true", help="check the folder; exit 1 listing the problems")
     parser.add_argument(
         "--full", action="store_true", help="with --validate: parse every line, not only the first and last"
     )

@@ -123,8 +123,9 @@ def plotted_keys(curves: list[Curves], keys: list[str]) -> tuple[list[str], list
     notes = []
     for key in keys:
         if key not in present:
-            available = sorted({k for c in curves for r in c.run.records for k, v in r.items()
-                                if v is not None and k != "step"})
+            available = sorted(
+                {k for c in curves for r in c.run.records for k, v in r.items() if v is not None and k != "step"}
+            )
             notes.append(f"no run has values for {key!r}, so it gets no panel; keys there: {', '.join(available)}")
     return present, notes
 
@@ -162,7 +163,7 @@ def figure(curves: list[Curves], keys: list[str], x: str = "step", smooth: int =
         ax.set_ylabel(key)
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
-    for ax in axes[len(keys):]:
+    for ax in axes[len(keys) :]:
         ax.set_visible(False)
     return fig
 
@@ -171,8 +172,10 @@ def compare(a: Curves, b: Curves, key: str, tolerance: float) -> tuple[list[str]
     """The report lines of `key`'s per-step difference between two runs, and whether they agree."""
     values_a, values_b = (dict(zip(*series(c.run, key))) for c in (a, b))
     common = sorted(values_a.keys() & values_b.keys())
-    lines = [f"{key}: {a.label} vs {b.label}, {len(common)} common steps"
-             + (f" ({common[0]}-{common[-1]})" if common else "")]
+    lines = [
+        f"{key}: {a.label} vs {b.label}, {len(common)} common steps"
+        + (f" ({common[0]}-{common[-1]})" if common else "")
+    ]
     agree = bool(common)
     for name, only in ((a.label, values_a.keys() - values_b.keys()), (b.label, values_b.keys() - values_a.keys())):
         if only:
@@ -212,22 +215,46 @@ def _ranges(steps: list[int]) -> str:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m titanlm.tools.plot", description=__doc__.split("\n\n", 1)[1],
+        prog="python -m titanlm.tools.plot",
+        description=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("runs", nargs="+", metavar="RUN",
-                        help="dump folder or metrics.jsonl; RUN@N or RUN@ID picks a run other than the newest")
+    parser.add_argument(
+        "runs",
+        nargs="+",
+        metavar="RUN",
+        help="dump folder or metrics.jsonl; RUN@N or RUN@ID picks a run other than the newest",
+    )
     parser.add_argument("-o", "--output", default="curves.png", help="PNG to write (default curves.png)")
-    parser.add_argument("--keys", help="comma-separated metrics, one panel each (default loss,valid_loss; "
-                                       "with --compare: loss), e.g. loss,lr,grad_norm,tgs,mfu,memory_gib,eta")
-    parser.add_argument("--smooth", type=int, default=0, metavar="N",
-                        help="add a moving average over N points; the raw curve is drawn faint")
-    parser.add_argument("--x", choices=("step", "tokens"), default="step",
-                        help="x axis: optimizer step (default) or num_consumed_tokens")
-    parser.add_argument("--compare", action="store_true",
-                        help="print the per-step differences of two runs instead of plotting; exit 1 if they differ")
-    parser.add_argument("--tolerance", type=float, default=0.0,
-                        help="--compare: largest absolute difference still counted as equal (default 0)")
+    parser.add_argument(
+        "--keys",
+        help="comma-separated metrics, one panel each (default loss,valid_loss; "
+        "with --compare: loss), e.g. loss,lr,grad_norm,tgs,mfu,memory_gib,eta",
+    )
+    parser.add_argument(
+        "--smooth",
+        type=int,
+        default=0,
+        metavar="N",
+        help="add a moving average over N points; the raw curve is drawn faint",
+    )
+    parser.add_argument(
+        "--x",
+        choices=("step", "tokens"),
+        default="step",
+        help="x axis: optimizer step (default) or num_consumed_tokens",
+    )
+    parser.add_argument(
+        "--compare",
+        action="store_true",
+        help="print the per-step differences of two runs instead of plotting; exit 1 if they differ",
+    )
+    parser.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.0,
+        help="--compare: largest absolute difference still counted as equal (default 0)",
+    )
     return parser
 
 

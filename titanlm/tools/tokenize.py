@@ -30,8 +30,9 @@ import re
 import sys
 import tempfile
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, TextIO
+from typing import Any, TextIO
 
 import numpy as np
 
@@ -116,9 +117,7 @@ def _json_records(f: TextIO, path: str) -> Iterator[Any]:
         try:
             record = stream.value()
         except json.JSONDecodeError as e:
-            raise DataError(
-                f"{path}: record {index} is not valid JSON ({e.msg}); fix or remove it"
-            ) from None
+            raise DataError(f"{path}: record {index} is not valid JSON ({e.msg}); fix or remove it") from None
         yield record
         index += 1
 
@@ -135,9 +134,7 @@ def _text_of(record: Any, keys: tuple[str, ...], where: str) -> str:
     return text
 
 
-def iter_documents(
-    path: str, input_format: str, text_keys: tuple[str, ...] = TEXT_KEYS
-) -> Iterator[tuple[int, str]]:
+def iter_documents(path: str, input_format: str, text_keys: tuple[str, ...] = TEXT_KEYS) -> Iterator[tuple[int, str]]:
     """The documents of `path`, one at a time, in file order, each with where it is: its line
     number (txt, jsonl) or record index (json). A record's text is under the first of `text_keys`
     it has."""
@@ -233,9 +230,7 @@ def _why(text: str, error: Exception) -> str:
 def _input_format(path: str, input_format: str | None) -> str:
     fmt = input_format or os.path.splitext(path)[1].lstrip(".").lower()
     if fmt not in FORMATS:
-        raise ConfigError(
-            f"cannot tell the format of {path} from its extension; pass --input_format txt|json|jsonl"
-        )
+        raise ConfigError(f"cannot tell the format of {path} from its extension; pass --input_format txt|json|jsonl")
     return fmt
 
 
@@ -310,8 +305,7 @@ def _compare_with_baseline(args: argparse.Namespace, stats: Stats) -> bool:
             args.input_format,
         )
         same = all(
-            filecmp.cmp(baseline_bin + suffix, args.bin_output_path + suffix, shallow=False)
-            for suffix in ("", ".meta")
+            filecmp.cmp(baseline_bin + suffix, args.bin_output_path + suffix, shallow=False) for suffix in ("", ".meta")
         )
     print(
         f"baseline (one document at a time, 1 process): {base.tokens_per_second:,.0f} tokens/s "
@@ -326,12 +320,9 @@ def _compare_with_baseline(args: argparse.Namespace, stats: Stats) -> bool:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m titanlm.tools.tokenize",
-        description="Tokenize raw text into an InternEvo .bin + .bin.meta pair (BOS and EOS around each "
-        "document).",
+        description="Tokenize raw text into an InternEvo .bin + .bin.meta pair (BOS and EOS around each document).",
     )
-    parser.add_argument(
-        "--text_input_path", required=True, help="input: .txt (a document per line), .json or .jsonl"
-    )
+    parser.add_argument("--text_input_path", required=True, help="input: .txt (a document per line), .json or .jsonl")
     parser.add_argument(
         "--bin_output_path",
         required=True,

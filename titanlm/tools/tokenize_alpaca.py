@@ -171,9 +171,7 @@ def tokenize_alpaca(
     tokenizer = load_tokenizer(tokenizer_path, "the TOKENIZER argument")
     records = read_json_file(input_json)
     if not isinstance(records, list):
-        raise DataError(
-            f"{input_json} holds a {type(records).__name__}; expected a JSON array of Alpaca records"
-        )
+        raise DataError(f"{input_json} holds a {type(records).__name__}; expected a JSON array of Alpaca records")
     if not records:
         raise DataError(f"{input_json} holds no records")
     splits = written_splits(split_ratio)
@@ -207,8 +205,7 @@ def _encoded(tok: Tokenizer, record: dict, index: int, template: str, max_length
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m titanlm.tools.tokenize_alpaca",
-        description="Tokenize Alpaca records into masked SFT data: "
-        "OUTPUT_DIR/{train,valid}/en/dataset.bin(.meta).",
+        description="Tokenize Alpaca records into masked SFT data: OUTPUT_DIR/{train,valid}/en/dataset.bin(.meta).",
     )
     parser.add_argument("input_json", help='JSON array of {"instruction", "input", "output"} records')
     parser.add_argument("output_dir", help="folder that receives train/ and valid/")
@@ -246,9 +243,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         s = summary[split]
         share = s["masked_tokens"] / max(s["tokens"], 1)
-        print(
-            f"{split}: {s['documents']:,} samples, {s['tokens']:,} tokens ({share:.1%} masked prompt tokens)"
-        )
+        print(f"{split}: {s['documents']:,} samples, {s['tokens']:,} tokens ({share:.1%} masked prompt tokens)")
     return 0
 
 

@@ -353,9 +353,7 @@ def format_summary(summary: Summary, max_length: int, workers: int) -> list[str]
             "titanlm's loader trains on them (InternEvo's masks id 0)"
         )
     rate = summary.records / max(summary.seconds, 1e-9)
-    lines.append(
-        f"{summary.records:,} records in {summary.seconds:.2f} s ({rate:,.0f} records/s, {workers} workers)"
-    )
+    lines.append(f"{summary.records:,} records in {summary.seconds:.2f} s ({rate:,.0f} records/s, {workers} workers)")
     return lines
 
 
