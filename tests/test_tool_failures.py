@@ -1,4 +1,5 @@
-"""Operations that never hang and always say what happened (issue #12, items 1 and 8).
+"""Operations that never hang and always say what happened: tools check their inputs before any worker starts,
+write files with the user's permissions, and the trainer refuses bad settings in one line.
 
 Each test makes one failure the way a user meets it and checks the exit code, that stderr is one
 line naming the flag, key or file to fix (no traceback), and the files before and after: nothing
@@ -7,6 +8,7 @@ written, no temporary file left.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -23,9 +25,10 @@ from trainer_runs import REPO, TINY_ARGS, worker_env
 from titanlm.config import load_config
 from titanlm.data import ensure_demo_assets
 from titanlm.data.binmeta import BinMetaFolder, BinWriter
+from titanlm.errors import USER_ERROR_EXIT_CODE, DataError
 from titanlm.models.hf_checkpoint import write_safetensors
 from titanlm.plan import resolve
-from titanlm.tools import common, tokenize, tokenize_alpaca, tokenize_chat
+from titanlm.tools import common, convert, generate, inspect_data, plot, tokenize, tokenize_alpaca, tokenize_chat
 from titanlm.train import main as train_main
 
 pytestmark = pytest.mark.filterwarnings("ignore:'set_vital' is deprecated")
@@ -58,9 +61,10 @@ def _jsonl(path: Path, texts: list[str]) -> Path:
     return path
 
 
-# ---- item 1: the tokenizer is checked before any worker starts ------------------------------
+# ---- the tokenizer is checked before any worker starts ------------------------------
 
 
+@pytest.mark.slow
 def test_tokenize_with_a_missing_tokenizer_and_two_workers_exits_2_at_once(tmp_path: Path) -> None:
     source = _jsonl(tmp_path / "raw.jsonl", ["one", "two"])
     missing = tmp_path / "nope.model"
@@ -149,6 +153,7 @@ def _die_on_7(item: int) -> int:
     return item
 
 
+@pytest.mark.slow
 def test_a_text_a_worker_cannot_tokenize_mid_run_is_one_line_naming_its_line(
     tmp_path: Path, demo_tokenizer, capsys
 ) -> None:
@@ -196,7 +201,75 @@ def test_workers_below_1_are_refused_before_anything_is_read(tmp_path: Path, dem
     assert _tree(tmp_path) == ["raw.jsonl"]
 
 
-# ---- item 8: file modes ----------------------------------------------------------------------
+# ---- every tool's main goes through one wrapper: a user's error is one line and status 2 ---------
+
+
+def test_run_cli_prints_a_users_error_as_one_line_and_lets_a_bug_keep_its_traceback(capsys) -> None:
+    def main_raising(error: Exception) -> Callable[..., int]:
+        def main(argv: list[str] | None = None) -> int:
+            raise error
+
+        return common.run_cli(main)
+
+    assert main_raising(DataError("data.x is wrong;\nset it to y"))([]) == USER_ERROR_EXIT_CODE
+    assert capsys.readouterr().err == "error: data.x is wrong; set it to y\n"
+    assert main_raising(PermissionError(13, "Permission denied", "out.bin"))([]) == USER_ERROR_EXIT_CODE
+    assert capsys.readouterr().err == "error: [Errno 13] Permission denied: 'out.bin'\n"
+    with pytest.raises(KeyError, match="a bug"):
+        main_raising(KeyError("a bug"))([])
+    assert common.run_cli(lambda argv: 1)([]) == 1  # the tool's own exit code passes through
+
+
+def _tool_mains(tmp_path: Path) -> dict[str, tuple[Callable[[list[str]], int], list[str], str]]:
+    """Per tool: its main, arguments naming a file that does not exist, and what its one line says."""
+    absent = str(tmp_path / "absent")
+    return {
+        "tokenize": (
+            tokenize.main,
+            ["--text_input_path", absent, "--bin_output_path", str(tmp_path / "d.bin"), "--tokenizer_path", absent],
+            f"input {absent} does not exist; check --text_input_path",
+        ),
+        "tokenize_alpaca": (tokenize_alpaca.main, [absent, str(tmp_path / "o"), absent], f"input {absent} does not"),
+        "tokenize_chat": (
+            tokenize_chat.main,
+            [absent, str(tmp_path / "o"), absent, "--template", "internlm2"],
+            f"tokenizer {absent} is neither a tokenizer file nor a folder",
+        ),
+        "inspect_data": (inspect_data.main, [str(tmp_path), "--min_length", "-1"], "--min_length -1 is negative"),
+        "convert": (convert.main, ["hf_to_dcp", absent, str(tmp_path / "o")], f"'{absent}' is not an existing folder"),
+        "generate": (generate.main, ["--checkpoint", absent, "--prompt", "hi"], f"{absent} is not an existing folder"),
+        "plot": (plot.main, [absent, "-o", str(tmp_path / "c.png")], f"{absent}: no such metrics.jsonl file"),
+    }
+
+
+TOOLS = ("tokenize", "tokenize_alpaca", "tokenize_chat", "inspect_data", "convert", "generate", "plot")
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+def test_every_tool_says_a_users_error_in_one_line_with_status_2_and_keeps_a_bugs_traceback(
+    tmp_path: Path, capsys, monkeypatch, tool: str
+) -> None:
+    main, argv, line = _tool_mains(tmp_path)[tool]
+    assert main(argv) == 2
+    _one_line(capsys.readouterr().err, line)
+    assert _tree(tmp_path) == []
+
+    def fail_with(error: Exception) -> None:
+        monkeypatch.setattr(argparse.ArgumentParser, "parse_known_args", lambda *args, **kwargs: _raise(error))
+
+    fail_with(PermissionError(13, "Permission denied", "somewhere"))  # the file system's errors too
+    assert main(argv) == 2
+    _one_line(capsys.readouterr().err, "Permission denied: 'somewhere'")
+    fail_with(KeyError("a bug"))
+    with pytest.raises(KeyError, match="a bug"):
+        main(argv)
+
+
+def _raise(error: Exception) -> None:
+    raise error
+
+
+# ---- file modes follow the umask ----------------------------------------------------------------------
 
 
 @pytest.fixture(params=[0o022, 0o027], ids=["umask022", "umask027"])
@@ -261,7 +334,7 @@ def test_hf_safetensors_get_the_mode_of_a_plain_open(tmp_path: Path, umask: int)
         assert {oct(f.stat().st_mode & 0o777) for f in files} == {oct(0o666 & ~umask)}
 
 
-# ---- item 8: tokenize_alpaca never writes an empty split -------------------------------------
+# ---- tokenize_alpaca never writes an empty split -------------------------------------
 
 
 def _alpaca(tmp_path: Path, n: int) -> Path:
@@ -404,7 +477,7 @@ def test_alpaca_that_fails_finishing_a_split_leaves_the_earlier_splits_as_they_w
     assert sorted(os.listdir(tmp_path)) == ["alpaca.json", "out"]  # no staging folder left
 
 
-# ---- item 8: the trainer's refusals: data.valid_folder, data.min_length, float8 -------------------
+# ---- the trainer's refusals: data.valid_folder, data.min_length, float8 -------------------
 
 
 def _bin_data(root: Path) -> list[str]:
@@ -423,14 +496,29 @@ def _refused(tmp_path: Path, capsys, *argv: str) -> str:
 
 
 def test_a_missing_valid_folder_names_data_valid_folder(tmp_path: Path, capsys) -> None:
-    err = _refused(tmp_path, capsys, *_bin_data(tmp_path / "train"), "--data.valid_folder", str(tmp_path / "nope"))
+    nope = str(tmp_path / "nope")
+    err = _refused(
+        tmp_path, capsys, *_bin_data(tmp_path / "train"), "--data.valid_folder", nope, "--data.valid_every", "2"
+    )
     assert f"data folder {tmp_path / 'nope'} does not exist" in err and "check data.valid_folder" in err
     assert "data.train_folder" not in err
 
 
 def test_a_negative_min_length_names_data_min_length(tmp_path: Path, capsys) -> None:
-    err = _refused(tmp_path, capsys, *_bin_data(tmp_path / "train"), "--data.min_length", "-1")
-    assert "data.min_length = -1 is negative" in err
+    with pytest.raises(SystemExit) as info:
+        train_main(
+            [
+                *TINY_ARGS,
+                "--job.dump_folder",
+                str(tmp_path / "run"),
+                *_bin_data(tmp_path / "train"),
+                "--data.min_length",
+                "-1",
+            ]
+        )
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err == "config error: data.min_length must be >= 0 (0 = keep every document), got -1 (from CLI)\n"
 
 
 def test_float8_rowwise_with_float8_all_gather_is_refused_whatever_the_world_size(tmp_path: Path, capsys) -> None:
@@ -446,6 +534,7 @@ def test_float8_rowwise_with_float8_all_gather_is_refused_whatever_the_world_siz
     assert _ROWWISE_ALL_GATHER in _refused(tmp_path, capsys, *_ROWWISE_ALL_GATHER_FLAGS)  # one rank, through main
 
 
+@pytest.mark.slow
 @pytest.mark.multiprocess
 def test_float8_rowwise_with_float8_all_gather_is_refused_on_two_ranks_with_the_same_message(tmp_path: Path) -> None:
     command = [

@@ -162,6 +162,7 @@ def test_tokenize_json_file_holding_one_record(tmp_path, demo_tokenizer):
     assert data.num_documents == 1 and data.read(0).tolist() == build_tokenizer(demo_tokenizer).encode("just one")
 
 
+@pytest.mark.slow
 def test_tokenize_matches_internevo_loop_byte_for_byte_with_any_worker_count(tmp_path, demo_cache, monkeypatch):
     assets = ensure_demo_assets(str(demo_cache))
     monkeypatch.setattr(tokenize, "_CHUNK_DOCS", 64)  # many chunks, so the order of results matters
@@ -339,6 +340,7 @@ def test_inspect_data_reports_types_masks_and_samples(tmp_path, demo_tokenizer, 
     assert out.count("--- document") == 2 and "⟦<|User|>:Give 0 tips." in out and "<|Bot|>:⟧" in out
 
 
+@pytest.mark.slow
 def test_inspect_data_validate_exits_1_listing_problems(tmp_path, demo_tokenizer):
     assert _run_alpaca(tmp_path, _alpaca(5), demo_tokenizer, "--split_ratio", "0") == 0
     bin_path = tmp_path / "sft" / "train" / "en" / "dataset.bin"

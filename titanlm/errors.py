@@ -53,6 +53,10 @@ class UnsupportedError(TitanlmError, NotImplementedError):
     """A combination this build cannot honour on this device or torch."""
 
 
+class MissingExtraError(TitanlmError, ImportError):
+    """An optional package a feature needs is not installed; the message names the pip extra."""
+
+
 class TrainingDiverged(TitanlmError):
     """training.max_consecutive_skips steps in a row had an inf/NaN grad norm. Raised on every rank
     alike (the norm is global) at the end of the step, before that step could be saved."""

@@ -24,9 +24,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import jinja2
+from jinja2.ext import Extension, loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
 from titanlm.data.tokenizer import HuggingFaceTokenizer, Tokenizer
 from titanlm.errors import ConfigError, DataError
-from titanlm.files import read_text_file
+from titanlm.files import read_json_file, read_text_file
 
 ROLES = ("system", "user", "assistant")
 # The special tokens that end a reply in these formats (beside the tokenizer's eos): decoding stops there.
@@ -284,7 +288,6 @@ class HFChatTemplate:
     special_ids: frozenset[int]
 
     def text(self, messages: Sequence[Mapping[str, str]], generation_prompt: bool) -> str:
-        jinja2 = _jinja2()
         try:
             return _compile(self.source, self.origin).render(
                 messages=[dict(m) for m in messages],
@@ -349,35 +352,23 @@ class HFChatTemplate:
         return Chat(ids, spans)
 
 
-def _jinja2() -> Any:
-    try:
-        import jinja2
-    except ImportError:
-        raise ConfigError(
-            "the hf template is rendered with Jinja2, which is not installed: pip install jinja2"
-        ) from None
-    return jinja2
+class _Generation(Extension):
+    """`{% generation %}...{% endgeneration %}`, transformers' assistant marker: renders its body."""
+
+    tags = {"generation"}
+
+    def parse(self, parser: Any) -> Any:
+        line = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(line)
+
+    def _body(self, caller: Callable[[], str]) -> str:
+        return caller()
 
 
 @functools.lru_cache(maxsize=8)
 def _compile(source: str, origin: str) -> Any:
     """The template in transformers' sandboxed environment, with the helpers it gives templates."""
-    jinja2 = _jinja2()
-    from jinja2.ext import Extension, loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    class Generation(Extension):
-        """`{% generation %}...{% endgeneration %}`, transformers' assistant marker: renders its body."""
-
-        tags = {"generation"}
-
-        def parse(self, parser: Any) -> Any:
-            line = next(parser.stream).lineno
-            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(line)
-
-        def _body(self, caller: Callable[[], str]) -> str:
-            return caller()
 
     def raise_exception(message: str) -> None:
         raise jinja2.TemplateError(message)
@@ -387,7 +378,7 @@ def _compile(source: str, origin: str) -> Any:
     ) -> str:
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, loopcontrols])
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[_Generation, loopcontrols])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
@@ -400,11 +391,7 @@ def _compile(source: str, origin: str) -> Any:
 def _read_config(path: Path) -> dict:
     if not path.is_file():
         return {}
-    try:
-        config = json.loads(read_text_file(path))
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path} is not valid JSON ({e})") from None
-    return config if isinstance(config, dict) else {}
+    return read_json_file(path, DataError, "fix it, or copy the model's tokenizer files again", dict)
 
 
 def _content(value: Any) -> str | None:

@@ -18,8 +18,10 @@ from pathlib import Path
 
 import sentencepiece as spm
 import tiktoken
+import tokenizers
 
 from titanlm.errors import DataError, MissingFileError
+from titanlm.files import read_json_file
 from titanlm.models.hf_checkpoint import tokenizer_files
 
 _HINT = "set --model.tokenizer_path to a SentencePiece .model, tiktoken ranks file or HF tokenizer.json"
@@ -223,10 +225,8 @@ class HuggingFaceTokenizer(Tokenizer):
     _EOS_NAMES = ("<|end_of_text|>", "</s>", "<eos>", "<|endoftext|>")
 
     def __init__(self, path: str):
-        from tokenizers import Tokenizer as _HFTokenizer
-
         self.path = path
-        self._tok = _HFTokenizer.from_file(path)
+        self._tok = tokenizers.Tokenizer.from_file(path)
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         config = self._config(os.path.join(os.path.dirname(path), "tokenizer_config.json"))
         self.bos_id = self._find(config.get("bos_token"), self._BOS_NAMES)
@@ -238,8 +238,7 @@ class HuggingFaceTokenizer(Tokenizer):
     def _config(path: str) -> dict:
         if not os.path.isfile(path):
             return {}
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        return read_json_file(path, TokenizerFileError, "fix it, or copy the model's tokenizer files again", dict)
 
     def _find(self, configured: str | dict | None, names: tuple[str, ...]) -> int:
         if isinstance(configured, dict):

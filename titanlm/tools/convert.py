@@ -38,11 +38,11 @@ from titanlm.checkpoint.single_process import (
     read_model_state,
     single_process_dcp,
 )
-from titanlm.errors import TitanlmError
 from titanlm.models import FLAVORS, ModelArgs
 from titanlm.models.hf_adapter import ConversionError, flavor_differences
 from titanlm.models.hf_checkpoint import HF_INDEX
 from titanlm.models.spec import ModelSpec, read_hf_folder, write_record
+from titanlm.tools.common import run_cli
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # What each direction writes, so that --overwrite replaces exactly its own earlier output.
@@ -234,35 +234,32 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+@run_cli
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one conversion; an input it cannot use prints one line and exits with status 2."""
     options = _parser().parse_args(argv)
-    try:
-        if options.command == "hf_to_dcp":
-            spec = hf_to_dcp(options.hf_dir, options.out_dir, options.name, options.flavor, options.overwrite)
-            model = _matching_flavors(spec.args) or [f"--model.hf_path {options.hf_dir}"]
-            print(
-                f"wrote DCP checkpoint {options.out_dir} ({spec.family}, {spec.args.n_layers} layers, dim "
-                f"{spec.args.dim}{', tokenizer included' if spec.tokenizer_path else ', no tokenizer found'}); "
-                f"train from it with {' or '.join(model)} --checkpoint.initial_load_path {options.out_dir} "
-                "--checkpoint.load_content model"
-            )
-        else:
-            files = dcp_to_hf(
-                options.dcp_dir,
-                options.out_dir,
-                options.name,
-                options.flavor,
-                options.layout,
-                options.dtype,
-                options.max_shard_size,
-                options.overwrite,
-                options.tokenizer_path,
-            )
-            print(f"wrote {len(files)} files to {options.out_dir}")
-    except TitanlmError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    if options.command == "hf_to_dcp":
+        spec = hf_to_dcp(options.hf_dir, options.out_dir, options.name, options.flavor, options.overwrite)
+        model = _matching_flavors(spec.args) or [f"--model.hf_path {options.hf_dir}"]
+        print(
+            f"wrote DCP checkpoint {options.out_dir} ({spec.family}, {spec.args.n_layers} layers, dim "
+            f"{spec.args.dim}{', tokenizer included' if spec.tokenizer_path else ', no tokenizer found'}); "
+            f"train from it with {' or '.join(model)} --checkpoint.initial_load_path {options.out_dir} "
+            "--checkpoint.load_content model"
+        )
+    else:
+        files = dcp_to_hf(
+            options.dcp_dir,
+            options.out_dir,
+            options.name,
+            options.flavor,
+            options.layout,
+            options.dtype,
+            options.max_shard_size,
+            options.overwrite,
+            options.tokenizer_path,
+        )
+        print(f"wrote {len(files)} files to {options.out_dir}")
     return 0
 
 

@@ -27,15 +27,19 @@ from pathlib import Path
 
 import torch
 
+from titanlm.checkpoint import layout
+from titanlm.checkpoint.layout import Kind
 from titanlm.checkpoint.single_process import checked_checkpoint_spec, read_model_state
 from titanlm.data.chat_templates import CHAT_FORMATS, END_OF_TURN, render_chat
 from titanlm.data.tokenizer import Tokenizer, build_tokenizer
 from titanlm.errors import TitanlmError
+from titanlm.files import read_json_file, read_text_file
 from titanlm.generation import Completion, Sampling, generate, inference_model
 from titanlm.models import FLAVORS
 from titanlm.models.hf_adapter import StateDict
-from titanlm.models.hf_checkpoint import read_json, tokenizer_file
+from titanlm.models.hf_checkpoint import tokenizer_file
 from titanlm.models.spec import ModelSpec, read_hf_folder
+from titanlm.tools.common import run_cli
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -55,13 +59,13 @@ def load_checkpoint(
             f"--checkpoint {path} is not an existing folder; pass a Hugging Face model folder or a titanlm "
             "checkpoint folder"
         )
-    if (folder / ".metadata").is_file():
+    kind = layout.classify(str(folder))
+    if kind is Kind.DCP:
         spec, state = checked_checkpoint_spec(folder, name, flavor), read_model_state(folder)
-    elif (folder / "config.json").is_file():
+    elif kind is Kind.HF:
         spec, state = read_hf_folder(folder, name, flavor)
     else:
-        steps = [step for step in folder.glob("step-*") if step.name[5:].isdigit()]
-        latest = max(steps, key=lambda step: int(step.name[5:]), default=None)
+        latest = layout.step_dir(str(folder), layout.complete_steps(str(folder))[-1]) if kind is Kind.RUN else None
         fix = f"it holds trainer checkpoints: pass one, e.g. {latest}" if latest else "point it at one of those"
         raise GenerateError(
             f"--checkpoint {path} is neither a Hugging Face model folder (no config.json) nor a titanlm DCP "
@@ -99,7 +103,7 @@ def stop_ids(tok: Tokenizer, tokenizer_path: str) -> set[int]:
     ids |= {i for i in map(tok.token_id, END_OF_TURN) if i is not None}
     config = Path(tokenizer_path).parent / "generation_config.json"
     if config.is_file():
-        eos = read_json(config).get("eos_token_id")
+        eos = read_json_file(config, GenerateError, "fix or remove it", expect=dict).get("eos_token_id")
         ids |= set(eos) if isinstance(eos, list) else {eos} if isinstance(eos, int) else set()
     return ids
 
@@ -141,13 +145,7 @@ def _read_prompts(options: argparse.Namespace) -> list[str]:
             raise GenerateError(
                 f"--prompts_file {options.prompts_file} is not a file; pass a text file, one prompt a line"
             )
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise GenerateError(
-                f"--prompts_file {options.prompts_file} is not UTF-8 text ({e.reason}); convert it"
-            ) from None
-        prompts += [line for line in text.splitlines() if line.strip()]
+        prompts += [line for line in read_text_file(path, GenerateError).splitlines() if line.strip()]
     if not prompts:
         raise GenerateError("no prompt given; pass --prompt TEXT (repeatable) or --prompts_file FILE")
     return prompts
@@ -247,23 +245,20 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+@run_cli
 def main(argv: Sequence[str] | None = None) -> int:
     """Generate for every prompt; bad input prints one line on stderr and exits with status 2."""
     options = _parser().parse_args(argv)
-    try:
-        _check_options(options)
-        sampling = Sampling(options.max_new_tokens, options.temperature, options.top_k, options.top_p, options.seed)
-        texts = _read_prompts(options)
-        device, dtype = resolve_device(options.device, options.dtype)
-        spec, state = load_checkpoint(options.checkpoint, options.tokenizer_path, options.name, options.flavor)
-        tok = build_tokenizer(spec.tokenizer_path)
-        chat_format = (options.chat_format or spec.family) if options.chat else ""
-        prompts = encode_prompts(tok, texts, chat_format, options.system)
-        _check_prompts(prompts, spec)
-        stops = stop_ids(tok, spec.tokenizer_path)
-    except (TitanlmError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    _check_options(options)
+    sampling = Sampling(options.max_new_tokens, options.temperature, options.top_k, options.top_p, options.seed)
+    texts = _read_prompts(options)
+    device, dtype = resolve_device(options.device, options.dtype)
+    spec, state = load_checkpoint(options.checkpoint, options.tokenizer_path, options.name, options.flavor)
+    tok = build_tokenizer(spec.tokenizer_path)
+    chat_format = (options.chat_format or spec.family) if options.chat else ""
+    prompts = encode_prompts(tok, texts, chat_format, options.system)
+    _check_prompts(prompts, spec)
+    stops = stop_ids(tok, spec.tokenizer_path)
     model = inference_model(spec.args, state, device, dtype)
     del state
     print(

@@ -18,8 +18,8 @@ import numpy as np
 
 from titanlm.data.binmeta import BinMetaFolder, DataFormatError, validate_folder
 from titanlm.data.tokenizer import Tokenizer
-from titanlm.errors import ConfigError, TitanlmError
-from titanlm.tools.common import load_tokenizer
+from titanlm.errors import ConfigError
+from titanlm.tools.common import load_tokenizer, run_cli
 
 _MASK_SCAN_DOCUMENTS = 1000
 _SAMPLE_CHARS = 1000
@@ -96,6 +96,7 @@ def report(folder: BinMetaFolder, tokenizer: Tokenizer | None, samples: int) -> 
     return lines
 
 
+@run_cli
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m titanlm.tools.inspect_data", description=__doc__.split("\n")[0])
     parser.add_argument("root", metavar="ROOT", help="data folder holding type sub-folders (en, cn, code, ...)")
@@ -107,13 +108,9 @@ def main(argv: list[str] | None = None) -> int:
         "--full", action="store_true", help="with --validate: parse every line, not only the first and last"
     )
     args = parser.parse_args(argv)
-    try:
-        if args.min_length < 0:
-            raise ConfigError(f"--min_length {args.min_length} is negative; pass 0 (keep every document) or more")
-        tokenizer = load_tokenizer(args.tokenizer, "--tokenizer") if args.tokenizer else None
-    except (TitanlmError, OSError) as e:
-        print(f"error: {e}".replace("\n", " "), file=sys.stderr)
-        return 2
+    if args.min_length < 0:
+        raise ConfigError(f"--min_length {args.min_length} is negative; pass 0 (keep every document) or more")
+    tokenizer = load_tokenizer(args.tokenizer, "--tokenizer") if args.tokenizer else None
     vocab_size = tokenizer.vocab_size if tokenizer else None
     if args.validate:
         problems = validate_folder(args.root, vocab_size, full=args.full, setting="the ROOT argument")
@@ -125,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         folder = BinMetaFolder(args.root, args.min_length, vocab_size, setting="the ROOT argument")
         print("\n".join(report(folder, tokenizer, args.samples)))
-    except DataFormatError as e:
+    except DataFormatError as e:  # a folder with problems exits 1, as --validate does
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -27,8 +27,10 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from titanlm.errors import DataError, TitanlmError
+from titanlm.errors import DataError
+from titanlm.extras import require
 from titanlm.metrics import Run, read_runs
+from titanlm.tools.common import run_cli
 
 DEFAULT_KEYS = ("loss", "valid_loss")
 _PANEL_INCHES = (6.4, 4.2)
@@ -132,10 +134,7 @@ def plotted_keys(curves: list[Curves], keys: list[str]) -> tuple[list[str], list
 
 def figure(curves: list[Curves], keys: list[str], x: str = "step", smooth: int = 0):
     """A matplotlib Figure: one panel per key, one line per run (plus its moving average with `smooth`)."""
-    try:
-        import matplotlib
-    except ImportError:
-        raise PlotError("plotting needs matplotlib: pip install 'titanlm[plot]' (or pip install matplotlib)") from None
+    matplotlib = require("matplotlib", "plot", "plotting")
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
@@ -258,35 +257,32 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+@run_cli
 def main(argv: list[str] | None = None) -> int:
     """Plot (exit 0) or compare (exit 0 if equal, 1 if not); bad input prints one line and exits 2."""
     options = _parser().parse_intermixed_args(argv)
     keys = [k.strip() for k in options.keys.split(",") if k.strip()] if options.keys else None
-    try:
-        if options.compare and len(options.runs) != 2:
-            raise PlotError(f"--compare takes exactly two runs, got {len(options.runs)}")
-        curves = _with_unique_labels([load(spec) for spec in options.runs], options.runs)
-        for c in curves:
-            print(f"{c.label}: {c.note}")
-        if options.compare:
-            agree = True
-            for key in keys or ["loss"]:
-                lines, same = compare(*curves, key, options.tolerance)
-                print("\n".join(lines))
-                agree &= same
-            return 0 if agree else 1
-        present, notes = plotted_keys(curves, keys or list(DEFAULT_KEYS))
-        for note in notes:
-            print(f"note: {note}", file=sys.stderr)
-        if not present:
-            raise PlotError("nothing to plot")
-        fig = figure(curves, present, options.x, options.smooth)
-        os.makedirs(os.path.dirname(os.path.abspath(options.output)), exist_ok=True)
-        fig.savefig(options.output, dpi=DPI)
-        print(f"wrote {options.output}: {', '.join(present)} for {len(curves)} run(s)")
-    except TitanlmError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    if options.compare and len(options.runs) != 2:
+        raise PlotError(f"--compare takes exactly two runs, got {len(options.runs)}")
+    curves = _with_unique_labels([load(spec) for spec in options.runs], options.runs)
+    for c in curves:
+        print(f"{c.label}: {c.note}")
+    if options.compare:
+        agree = True
+        for key in keys or ["loss"]:
+            lines, same = compare(*curves, key, options.tolerance)
+            print("\n".join(lines))
+            agree &= same
+        return 0 if agree else 1
+    present, notes = plotted_keys(curves, keys or list(DEFAULT_KEYS))
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    if not present:
+        raise PlotError("nothing to plot")
+    fig = figure(curves, present, options.x, options.smooth)
+    os.makedirs(os.path.dirname(os.path.abspath(options.output)), exist_ok=True)
+    fig.savefig(options.output, dpi=DPI)
+    print(f"wrote {options.output}: {', '.join(present)} for {len(curves)} run(s)")
     return 0
 
 

@@ -38,8 +38,8 @@ import numpy as np
 
 from titanlm.data.binmeta import BinWriter, encode_line
 from titanlm.data.tokenizer import Tokenizer
-from titanlm.errors import ConfigError, DataError, MissingFileError, TitanlmError
-from titanlm.tools.common import check_workers, load_tokenizer, ordered_map
+from titanlm.errors import ConfigError, DataError, MissingFileError
+from titanlm.tools.common import check_workers, load_tokenizer, ordered_map, run_cli
 
 FORMATS = ("txt", "json", "jsonl")
 TEXT_KEYS = ("content", "text")  # read in this order; InternEvo's tool reads "content"
@@ -139,7 +139,7 @@ def iter_documents(path: str, input_format: str, text_keys: tuple[str, ...] = TE
     number (txt, jsonl) or record index (json). A record's text is under the first of `text_keys`
     it has."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # a byte-order mark is allowed
             if input_format == "txt":
                 yield from ((line_no, s) for line_no, line in enumerate(f, start=1) if (s := line.strip()))
             elif input_format == "jsonl":
@@ -317,6 +317,7 @@ def _compare_with_baseline(args: argparse.Namespace, stats: Stats) -> bool:
     return same
 
 
+@run_cli
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m titanlm.tools.tokenize",
@@ -350,19 +351,15 @@ def main(argv: list[str] | None = None) -> int:
         "the same bytes and print both speeds",
     )
     args = parser.parse_args(argv)
-    try:
-        stats = tokenize_file(
-            args.text_input_path,
-            args.bin_output_path,
-            args.tokenizer_path,
-            args.text_key,
-            args.workers,
-            args.input_format,
-            args.overwrite,
-        )
-    except (TitanlmError, OSError) as e:
-        print(f"error: {e}".replace("\n", " "), file=sys.stderr)  # one line, whatever a library says
-        return 2
+    stats = tokenize_file(
+        args.text_input_path,
+        args.bin_output_path,
+        args.tokenizer_path,
+        args.text_key,
+        args.workers,
+        args.input_format,
+        args.overwrite,
+    )
     print(
         f"wrote {stats.documents:,} documents, {stats.tokens:,} tokens to {args.bin_output_path} (+ .meta) "
         f"in {stats.seconds:.2f} s: {stats.tokens_per_second:,.0f} tokens/s with {args.workers} workers"

@@ -19,139 +19,24 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
-import tempfile
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
-from pathlib import Path
+from contextlib import ExitStack
 
-import numpy as np
-
-from titanlm.data.binmeta import BinWriter, OutputExistsError
+from titanlm.data.binmeta import BinWriter
 from titanlm.data.chat_templates import TEMPLATES, encode_alpaca
 from titanlm.data.tokenizer import Tokenizer
-from titanlm.errors import ConfigError, DataError, MissingFileError, TitanlmError
-from titanlm.files import give_default_mode
-from titanlm.tools.common import load_tokenizer, read_json_file
-
-SPLITS = ("train", "valid")
-
-
-def split_indices(n: int, split_ratio: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train, valid) record indices, sorted, disjoint, covering 0..n-1; valid has round(n * ratio).
-
-    A split is empty only when asked for (ratio 0: no valid; ratio 1: no train): a ratio that
-    rounds one of them to no record is refused, as an empty split would fail only later, in training.
-    """
-    _check_ratio(split_ratio)
-    if seed < 0:
-        raise ConfigError(f"--seed must be >= 0, got {seed}")
-    num_valid = round(n * split_ratio)
-    if split_ratio > 0 and num_valid == 0:
-        fix = f"--split_ratio {1 / n:.3g} or more for at least one record" if n > 1 else "--split_ratio 1 (valid only)"
-        raise ConfigError(
-            f"--split_ratio {split_ratio} puts round({n} x {split_ratio}) = 0 of the {n} records into valid, so "
-            f"the validation split would be empty; pass {fix}, or --split_ratio 0 to write no validation split"
-        )
-    if split_ratio < 1 and num_valid == n:
-        raise ConfigError(
-            f"--split_ratio {split_ratio} puts all {n} records into valid, so the train split would be empty; "
-            "lower --split_ratio, or pass --split_ratio 1 to write only a validation split"
-        )
-    order = np.random.default_rng(seed).permutation(n)
-    return np.sort(order[num_valid:]), np.sort(order[:num_valid])
-
-
-def written_splits(split_ratio: float) -> list[str]:
-    """The splits written: both, or train alone for ratio 0, valid alone for ratio 1 (`split_indices`
-    refuses a ratio that would leave one of both empty)."""
-    _check_ratio(split_ratio)
-    return [split for split in SPLITS if (split_ratio < 1 if split == "train" else split_ratio > 0)]
-
-
-def not_written(split: str) -> str:
-    """What the summary says of a split `written_splits` leaves out."""
-    return f"{split}: not written (--split_ratio {0 if split == 'valid' else 1})"
-
-
-def _check_ratio(split_ratio: float) -> None:
-    if not 0.0 <= split_ratio <= 1.0:
-        raise ConfigError(f"--split_ratio {split_ratio} is not in [0, 1]")
-
-
-# ---- writing the splits: OUTPUT_DIR/SPLIT/en/dataset.bin(.meta), all at once ----------------
-
-
-def _split_files(output_dir: str | Path, split: str) -> tuple[Path, Path]:
-    target = Path(output_dir) / split / "en" / "dataset.bin"
-    return target, Path(f"{target}.meta")
-
-
-def check_outputs(output_dir: str, splits: list[str], overwrite: bool) -> None:
-    """Unless `overwrite`, refuse to replace the files of the `splits` written, or to leave those of
-    a split not written beside them, from an earlier run."""
-    if overwrite:
-        return
-    for split in SPLITS:
-        for path in _split_files(output_dir, split):
-            if not path.exists():
-                continue
-            if split in splits:
-                raise OutputExistsError(f"{path} already exists; pass --overwrite to replace it")
-            raise OutputExistsError(
-                f"{path} is left from an earlier run, and this run writes no {split} split; "
-                "pass --overwrite to remove it, or write to another folder"
-            )
-
-
-@contextmanager
-def staged_splits(output_dir: str, splits: list[str]) -> Iterator[dict[str, str]]:
-    """The .bin path of each split in `splits`, in a temporary folder beside `output_dir` that is moved
-    into place when the block ends without an error, with the modes a plain `open` and `mkdir` would
-    give it; after an error it goes. Moving into place replaces the splits written and removes the
-    files of the others (`check_outputs` comes first)."""
-    out = Path(output_dir)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=_existing_ancestor(out)))
-    try:
-        give_default_mode(staging)  # mkdtemp's 0700 would stay on OUTPUT_DIR after the rename
-        staged = {split: staging / split / "en" / "dataset.bin" for split in splits}
-        yield {split: str(path) for split, path in staged.items()}
-        _move_into_place(staging, out, staged)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def _existing_ancestor(path: Path) -> Path:
-    """The folder the staging folder goes in: beside `path` when its parent exists, so that the final
-    rename stays on one file system, else in its nearest existing ancestor."""
-    folder = path.absolute().parent
-    while not folder.is_dir():
-        folder = folder.parent
-    return folder
-
-
-def _move_into_place(staging: Path, out: Path, staged: dict[str, Path]) -> None:
-    if not out.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staging.rename(out)
-        return
-    # A split not written goes first, so that an interruption never leaves it beside a new one.
-    for split in SPLITS:
-        if split not in staged:
-            target, meta = _split_files(out, split)
-            meta.unlink(missing_ok=True)  # the meta first, as BinWriter publishes it last
-            target.unlink(missing_ok=True)
-            for folder in (target.parent, target.parent.parent):
-                try:
-                    folder.rmdir()
-                except OSError:  # not empty, or not there
-                    break
-    for split, path in staged.items():
-        target, meta = _split_files(out, split)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(path, target)
-        os.replace(f"{path}.meta", meta)  # meta last, as BinWriter does
+from titanlm.errors import DataError, MissingFileError, TitanlmError
+from titanlm.files import read_json_file
+from titanlm.tools.common import (
+    SPLITS,
+    check_outputs,
+    load_tokenizer,
+    not_written,
+    run_cli,
+    split_indices,
+    staged_splits,
+    written_splits,
+)
 
 
 def tokenize_alpaca(
@@ -169,7 +54,7 @@ def tokenize_alpaca(
     if not os.path.isfile(input_json):
         raise MissingFileError(f"input {input_json} does not exist")
     tokenizer = load_tokenizer(tokenizer_path, "the TOKENIZER argument")
-    records = read_json_file(input_json)
+    records = read_json_file(input_json, fix="fix the array")
     if not isinstance(records, list):
         raise DataError(f"{input_json} holds a {type(records).__name__}; expected a JSON array of Alpaca records")
     if not records:
@@ -202,6 +87,7 @@ def _encoded(tok: Tokenizer, record: dict, index: int, template: str, max_length
         ) from None
 
 
+@run_cli
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m titanlm.tools.tokenize_alpaca",
@@ -223,20 +109,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the train/valid split")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     args = parser.parse_args(argv)
-    try:
-        summary = tokenize_alpaca(
-            args.input_json,
-            args.output_dir,
-            args.tokenizer,
-            args.split_ratio,
-            args.template,
-            args.max_length,
-            args.seed,
-            args.overwrite,
-        )
-    except (TitanlmError, OSError) as e:
-        print(f"error: {e}".replace("\n", " "), file=sys.stderr)  # one line, whatever a library says
-        return 2
+    summary = tokenize_alpaca(
+        args.input_json,
+        args.output_dir,
+        args.tokenizer,
+        args.split_ratio,
+        args.template,
+        args.max_length,
+        args.seed,
+        args.overwrite,
+    )
     for split in SPLITS:
         if split not in summary:
             print(not_written(split))

@@ -15,10 +15,10 @@ and tiktoken files, added tokens for a tokenizer.json).
 
 Writes OUT_DIR/train/en/dataset.bin(.meta) and OUT_DIR/valid/en/dataset.bin(.meta), int64 metas as
 `tokenize_alpaca` writes them: each assistant reply and its end-of-turn token stored as positive ids
-(trained), every other token negated (input only). The split is `tokenize_alpaca`'s: a seeded
-permutation puts round(records * split_ratio) records in valid, each split keeps input order;
---split_ratio 0 writes train only, 1 valid only, and a ratio that leaves a split with no record
-is refused.
+(trained), every other token negated (input only). The split is `tokenize_alpaca`'s (both use
+`titanlm.tools.common`'s): a seeded permutation puts round(records * split_ratio) records in valid,
+each split keeps input order; --split_ratio 0 writes train only, 1 valid only, and a ratio that
+leaves a split with no record is refused.
 
 A conversation longer than --max_length loses whole trailing turns (it ends after the last reply
 that fits); if even its first reply does not fit, that reply is cut at --max_length, and if the
@@ -59,13 +59,17 @@ from titanlm.data.chat_templates import (
     render_chat,
 )
 from titanlm.data.tokenizer import Tokenizer
-from titanlm.errors import ConfigError, DataError, MissingFileError, TitanlmError
+from titanlm.errors import ConfigError, DataError, MissingFileError
+from titanlm.files import read_json_file
 from titanlm.models.hf_checkpoint import tokenizer_file
-from titanlm.tools.common import check_workers, load_tokenizer, ordered_map, read_json_file
-from titanlm.tools.tokenize_alpaca import (
+from titanlm.tools.common import (
     SPLITS,
     check_outputs,
+    check_workers,
+    load_tokenizer,
     not_written,
+    ordered_map,
+    run_cli,
     split_indices,
     staged_splits,
     written_splits,
@@ -150,7 +154,7 @@ def read_records(path: str) -> tuple[int, Iterator[tuple[str, str | None, Any]]]
     with open(path, "rb") as f:
         first = f.read(4096).removeprefix(b"\xef\xbb\xbf").lstrip()[:1]
     if first == b"[":
-        records = read_json_file(path)
+        records = read_json_file(path, fix="fix the array")
         items = ((f"{path} record {number}", None, r) for number, r in enumerate(records, start=1))
         return len(records), items
     count = sum(1 for _ in _jsonl_lines(path))
@@ -357,6 +361,7 @@ def format_summary(summary: Summary, max_length: int, workers: int) -> list[str]
     return lines
 
 
+@run_cli
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m titanlm.tools.tokenize_chat",
@@ -393,22 +398,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     args = parser.parse_args(argv)
-    try:
-        summary = tokenize_chat(
-            args.input,
-            args.output_dir,
-            args.tokenizer,
-            args.template,
-            args.split_ratio,
-            args.max_length,
-            args.seed,
-            args.system,
-            args.workers,
-            args.overwrite,
-        )
-    except (TitanlmError, OSError) as e:
-        print(f"error: {e}".replace("\n", " "), file=sys.stderr)  # one line, whatever a library says
-        return 2
+    summary = tokenize_chat(
+        args.input,
+        args.output_dir,
+        args.tokenizer,
+        args.template,
+        args.split_ratio,
+        args.max_length,
+        args.seed,
+        args.system,
+        args.workers,
+        args.overwrite,
+    )
     print("\n".join(format_summary(summary, args.max_length, args.workers)))
     return 0
 
