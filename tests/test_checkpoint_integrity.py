@@ -120,6 +120,7 @@ def test_a_checkpoint_without_manifest_that_dcp_cannot_read_is_one_line(saved, t
     assert "\n" not in str(error.value) and "Traceback" not in str(error.value)
 
 
+@pytest.mark.slow
 def test_a_full_disk_stops_with_one_line_removes_its_partial_save_and_keeps_the_last_checkpoint(
     saved, tmp_path
 ) -> None:
@@ -174,7 +175,7 @@ def test_an_async_save_on_a_full_disk_stops_the_run_at_the_next_step_boundary(tm
     from trainer_runs import TINY_ARGS
 
     from titanlm.config import load_config
-    from titanlm.train import Trainer
+    from titanlm.train import build_trainer
 
     dump = tmp_path / "run"
     cfg = load_config(
@@ -189,7 +190,7 @@ def test_an_async_save_on_a_full_disk_stops_the_run_at_the_next_step_boundary(tm
             str(dump),
         ]
     )
-    trainer = Trainer(cfg)
+    trainer = build_trainer(cfg)
     try:
         with full_disk(during="step-4.tmp-"), pytest.raises(CheckpointError, match=r"is full .* saving step-4 failed"):
             trainer.train()
@@ -199,6 +200,7 @@ def test_an_async_save_on_a_full_disk_stops_the_run_at_the_next_step_boundary(tm
     assert names(dump / "checkpoint") == ["step-2"]
 
 
+@pytest.mark.slow
 def test_the_newest_checkpoint_before_skipped_steps_survives_keep_latest_k(tmp_path, monkeypatch) -> None:
     import titanlm.update
 
@@ -227,6 +229,7 @@ def test_the_newest_checkpoint_before_skipped_steps_survives_keep_latest_k(tmp_p
     assert manifest.read_manifest(str(tmp_path / "checkpoint" / "step-5"))["consecutive_skips"] == 3
 
 
+@pytest.mark.slow
 def test_a_second_job_on_the_folder_is_refused_naming_the_holder_and_a_dead_holder_is_taken_over(
     tmp_path, caplog
 ) -> None:
@@ -260,6 +263,7 @@ def test_a_second_job_on_the_folder_is_refused_naming_the_holder_and_a_dead_hold
     assert LOCK_FILE not in names(tmp_path)
 
 
+@pytest.mark.slow
 def test_the_lock_is_exclusive_between_processes_and_released_with_the_process(tmp_path) -> None:
     FolderLock(str(tmp_path), "job.dump_folder").acquire()  # this process holds it
     probe = (
@@ -318,6 +322,7 @@ def test_two_ranks_agree_on_a_damaged_shard_and_on_one_rank_s_full_disk(tmp_path
     assert names(tmp_path / "full" / "checkpoint") == ["step-1"]
 
 
+@pytest.mark.slow
 def test_export_and_generate_refuse_a_damaged_checkpoint_in_one_line(saved, tmp_path) -> None:
     run = copy_of(saved, tmp_path)
     step = run / "checkpoint" / "step-5"

@@ -20,9 +20,9 @@ import torch
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 from trainer_runs import REPO, TINY_ARGS, read_metrics, run_in_process, worker_env
 
-from titanlm.checkpoint.stop import Action, StopRequests
 from titanlm.distributed import init_distributed, report_error
 from titanlm.launch import Relay, failure_code
+from titanlm.stop import Action, StopRequests
 
 CONFIG = ["--job.config_file", str(REPO / "train_configs" / "debug_model.toml")]  # run_train.sh's default
 # Runs until a signal stops it, and saves only then.
@@ -261,6 +261,7 @@ def test_workers_stop_when_their_launchers_process_group_is_killed(tmp_path, lau
     assert complete_steps(tmp_path / "run") == [read_metrics(tmp_path / "run")[-1]["step"]]
 
 
+@pytest.mark.slow
 def test_a_worker_whose_launcher_died_exits_after_the_grace_even_if_it_cannot_stop(tmp_path) -> None:
     """A worker blocked where its stop request is never acted on (here: SIGTERM ignored) still exits."""
     worker = (
@@ -300,6 +301,7 @@ def assert_the_worker_gets_sigterm_when_killed(launcher: subprocess.Popen, pid: 
             os.kill(pid, signal.SIGKILL)
 
 
+@pytest.mark.slow
 def test_a_worker_behind_a_wrapper_process_runs_and_stops_when_the_launcher_dies() -> None:
     """nsys, a shell script or a --no-python wrapper between the launcher and python is not a dead launcher."""
     worker = (
@@ -327,13 +329,15 @@ def test_a_worker_behind_a_wrapper_process_runs_and_stops_when_the_launcher_dies
     assert_the_worker_gets_sigterm_when_killed(launcher, pid)
 
 
+@pytest.mark.slow
 def test_ctrl_c_is_a_stop_request_and_a_second_one_aborts(tmp_path) -> None:
     script = (
         "import os, signal, time, torch\n"
         "from titanlm.distributed import init_distributed\n"
-        "from titanlm.checkpoint.stop import Action, StopRequests\n"
+        "from titanlm.stop import Action, StopRequests\n"
         "init_distributed()\n"
         f"stop = StopRequests({str(tmp_path / 'STOP')!r}, True, torch.device('cpu'))\n"
+        "stop.listen()\n"
         "os.kill(os.getpid(), signal.SIGINT)\n"
         "assert stop.poll(1) == Action.SAVE_AND_STOP and stop.exit_code == 130\n"
         "os.kill(os.getpid(), signal.SIGINT)\n"
@@ -352,6 +356,7 @@ def test_a_torchrun_worker_takes_every_sigint_as_a_stop_request(tmp_path, monkey
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
     init_distributed()
     stop = StopRequests(str(tmp_path / "STOP"), True, torch.device("cpu"))
+    stop.listen()
     try:
         os.kill(os.getpid(), signal.SIGINT)
         os.kill(os.getpid(), signal.SIGINT)

@@ -2,7 +2,7 @@
 arguments (scripts/run_train.sh runs it) and runs torchrun's agent in this process, with three changes.
 
 - SIGTERM and SIGUSR1 (scancel, `sbatch --signal`) are relayed to the workers, which save after their
-  current step and stop (titanlm/checkpoint/stop.py); the launcher waits for them however long the save
+  current step and stop (titanlm/stop.py); the launcher waits for them however long the save
   takes and exits 0. torchrun would kill them after a 30 s grace and exit 1, and dies at once on SIGUSR1.
 - Ctrl-C (SIGINT) is relayed the same way and the launcher exits 130; a second Ctrl-C kills the workers
   and exits 130 at once, without the restarts --max-restarts would allow.

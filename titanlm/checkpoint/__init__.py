@@ -1,4 +1,4 @@
-"""Checkpointing through torch.distributed.checkpoint (DCP): save, resume exactly, stop on request."""
+"""Checkpointing through torch.distributed.checkpoint (DCP): save, resume exactly, start from other weights."""
 
 from titanlm.checkpoint.content import PARTS, CheckpointError
 from titanlm.checkpoint.manager import CheckpointManager

@@ -44,23 +44,17 @@ from titanlm.checkpoint.single_process import unreadable_reason
 from titanlm.checkpoint.train_state import TrainState
 from titanlm.errors import CheckpointError
 from titanlm.models.flavors import ModelArgs
-from titanlm.models.hf_adapter import flavor_differences
-from titanlm.models.hf_checkpoint import read_hf_model
+from titanlm.models.hf_adapter import check_model_matches
+from titanlm.models.hf_checkpoint import Mismatch, mismatch_line, natural_key, read_hf_model, tensor_mismatch
 from titanlm.plan import CHECKPOINT_PARTS
 
 logger = logging.getLogger("titanlm")
 
 PARTS = CHECKPOINT_PARTS
 _DATA_KEY = "dp_rank_"
-_LISTED = 8  # keys named per kind of mismatch; the rest are counted
 # Optimizer entries keyed per parameter ("state.<fqn>.exp_avg", "param_groups.<fqn>.lr"), not per param
 # group: a group's list of parameters differs between pipeline stages but would be saved under one key.
 _OPTIMIZER = StateDictOptions(flatten_optimizer_state_dict=True)
-
-
-def _listing(keys: list[str]) -> str:
-    more = f" (+{len(keys) - _LISTED} more)" if len(keys) > _LISTED else ""
-    return ", ".join(keys[:_LISTED]) + more
 
 
 def _leaves(tree: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
@@ -163,12 +157,8 @@ class TrainingContent:
                 "set checkpoint.load_content = model"
             )
         hf_args, state = read_hf_model(path)
-        differences = flavor_differences(hf_args, args)
-        if differences:
-            raise CheckpointError(
-                f"the Hugging Face model in {path} is not this run's model ({'; '.join(differences)}); start from "
-                "weights of the same architecture, or set model.hf_path to that folder"
-            )
+        fix = "start from weights of the same architecture, or set model.hf_path to that folder"
+        check_model_matches("this run's model", args, f"the Hugging Face model in {path}", hf_args, fix)
         mine = set(get_model_state_dict(self.model))  # a pipeline stage holds only its own layers
         state = {key: value for key, value in state.items() if key in mine}
         set_model_state_dict(self.model, state, options=StateDictOptions(full_state_dict=True))
@@ -222,6 +212,13 @@ class TrainingContent:
         return state
 
 
+def _shape(value: Any) -> tuple[int, ...]:
+    """The shape of a tensor, or of its stored metadata; () for anything else (bytes, counters)."""
+    if isinstance(value, TensorStorageMetadata):
+        return tuple(value.size)
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else ()
+
+
 def _check_fits(path: str, saved: Mapping[str, Any], target: dict[str, Any]) -> None:
     """Raise one CheckpointError listing every entry the checkpoint lacks, every tensor it holds in
     another shape, and every model tensor it holds that the model (all ranks' parts) does not have.
@@ -229,25 +226,23 @@ def _check_fits(path: str, saved: Mapping[str, Any], target: dict[str, Any]) -> 
     A collective: under pipeline parallelism each rank holds only some layers, and every rank must
     take the same decision, or the ones that go on would wait for the others in dcp.load.
     """
-    wanted = dict(_leaves(target))
-    local = {
-        "missing": [key for key in wanted if key not in saved],
-        "shape differs": [
-            f"{key} (checkpoint {list(saved[key].size)}, this run {list(value.shape)})"
-            for key, value in wanted.items()
-            if isinstance(saved.get(key), TensorStorageMetadata) and saved[key].size != value.shape
-        ],
-        "model": [key for key in wanted if key.startswith("model.")],
+    wanted = {key: _shape(value) for key, value in _leaves(target)}
+    # Saved entries this load does not take (parts not asked for, other DP ranks' data) are no mismatch.
+    models = "model" in target
+    stored = {key: _shape(meta) for key, meta in saved.items() if key in wanted or models and key.startswith("model.")}
+    reports: list[Mismatch] = [{} for _ in range(dist.get_world_size())]
+    dist.all_gather_object(reports, tensor_mismatch(stored, wanted))
+    # Missing or misshapen on any rank is so for the run; unexpected only when no rank's part has it.
+    found = {
+        "missing keys": sorted({key for r in reports for key in r["missing keys"]}, key=natural_key),
+        "unexpected keys": sorted(set.intersection(*(set(r["unexpected keys"]) for r in reports)), key=natural_key),
+        "wrong shapes": sorted({key for r in reports for key in r["wrong shapes"]}, key=natural_key),
     }
-    reports: list[dict[str, list[str]]] = [{} for _ in range(dist.get_world_size())]
-    dist.all_gather_object(reports, local)
-    found = {label: list(dict.fromkeys(k for r in reports for k in r[label])) for label in local}
-    model_keys = set(found.pop("model"))
-    if "model" in target:
-        found["not in this model"] = [key for key in saved if key.startswith("model.") and key not in model_keys]
-    problems = [f"{label}: {_listing(keys)}" for label, keys in found.items() if keys]
-    if problems:
-        raise CheckpointError(
-            f"{path} does not fit this run; {'; '.join(problems)}. Was it saved with another model.name or "
-            "model.flavor? Use the saving run's model settings, or convert the checkpoint"
-        )
+    line = mismatch_line(
+        f"the entries of {path}",
+        found,
+        "Was it saved with another model.name or model.flavor? Use the saving run's model settings, or convert "
+        "the checkpoint",
+    )
+    if line:
+        raise CheckpointError(line)

@@ -122,3 +122,30 @@ class FolderLock:
         self._file.close()
         self._file = None
         _held.pop(self._path, None)
+
+
+def lock_run_folders(dump_folder: str, checkpoint_folder: str | None) -> list[FolderLock]:
+    """Lock the dump folder (metrics, logs) and, when it lies elsewhere, the checkpoint folder (None with
+    checkpoints off): both, or neither and an error naming the setting of the folder that failed."""
+    folders = [("job.dump_folder", dump_folder)]
+    if checkpoint_folder is not None:
+        inside = os.path.commonpath([os.path.abspath(checkpoint_folder), os.path.abspath(dump_folder)])
+        if inside != os.path.abspath(dump_folder):
+            folders.append(("checkpoint.folder", checkpoint_folder))
+    locks: list[FolderLock] = []
+    try:
+        for key, folder in folders:
+            lock = FolderLock(folder, key)
+            try:
+                lock.acquire()
+            except OSError as error:
+                raise CheckpointError(
+                    f"{key} {folder} is not writable ({error.strerror}); fix its permissions or set {key} to "
+                    "a folder this job can write"
+                ) from None
+            locks.append(lock)
+    except BaseException:
+        for lock in locks:
+            lock.release()
+        raise
+    return locks

@@ -7,14 +7,24 @@ that transformers' AutoModelForCausalLM and AutoTokenizer load as they are.
 from __future__ import annotations
 
 import json
+import logging
+import os
+import shutil
+import time
 from pathlib import Path
 
 import torch
 
+from titanlm.checkpoint import layout
+from titanlm.checkpoint.diagnosis import failure_line, file_system_failure
+from titanlm.checkpoint.single_process import read_model_state
 from titanlm.data.tokenizer import export_hf_tokenizer
+from titanlm.errors import CheckpointError
 from titanlm.models.hf_adapter import NATIVE_MODEL_TYPE, ConversionError, StateDict, hf_config, to_hf
 from titanlm.models.hf_checkpoint import write_safetensors
 from titanlm.models.spec import ModelSpec
+
+logger = logging.getLogger("titanlm")
 
 LAYOUTS = ("llama", "native")
 
@@ -48,3 +58,24 @@ def export_hf_folder(
     written += write_safetensors(hf_state, out_dir, shard_bytes)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return [*written, out_dir / "config.json"]
+
+
+def export_final(saved: str, folder: str, step: int, attempt: str, spec: ModelSpec, dtype: torch.dtype) -> None:
+    """checkpoint.last_save_in_hf, on rank 0: the checkpoint `saved` of step `step` as the Hugging Face
+    folder step-N-hf of the checkpoint folder `folder`, written in this `attempt`'s .tmp folder and
+    published like a save. A file-system failure removes the .tmp folder and raises its one line."""
+    started = time.perf_counter()
+    final = layout.hf_dir(folder, step)
+    tmp = layout.tmp_dir(final, attempt)
+    try:
+        os.makedirs(tmp)
+        export_hf_folder(read_model_state(saved), spec, Path(tmp), dtype)
+    except BaseException as error:
+        failure = file_system_failure(error, folder) if isinstance(error, (OSError, RuntimeError)) else None
+        shutil.rmtree(tmp, ignore_errors=True)
+        if failure is None:
+            raise
+        retry = f"export it with python -m titanlm.tools.convert dcp_to_hf {saved} {final}"
+        raise CheckpointError(failure_line(folder, step, *failure, "exporting", retry)) from None
+    layout.publish(tmp, final)
+    logger.info(f"exported {final} for transformers in {time.perf_counter() - started:.1f}s")

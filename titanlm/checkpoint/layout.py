@@ -14,11 +14,13 @@ are on disk, so a complete-looking name is always a complete checkpoint: a renam
 POSIX file systems. Nothing here deletes a `.tmp`: whether it is a crash's leftover or another
 job's live save is not knowable from its name, so it is reported and left for a person. Only
 complete checkpoints are removed, by keep_latest_k, and they lose their name before their files.
-These functions touch the file system; the manager calls them on rank 0 only.
+These functions touch the file system; the manager calls them on rank 0 only, but for `classify`,
+which every rank asks of the folder it is about to read.
 """
 
 from __future__ import annotations
 
+import enum
 import os
 import re
 import shutil
@@ -57,12 +59,21 @@ def leftovers(folder: str) -> list[str]:
     return sorted(entry.name for entry in os.scandir(folder) if _OURS.fullmatch(entry.name))
 
 
-def is_dcp_checkpoint(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, METADATA))
+class Kind(enum.Enum):
+    DCP = "a DCP checkpoint"  # step-N, step-N-model or a converted model: DCP wrote its .metadata last
+    RUN = "a run's checkpoint folder"  # holds step-N folders
+    HF = "a Hugging Face model folder"  # config.json or safetensors
+    NONE = "none of these"  # also a path that is no folder
 
 
-def looks_like_hf_model(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, "config.json")) or any(Path(path).glob("*.safetensors"))
+def classify(path: str) -> Kind:
+    """What kind of folder `path` is, the one answer every loader and tool acts on. A folder that is
+    both (a converted model keeping an HF file) is read as DCP, the format titanlm writes."""
+    if os.path.isfile(os.path.join(path, METADATA)):
+        return Kind.DCP
+    if os.path.isfile(os.path.join(path, "config.json")) or any(Path(path).glob("*.safetensors")):
+        return Kind.HF
+    return Kind.RUN if complete_steps(path) else Kind.NONE
 
 
 def publish(tmp: str, final: str) -> None:

@@ -22,6 +22,9 @@ import zlib
 from pathlib import Path
 from typing import Any
 
+from titanlm.errors import CheckpointError
+from titanlm.files import read_json_file
+
 MANIFEST = "titanlm_manifest.json"
 FORMAT = 1
 _CHUNK = 16 << 20
@@ -78,15 +81,14 @@ def read_manifest(folder: str) -> dict[str, Any] | None:
     if not os.path.isfile(path):
         return None
     try:
-        with open(path, encoding="utf-8") as f:
-            manifest = json.load(f)
+        manifest = read_json_file(path, CheckpointError, fix="", expect=dict)
         files = manifest.get("files")
         if not isinstance(files, dict) or not all(
             isinstance(entry, dict) and isinstance(entry.get("size"), int) and isinstance(entry.get("crc32"), str)
             for entry in files.values()
         ):
             raise ValueError("no table of files with size and crc32")
-    except (OSError, ValueError) as error:
+    except ValueError as error:  # read_json_file's CheckpointError (an unreadable file too) is one
         return {"unreadable": f"{MANIFEST} is unreadable ({error})", "files": {}}
     return manifest
 

@@ -18,9 +18,10 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from titanlm.checkpoint import manifest
+from titanlm.checkpoint import layout, manifest
+from titanlm.checkpoint.layout import Kind
 from titanlm.models.flavors import ModelArgs
-from titanlm.models.hf_adapter import ConversionError, StateDict
+from titanlm.models.hf_adapter import ConversionError, StateDict, model_mismatch
 from titanlm.models.hf_checkpoint import SHOWN_KEYS, Shapes, check_tensors, meta_state_dict, require_dir, tensor_shapes
 from titanlm.models.spec import ModelSpec, checkpoint_spec
 
@@ -30,9 +31,9 @@ MODEL_KEY = "model"
 def dcp_model_entries(dcp_dir: Path) -> dict[str, TensorStorageMetadata]:
     """The tensors stored under "model", keyed by titanlm parameter name."""
     require_dir(dcp_dir, "DCP_DIR")
-    if not (dcp_dir / ".metadata").is_file():
+    if layout.classify(str(dcp_dir)) is not Kind.DCP:
         raise ConversionError(
-            f"{dcp_dir} has no .metadata file, so it is not a DCP checkpoint; pass a folder written by "
+            f"{dcp_dir} has no {layout.METADATA} file, so it is not a DCP checkpoint; pass a folder written by "
             "hf_to_dcp or a trainer checkpoint folder such as <dump_folder>/checkpoint/step-1000"
         )
     stored = FileSystemReader(dcp_dir).read_metadata().state_dict_metadata
@@ -58,10 +59,8 @@ def checked_checkpoint_spec(dcp_dir: Path, name: str | None = None, flavor: str 
     spec = checkpoint_spec(dcp_dir, name, flavor)
     conflicts = _flavor_conflicts(shapes, spec.args)
     if conflicts:
-        raise ConversionError(
-            f"the model {spec.describe()} does not match the weights in {dcp_dir} ({'; '.join(conflicts)}); "
-            "pass the --model.name/--model.flavor the checkpoint was trained with"
-        )
+        fix = "pass the --model.name/--model.flavor the checkpoint was trained with"
+        raise model_mismatch(f"the model {spec.describe()}", f"the weights in {dcp_dir}", conflicts, fix)
     check_tensors(
         shapes,
         tensor_shapes(meta_state_dict(spec.args)),

@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from titanlm.files import give_default_mode
+from titanlm.files import give_default_mode, read_json_file
 from titanlm.models.flavors import ModelArgs
 from titanlm.models.hf_adapter import (
     FAMILY_OF_MODEL_TYPE,
@@ -48,23 +48,39 @@ def natural_key(key: str) -> list[tuple[int, int, str]]:
     return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in key.split(".")]
 
 
-def check_tensors(actual: Shapes, expected: Shapes, source: str, fix: str) -> None:
-    """One error listing missing keys, unexpected keys and wrong shapes together."""
-    missing = sorted(expected.keys() - actual.keys(), key=natural_key)
-    unexpected = sorted(actual.keys() - expected.keys(), key=natural_key)
-    wrong = [
-        f"{key} {list(actual[key])} (expected {list(expected[key])})"
-        for key in sorted(expected.keys() & actual.keys(), key=natural_key)
-        if actual[key] != expected[key]
-    ]
-    found = (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong))
+Mismatch = dict[str, list[str]]  # "missing keys", "unexpected keys", "wrong shapes" -> keys, in natural order
+
+
+def tensor_mismatch(actual: Shapes, expected: Shapes) -> Mismatch:
+    """How the stored tensors `actual` differ from a model's `expected` ones, by name and shape: the one
+    comparison behind every check of weights against a model (HF folders, DCP checkpoints, resumes)."""
+    return {
+        "missing keys": sorted(expected.keys() - actual.keys(), key=natural_key),
+        "unexpected keys": sorted(actual.keys() - expected.keys(), key=natural_key),
+        "wrong shapes": [
+            f"{key} {list(actual[key])} (expected {list(expected[key])})"
+            for key in sorted(expected.keys() & actual.keys(), key=natural_key)
+            if actual[key] != expected[key]
+        ],
+    }
+
+
+def mismatch_line(source: str, mismatch: Mismatch, fix: str) -> str | None:
+    """The one error line for a mismatch, naming `source` (plural: "the safetensors in DIR") and the
+    `fix`; None when nothing differs."""
     problems = [
         f"{len(items)} {label}: {', '.join(items[:SHOWN_KEYS])}{', ...' if len(items) > SHOWN_KEYS else ''}"
-        for label, items in found
+        for label, items in mismatch.items()
         if items
     ]
-    if problems:
-        raise ConversionError(f"{source} do not fit the model: {'; '.join(problems)}. {fix}")
+    return f"{source} do not fit the model: {'; '.join(problems)}. {fix}" if problems else None
+
+
+def check_tensors(actual: Shapes, expected: Shapes, source: str, fix: str) -> None:
+    """One error listing missing keys, unexpected keys and wrong shapes together."""
+    line = mismatch_line(source, tensor_mismatch(actual, expected), fix)
+    if line:
+        raise ConversionError(line)
 
 
 def require_dir(path: Path, role: str) -> None:
@@ -73,12 +89,10 @@ def require_dir(path: Path, role: str) -> None:
 
 
 def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object file of an HF model folder (config.json, the index), which the folder must have."""
     if not path.is_file():
         raise ConversionError(f"{path} is missing; a Hugging Face model folder needs it")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ConversionError(f"{path} is not valid JSON ({err})") from None
+    return read_json_file(path, ConversionError, "fix it or download it again", dict)
 
 
 # A tokenizer in an HF folder: the file the tokenizer is read from, in order of preference (the fast

@@ -9,6 +9,10 @@ Ctrl-C (SIGINT) asks for the same stop. A second Ctrl-C aborts at once, but only
 owns the terminal: a torchrun worker lives in a session of its own, so a SIGINT reaching it was
 relayed by the launcher or sent by Slurm to every process of the step, possibly both for one Ctrl-C;
 there aborting is the launcher's job (titanlm.launch kills the workers on the second Ctrl-C).
+
+The trainer owns one, polls it after every step and hands the agreed action to the checkpointer,
+which saves; it starts listening only once the start-up has loaded what it loads, so that a Ctrl-C
+before then interrupts at once: there is nothing to save yet.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ class Action(enum.IntEnum):
 
 class StopRequests:
     def __init__(self, stop_file: str, is_main: bool, device: torch.device) -> None:
-        """Install the signal handlers (the previous ones come back on `close`). Only rank 0 reads the
+        """Requests from `stop_file` now, and from signals once `listen` is called. Only rank 0 reads the
         stop file, so that ranks never act on different versions of it."""
         self.stop_file = stop_file
         self.is_main = is_main
@@ -51,6 +55,9 @@ class StopRequests:
         self._interrupted = False
         self._warned: set[str] = set()
         self._previous: dict[int, object] = {}
+
+    def listen(self) -> None:
+        """Take signals as stop requests from now on; the previous handlers come back on `close`."""
         if threading.current_thread() is threading.main_thread():  # Python allows handlers only there
             for sig in SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._on_signal)
@@ -122,6 +129,7 @@ class StopRequests:
         return INTERRUPTED_EXIT_CODE if self.stopped_by == signal.SIGINT and self._count_interrupts else 0
 
     def close(self) -> None:
+        """Give the signal handlers back, if `listen` took them."""
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
