@@ -115,9 +115,9 @@ class Estimates:
         cfg = load_config(self.flags(layout, mode, chunk, layers))
         start = time.perf_counter()
         if resolve(cfg, layout.world_size, "cuda").fsdp.cpu_offload:
-            estimate, seconds = formula_memory(cfg, layout.world_size, 0, "cuda"), None
+            estimate, seconds = formula_memory(resolve(cfg, layout.world_size, "cuda")), None
         else:
-            estimate = trace_memory(cfg, layout.world_size, "cuda")
+            estimate = trace_memory(resolve(cfg, layout.world_size, "cuda"))
             seconds = time.perf_counter() - start
         self.made[key] = (estimate, seconds)
         return estimate, seconds

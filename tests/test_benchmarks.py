@@ -41,6 +41,7 @@ def test_spread_warning_fires_above_ten_percent_of_the_median(slowest, warns):
         assert warning.startswith(f"WARNING: titanlm's rounds differ by {slowest - 1:.1%} of their median")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("order", [[], ["--sequential"]], ids=["interleaved", "sequential"])
 def test_benchmark_times_titanlm_and_the_hf_loop_on_one_shape(tmp_path, capsys, order):
     pytest.importorskip("transformers")
@@ -84,6 +85,7 @@ def test_benchmark_times_titanlm_and_the_hf_loop_on_one_shape(tmp_path, capsys, 
     assert "titanlm/hf = " in out and "step s over rounds" in out and "(2 rounds, spread " in out
 
 
+@pytest.mark.slow
 def test_profile_step_splits_a_step_into_kinds_of_work(tmp_path):
     result = subprocess.run(
         [
@@ -117,6 +119,7 @@ def test_profile_step_splits_a_step_into_kinds_of_work(tmp_path):
     assert len(lines) - header - 1 == 5  # --top 5 rows of ops
 
 
+@pytest.mark.slow
 def test_long_context_memory_prints_each_settings_figures_and_how_they_were_made(capsys):
     shutdown_process_group()  # the trace needs a process without one; the benchmark test above leaves its run's
     long_context_memory.main(

@@ -344,6 +344,11 @@ def test_out_of_range_values(key, bad):
     assert message.startswith(f"{key} must be ") and "(from CLI)" in message
 
 
+def test_a_range_error_names_the_file_that_set_the_value(tmp_path):
+    path = write_toml(tmp_path, "[optimizer]\nbeta2 = 1.0\n")
+    assert config_error(["--job.config_file", path]) == f"optimizer.beta2 must be in [0, 1), got 1.0 (from {path})"
+
+
 def test_boundary_values_are_accepted():
     cfg = load_config(
         [
@@ -378,7 +383,7 @@ def test_help_lists_every_field_and_exits_0(capsys, flag):
     for section, f in all_keys(JobConfig()):
         assert f"--{section}.{f.name} " in out
         assert f"[{section}]" in out
-    assert "(int, default: 200)  number of optimizer steps" in out
+    assert "(int, default: 200)  number of optimizer steps [must be >= 1]" in out
     assert '[choices: "", llama3, internlm, internlm2]' in out
 
 

@@ -220,7 +220,7 @@ def test_a_flavor_that_does_not_match_the_hf_weights_is_refused_listing_the_fiel
         == 2
     )
     error = capsys.readouterr().err
-    assert "flavor that does not match the weights" in error
+    assert "--model.flavor debug disagrees with the weights in" in error
     assert "dim: weights 64, flavor 256" in error and "n_layers: weights 2, flavor 4" in error
     assert not (tmp_path / "dcp").exists()
 
@@ -249,7 +249,7 @@ def test_a_flavor_that_does_not_match_the_dcp_weights_is_refused(
         == 2
     )
     error = capsys.readouterr().err
-    assert "the model llama3/debug does not match the weights" in error
+    assert "the model llama3/debug disagrees with the weights in" in error
     assert "dim: weights 64, flavor 256" in error and "n_layers: weights 2, flavor 4" in error
     assert "n_kv_heads * head_dim: weights 16, flavor 128" in error
     assert not (tmp_path / "hf").exists()

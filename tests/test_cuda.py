@@ -64,6 +64,7 @@ def test_fast_attention_kernels_match_the_masked_sdpa_reference_forward_and_back
         assert relative_error(grad, expected_grads[name]) < 3e-2, name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cp", [2, 4])
 @pytest.mark.parametrize("backend", ["flex", "varlen"])
 def test_context_parallel_share_of_a_32k_packed_row_matches_masked_sdpa(backend: str, cp: int) -> None:
@@ -94,6 +95,7 @@ def test_auto_backend_on_cuda_is_a_document_aware_kernel() -> None:
     assert isinstance(build_attention_backend(backend), (VarlenBackend, FlexBackend))
 
 
+@pytest.mark.slow
 def test_bf16_training_learns_and_reports_mfu_and_memory(tmp_path) -> None:
     records = run_in_process(
         tmp_path, [*BF16_ARGS, "--data.dataset", "demo", "--training.steps", "30", "--lr_scheduler.warmup_steps", "5"]
@@ -103,6 +105,7 @@ def test_bf16_training_learns_and_reports_mfu_and_memory(tmp_path) -> None:
     assert records[-1]["memory_gib"] > 0
 
 
+@pytest.mark.slow
 def test_compiled_training_matches_eager_on_cuda(tmp_path) -> None:
     steps = ["--training.steps", "3", "--data.dataset", "demo"]
     eager = run_in_process(tmp_path / "eager", [*BF16_ARGS, *steps])
@@ -112,6 +115,7 @@ def test_compiled_training_matches_eager_on_cuda(tmp_path) -> None:
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=5e-2)
 
 
+@pytest.mark.slow
 def test_float8_training_on_hopper_tracks_bf16(tmp_path) -> None:
     pytest.importorskip("torchao.float8")
     if torch.cuda.get_device_capability() < (8, 9):

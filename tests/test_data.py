@@ -10,6 +10,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from loaders import loader_for, valid_loader_for
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from titanlm.config import load_config
@@ -19,21 +20,13 @@ from titanlm.data import (
     RandomTokenDataset,
     TextTokenDataset,
     build_tokenizer,
-    build_valid_dataloader,
     ensure_demo_assets,
     generate_corpus,
 )
 from titanlm.data import demo as demo_module
 from titanlm.data.binmeta import BinWriter
-from titanlm.data.loader import build_dataloader
-from titanlm.plan import resolve, resolve_dataset
 
 pytestmark = pytest.mark.filterwarnings("ignore:'set_vital' is deprecated")
-
-
-def loader_for(cfg: JobConfig, *args, **kwargs):
-    """`build_dataloader` as the trainer calls it: with the dataset kind the plan resolves."""
-    return build_dataloader(cfg, resolve_dataset(cfg), *args, **kwargs)
 
 
 SEQ = 8
@@ -377,21 +370,19 @@ def _bin_cfg(tmp_path, lengths: list[int]) -> JobConfig:
 
 def test_valid_folder_errors_name_data_valid_folder(tmp_path):
     cfg = _bin_cfg(tmp_path, [20, 30])
-    assert len(build_valid_dataloader(cfg, 0, 1, vocab_size=64)) == 1
+    assert len(valid_loader_for(cfg, 0, 1, 64)) == 1
     cfg.data.valid_folder = str(tmp_path / "nope")
     with pytest.raises(ValueError, match=r"nope does not exist or is not a folder; check data\.valid_folder$"):
-        build_valid_dataloader(cfg, 0, 1, vocab_size=64)
+        valid_loader_for(cfg, 0, 1, 64)
     cfg.data.valid_folder, cfg.data.min_length = str(tmp_path / "valid"), 31  # drops both documents
     with pytest.raises(
         ValueError,
         match=r"data\.valid_folder = .*valid' holds no documents of at least "
         r"data\.min_length = 31 tokens",
     ):
-        build_valid_dataloader(cfg, 0, 1, vocab_size=64)
+        valid_loader_for(cfg, 0, 1, 64)
 
 
-def test_negative_min_length_is_refused_naming_the_key(tmp_path):
-    cfg = _bin_cfg(tmp_path, [20, 30])
-    cfg.data.min_length = -1
-    with pytest.raises(ValueError, match=r"^data\.min_length = -1 is negative; set it to 0"):
-        resolve(cfg, 1, "cpu")
+def test_negative_min_length_is_refused_naming_the_key():
+    with pytest.raises(ValueError, match=r"^data\.min_length must be >= 0 \(0 = keep every document\), got -1"):
+        load_config(["--data.min_length", "-1"])

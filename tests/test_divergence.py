@@ -15,7 +15,7 @@ from trainer_runs import TINY_ARGS, read_metrics, run_in_process
 from titanlm.checkpoint import layout
 from titanlm.checkpoint.train_state import TrainState, capture_rng
 from titanlm.config import ConfigError, load_config
-from titanlm.train import Trainer, TrainingDiverged
+from titanlm.train import Trainer, TrainingDiverged, build_trainer
 
 SKIPPED = "update skipped"
 ZERO_GRADS = "every gradient is zero"
@@ -23,7 +23,7 @@ CKPT = ["--checkpoint.enable", "--checkpoint.interval", "1"]
 
 
 def trainer_for(dump_folder: Path, extra: list[str]) -> Trainer:
-    return Trainer(load_config([*TINY_ARGS, "--job.dump_folder", str(dump_folder), *extra]))
+    return build_trainer(load_config([*TINY_ARGS, "--job.dump_folder", str(dump_folder), *extra]))
 
 
 def train_with_inf_loss_at(trainer: Trainer, bad_steps: set[int]) -> list[dict]:
@@ -86,6 +86,7 @@ def test_a_finite_step_resets_the_count(tmp_path, bad_steps, stops_at) -> None:
         assert (stopped.value.step, stopped.value.skips) == (stops_at, 2)
 
 
+@pytest.mark.slow
 def test_the_count_survives_a_resume(tmp_path) -> None:
     first = trainer_for(tmp_path, ["--training.steps", "4", "--training.max_consecutive_skips", "3", *CKPT])
     train_with_inf_loss_at(first, {3, 4})  # saves step-4 two skips into a run of them
@@ -97,6 +98,7 @@ def test_the_count_survives_a_resume(tmp_path) -> None:
     assert layout.complete_steps(str(tmp_path / "checkpoint")) == [1, 2, 3, 4]
 
 
+@pytest.mark.slow
 def test_a_checkpoint_saved_before_the_count_existed_still_loads(tmp_path, monkeypatch) -> None:
     def state_dict_without_the_count(self: TrainState) -> dict:
         return {
@@ -117,8 +119,8 @@ def test_a_checkpoint_saved_before_the_count_existed_still_loads(tmp_path, monke
 
 @pytest.mark.parametrize(
     ("flags", "warns"),
-    [
-        (
+    [  # float16 matmuls are slow on a CPU
+        pytest.param(
             [
                 "--training.mixed_precision_param",
                 "float16",
@@ -128,9 +130,14 @@ def test_a_checkpoint_saved_before_the_count_existed_still_loads(tmp_path, monke
                 "1e-30",
             ],
             True,
+            marks=pytest.mark.slow,
         ),
         ([], False),
-        (["--training.mixed_precision_param", "float16", "--grad_scaler.initial_scale", "1024"], False),
+        pytest.param(
+            ["--training.mixed_precision_param", "float16", "--grad_scaler.initial_scale", "1024"],
+            False,
+            marks=pytest.mark.slow,
+        ),
     ],
     ids=["float16_underflow", "float32", "float16"],
 )
@@ -191,6 +198,7 @@ def test_an_out_of_range_setting_is_refused_naming_its_key(tmp_path, flags, key)
         trainer_for(tmp_path, flags)
 
 
+@pytest.mark.slow
 def test_the_command_line_exits_3_with_one_line_when_training_diverges(tmp_path) -> None:
     import subprocess
     import sys
@@ -224,6 +232,7 @@ def test_the_command_line_exits_3_with_one_line_when_training_diverges(tmp_path)
     assert "Traceback" not in result.stdout + result.stderr
 
 
+@pytest.mark.slow
 def test_float16_overflows_while_the_loss_scale_backs_off_are_not_divergence(tmp_path, caplog) -> None:
     caplog.set_level(logging.WARNING, logger="titanlm")
     records = run_in_process(

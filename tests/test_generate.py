@@ -400,6 +400,7 @@ def test_bad_input_gives_one_error_line_and_status_2(
         assert err.rstrip().endswith("step-12")
 
 
+@pytest.mark.slow
 def test_the_module_runs_and_reports_errors_without_a_traceback(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "titanlm.tools.generate", "--checkpoint", str(tmp_path / "absent"), "--prompt", "hi"],

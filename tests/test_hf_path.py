@@ -26,7 +26,7 @@ from titanlm.models.hf_adapter import args_from_hf_config, hf_config
 from titanlm.models.hf_checkpoint import read_hf_model
 from titanlm.models.spec import ModelSpec, ModelSpecError, read_record, resolve_model_spec
 from titanlm.tools.convert import main as convert
-from titanlm.train import Trainer
+from titanlm.train import build_trainer
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
@@ -187,7 +187,7 @@ def test_tied_embeddings_are_one_parameter_with_one_gradient_saved_once(tmp_path
             "2",
         ]
     )
-    trainer = Trainer(cfg)
+    trainer = build_trainer(cfg)
     try:
         model = trainer.model
         assert model.output.weight is model.tok_embeddings.weight
@@ -232,6 +232,7 @@ def test_tied_embeddings_under_fsdp2_and_tp2_match_one_process(tmp_path: Path, d
         assert_records_close(records, oracle)
 
 
+@pytest.mark.slow
 def test_tied_embeddings_compile_and_float8(tmp_path: Path, demo_cache: Path) -> None:
     """Compiled blocks match eager; float8 (every Linear but the tied output) tracks full precision."""
     pytest.importorskip("torchao.float8")
@@ -253,6 +254,7 @@ def _train_main(tmp_path: Path, *argv: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=REPO, env=worker_env(), capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "damage, flags, message",
     [
@@ -307,7 +309,7 @@ def test_initial_load_path_loads_without_checkpointing(tmp_path: Path, demo_cach
         ]
     )
     random_start = run_in_process(tmp_path / "scratch", ["--model.n_layers", "3"])[0]["loss"]
-    trainer = Trainer(cfg)
+    trainer = build_trainer(cfg)
     try:
         expected = titanlm_from_hf(folder).state_dict()
         for key, value in trainer.model.state_dict().items():
@@ -318,12 +320,14 @@ def test_initial_load_path_loads_without_checkpointing(tmp_path: Path, demo_cach
     assert abs(first - random_start) > 1e-3
 
 
+@pytest.mark.slow
 def test_a_data_folder_the_dataset_would_ignore_is_refused(tmp_path: Path) -> None:
     result = _train_main(tmp_path, "--data.dataset", "demo", "--data.train_folder", str(tmp_path))
     assert result.returncode == 2
     assert "data.train_folder" in result.stderr and "data.dataset = 'demo' would not read it" in result.stderr
 
 
+@pytest.mark.slow
 def test_first_log_lines_say_where_weights_tokenizer_and_data_come_from(tmp_path: Path, demo_cache: Path) -> None:
     folder = hf_folder(tmp_path / "hf", ODD, demo_cache)
     result = _train_main(
@@ -345,6 +349,7 @@ def test_tokenizer_path_may_name_a_folder_holding_the_tokenizer(tmp_path: Path, 
         resolve_model_spec(load_config(["--model.tokenizer_path", str(tmp_path)]).model)
 
 
+@pytest.mark.slow
 def test_last_save_in_hf_without_checkpoints_is_refused(tmp_path: Path) -> None:
     result = _train_main(tmp_path, "--checkpoint.last_save_in_hf")
     assert result.returncode == 2

@@ -52,7 +52,7 @@ def config(flags: tuple[str, ...]):
 
 @cache
 def traced(flags: tuple[str, ...], device: str = "cpu", rank: int = 0, fake: bool = True) -> MemoryEstimate:
-    return trace_memory(config(flags), 2, device, rank, fake=fake)
+    return trace_memory(resolve(config(flags), 2, device), rank, fake=fake)
 
 
 def parts(estimate: MemoryEstimate) -> dict[str, float]:
@@ -60,9 +60,10 @@ def parts(estimate: MemoryEstimate) -> dict[str, float]:
     return {field: getattr(estimate, field) for field in fields}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags", [FSDP2, TP2], ids=["fsdp2", "tp2"])
 def test_the_estimate_is_within_10_percent_of_the_same_step_on_real_tensors(flags) -> None:
-    estimate = estimate_memory(config(flags), 2, "cpu")
+    estimate = estimate_memory(resolve(config(flags), 2, "cpu"))
     real = traced(flags, fake=False)
     assert estimate.method == "traced" and "fake CPU tensors" in estimate.note
     assert estimate.peak_gib == pytest.approx(real.peak_gib, rel=0.10)
@@ -72,6 +73,7 @@ def test_the_estimate_is_within_10_percent_of_the_same_step_on_real_tensors(flag
         assert value == pytest.approx(parts(real)[field], rel=1e-3, abs=1e-6), field
 
 
+@pytest.mark.slow
 def test_the_estimate_for_cuda_dtypes_matches_real_tensors_in_those_dtypes() -> None:
     flags = (*TP2, *SMALL)  # bfloat16 matmuls are slow on CPUs
     estimate, real = traced(flags, "cuda"), traced(flags, "cuda", fake=False)
@@ -79,11 +81,13 @@ def test_the_estimate_for_cuda_dtypes_matches_real_tensors_in_those_dtypes() -> 
         assert value == pytest.approx(parts(real)[field], rel=1e-3, abs=1e-6), field
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags", [(*FSDP2, *SMALL), (*TP2, *SMALL)], ids=["fsdp2", "tp2"])
 def test_both_ranks_of_an_even_split_get_the_same_estimate(flags) -> None:
     assert parts(traced(flags, "cuda", rank=1)) == parts(traced(flags, "cuda", rank=0))
 
 
+@pytest.mark.slow
 def test_the_traced_state_is_each_ranks_half_of_the_fp32_parameters_and_two_adam_states() -> None:
     with torch.device("meta"):
         n = count_params(Transformer(get_model_args("llama3", "debug")))
@@ -94,6 +98,7 @@ def test_the_traced_state_is_each_ranks_half_of_the_fp32_parameters_and_two_adam
         assert estimate.optimizer_gib == pytest.approx(2 * estimate.params_gib, rel=1e-3)  # + step counts
 
 
+@pytest.mark.slow
 def test_a_cuda_target_computes_in_bfloat16_and_keeps_fp32_shards() -> None:
     cpu, cuda = traced((*FSDP2, *SMALL)), traced((*FSDP2, *SMALL), "cuda")
     assert cuda.params_gib == pytest.approx(cpu.params_gib)
@@ -119,9 +124,10 @@ LAYOUTS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags, device", LAYOUTS.values(), ids=LAYOUTS.keys())
 def test_the_formula_is_within_its_tolerance_of_the_trace(flags, device) -> None:
-    trace, formula = traced(flags, device), formula_memory(config(flags), 2, 0, device)
+    trace, formula = traced(flags, device), formula_memory(resolve(config(flags), 2, device))
     assert formula.method == "formula"
     assert formula.peak_gib == pytest.approx(trace.peak_gib, rel=FORMULA_TOLERANCE)
     for field in ("params_gib", "grads_gib", "optimizer_gib"):
@@ -140,6 +146,7 @@ CP2_ROWS = (
 )
 
 
+@pytest.mark.slow
 def test_under_context_parallelism_flex_and_varlen_are_traced_without_sdpas_dense_mask() -> None:
     # sdpa takes a cp rank's rows as a boolean [rows, 1, S/cp, S] mask, built once per forward, and keeps an
     # additive bfloat16 copy of it in every block; flex's and varlen's kernels keep neither.
@@ -150,12 +157,12 @@ def test_under_context_parallelism_flex_and_varlen_are_traced_without_sdpas_dens
     mask_elements, blocks = 1024 // 2 * 1024, 2
     assert (sdpa.activations_gib - flash.activations_gib) * GIB == pytest.approx(mask_elements * 2 * blocks)
     # The closed form counts no mask for flex and varlen either.
-    assert formula_memory(config(CP2_ROWS), 2, 0, "cuda").peak_gib == pytest.approx(flash.peak_gib, rel=0.01)
+    assert formula_memory(resolve(config(CP2_ROWS), 2, "cuda")).peak_gib == pytest.approx(flash.peak_gib, rel=0.01)
 
 
 def test_pipeline_parallelism_is_estimated_by_the_formula_which_says_so() -> None:
     cfg = config(("--parallelism.pipeline_parallel_degree", "2", "--training.global_batch_size", "16"))
-    first, last = estimate_memory(cfg, 2, "cuda", rank=0), estimate_memory(cfg, 2, "cuda", rank=1)
+    first, last = estimate_memory(resolve(cfg, 2, "cuda"), rank=0), estimate_memory(resolve(cfg, 2, "cuda"), rank=1)
     assert not dist.is_initialized()
     for estimate in (first, last):
         assert estimate.method == "formula" and "pipeline parallelism" in estimate.note
@@ -166,7 +173,7 @@ def test_pipeline_parallelism_is_estimated_by_the_formula_which_says_so() -> Non
 
 def test_an_estimate_leaves_no_process_group_and_the_shutdown_is_safe_without_one() -> None:
     shutdown_process_group()
-    assert estimate_memory(config(SMALL), 2, "cpu").method == "traced"
+    assert estimate_memory(resolve(config(SMALL), 2, "cpu")).method == "traced"
     assert not dist.is_initialized()
     shutdown_process_group()
 
@@ -174,7 +181,7 @@ def test_an_estimate_leaves_no_process_group_and_the_shutdown_is_safe_without_on
 def test_a_process_that_already_has_a_process_group_gets_the_formula() -> None:
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
-        estimate = estimate_memory(config(FSDP2), 2, "cpu")
+        estimate = estimate_memory(resolve(config(FSDP2), 2, "cpu"))
         assert estimate.method == "formula" and "already has a process group" in estimate.note
         assert dist.is_initialized()  # the caller's group is left alone
     finally:

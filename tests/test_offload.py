@@ -19,14 +19,14 @@ from trainer_runs import TINY_ARGS, assert_records_close, run_in_process
 from titanlm.config import load_config
 from titanlm.models import Transformer, get_model_args
 from titanlm.parallel.parallelize import materialize_parallelized
-from titanlm.train import Trainer
+from titanlm.train import build_trainer
 
 OFFLOAD = ["--parallelism.fsdp_cpu_offload"]
 
 
 def test_one_process_with_offload_trains_like_one_without(tmp_path) -> None:
     resident = run_in_process(tmp_path / "resident", [])
-    trainer = Trainer(load_config([*TINY_ARGS, "--job.dump_folder", str(tmp_path / "offload"), *OFFLOAD]))
+    trainer = build_trainer(load_config([*TINY_ARGS, "--job.dump_folder", str(tmp_path / "offload"), *OFFLOAD]))
     try:
         fsdp_modules = [m for m in trainer.model.modules() if isinstance(m, FSDPModule)]
         assert len(fsdp_modules) == len(trainer.model.layers) + 1  # every block and the root: FSDP on one rank
@@ -41,6 +41,7 @@ def test_one_process_with_offload_trains_like_one_without(tmp_path) -> None:
     assert_records_close(offloaded, resident)
 
 
+@pytest.mark.slow
 def test_a_checkpoint_moves_between_offloaded_and_resident_runs(tmp_path) -> None:
     """Saved offloaded, resumed resident, resumed offloaded again: the same run as never stopping."""
     steps, ckpt = ["--training.steps", "6"], ["--checkpoint.enable", "--checkpoint.interval", "100"]
@@ -88,7 +89,7 @@ def test_on_a_gpu_the_state_stays_in_pinned_host_memory_and_the_job_learns_in_le
     fresh_peak()
     resident = run_in_process(tmp_path / "resident", args)
     fresh_peak()
-    trainer = Trainer(load_config([*args, "--job.dump_folder", str(tmp_path / "offload"), *OFFLOAD]))
+    trainer = build_trainer(load_config([*args, "--job.dump_folder", str(tmp_path / "offload"), *OFFLOAD]))
     try:
         offloaded = trainer.train()
         assert all(p.to_local().is_pinned() for p in trainer.model.parameters())

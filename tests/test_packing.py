@@ -13,6 +13,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from loaders import loader_for, valid_loader_for
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from titanlm.config import ConfigError, load_config
@@ -20,20 +21,12 @@ from titanlm.config.job_config import JobConfig
 from titanlm.data import (
     IGNORE_INDEX,
     PackedDataset,
-    build_valid_dataloader,
     pack,
     parse_dataset_weights,
 )
 from titanlm.data.binmeta import BinWriter
-from titanlm.data.loader import build_dataloader
-from titanlm.plan import resolve_dataset
 
 pytestmark = pytest.mark.filterwarnings("ignore:'set_vital' is deprecated")
-
-
-def loader_for(cfg: JobConfig, *args, **kwargs):
-    """`build_dataloader` as the trainer calls it: with the dataset kind the plan resolves."""
-    return build_dataloader(cfg, resolve_dataset(cfg), *args, **kwargs)
 
 
 SEQ = 16
@@ -385,7 +378,7 @@ def dataset_states(state: dict) -> list:
     return found
 
 
-@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)])  # worker processes start slowly
 @pytest.mark.parametrize("old,new", [(2, 2), (1, 2), (2, 4), (4, 2)])
 def test_resume_at_another_dp_degree_continues_the_global_stream(corpus, old, new, workers):
     root, before, after = corpus[0], 5, 4
@@ -420,7 +413,7 @@ def test_valid_loader_covers_every_document_once(corpus, tmp_path):
     oracle = Oracle(docs[:37])
     for world in (1, 2, 3):
         cfg = bin_cfg(root, batch=2, valid_folder=valid)
-        loaders = [build_valid_dataloader(cfg, rank, world, VOCAB) for rank in range(world)]
+        loaders = [valid_loader_for(cfg, rank, world, VOCAB) for rank in range(world)]
         batches = [list(loader) for loader in loaders]
         assert len({len(b) for b in batches}) == 1  # the same number of batches on every rank
         rows = [row for rank in batches for batch in rank for row in batch["input_ids"]]
@@ -433,6 +426,6 @@ def test_valid_loader_covers_every_document_once(corpus, tmp_path):
                     oracle.check_row({k: v[i] for k, v in batch.items()})
         assert loaders[0].dataset.types == ["en"]
     # In stored order: the first row starts with the first document.
-    first = next(iter(build_valid_dataloader(bin_cfg(root, valid_folder=valid), 0, 1, VOCAB)))
+    first = next(iter(valid_loader_for(bin_cfg(root, valid_folder=valid), 0, 1, VOCAB)))
     assert first["input_ids"][0, 0] == abs(docs[0][0])
-    assert build_valid_dataloader(bin_cfg(root), 0, 1, VOCAB) is None
+    assert valid_loader_for(bin_cfg(root), 0, 1, VOCAB) is None

@@ -54,7 +54,7 @@ def test_a_global_batch_that_is_not_a_multiple_of_local_times_dp_is_refused() ->
         (["--training.max_norm", "nan"], "training.max_norm must be a finite number"),
         (["--training.max_consecutive_skips", "-1"], "training.max_consecutive_skips must be >= 0"),
         (["--data.valid_every", "-1"], "data.valid_every must be >= 0"),
-        (["--data.min_length", "-1"], "data.min_length = -1 is negative"),
+        (["--data.min_length", "-1"], r"data.min_length must be >= 0 \(0 = keep every document\)"),
         (["--optimizer.lr", "inf"], "optimizer.lr must be a finite number >= 0"),
         (["--debug.seed", "-1"], r"debug.seed must be in \[0, 2\*\*32\)"),
         (["--data.num_workers", "-1"], "data.num_workers must be >= 0"),
@@ -237,7 +237,7 @@ def test_a_looped_schedule_needs_two_virtual_stages() -> None:
     ],
 )
 def test_loss_chunking_is_planned_with_tensor_and_pipeline_parallelism(layout: tuple[str, ...]) -> None:
-    assert plan_of("--training.loss_chunk_tokens", "1024", *layout, world=2).loss_chunk_tokens == 1024
+    assert plan_of("--training.loss_chunk_tokens", "1024", *layout, world=2).loss.chunk_tokens == 1024
 
 
 # --- precision, FSDP, float8 ---------------------------------------------------------------------------
@@ -323,8 +323,8 @@ def test_attention_auto_is_sdpa_on_cpu_and_a_fast_kernel_on_cuda_with_or_without
 
 
 def test_dataset_kind_and_the_data_paths_it_would_ignore() -> None:
-    assert resolve(load_config(["--model.flavor", "debug"]), 1, "cpu").dataset == "random"  # auto, no folder
-    assert plan_of("--data.dataset", "auto", "--data.train_folder", "some/folder").dataset == "bin"
+    assert resolve(load_config(["--model.flavor", "debug"]), 1, "cpu").data.kind == "random"  # auto, no folder
+    assert plan_of("--data.dataset", "auto", "--data.train_folder", "some/folder").data.kind == "bin"
     refused(
         ConfigError,
         "data.train_folder = 'x' is set but data.dataset = 'demo' would not read it",
@@ -421,6 +421,34 @@ def test_dry_run_flags_ranks_that_do_not_fit_and_says_what_to_change(capsys) -> 
     assert err == "error: the plan does not fit in 0.05 GiB per GPU (--gpu_memory_gib); see above\n"
 
 
+def test_dry_run_says_first_when_the_training_state_alone_does_not_fit(capsys) -> None:
+    """Llama3-8B's fp32 weights, gradients and AdamW moments are 119.7 GiB: no recomputation helps there,
+    and the advice names what can (sharding over more GPUs, CPU offload), with either estimator's figures."""
+    from titanlm.dry_run import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--model.flavor", "8B", "--world_size", "1", "--memory", "formula", "--gpu_memory_gib", "80"])
+    out = capsys.readouterr().out
+    assert stop.value.code == 2
+    assert "DOES NOT FIT in 80 GiB: the weights, gradients and AdamW state alone take 119.7 GiB" in out
+    assert "FSDP over 3 GPUs" in out and "fsdp_cpu_offload = true" in out
+    assert "activation_checkpoint" not in out.split("DOES NOT FIT")[1]
+    assert "precision   weights float32, compute autocast to bfloat16" in out
+    assert "other: the rest at that" in out  # every column is explained
+
+
+@pytest.mark.parametrize("limit", ["0", "-5", "nan", "inf", "lots"])
+def test_dry_run_refuses_a_gpu_memory_that_is_not_a_positive_number(limit: str, capsys) -> None:
+    from titanlm.dry_run import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--model.flavor", "8B", "--world_size", "1", "--gpu_memory_gib", limit])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2
+    assert f"--gpu_memory_gib: must be a number of GiB above 0, got '{limit}'" in err
+
+
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_dry_run_traces_a_step_of_the_real_model_under_fsdp(tmp_path) -> None:
     import subprocess

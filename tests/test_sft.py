@@ -6,6 +6,7 @@ import json
 import math
 import random
 
+import pytest
 import torch
 from trainer_runs import TINY_ARGS, read_metrics
 
@@ -13,7 +14,7 @@ from titanlm.config import load_config
 from titanlm.data.demo import ensure_demo_assets
 from titanlm.loss import IGNORE_INDEX, token_cross_entropy
 from titanlm.tools.tokenize_alpaca import main as tokenize_alpaca
-from titanlm.train import Trainer
+from titanlm.train import build_trainer
 
 
 def alpaca_records(n: int) -> list[dict[str, str]]:
@@ -63,7 +64,7 @@ def sft_args(data, tokenizer, dump) -> list[str]:
 
 def test_masked_prompt_positions_carry_no_gradient(tmp_path, demo_cache) -> None:
     data, tokenizer = make_sft_data(tmp_path, demo_cache)
-    trainer = Trainer(load_config(sft_args(data, tokenizer, tmp_path / "run")))
+    trainer = build_trainer(load_config(sft_args(data, tokenizer, tmp_path / "run")))
     batch = trainer.model_step.prepare(next(iter(trainer.dataloader)))
     masked = batch["labels"] == IGNORE_INDEX
     assert 0.2 < masked.float().mean() < 0.9  # prompts (and padding) are masked, responses are not
@@ -75,9 +76,10 @@ def test_masked_prompt_positions_carry_no_gradient(tmp_path, demo_cache) -> None
     trainer.close()
 
 
+@pytest.mark.slow
 def test_sft_from_alpaca_trains_and_validates_per_type(tmp_path, demo_cache) -> None:
     data, tokenizer = make_sft_data(tmp_path, demo_cache)
-    trainer = Trainer(load_config(sft_args(data, tokenizer, tmp_path / "run")))
+    trainer = build_trainer(load_config(sft_args(data, tokenizer, tmp_path / "run")))
     trainer.train()
     trainer.close()
     records = read_metrics(tmp_path / "run")
@@ -98,8 +100,8 @@ def test_validation_is_the_token_weighted_loss_per_type(tmp_path) -> None:
     import numpy as np
     import torch.nn.functional as F
     from binmeta_files import write_internevo
+    from loaders import valid_loader_for
 
-    from titanlm.data import build_valid_dataloader
     from titanlm.distributed import init_distributed
     from titanlm.models import Transformer, get_model_args
     from titanlm.validation import validation_metrics
@@ -111,7 +113,7 @@ def test_validation_is_the_token_weighted_loss_per_type(tmp_path) -> None:
             [rng.integers(1, 2048, size=int(n)).tolist() for n in rng.integers(5, 40, size=count)],
         )
     cfg = load_config([*TINY_ARGS, "--data.valid_folder", str(tmp_path / "valid"), "--training.seq_len", "64"])
-    loader = build_valid_dataloader(cfg, 0, 1, vocab_size=2048)
+    loader = valid_loader_for(cfg, 0, 1, vocab_size=2048)
     model = Transformer(get_model_args("llama3", "debug"))
     model.init_weights(seed=0)
     init_distributed()  # a one-rank group when no test made one yet

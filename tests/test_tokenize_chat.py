@@ -18,7 +18,7 @@ from titanlm.data.binmeta import BinMetaFolder
 from titanlm.data.tokenizer import build_tokenizer
 from titanlm.loss import IGNORE_INDEX, token_cross_entropy
 from titanlm.tools.tokenize_chat import main, resolve_tokenizer
-from titanlm.train import Trainer
+from titanlm.train import build_trainer
 
 SYSTEM = {"role": "system", "content": "Be brief."}
 CONVERSATIONS = [
@@ -202,6 +202,7 @@ def test_messages_sharegpt_jsonl_and_json_array_inputs_write_identical_files(tmp
     assert len(_documents(tmp_path / "messages_jsonl", "valid")) == 10
 
 
+@pytest.mark.slow
 def test_two_workers_write_the_bytes_of_one(tmp_path: Path, tiny_folder: Path) -> None:
     source = _write(tmp_path / "chats.jsonl", _messages(_many(700)))  # more chunks than the pool has in flight
     for workers in (1, 2):
@@ -403,7 +404,7 @@ def test_sft_on_multi_turn_output_trains_and_only_replies_carry_gradient(tmp_pat
         "--model.n_layers",
         "1",
     ]
-    trainer = Trainer(
+    trainer = build_trainer(
         load_config(
             [
                 "--model.flavor",

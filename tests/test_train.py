@@ -12,13 +12,14 @@ from trainer_runs import REPO, TINY_ARGS, assert_records_close, read_metrics, ru
 
 from titanlm.config import load_config
 from titanlm.config.job_config import GradScaler, LRScheduler
-from titanlm.loss_scaler import DynamicLossScaler
+from titanlm.loss_scaler import DynamicLossScaler, build_loss_scaler
 from titanlm.metrics import METRIC_KEYS
 from titanlm.optim import lr_factor
 from titanlm.parallel import ParallelDims, ParallelismError
-from titanlm.train import Trainer
+from titanlm.train import build_trainer
 
 
+@pytest.mark.slow
 def test_demo_run_loss_falls(tmp_path, demo_cache) -> None:
     records = run_in_process(
         tmp_path,
@@ -42,6 +43,7 @@ def test_demo_run_loss_falls(tmp_path, demo_cache) -> None:
     assert last < first - 2.0, [r["loss"] for r in records]
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_equals_one_large_micro_batch(tmp_path) -> None:
     accumulated = run_in_process(
         tmp_path / "a", ["--training.local_batch_size", "1", "--training.global_batch_size", "4"]
@@ -58,7 +60,7 @@ def test_chunked_loss_trains_like_the_full_logits(tmp_path) -> None:
 
 def test_nan_gradient_step_is_skipped_and_counted(tmp_path) -> None:
     cfg = load_config([*TINY_ARGS, "--job.dump_folder", str(tmp_path)])
-    trainer = Trainer(cfg)
+    trainer = build_trainer(cfg)
     batches = iter(trainer.dataloader)
     trainer.train_step(trainer.next_micro_batches(batches))
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
@@ -74,6 +76,7 @@ def test_nan_gradient_step_is_skipped_and_counted(tmp_path) -> None:
     trainer.close()
 
 
+@pytest.mark.slow
 def test_float16_loss_scale_backs_off_on_overflow_and_training_continues(tmp_path) -> None:
     cfg = load_config(
         [
@@ -88,7 +91,7 @@ def test_float16_loss_scale_backs_off_on_overflow_and_training_continues(tmp_pat
             "1024",
         ]
     )
-    trainer = Trainer(cfg)
+    trainer = build_trainer(cfg)
     batches = iter(trainer.dataloader)
     assert trainer.train_step(trainer.next_micro_batches(batches))["loss_scale"] == 1024
     clean_loss_fn = trainer.model_step.loss_fn
@@ -101,6 +104,7 @@ def test_float16_loss_scale_backs_off_on_overflow_and_training_continues(tmp_pat
     trainer.close()
 
 
+@pytest.mark.slow
 def test_one_process_low_precision_keeps_fp32_weights_and_computes_under_autocast(tmp_path) -> None:
     fp32 = run_in_process(tmp_path / "fp32", ["--training.steps", "3"])
     cfg = load_config(
@@ -114,7 +118,7 @@ def test_one_process_low_precision_keeps_fp32_weights_and_computes_under_autocas
             "bfloat16",
         ]
     )
-    trainer = Trainer(cfg)
+    trainer = build_trainer(cfg)
     try:
         assert all(type(p) is torch.nn.Parameter and p.dtype == torch.float32 for p in trainer.model.parameters())
         tokens = torch.zeros(1, 8, dtype=torch.long, device=trainer.device)
@@ -167,6 +171,25 @@ def test_dynamic_loss_scaler_follows_internevo_rules() -> None:
     assert restored.state_dict() == scaler.state_dict()
 
 
+def test_loss_scaling_off_is_a_scale_of_1_that_unscales_nothing_never_backs_off_and_saves_none() -> None:
+    scaler = build_loss_scaler(GradScaler(initial_scale=8), enabled=False)
+    grads = [torch.full((3,), 2.0)]
+    scaler.unscale_(grads)
+    scaler.update(overflow=True)
+    assert (scaler.scale, scaler.can_back_off, scaler.state_dict()) == (1.0, False, None)
+    assert torch.equal(grads[0], torch.full((3,), 2.0))
+
+
+def test_a_checkpoint_of_the_other_precision_leaves_the_loss_scale_as_it_starts() -> None:
+    float16_state = build_loss_scaler(GradScaler(initial_scale=1024), enabled=True).state_dict()
+    off = build_loss_scaler(GradScaler(), enabled=False)
+    off.load_state_dict(float16_state)  # a float16 checkpoint resumed at another precision
+    assert off.scale == 1.0
+    scaling = build_loss_scaler(GradScaler(initial_scale=8), enabled=True)
+    scaling.load_state_dict(None)  # what a checkpoint of a run that did not scale its loss holds
+    assert scaling.state_dict() == DynamicLossScaler(GradScaler(initial_scale=8)).state_dict()
+
+
 def test_parallel_degrees_that_do_not_fit_the_world_are_rejected() -> None:
     cfg = load_config(["--parallelism.data_parallel_shard_degree", "3"])
     with pytest.raises(ParallelismError, match=r"multiply to 3 .* but 2 processes"):
@@ -183,6 +206,7 @@ def test_global_batch_must_be_a_multiple_of_local_batch_times_dp(tmp_path) -> No
         run_in_process(tmp_path, ["--training.global_batch_size", "6"])
 
 
+@pytest.mark.slow
 def test_cli_reports_bad_input_in_one_line_and_exit_code_2(tmp_path) -> None:
     result = subprocess.run(
         [
@@ -207,6 +231,7 @@ def test_cli_reports_bad_input_in_one_line_and_exit_code_2(tmp_path) -> None:
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_compiled_blocks_and_loss_match_eager(tmp_path) -> None:
     eager = run_in_process(tmp_path / "eager", ["--training.steps", "2"])
     compiled = run_in_process(tmp_path / "compiled", ["--training.steps", "2", "--compile.enable"])
@@ -219,7 +244,7 @@ def test_float8_training_tracks_full_precision_and_keeps_the_output_layer(tmp_pa
     cfg = load_config(
         [*TINY_ARGS, "--job.dump_folder", str(tmp_path / "fp8"), "--training.steps", "3", "--float8.enable"]
     )
-    trainer = Trainer(cfg)
+    trainer = build_trainer(cfg)
     linear_types = {
         name: type(module).__name__
         for name, module in trainer.model.named_modules()
@@ -292,7 +317,7 @@ def test_ac_modes_recompute_what_they_promise_in_backward() -> None:
 def test_only_logged_steps_wait_for_the_device_and_count_documents(tmp_path, monkeypatch) -> None:
     import titanlm.metrics
 
-    trainer = Trainer(load_config([*TINY_ARGS, "--job.dump_folder", str(tmp_path)]))
+    trainer = build_trainer(load_config([*TINY_ARGS, "--job.dump_folder", str(tmp_path)]))
     try:
         batches = iter(trainer.dataloader)
         timed = trainer.train_step(trainer.next_micro_batches(batches))

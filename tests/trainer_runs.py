@@ -49,10 +49,10 @@ def assert_records_close(actual: list[dict], expected: list[dict], rtol: float =
 def run_in_process(dump_folder: Path, extra: list[str]) -> list[dict]:
     """Train a single process here and return the per-step records."""
     from titanlm.config import load_config
-    from titanlm.train import Trainer
+    from titanlm.train import build_trainer
 
     cfg = load_config([*TINY_ARGS, "--job.dump_folder", str(dump_folder), *extra])
-    trainer = Trainer(cfg)
+    trainer = build_trainer(cfg)
     try:
         return trainer.train()
     finally:
@@ -103,10 +103,10 @@ def run_torchrun(
 def _worker(spec_path: str) -> None:
     from titanlm.config import load_config
     from titanlm.distributed import shutdown
-    from titanlm.train import Trainer
+    from titanlm.train import build_trainer
 
     for argv in json.loads(Path(spec_path).read_text()).values():
-        trainer = Trainer(load_config(argv))
+        trainer = build_trainer(load_config(argv))
         trainer.train()
         trainer.close()
     shutdown()

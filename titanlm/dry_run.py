@@ -8,12 +8,12 @@ valid and every rank fits in --gpu_memory_gib, 2 otherwise. Any trainer flag is 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 import torch
 
 from titanlm.config import load_config_or_exit
-from titanlm.config.job_config import JobConfig
 from titanlm.errors import USER_ERROR_EXIT_CODE, TitanlmError
 from titanlm.memory_estimate import MemoryEstimate, estimate_memory, formula_memory
 from titanlm.plan import RunPlan, resolve
@@ -32,7 +32,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="device the job runs on")
     parser.add_argument(
         "--gpu_memory_gib",
-        type=float,
+        type=_positive_gib,
         default=80.0,
         help="memory of one GPU; ranks whose estimate exceeds it are flagged (cuda only; default 80)",
     )
@@ -44,6 +44,17 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
         "7B model), else the closed form; formula: the closed form only (instant); none: no estimate",
     )
     return parser.parse_known_args(argv)
+
+
+def _positive_gib(text: str) -> float:
+    """--gpu_memory_gib: a finite number of GiB above 0 (nan would make every plan fit)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a number of GiB above 0, got {text!r}")
+    return value
 
 
 def stage_layers(plan: RunPlan, pp_rank: int) -> str:
@@ -60,9 +71,8 @@ def _name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def describe(plan: RunPlan, cfg: JobConfig) -> list[str]:
-    """The plan as the lines the dry run prints (`cfg`: what the user asked for, where the plan chose)."""
-    initial_load_path = cfg.checkpoint.initial_load_path
+def describe(plan: RunPlan) -> list[str]:
+    """The plan as the lines the dry run prints."""
     d, b, p, f, tp, pipe = plan.dims, plan.batch, plan.precision, plan.fsdp, plan.tp, plan.pipeline
     args = plan.model_args
     compute = (
@@ -79,7 +89,7 @@ def describe(plan: RunPlan, cfg: JobConfig) -> list[str]:
         "  mesh        " + " x ".join(f"{name} {size}" for name, size in d.sizes().items()),
         f"  batch       seq_len {b.seq_len}, local batch {b.local_batch_size}, global batch {b.global_batch_size} "
         f"({b.tokens_per_step:,} tokens/step), {b.accumulation_steps} micro-batch(es) per step",
-        f"  precision   parameters {_name(p.param_dtype)}, compute {compute}, gradient reduce {_name(p.reduce_dtype)}"
+        f"  precision   weights float32, compute {compute}, gradient reduce {_name(p.reduce_dtype)}"
         + (", dynamic loss scaling (float16)" if p.loss_scaling else ""),
         "  fsdp        "
         + (
@@ -106,14 +116,7 @@ def describe(plan: RunPlan, cfg: JobConfig) -> list[str]:
             if pipe.degree > 1
             else "off"
         ),
-        f"  attention   {plan.attention_backend}"
-        + (
-            " (auto: varlen where flash-attn or torch's varlen attention is installed, as here, else flex)"
-            if plan.attention_backend == "varlen" and cfg.model.attention_backend == "auto"
-            else " (auto: varlen where flash-attn or torch's varlen attention is installed, not here)"
-            if plan.attention_backend == "flex" and cfg.model.attention_backend == "auto"
-            else ""
-        ),
+        f"  attention   {plan.attention_backend}" + (f" ({plan.attention_reason})" if plan.attention_reason else ""),
         f"  recompute   {plan.activation_checkpoint}"
         + (f" ({plan.recomputed_layers} of {args.n_layers} blocks)" if plan.activation_checkpoint != "none" else ""),
         f"  compile     {'on' if plan.compile else 'off'}",
@@ -123,8 +126,8 @@ def describe(plan: RunPlan, cfg: JobConfig) -> list[str]:
             if plan.float8.enable
             else "off"
         ),
-        "  loss        " + (f"chunks of {plan.loss_chunk_tokens} tokens" if plan.loss_chunk_tokens else "whole logits"),
-        f"  data        {plan.dataset}",
+        "  loss        " + (f"chunks of {plan.loss.chunk_tokens} tokens" if plan.loss.chunked else "whole logits"),
+        f"  data        {plan.data.kind}",
         "  checkpoint  "
         + (
             (
@@ -140,7 +143,7 @@ def describe(plan: RunPlan, cfg: JobConfig) -> list[str]:
         )
         + (
             f"; from checkpoint.initial_load_path it takes {', '.join(plan.checkpoint.load_parts)}"
-            if initial_load_path
+            if plan.checkpoint.initial_load_path
             else ""
         ),
     ]
@@ -168,8 +171,13 @@ def rank_lines(plan: RunPlan) -> list[str]:
 def memory_lines(
     estimates: dict[int, MemoryEstimate], plan: RunPlan, limit_gib: float | None
 ) -> tuple[list[str], bool]:
-    """The estimate table and whether every rank fits."""
-    lines = ["peak memory per rank, GiB (params / grads / optimizer / activations / other = peak)"]
+    """The estimate table, with what each column counts, and whether every rank fits."""
+    lines = [
+        "peak memory per rank, GiB (params / grads / optimizer / activations / other = peak)",
+        "  params: the rank's fp32 weights (its shard under FSDP); grads: their fp32 gradients; optimizer: AdamW's",
+        "  two fp32 moments; activations: what forward keeps for backward at the peak; other: the rest at that",
+        "  moment (FSDP's gathered low-precision weights and gradients, the loss's temporaries, autocast's copies)",
+    ]
     fits = True
     for pp_rank, est in estimates.items():
         if plan.dims.pp > 1:
@@ -182,16 +190,26 @@ def memory_lines(
         lines.append(
             f"  {who}: {est.params_gib:.2f} / {est.grads_gib:.2f} / {est.optimizer_gib:.2f} / "
             f"{est.activations_gib:.2f} / {est.other_gib:.2f} = {est.peak_gib:.2f}"
-            + (f"  DOES NOT FIT in {limit_gib:g} GiB: {advice(est)}" if over else "")
+            + (f"  DOES NOT FIT in {limit_gib:g} GiB: {advice(est, plan, limit_gib)}" if over else "")
         )
     methods = {f"{est.method}: {est.note}" if est.note else est.method for est in estimates.values()}
     lines.append("  method: " + "; ".join(sorted(methods)))
     return lines, fits
 
 
-def advice(est: MemoryEstimate) -> str:
-    """Which settings to change, by what takes the memory."""
+def advice(est: MemoryEstimate, plan: RunPlan, limit_gib: float) -> str:
+    """Which settings to change, by what takes the memory: first whether the training state alone is
+    too much, which no recomputation or smaller batch can help."""
     state = est.params_gib + est.grads_gib + est.optimizer_gib
+    if state >= limit_gib:
+        whole = state * (plan.fsdp.shard_degree if plan.fsdp.enabled else 1) * plan.dims.tp * plan.dims.pp
+        gpus = math.ceil(2 * whole / limit_gib)  # the state in at most half of each GPU, the rest for activations
+        return (
+            f"the weights, gradients and AdamW state alone take {state:.1f} GiB of the {limit_gib:g} GiB, whatever "
+            f"the activations: shard them over more GPUs (FSDP over {gpus} GPUs, "
+            f"parallelism.data_parallel_shard_degree, holds {whole / gpus:.1f} GiB of it on each; or tensor/pipeline "
+            "parallelism), or keep them in host memory with parallelism.fsdp_cpu_offload = true"
+        )
     if est.activations_gib >= state:
         return (
             "activations dominate: set activation_checkpoint.mode = 'selective' or 'full', lower "
@@ -208,15 +226,13 @@ def main(argv: list[str] | None = None) -> None:
     cfg = load_config_or_exit(trainer_flags)
     try:
         plan = resolve(cfg, options.world_size, options.device)
-        print("\n".join(describe(plan, cfg) + rank_lines(plan)))
+        print("\n".join(describe(plan) + rank_lines(plan)))
         if options.memory == "none":
             return
         limit = options.gpu_memory_gib if options.device == "cuda" else None
         first_ranks = {pp_rank: plan.dims.ranks_of_pp_rank(pp_rank)[0] for pp_rank in range(plan.dims.pp)}
         estimates = {
-            pp_rank: estimate_memory(cfg, options.world_size, options.device, rank=rank)
-            if options.memory == "auto"
-            else formula_memory(cfg, options.world_size, rank, options.device)
+            pp_rank: estimate_memory(plan, rank) if options.memory == "auto" else formula_memory(plan, rank)
             for pp_rank, rank in first_ranks.items()
         }
     except TitanlmError as error:

@@ -1,45 +1,35 @@
-"""Dynamic loss scaling for float16 training, with InternEvo's grad_scaler semantics.
+"""Loss scaling: dynamic for float16 training, with InternEvo's grad_scaler semantics, and a fixed scale
+of 1 for every other precision, as nanoGPT's `GradScaler(enabled=...)`, so that no caller asks which.
 
 torch.amp.GradScaler cannot be used here: it expects plain tensors and unscales per device,
 while FSDP2 gradients are DTensor shards and the overflow check must agree across all ranks.
-The trainer unscales with `1 / scale` and feeds the (global) grad-norm's finiteness to `update`.
+The trainer scales the loss by `scale`, unscales the gradients with `unscale_` and feeds the (global)
+grad-norm's finiteness to `update`.
 """
 
 from __future__ import annotations
 
-import math
+import torch
 
-from titanlm.config import ConfigError
 from titanlm.config.job_config import GradScaler
-
-
-def check_grad_scaler(cfg: GradScaler) -> None:
-    """Refuse settings under which the scale could never shrink, grow, or stay positive, naming the key."""
-    scales = {"initial_scale": cfg.initial_scale, "min_scale": cfg.min_scale, "max_scale": cfg.max_scale}
-    rules = {
-        **{name: (math.isfinite(value) and value > 0, "a finite number > 0") for name, value in scales.items()},
-        "growth_interval": (cfg.growth_interval >= 1, ">= 1"),
-        "growth_factor": (math.isfinite(cfg.growth_factor) and cfg.growth_factor > 1, "a finite number > 1"),
-        "backoff_factor": (0 < cfg.backoff_factor < 1, "in (0, 1)"),
-        "hysteresis": (cfg.hysteresis >= 1, ">= 1"),
-    }
-    for name, (ok, must) in rules.items():
-        if not ok:
-            raise ConfigError(f"grad_scaler.{name} must be {must}, got {getattr(cfg, name)!r}")
-    if not cfg.min_scale <= cfg.initial_scale <= cfg.max_scale:
-        raise ConfigError(
-            f"grad_scaler.initial_scale {cfg.initial_scale!r} must lie between grad_scaler.min_scale "
-            f"{cfg.min_scale!r} and grad_scaler.max_scale {cfg.max_scale!r}"
-        )
+from titanlm.parallel.grad_norm import scale_grads_
 
 
 class DynamicLossScaler:
     def __init__(self, cfg: GradScaler) -> None:
-        """`cfg` as the plan checked it (`check_grad_scaler`)."""
+        """`cfg` as the config loader and the plan checked it (each field's range; min <= initial <= max)."""
         self.cfg = cfg
         self.scale = float(cfg.initial_scale)
         self._finite_streak = 0
         self._hysteresis_left = cfg.hysteresis
+
+    @property
+    def can_back_off(self) -> bool:
+        """Whether an overflow can still shrink the scale: until then overflows are the scaler finding its level."""
+        return self.scale > self.cfg.min_scale
+
+    def unscale_(self, grads: list[torch.Tensor]) -> None:
+        scale_grads_(grads, 1.0 / self.scale)
 
     def update(self, overflow: bool) -> None:
         """Shrink after `hysteresis` overflows; grow after `growth_interval` clean steps in a row."""
@@ -58,7 +48,38 @@ class DynamicLossScaler:
     def state_dict(self) -> dict[str, float | int]:
         return {"scale": self.scale, "finite_streak": self._finite_streak, "hysteresis_left": self._hysteresis_left}
 
-    def load_state_dict(self, state: dict[str, float | int]) -> None:
+    def load_state_dict(self, state: dict[str, float | int] | None) -> None:
+        """None: the checkpoint comes from a run that did not scale its loss; start from initial_scale."""
+        if state is None:
+            return
         self.scale = float(state["scale"])
         self._finite_streak = int(state["finite_streak"])
         self._hysteresis_left = int(state["hysteresis_left"])
+
+
+class NoLossScaler:
+    """The scaler of a run that does not scale its loss: scale 1, nothing to unscale, no overflow to
+    back off from, and nothing to save (a checkpoint records None, as before this class existed)."""
+
+    scale = 1.0
+    can_back_off = False
+
+    def unscale_(self, grads: list[torch.Tensor]) -> None:
+        pass
+
+    def update(self, overflow: bool) -> None:
+        pass
+
+    def state_dict(self) -> None:
+        return None
+
+    def load_state_dict(self, state: dict[str, float | int] | None) -> None:
+        """A float16 checkpoint's scale has no use at this precision: ignored."""
+
+
+LossScaler = DynamicLossScaler | NoLossScaler
+
+
+def build_loss_scaler(cfg: GradScaler, enabled: bool) -> LossScaler:
+    """The dynamic scaler where the plan scales the loss (`PrecisionPlan.loss_scaling`: float16), else NoLossScaler."""
+    return DynamicLossScaler(cfg) if enabled else NoLossScaler()

@@ -54,7 +54,6 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed.tensor import _sharding_prop
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
-from titanlm.config.job_config import JobConfig
 from titanlm.models.attention import AttentionBackend, build_attention_backend
 from titanlm.models.flavors import ModelArgs
 from titanlm.models.transformer import Transformer
@@ -62,7 +61,7 @@ from titanlm.optim import build_optimizer
 from titanlm.parallel.grad_norm import global_grad_norm
 from titanlm.parallel.parallel_dims import Meshes
 from titanlm.parallel.parallelize import materialize_parallelized, parallelize
-from titanlm.plan import RunPlan, resolve
+from titanlm.plan import RunPlan
 from titanlm.step import LocalStep
 
 GIB = 2**30
@@ -95,17 +94,15 @@ class MemoryEstimate:
     note: str  # one line: how it was made, or why the formula was used
 
 
-def estimate_memory(cfg: JobConfig, world_size: int, device_type: str, rank: int = 0) -> MemoryEstimate:
-    """Rank `rank`'s peak memory for `cfg` on `world_size` processes of `device_type` ("cuda" or
-    "cpu"): traced where the trace can run, else the formula, with the reason in `note`. Raises the
-    plan's one-line errors for a config that cannot run. The trace takes seconds for small models,
-    30-70 s for Llama3-8B on 2 CPU cores (its time is in `note`)."""
-    plan = resolve(cfg, world_size, device_type)
+def estimate_memory(plan: RunPlan, rank: int = 0) -> MemoryEstimate:
+    """Rank `rank`'s peak memory under `plan` (for its world size and device type): traced where the
+    trace can run, else the formula, with the reason in `note`. The trace takes seconds for small
+    models, 30-70 s for Llama3-8B on 2 CPU cores (its time is in `note`)."""
     reason = _untraceable(plan)
     if reason:
-        estimate = formula_memory(cfg, world_size, rank, device_type)
+        estimate = formula_memory(plan, rank)
         return replace(estimate, note=reason + estimate.note.removeprefix(_FORMULA_NOTE))
-    return trace_memory(cfg, world_size, device_type, rank)
+    return trace_memory(plan, rank)
 
 
 def _untraceable(plan: RunPlan) -> str:
@@ -121,20 +118,20 @@ def _untraceable(plan: RunPlan) -> str:
     return ""
 
 
-def trace_memory(cfg: JobConfig, world_size: int, device_type: str, rank: int = 0, fake: bool = True) -> MemoryEstimate:
+def trace_memory(plan: RunPlan, rank: int = 0, fake: bool = True) -> MemoryEstimate:
     """Trace one steady-state step of rank `rank` (see the module docstring) in a fake process group
-    of `world_size`, destroyed afterwards. Needs a process without a process group.
+    of the plan's world size, destroyed afterwards. Needs a process without a process group.
 
     `fake=False` runs the same step on real CPU tensors: collectives still move nothing, but every
     byte is allocated (the reference the fake trace is tested against; small models only)."""
-    plan = resolve(cfg, world_size, device_type)
+    world_size, device_type = plan.world_size, plan.device_type
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in a world of {world_size} processes")
     start = time.perf_counter()
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
     try:
         with _quiet_torch_distributed():
-            estimate = _traced_step(cfg, plan, fake)
+            estimate = _traced_step(plan, fake)
     finally:
         shutdown_process_group()
     tensors = "fake" if fake else "real"
@@ -175,13 +172,13 @@ _OPTIMIZER = ("OptState", "Optstate")
 _ACTIVATIONS = ("Activation",)
 
 
-def _traced_step(cfg: JobConfig, plan: RunPlan, fake: bool) -> MemoryEstimate:
+def _traced_step(plan: RunPlan, fake: bool) -> MemoryEstimate:
     # Imported here: the trackers' package takes 2 s to import, which the formula does not need.
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
     from torch.distributed._tools.mem_tracker import MemTracker
 
     device = torch.device(_TRACE_DEVICE)
-    traced_plan = replace(plan, compile=False)
+    traced_plan = replace(plan, compile=False, loss=replace(plan.loss, compiled=False))
     global_tokens = plan.batch.global_batch_size * plan.batch.seq_len
     # Meshes hold real rank tensors: they are built outside the fake mode (as torch's own estimator
     # does), and so is the meta-device model under FSDP, hence a mode that accepts real inputs.
@@ -193,7 +190,7 @@ def _traced_step(cfg: JobConfig, plan: RunPlan, fake: bool) -> MemoryEstimate:
     with tensors:
         step = LocalStep(traced_plan, [model], meshes, device)
         params = list(model.parameters())
-        optimizer = build_optimizer(params, cfg.optimizer, plan.optimizer_implementation)
+        optimizer = build_optimizer(params, plan.optimizer, plan.optimizer_implementation)
         _steady_state(params, optimizer, accumulating=plan.batch.accumulation_steps > 1)
         batch = step.prepare(_random_batch(plan, device))
         if plan.fsdp.enabled:
@@ -295,7 +292,7 @@ def _random_batch(plan: RunPlan, device: torch.device) -> dict[str, torch.Tensor
         "input_ids": torch.randint(0, vocab, (rows, seq), device=device),
         "labels": torch.randint(0, vocab, (rows, seq), device=device),
     }
-    if plan.dataset == "bin" and plan.attention_backend == "sdpa":
+    if plan.data.kind == "bin" and plan.attention_backend == "sdpa":
         batch["position_ids"] = torch.arange(seq, device=device).expand(rows, seq)
         batch["document_ids"] = torch.zeros(rows, seq, dtype=torch.long, device=device)
     return batch
@@ -363,9 +360,9 @@ def _untracked_sharding_propagation() -> Iterator[None]:
         _sharding_prop.detect_fake_mode = detect
 
 
-def formula_memory(cfg: JobConfig, world_size: int, rank: int = 0, device_type: str = "cuda") -> MemoryEstimate:
-    """Rank `rank`'s peak memory from a closed form, for `device_type`'s dtypes (bfloat16 parameters
-    on cuda unless training.mixed_precision_param says otherwise).
+def formula_memory(plan: RunPlan, rank: int = 0) -> MemoryEstimate:
+    """Rank `rank`'s peak memory under `plan` from a closed form, for its device type's dtypes (bfloat16
+    parameters on cuda unless training.mixed_precision_param says otherwise).
 
     Notation: d = dim, f = ffn_dim, h = heads x head_dim, g = kv_heads x head_dim, V = vocab, t = tp,
     sp = t with sequence parallelism else 1, s = the FSDP shard size (dp_shard x cp; 1 without FSDP),
@@ -424,7 +421,6 @@ def formula_memory(cfg: JobConfig, world_size: int, rank: int = 0, device_type: 
     activations are taken as bfloat16 ones (an upper bound); under FSDP CPU offload the state is in
     host memory and out of the figures (`note` gives its size).
     """
-    plan = resolve(cfg, world_size, device_type)
     args, dims, pipe = plan.model_args, plan.dims, plan.pipeline
     pp_rank = dims.coordinates(rank)["pp"]
     stages = pipe.stages_of(pp_rank)
@@ -447,7 +443,7 @@ def formula_memory(cfg: JobConfig, world_size: int, rank: int = 0, device_type: 
     per_token = _block_activation_bytes(plan, c)
     modes = [plan.activation_checkpoint if layer < plan.recomputed_layers else "none" for layer in layers]
     mask, document_mask = 0, 0
-    if plan.attention_backend == "sdpa" and (dims.cp > 1 or plan.dataset == "bin"):
+    if plan.attention_backend == "sdpa" and (dims.cp > 1 or plan.data.kind == "bin"):
         # Under context parallelism every batch carries document ids (one per row without bin data).
         document_mask = mask = plan.batch.local_batch_size * plan.batch.seq_len // dims.cp * plan.batch.seq_len
     blocks_kept = [per_token[mode] * tokens + (mask * c if mode == "none" else 0) for mode in modes]
@@ -456,8 +452,8 @@ def formula_memory(cfg: JobConfig, world_size: int, rank: int = 0, device_type: 
     final_kept, log_probs, loss_backward = 0, 0, 0
     if last:
         final_kept = (args.dim / sp + args.dim) * tokens * c
-        if plan.loss_chunk_tokens:
-            loss_backward = 3 * 4 * min(plan.loss_chunk_tokens, tokens) * vocab_share
+        if plan.loss.chunked:
+            loss_backward = 3 * 4 * min(plan.loss.chunk_tokens, tokens) * vocab_share
         else:
             log_probs = 4 * tokens * vocab_share
             loss_backward = (3 if plan.tp.loss_parallel else 2) * log_probs

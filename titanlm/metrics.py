@@ -27,11 +27,10 @@ from typing import Any
 
 import torch
 
-from titanlm.config import JobConfig, config_to_dict, config_to_toml
 from titanlm.data.datasets import TextTokenDataset
 from titanlm.data.packing import PackedDataset
 from titanlm.models.flops import document_lengths, internevo_tflops, training_flops
-from titanlm.plan import RunPlan
+from titanlm.plan import OutputPlan, RunPlan
 
 logger = logging.getLogger("titanlm")
 
@@ -171,13 +170,14 @@ class MetricsLogger:
     metrics.jsonl and the optional TensorBoard and W&B scalars. Every rank calls it, so no rank needs
     special-casing, and every rank gets the logged records back as numbers."""
 
-    def __init__(self, cfg: JobConfig, is_main: bool) -> None:
+    def __init__(self, output: OutputPlan, steps: int, is_main: bool) -> None:
+        """`output`: the plan's dump folder, writers and configuration record; `steps`: the run's last step."""
         self.is_main = is_main
-        self.steps = cfg.training.steps
+        self.steps = steps
         self._step_seconds: deque[float] = deque(maxlen=ETA_WINDOW)
         self._kept: list[dict[str, Any]] = []  # the steps since the last log, tensors still on the device
-        self._cfg = cfg
-        self.folder = cfg.job.dump_folder
+        self._output = output
+        self.folder = output.dump_folder
         self._jsonl_path = os.path.join(self.folder, "metrics.jsonl")
         self._log_file = self._jsonl = self._tb = self._wandb = None
         if not is_main:
@@ -187,9 +187,9 @@ class MetricsLogger:
         self._log_file.setFormatter(logging.Formatter(LOG_FORMAT))
         logger.addHandler(self._log_file)
         with open(os.path.join(self.folder, "config.toml"), "w", encoding="utf-8") as f:
-            f.write(config_to_toml(cfg))
+            f.write(output.config_toml)
         self._jsonl = open(self._jsonl_path, "a", encoding="utf-8")
-        if cfg.metrics.enable_tensorboard:
+        if output.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(os.path.join(self.folder, "tb"))
@@ -209,17 +209,16 @@ class MetricsLogger:
         }
         self._jsonl.write(json.dumps(start) + "\n")
         self._jsonl.flush()
-        if self._cfg.metrics.enable_wandb:
+        if self._output.wandb:
             import wandb
 
-            name = self._cfg.job.description or os.path.basename(os.path.abspath(self.folder))
             self._wandb = wandb.init(
-                project=self._cfg.metrics.wandb_project,
-                name=name,
+                project=self._output.wandb_project,
+                name=self._output.run_name,
                 id=run_id,
                 resume="allow",
                 dir=self.folder,
-                config=config_to_dict(self._cfg),
+                config=self._output.config_values,
             )
 
     def keep_step(self, record: dict[str, Any]) -> None:
@@ -281,10 +280,10 @@ class Throughput:
     pay nothing for metrics, so a run's speed does not depend on metrics.log_freq.
     """
 
-    def __init__(self, plan: RunPlan, device: torch.device, peak_tflops: float) -> None:
+    def __init__(self, plan: RunPlan, device: torch.device) -> None:
         self.plan = plan
         self.device = device
-        self.peak_flops = device_peak_flops(device, plan.precision.param_dtype, peak_tflops)
+        self.peak_flops = device_peak_flops(device, plan.precision.param_dtype, plan.output.peak_tflops)
 
     def now(self, timed: bool) -> float:
         """The time, after the device has finished the work queued so far when `timed`."""

@@ -13,18 +13,18 @@ any world size without a GPU.
 from __future__ import annotations
 
 import importlib.util
-import math
+import os
 from dataclasses import dataclass, replace
 
 import torch
 from torch.distributed.pipelining.schedules import PipelineScheduleSingle, get_schedule_class
 
-from titanlm.config.job_config import Float8, JobConfig
+from titanlm.config.job_config import Debug, Float8, GradScaler, JobConfig, LRScheduler, Optimizer, Training
+from titanlm.config.manager import config_to_dict, config_to_toml
+from titanlm.data.demo import demo_assets
 from titanlm.errors import CheckpointError, ConfigError, ParallelismError, UnsupportedError
-from titanlm.loss_scaler import check_grad_scaler
 from titanlm.models.flavors import ModelArgs
 from titanlm.models.spec import ModelSpec, resolve_model_spec, warn_beyond_trained_length
-from titanlm.optim import check_optimizer
 from titanlm.parallel.parallel_dims import ParallelDims
 
 # What a checkpoint holds (titanlm.checkpoint.content saves and loads these parts).
@@ -58,6 +58,83 @@ class BatchPlan:
 
 
 @dataclass(frozen=True)
+class LoopPlan:
+    """The loop's schedule: the last step, which steps log a line, and after which steps validation runs
+    (`valid_every` 0: never, also when there is no validation data)."""
+
+    steps: int
+    log_freq: int
+    valid_every: int
+
+    def logs(self, step: int) -> bool:
+        return step % self.log_freq == 0 or step == 1 or step == self.steps
+
+    def validates(self, step: int) -> bool:
+        return self.valid_every > 0 and step % self.valid_every == 0
+
+
+@dataclass(frozen=True)
+class TokenizerPlan:
+    """The run's one tokenizer: its file, the setting it comes from (for errors and the log) and the
+    model vocabulary its ids must fit in (checked where the file is read, `titanlm.data.load_run_tokenizer`)."""
+
+    path: str
+    origin: str  # model.tokenizer_path, model.hf_path or "the demo corpus"
+    model_vocab_size: int
+
+
+@dataclass(frozen=True)
+class DataPlan:
+    """What the data loaders read: `kind` random, demo or bin; `valid_folder` empty = no validation."""
+
+    kind: str
+    train_folder: str
+    valid_folder: str
+    cache_folder: str
+    seq_len: int
+    local_batch_size: int
+    seed: int
+    num_workers: int
+    pack_sample_into_one: bool
+    min_length: int
+    dataset_weights: tuple[str, ...]
+    vocab_size: int
+
+
+@dataclass(frozen=True)
+class LossPlan:
+    """`chunk_tokens` > 0: the model computes the output projection and loss that many tokens at a time;
+    otherwise the step computes the loss of whole logits, compiled with the blocks when `compiled`."""
+
+    chunk_tokens: int
+    compiled: bool
+
+    @property
+    def chunked(self) -> bool:
+        return self.chunk_tokens > 0
+
+
+@dataclass(frozen=True)
+class OutputPlan:
+    """What a run writes besides checkpoints, and the resolved configuration it records there."""
+
+    dump_folder: str
+    description: str
+    print_config: bool
+    tensorboard: bool
+    wandb: bool
+    wandb_project: str
+    peak_tflops: float  # -1 = look the device up
+    config_toml: str  # the whole configuration as TOML, as config.toml records it
+    config_values: dict[str, dict]  # the same as nested dicts, for W&B
+
+    @property
+    def run_name(self) -> str:
+        """The W&B run's name: the description, else the dump folder's name."""
+        return self.description or os.path.basename(os.path.abspath(self.dump_folder))
+
+
+@dataclass(frozen=True)
 class PrecisionPlan:
     """`param_dtype`: the dtype parameters compute in; FSDP casts to it when it wraps the model,
     otherwise (one process: fp32 weights, no FSDP) `autocast_dtype` names the dtype torch.autocast
@@ -85,6 +162,7 @@ class FSDPPlan:
     enabled: bool
     reshard_after_forward: str
     cpu_offload: bool
+    pin_memory: bool  # offloaded shards in pinned host memory, for asynchronous copies: needs CUDA
     shard_degree: int
     replicate_degree: int
 
@@ -118,14 +196,32 @@ class PipelinePlan:
         return sum(self.layers_per_stage[:stage])
 
 
+# Where a run may start from, in the order a start tries them (titanlm/checkpoint/start.py).
+START_ORDER = ("resume", "checkpoint.initial_load_path", "model.hf_path")
+
+
 @dataclass(frozen=True)
 class CheckpointPlan:
-    """`load_parts`: what a start from checkpoint.initial_load_path takes (a resume from
-    checkpoint.folder always takes everything); `async_mode` as this device can run it."""
+    """Every setting the checkpointer reads, resolved once: where checkpoints live, when they are
+    saved, and what a run may start from. `starts` names the sources of START_ORDER that are
+    configured ("resume" when checkpoints are on); with none, or none holding anything, the run
+    starts from its freshly initialized model."""
 
     enabled: bool
-    load_parts: tuple[str, ...]
-    async_mode: str
+    folder: str  # checkpoint.folder, within job.dump_folder unless absolute
+    dump_folder: str
+    final_step: int  # training.steps: the last save and the exports are of this step
+    interval: int
+    keep_latest_k: int
+    last_save_model_only: bool
+    last_save_in_hf: bool
+    verify: bool
+    stop_file: str  # checkpoint.stop_file, by default STOP in the checkpoint folder
+    load_step: int
+    initial_load_path: str
+    load_parts: tuple[str, ...]  # what a start from initial_load_path takes; a resume takes everything
+    starts: tuple[str, ...]
+    async_mode: str  # as this device can run it
     export_dtype: torch.dtype
 
 
@@ -142,14 +238,24 @@ class RunPlan:
     pipeline: PipelinePlan
     float8: Float8  # the settings in effect: no float8 all-gather without FSDP
     attention_backend: str  # sdpa, flex or varlen: `auto` resolved for the device and layout
+    attention_reason: str  # why `auto` chose it, for the dry run; "" when model.attention_backend named it
     activation_checkpoint: str  # none, full or selective
     recomputed_layers: int  # blocks that recompute in backward (all but full mode's layer_fraction rest)
-    compile: bool
-    loss_chunk_tokens: int  # 0 = the whole [tokens, vocab] logits at once
+    compile: bool  # torch.compile each block
+    loss: LossPlan
     optimizer_implementation: str  # fused, foreach or for-loop: `auto` resolved where the parameters live
-    dataset: str  # random, demo or bin
+    data: DataPlan
+    tokenizer: TokenizerPlan | None  # None: the run has no tokenizer (random or bin data without one)
+    loop: LoopPlan
     checkpoint: CheckpointPlan
-    notes: tuple[str, ...]  # settings the plan adjusted for this device, to be shown as warnings
+    output: OutputPlan
+    # The sections their builders read as they are (copies: the plan does not change with the config).
+    training: Training
+    optimizer: Optimizer
+    lr_scheduler: LRScheduler
+    grad_scaler: GradScaler
+    debug: Debug
+    notes: tuple[str, ...]  # settings the plan adjusted or that look unintended, to be shown as warnings
 
     @property
     def model_args(self) -> ModelArgs:
@@ -167,12 +273,17 @@ def resolve(cfg: JobConfig, world_size: int, device_type: str) -> RunPlan:
     tp = resolve_tensor_parallel(cfg, dims, model.args)
     check_context_parallel(cfg, dims)
     pipeline = resolve_pipeline(cfg, dims, model.args, batch)
-    fsdp = resolve_fsdp(cfg, dims, pipeline)
+    fsdp = resolve_fsdp(cfg, dims, pipeline, device_type)
     precision = resolve_precision(cfg, device_type, fsdp)
     checkpoint = resolve_checkpoint(cfg, device_type)
     notes = []
     if checkpoint.enabled and checkpoint.async_mode != cfg.checkpoint.async_mode:
         notes.append(f"checkpoint.async_mode = {cfg.checkpoint.async_mode} needs a GPU; using {checkpoint.async_mode}")
+    attention_backend, attention_reason = resolve_attention_backend(cfg, device_type)
+    loop, loop_notes = resolve_loop(cfg)
+    notes += loop_notes
+    data = resolve_data(cfg, model.args.vocab_size, validates=loop.valid_every > 0)
+    tokenizer = resolve_tokenizer(cfg, model, data)
     recomputed = {
         "none": 0,
         "full": int(model.args.n_layers * cfg.activation_checkpoint.layer_fraction),
@@ -182,49 +293,46 @@ def resolve(cfg: JobConfig, world_size: int, device_type: str) -> RunPlan:
         world_size=world_size,
         device_type=device_type,
         dims=dims,
-        model=model,
+        # The spec records the tokenizer the run really uses in every checkpoint.
+        model=replace(model, tokenizer_path=tokenizer.path if tokenizer else ""),
         batch=batch,
         precision=precision,
         fsdp=fsdp,
         tp=tp,
         pipeline=pipeline,
         float8=resolve_float8(cfg, device_type, fsdp),
-        attention_backend=resolve_attention_backend(cfg, device_type),
+        attention_backend=attention_backend,
+        attention_reason=attention_reason,
         activation_checkpoint=cfg.activation_checkpoint.mode,
         recomputed_layers=recomputed,
         compile=cfg.compile.enable,
-        loss_chunk_tokens=cfg.training.loss_chunk_tokens,
+        # A chunked loss runs inside the model, whose blocks compile; only whole logits use the step's own loss.
+        loss=LossPlan(cfg.training.loss_chunk_tokens, compiled=cfg.compile.enable),
         optimizer_implementation=resolve_optimizer_implementation(cfg, device_type, fsdp),
-        dataset=resolve_dataset(cfg),
+        data=data,
+        tokenizer=tokenizer,
+        loop=loop,
         checkpoint=checkpoint,
+        output=resolve_output(cfg),
+        training=replace(cfg.training),
+        optimizer=replace(cfg.optimizer),
+        lr_scheduler=replace(cfg.lr_scheduler),
+        grad_scaler=replace(cfg.grad_scaler),
+        debug=replace(cfg.debug),
         notes=tuple(notes),
     )
 
 
 def check_settings(cfg: JobConfig) -> None:
-    """Value checks that need more than the config loader's one-key ranges: finite numbers, and the
-    sections whose checks live with their code (optimizer, loss scaler, metrics)."""
-    tr = cfg.training
-    if tr.global_batch_size != -1 and tr.global_batch_size < 1:
-        raise ConfigError(
-            f"training.global_batch_size must be >= 1, or -1 for local_batch_size x data-parallel degree; "
-            f"got {tr.global_batch_size}"
-        )
-    if not math.isfinite(tr.max_norm):
-        raise ConfigError(f"training.max_norm must be a finite number (<= 0 = no clipping), got {tr.max_norm!r}")
-    if tr.max_consecutive_skips < 0:
-        raise ConfigError(
-            f"training.max_consecutive_skips must be >= 0 (0 = never stop), got {tr.max_consecutive_skips}"
-        )
-    if cfg.data.valid_every < 0:
-        raise ConfigError(f"data.valid_every must be >= 0 (0 = never), got {cfg.data.valid_every}")
-    if cfg.data.min_length < 0:
-        raise ConfigError(
-            f"data.min_length = {cfg.data.min_length} is negative; set it to 0 (keep every document) or more"
-        )
-    check_optimizer(cfg.optimizer)
+    """Checks that relate several settings, or a setting and this machine; each field's own range is
+    declared on the field (job_config.py) and enforced by the config loader."""
     if cfg.training.mixed_precision_param == "float16":  # the only precision that scales the loss
-        check_grad_scaler(cfg.grad_scaler)
+        scaler = cfg.grad_scaler
+        if not scaler.min_scale <= scaler.initial_scale <= scaler.max_scale:
+            raise ConfigError(
+                f"grad_scaler.initial_scale {scaler.initial_scale!r} must lie between grad_scaler.min_scale "
+                f"{scaler.min_scale!r} and grad_scaler.max_scale {scaler.max_scale!r}"
+            )
     if cfg.metrics.enable_wandb and importlib.util.find_spec("wandb") is None:
         raise ConfigError(
             "metrics.enable_wandb needs the wandb package: pip install 'titanlm[wandb]' (or pip install wandb), "
@@ -366,7 +474,7 @@ def resolve_pipeline(cfg: JobConfig, dims: ParallelDims, args: ModelArgs, batch:
     return PipelinePlan(dims.pp, schedule, stages_per_rank, counts, tuple(owners))
 
 
-def resolve_fsdp(cfg: JobConfig, dims: ParallelDims, pipeline: PipelinePlan) -> FSDPPlan:
+def resolve_fsdp(cfg: JobConfig, dims: ParallelDims, pipeline: PipelinePlan, device_type: str) -> FSDPPlan:
     par = cfg.parallelism
     reshard = par.fsdp_reshard_after_forward
     if reshard == "default" and pipeline.degree > 1:
@@ -375,6 +483,7 @@ def resolve_fsdp(cfg: JobConfig, dims: ParallelDims, pipeline: PipelinePlan) -> 
         enabled=dims.world_size > 1 or par.fsdp_cpu_offload,
         reshard_after_forward=reshard,
         cpu_offload=par.fsdp_cpu_offload,
+        pin_memory=par.fsdp_cpu_offload and device_type == "cuda",
         shard_degree=dims.dp_shard * dims.cp,
         replicate_degree=dims.dp_replicate,
     )
@@ -442,10 +551,10 @@ def varlen_kernel_installed() -> bool:
     return any(importlib.util.find_spec(name) is not None for name in ("flash_attn", "torch.nn.attention.varlen"))
 
 
-def resolve_attention_backend(cfg: JobConfig, device_type: str) -> str:
-    """`auto`: sdpa on CPU; on CUDA varlen when a varlen kernel is installed, else flex. The same
-    holds under context parallelism: every backend describes a rank's queries against the gathered
-    keys (`AttentionBackend.prepare_shard`)."""
+def resolve_attention_backend(cfg: JobConfig, device_type: str) -> tuple[str, str]:
+    """The kernel, and why `auto` chose it ("" when named): sdpa on CPU; on CUDA varlen when a varlen
+    kernel is installed, else flex. The same holds under context parallelism: every backend describes a
+    rank's queries against the gathered keys (`AttentionBackend.prepare_shard`)."""
     name = cfg.model.attention_backend
     if name == "varlen" and device_type != "cuda":
         raise UnsupportedError(
@@ -458,10 +567,12 @@ def resolve_attention_backend(cfg: JobConfig, device_type: str) -> str:
             "use 'sdpa' or 'auto' here"
         )
     if name != "auto":
-        return name
+        return name, ""
     if device_type != "cuda":
-        return "sdpa"
-    return "varlen" if varlen_kernel_installed() else "flex"
+        return "sdpa", "auto: sdpa on CPU"
+    if varlen_kernel_installed():
+        return "varlen", "auto: varlen where flash-attn or torch's varlen attention is installed, as here, else flex"
+    return "flex", "auto: varlen where flash-attn or torch's varlen attention is installed, not here"
 
 
 def resolve_optimizer_implementation(cfg: JobConfig, device_type: str, fsdp: FSDPPlan) -> str:
@@ -494,6 +605,65 @@ def resolve_dataset(cfg: JobConfig) -> str:
     return kind
 
 
+def resolve_data(cfg: JobConfig, vocab_size: int, validates: bool) -> DataPlan:
+    """The loaders' settings for a model of `vocab_size`; the validation folder only when validation runs
+    (see `resolve_loop`)."""
+    d, tr = cfg.data, cfg.training
+    return DataPlan(
+        kind=resolve_dataset(cfg),
+        train_folder=d.train_folder,
+        valid_folder=d.valid_folder if validates else "",
+        cache_folder=d.cache_folder,
+        seq_len=tr.seq_len,
+        local_batch_size=tr.local_batch_size,
+        seed=cfg.debug.seed,
+        num_workers=d.num_workers,
+        pack_sample_into_one=d.pack_sample_into_one,
+        min_length=d.min_length,
+        dataset_weights=tuple(d.dataset_weights),
+        vocab_size=vocab_size,
+    )
+
+
+def resolve_tokenizer(cfg: JobConfig, model: ModelSpec, data: DataPlan) -> TokenizerPlan | None:
+    """The one tokenizer: model.tokenizer_path, else model.hf_path's (both as the model spec found them),
+    else the demo corpus's own; None for random or bin data without one."""
+    if model.tokenizer_path:
+        origin = "model.tokenizer_path" if cfg.model.tokenizer_path else "model.hf_path"
+        return TokenizerPlan(model.tokenizer_path, origin, data.vocab_size)
+    if data.kind == "demo":
+        return TokenizerPlan(demo_assets(data.cache_folder).tokenizer_path, "the demo corpus", data.vocab_size)
+    return None
+
+
+def resolve_loop(cfg: JobConfig) -> tuple[LoopPlan, list[str]]:
+    """The loop's schedule, and a note for each validation setting that cannot take effect as written."""
+    valid_folder, valid_every, notes = cfg.data.valid_folder, cfg.data.valid_every, []
+    if valid_every and not valid_folder:
+        notes.append(f"data.valid_every = {valid_every} has no data.valid_folder to validate on; no validation runs")
+        valid_every = 0
+    elif valid_folder and not valid_every:
+        notes.append(
+            f"data.valid_folder = {valid_folder!r} is not read: data.valid_every is 0 (never validate); set it to "
+            "validate every that many steps"
+        )
+    return LoopPlan(cfg.training.steps, cfg.metrics.log_freq, valid_every), notes
+
+
+def resolve_output(cfg: JobConfig) -> OutputPlan:
+    return OutputPlan(
+        dump_folder=cfg.job.dump_folder,
+        description=cfg.job.description,
+        print_config=cfg.job.print_config,
+        tensorboard=cfg.metrics.enable_tensorboard,
+        wandb=cfg.metrics.enable_wandb,
+        wandb_project=cfg.metrics.wandb_project,
+        peak_tflops=cfg.metrics.peak_tflops,
+        config_toml=config_to_toml(cfg),
+        config_values=config_to_dict(cfg),
+    )
+
+
 def resolve_checkpoint(cfg: JobConfig, device_type: str) -> CheckpointPlan:
     ck = cfg.checkpoint
     if ck.last_save_in_hf and not ck.enable:
@@ -504,8 +674,25 @@ def resolve_checkpoint(cfg: JobConfig, device_type: str) -> CheckpointPlan:
     async_mode = ck.async_mode
     if async_mode == "async_with_pinned_mem" and device_type != "cuda":
         async_mode = "async"  # pinned shared memory needs CUDA; the background thread works anywhere
+    folder = os.path.join(cfg.job.dump_folder, ck.folder)
+    configured = (ck.enable, bool(ck.initial_load_path), bool(cfg.model.hf_path))
     return CheckpointPlan(
-        ck.enable, load_parts(ck.load_content, ck.initial_load_path), async_mode, getattr(torch, ck.export_dtype)
+        enabled=ck.enable,
+        folder=folder,
+        dump_folder=cfg.job.dump_folder,
+        final_step=cfg.training.steps,
+        interval=ck.interval,
+        keep_latest_k=ck.keep_latest_k,
+        last_save_model_only=ck.last_save_model_only,
+        last_save_in_hf=ck.last_save_in_hf,
+        verify=ck.verify,
+        stop_file=ck.stop_file or os.path.join(folder, "STOP"),
+        load_step=ck.load_step,
+        initial_load_path=ck.initial_load_path,
+        load_parts=load_parts(ck.load_content, ck.initial_load_path),
+        starts=tuple(source for source, on in zip(START_ORDER, configured) if on),
+        async_mode=async_mode,
+        export_dtype=getattr(torch, ck.export_dtype),
     )
 
 

@@ -46,7 +46,7 @@ class ModelStep:
         # Pipeline stages share the grad norm and the loss over it; None without pipeline parallelism.
         self.pp_group: dist.ProcessGroup | None = meshes.world["pp"].get_group() if plan.pipeline.degree > 1 else None
         self.cp_rank = meshes.world["cp"].get_local_rank()
-        self.loss_fn: LossFn = torch.compile(token_cross_entropy) if plan.compile else token_cross_entropy
+        self.loss_fn: LossFn = torch.compile(token_cross_entropy) if plan.loss.compiled else token_cross_entropy
 
     def loss_context(self) -> AbstractContextManager:
         """Vocab-sharded cross-entropy (forward and backward) under loss parallelism."""
@@ -107,7 +107,7 @@ class LocalStep(ModelStep):
         for mb in micro_batches:
             with self.loss_context():
                 with self.compute_context():
-                    if self.plan.loss_chunk_tokens:  # the model computes the loss, chunk by chunk
+                    if self.plan.loss.chunked:  # the model computes the loss, chunk by chunk
                         summed = model(mb["input_ids"], **_extra_inputs(mb), labels=mb["labels"])
                     else:
                         summed = self.loss_fn(model(mb["input_ids"], **_extra_inputs(mb)), mb["labels"])
@@ -143,7 +143,7 @@ class PipelineStep(ModelStep):
     def _scaled_loss(self, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """A micro-batch's loss for the schedule: of the last stage's logits, or with loss chunking the
         summed loss that stage computed itself; times loss scale / global label tokens."""
-        summed = output if self.plan.loss_chunk_tokens else self.loss_fn(output, labels)
+        summed = output if self.plan.loss.chunked else self.loss_fn(output, labels)
         return summed * self._loss_factor
 
     def accumulate(self, micro_batches: list[Batch], global_tokens: float, loss_scale: float) -> torch.Tensor:
@@ -156,7 +156,7 @@ class PipelineStep(ModelStep):
             for key in ("position_ids", "document_ids")
             if key in micro_batches[0]
         }
-        if self.plan.loss_chunk_tokens:  # the last stage computes the loss, chunk by chunk
+        if self.plan.loss.chunked:  # the last stage computes the loss, chunk by chunk
             per_stage["labels"] = labels
         self._loss_factor = loss_scale / global_tokens
         losses: list[torch.Tensor] = []

@@ -1,9 +1,9 @@
 """The trainer: resolve the plan, build what it names, run the loop.
 
-`titanlm.plan.resolve` makes every decision from the config, the world size and the device; the
-Trainer builds the mesh, the model parts (`build_model_parts`), the step (`LocalStep` or
-`PipelineStep`), the optimizer update, the data and the checkpointer from it, then loops:
-data -> step -> update -> metrics -> checkpoint.
+`titanlm.plan.resolve` makes every decision from the config, the world size and the device, and is
+the only reader of the whole configuration. The Trainer gets the plan and builds the mesh, the model
+parts (`build_model_parts`), the step (`LocalStep` or `PipelineStep`), the optimizer update, the data
+and the checkpointer from it, then loops: data -> step -> update -> metrics -> checkpoint.
 
 Run with `torchrun --nproc_per_node N -m titanlm.train --job.config_file X.toml`, through
 `scripts/run_train.sh`, or as a plain `python -m titanlm.train` single process.
@@ -17,15 +17,15 @@ import signal
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import replace
 
 import torch
 
 from titanlm.checkpoint import CheckpointManager, TrainState
-from titanlm.config import JobConfig, config_to_toml, load_config_or_exit
-from titanlm.data import build_dataloader, build_valid_dataloader
+from titanlm.config import JobConfig, load_config_or_exit
+from titanlm.data import build_dataloader, build_valid_dataloader, load_run_tokenizer
 from titanlm.data.datasets import Batch
 from titanlm.distributed import (
+    DistInfo,
     exit_with_launcher,
     init_distributed,
     launched_by_torchrun,
@@ -34,13 +34,14 @@ from titanlm.distributed import (
     shutdown,
 )
 from titanlm.errors import INTERRUPTED_EXIT_CODE, USER_ERROR_EXIT_CODE, TitanlmError, TrainingDiverged
-from titanlm.loss_scaler import DynamicLossScaler
+from titanlm.loss_scaler import build_loss_scaler
 from titanlm.metrics import LOG_FORMAT, MetricsLogger, Throughput, epoch_tokens, plan_line
 from titanlm.models.transformer import param_count
 from titanlm.optim import build_lr_scheduler, build_optimizer
 from titanlm.parallel.parallelize import build_model_parts
-from titanlm.plan import resolve
+from titanlm.plan import RunPlan, resolve
 from titanlm.step import build_model_step
+from titanlm.stop import StopRequests
 from titanlm.update import OptimizerUpdate
 from titanlm.validation import validation_metrics
 
@@ -48,23 +49,23 @@ logger = logging.getLogger("titanlm")
 
 
 class Trainer:
-    def __init__(self, cfg: JobConfig) -> None:
-        self.cfg = cfg
-        self.dist = init_distributed()
-        self.device = self.dist.device
-        set_determinism(cfg.debug.seed, cfg.debug.deterministic)
-        self.plan = plan = resolve(cfg, self.dist.world_size, self.device.type)
+    def __init__(self, plan: RunPlan, dist: DistInfo) -> None:
+        """Build everything `plan` names on this process of the job `dist` describes."""
+        self.plan = plan
+        self.dist = dist
+        self.device = dist.device
+        set_determinism(plan.debug.seed, plan.debug.deterministic)
         meshes = plan.dims.build_meshes(self.device.type)
-        self.model_parts = build_model_parts(plan, meshes, self.device, cfg.debug.seed)
+        self.model_parts = build_model_parts(plan, meshes, self.device, plan.debug.seed)
         self.model = self.model_parts[0]
         self.model_step = build_model_step(plan, self.model_parts, meshes, self.device)
         params = [p for part in self.model_parts for p in part.parameters()]
-        self.optimizer = build_optimizer(params, cfg.optimizer, plan.optimizer_implementation)
-        self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.lr_scheduler, cfg.training.steps)
-        self.loss_scaler = DynamicLossScaler(cfg.grad_scaler) if plan.precision.loss_scaling else None
+        self.optimizer = build_optimizer(params, plan.optimizer, plan.optimizer_implementation)
+        self.lr_scheduler = build_lr_scheduler(self.optimizer, plan.lr_scheduler, plan.loop.steps)
+        self.loss_scaler = build_loss_scaler(plan.grad_scaler, enabled=plan.precision.loss_scaling)
         self.update = OptimizerUpdate(
             plan,
-            cfg.training,
+            plan.training,
             self.model_parts,
             self.optimizer,
             self.lr_scheduler,
@@ -72,17 +73,13 @@ class Trainer:
             self.model_step.pp_group,
             self.dist.is_main,
         )
-        dp_rank, vocab = meshes.dp.get_local_rank(), plan.model_args.vocab_size
-        self.dataloader, self.tokenizer = build_dataloader(
-            cfg, plan.dataset, dp_rank, plan.dims.dp, vocab, plan.model.tokenizer_path
-        )
-        self.valid_loader = build_valid_dataloader(cfg, dp_rank, plan.dims.dp, vocab)
-        # Checkpoints record the tokenizer the run really uses (the demo corpus brings its own).
-        spec = replace(plan.model, tokenizer_path=self.tokenizer.path if self.tokenizer else "")
+        dp_rank = meshes.dp.get_local_rank()
+        self.tokenizer = load_run_tokenizer(plan.tokenizer, plan.data)
+        self.dataloader = build_dataloader(plan.data, self.tokenizer, dp_rank, plan.dims.dp)
+        self.valid_loader = build_valid_dataloader(plan.data, dp_rank, plan.dims.dp)
         self.checkpointer = CheckpointManager(
-            cfg,
             plan.checkpoint,
-            spec,
+            plan.model,
             self.model_parts,
             self.optimizer,
             self.lr_scheduler,
@@ -90,8 +87,9 @@ class Trainer:
             dp_rank,
             self.device,
         )
-        self.metrics = MetricsLogger(cfg, self.dist.is_main)
-        self.throughput = Throughput(plan, self.device, cfg.metrics.peak_tflops)
+        self.stop_requests = StopRequests(plan.checkpoint.stop_file, self.dist.is_main, self.device)
+        self.metrics = MetricsLogger(plan.output, plan.loop.steps, self.dist.is_main)
+        self.throughput = Throughput(plan, self.device)
         self.step = 0
         self.num_consumed_tokens = 0
         self._announce()
@@ -100,12 +98,13 @@ class Trainer:
         except BaseException:
             self.close()  # a start that fails here (e.g. a damaged checkpoint) gives the folder lock back
             raise
+        self.stop_requests.listen()  # not before: a Ctrl-C while loading has nothing to save
         self.metrics.start(resumed_from_step=self.step)
         batch = plan.batch
         logger.info(
             plan_line(
                 self.step,
-                cfg.training.steps,
+                plan.loop.steps,
                 batch.global_batch_size,
                 batch.seq_len,
                 epoch_tokens(self.dataloader.dataset),
@@ -114,30 +113,32 @@ class Trainer:
 
     def _announce(self) -> None:
         """The first log lines: what runs, where the weights, tokenizer and data come from, what is written."""
-        cfg, plan = self.cfg, self.plan
-        if cfg.job.print_config:
-            logger.info("resolved configuration:\n" + config_to_toml(cfg))
-        if cfg.job.description:
-            logger.info(cfg.job.description)
+        plan, data, output = self.plan, self.plan.data, self.plan.output
+        if output.print_config:
+            logger.info("resolved configuration:\n" + output.config_toml)
+        if output.description:
+            logger.info(output.description)
         if self.dist.is_main:
             for note in plan.notes:
                 logger.warning(note)
         logger.info(
-            f"model {plan.model.describe()}: {param_count(plan.model_args):,} parameters, "
-            f"{plan.precision.param_dtype}; mesh {plan.dims.sizes()}; device {self.device}; global batch "
+            f"model {plan.model.describe()}: {param_count(plan.model_args):,} float32 parameters computing in "
+            f"{str(plan.precision.param_dtype).removeprefix('torch.')}; mesh {plan.dims.sizes()}; device "
+            f"{self.device}; global batch "
             f"{plan.batch.global_batch_size} x {plan.batch.seq_len} tokens, {plan.batch.accumulation_steps} "
             "micro-batch(es)/step"
         )
-        data = {
-            "demo": f"the demo corpus in {cfg.data.cache_folder}",
+        source = {
+            "demo": f"the demo corpus in {data.cache_folder}",
             "random": "random tokens (set data.train_folder to train on real data)",
-            "bin": f"the tokenized folder {cfg.data.train_folder}",
-        }[plan.dataset]
-        valid = f"; validation on {cfg.data.valid_folder}" if cfg.data.valid_folder else ""
-        dump = cfg.job.dump_folder
-        logger.info(f"weights: {self.checkpointer.start_description(cfg.debug.seed)}")
-        logger.info(f"tokenizer: {self.tokenizer.path if self.tokenizer else 'none'}")
-        logger.info(f"data: {data}{valid}")
+            "bin": f"the tokenized folder {data.train_folder}",
+        }[data.kind]
+        valid = f"; validation on {data.valid_folder} every {plan.loop.valid_every} steps" if data.valid_folder else ""
+        dump = output.dump_folder
+        logger.info(f"weights: {self.checkpointer.start.describe(plan.debug.seed)}")
+        tokenizer = f"{plan.tokenizer.path} (from {plan.tokenizer.origin})" if plan.tokenizer else "none"
+        logger.info(f"tokenizer: {tokenizer}")
+        logger.info(f"data: {source}{valid}")
         logger.info(
             f"writes: metrics to {os.path.join(dump, 'metrics.jsonl')}; {self.checkpointer.save_description()}; "
             f"log and configuration to {os.path.join(dump, 'train.log')}, {os.path.join(dump, 'config.toml')}"
@@ -148,7 +149,7 @@ class Trainer:
         (the logged ones) wait for the device to measure their time and throughput, the others do not."""
         start = self.throughput.now(timed)
         lr = self.lr_scheduler.get_last_lr()[0]
-        loss = self.model_step.forward_backward(micro_batches, self.loss_scaler.scale if self.loss_scaler else 1.0)
+        loss = self.model_step.forward_backward(micro_batches, self.loss_scaler.scale)
         fwd_bwd_time = self.throughput.now(timed) - start
         grad_norm = self.update(self.step + 1)
         step_time = self.throughput.now(timed) - start
@@ -160,7 +161,7 @@ class Trainer:
             "loss": loss,
             **{key: speed[key] for key in ("tgs", "tflops", "mfu") if timed},
             "lr": lr,
-            "loss_scale": self.loss_scaler.scale if self.loss_scaler else 1.0,
+            "loss_scale": self.loss_scaler.scale,
             "grad_norm": grad_norm,
             **({"memory_gib": speed["memory_gib"]} if timed else {}),
             "num_consumed_tokens": self.num_consumed_tokens,
@@ -177,7 +178,7 @@ class Trainer:
             step=self.step,
             num_consumed_tokens=self.num_consumed_tokens,
             inf_nan_skip_batches=self.update.skipped,
-            loss_scaler=self.loss_scaler.state_dict() if self.loss_scaler else None,
+            loss_scaler=self.loss_scaler.state_dict(),
             consecutive_skips=self.update.consecutive_skips,
         )
 
@@ -187,24 +188,20 @@ class Trainer:
             return
         self.step, self.num_consumed_tokens = state.step, state.num_consumed_tokens
         self.update.skipped, self.update.consecutive_skips = state.inf_nan_skip_batches, state.consecutive_skips
-        if self.loss_scaler and state.loss_scaler:
-            self.loss_scaler.load_state_dict(state.loss_scaler)
-
-    def _logged(self, step: int) -> bool:
-        return step % self.cfg.metrics.log_freq == 0 or step == 1 or step == self.cfg.training.steps
+        self.loss_scaler.load_state_dict(state.loss_scaler)
 
     def train(self) -> list[dict[str, float | int | None]]:
         """Run to `training.steps`, or until a stop file or signal asks to stop after a save; returns
         the records of the logged steps. Raises TrainingDiverged after too many skipped steps in a row."""
         batches = iter(self.dataloader)
         records = []
-        valid_every, global_batch = self.cfg.data.valid_every, self.plan.batch.global_batch_size
+        loop, global_batch = self.plan.loop, self.plan.batch.global_batch_size
         logged_samples = self.step * global_batch
-        while self.step < self.cfg.training.steps:
+        while self.step < loop.steps:
             wait_start = time.perf_counter()
             micro_batches = self.next_micro_batches(batches)
             data_time = time.perf_counter() - wait_start
-            logged = self._logged(self.step + 1)
+            logged = loop.logs(self.step + 1)
             record = {**self.train_step(micro_batches, timed=logged), "data_time": data_time}
             if logged:
                 record |= self._type_shares(logged_samples, self.step * global_batch)
@@ -215,11 +212,11 @@ class Trainer:
             if self.update.diverged():  # before step_end, so the diverged step is never saved
                 self.metrics.flush()
                 raise TrainingDiverged(
-                    self.step, self.update.consecutive_skips, self.cfg.training.max_consecutive_skips
+                    self.step, self.update.consecutive_skips, self.plan.training.max_consecutive_skips
                 )
-            if self.valid_loader is not None and valid_every > 0 and self.step % valid_every == 0:
+            if loop.validates(self.step):
                 self.metrics.log({"step": self.step, **self.validate()})
-            if self.checkpointer.step_end(self.train_state()):
+            if self.checkpointer.step_end(self.train_state(), self.stop_requests.poll(self.step)):
                 break
         self.metrics.flush()
         return records
@@ -251,8 +248,17 @@ class Trainer:
         return {f"token_share/{name}": share for name, share in shares(start, stop).items()}
 
     def close(self) -> None:
-        self.checkpointer.close()
+        try:
+            self.checkpointer.close()
+        finally:
+            self.stop_requests.close()
         self.metrics.close()
+
+
+def build_trainer(cfg: JobConfig) -> Trainer:
+    """The process group of this job, the plan for it, and the trainer of that plan."""
+    dist = init_distributed()
+    return Trainer(resolve(cfg, dist.world_size, dist.device.type), dist)
 
 
 def configure_logging(is_main: bool) -> None:
@@ -272,7 +278,7 @@ def main(argv: list[str] | None = None) -> None:
     configure_logging(is_main=int(os.environ.get("RANK", "0")) == 0)
     trainer = None
     try:
-        trainer = Trainer(cfg)
+        trainer = build_trainer(cfg)
         trainer.train()
     except TitanlmError as error:
         if os.environ.get("TITANLM_TRACEBACK"):
@@ -291,8 +297,7 @@ def main(argv: list[str] | None = None) -> None:
         if trainer is not None:
             trainer.close()
         shutdown()
-    stop = trainer.checkpointer.stop
-    sys.exit(stop.exit_code if stop is not None else 0)
+    sys.exit(trainer.stop_requests.exit_code)
 
 
 if __name__ == "__main__":

@@ -13,9 +13,9 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
 from titanlm.config.job_config import Training
-from titanlm.loss_scaler import DynamicLossScaler
+from titanlm.loss_scaler import LossScaler
 from titanlm.parallel.float8 import precompute_scales
-from titanlm.parallel.grad_norm import clip_grads_, global_grad_norm, scale_grads_
+from titanlm.parallel.grad_norm import clip_grads_, global_grad_norm
 from titanlm.plan import RunPlan
 
 logger = logging.getLogger("titanlm")
@@ -36,7 +36,7 @@ class OptimizerUpdate:
         parts: list[nn.Module],
         optimizer: Optimizer,
         lr_scheduler: LRScheduler,
-        loss_scaler: DynamicLossScaler | None,
+        loss_scaler: LossScaler,
         pp_group: dist.ProcessGroup | None,
         is_main: bool,
     ) -> None:
@@ -51,18 +51,18 @@ class OptimizerUpdate:
 
     def __call__(self, step: int) -> torch.Tensor:
         """Update for `step` (the step being finished); returns the global grad norm, on the device."""
-        grads = [p.grad for part in self.parts for p in part.parameters() if p.grad is not None]
-        if self.loss_scaler:
-            scale_grads_(grads, 1.0 / self.loss_scaler.scale)
+        params = [p for part in self.parts for p in part.parameters() if p.grad is not None]
+        grads = [p.grad for p in params]
+        self.loss_scaler.unscale_(grads)
         grad_norm = global_grad_norm(grads, pp_group=self.pp_group)
         norm = grad_norm.item()  # a host sync the update needs: whether to step at all
         finite = math.isfinite(norm)
-        calibrating = self.loss_scaler is not None and self.loss_scaler.scale > self.loss_scaler.cfg.min_scale
-        if self.loss_scaler:
-            self.loss_scaler.update(overflow=not finite)
+        calibrating = self.loss_scaler.can_back_off  # before update() moves the scale
+        self.loss_scaler.update(overflow=not finite)
         if finite or not self.cfg.skip_nan_inf_steps:
-            if self.cfg.max_norm > 0:
-                clip_grads_(grads, self.cfg.max_norm, grad_norm)
+            # A NaN norm is not clipped: its factor would turn every gradient NaN, not only the NaN ones.
+            if self.cfg.max_norm > 0 and not math.isnan(norm):
+                clip_grads_(params, self.cfg.max_norm, grad_norm)
             self.optimizer.step()
             precompute_scales(self.parts, self.plan.float8)
             self.consecutive_skips = 0
@@ -106,7 +106,7 @@ class OptimizerUpdate:
         cause = (
             f"the float16 gradients underflowed at loss scale {self.loss_scaler.scale:g} (raise "
             "grad_scaler.initial_scale and grad_scaler.min_scale)"
-            if self.loss_scaler
+            if self.plan.precision.loss_scaling
             else "the loss does not depend on the weights"
         )
         logger.warning(

@@ -22,7 +22,7 @@ try:
 except ModuleNotFoundError:  # Python < 3.11
     import tomli as tomllib
 
-from titanlm.config.job_config import JobConfig
+from titanlm.config.job_config import Check, JobConfig
 from titanlm.errors import ConfigError
 
 _CLI = "CLI"
@@ -40,6 +40,7 @@ class _Key:
     default: Any
     help: str
     choices: tuple[str, ...] | None
+    check: Check | None
 
     @property
     def path(self) -> str:
@@ -72,6 +73,7 @@ def _schema() -> dict[str, dict[str, _Key]]:
                 getattr(defaults, f.name),
                 f.metadata.get("help", ""),
                 f.metadata.get("choices"),
+                f.metadata.get("check"),
             )
             for f in dataclasses.fields(cls)
         }
@@ -199,44 +201,21 @@ def _read_toml(path: str) -> dict[str, Any]:
     return out
 
 
-def _range_rules() -> dict[str, tuple[Callable[[Any], bool], str]]:
-    """'section.field' -> (is the value fine, what it must be). Single-field checks only; checks
-    that involve the world size or the model registry live with those modules."""
-    at_least_one = (lambda v: v >= 1, ">= 1")
-    rules = {
-        "training.steps": at_least_one,
-        "training.seq_len": at_least_one,
-        "training.local_batch_size": at_least_one,
-        "metrics.log_freq": at_least_one,
-        "checkpoint.interval": at_least_one,
-        "checkpoint.keep_latest_k": (lambda v: v >= 0, ">= 0"),
-        "training.loss_chunk_tokens": (lambda v: v >= 0, ">= 0 (0 = off)"),
-        "lr_scheduler.warmup_steps": (lambda v: v >= 0, ">= 0"),
-        "lr_scheduler.warmup_ratio": (lambda v: 0 <= v < 1, "in [0, 1)"),
-        "lr_scheduler.min_lr_factor": (lambda v: 0 <= v <= 1, "in [0, 1]"),
-        "activation_checkpoint.layer_fraction": (lambda v: 0 < v <= 1, "in (0, 1]"),
-        "debug.seed": (lambda v: 0 <= v < 2**32, "in [0, 2**32)"),
-        "data.num_workers": (lambda v: v >= 0, ">= 0 (0 = load in the training process)"),
-    }
-    for key in _schema()["parallelism"].values():
-        if key.name == "data_parallel_shard_degree":
-            rules[key.path] = (lambda v: v >= 1 or v == -1, ">= 1 or -1 (fill the remaining ranks)")
-        elif key.name.endswith("_degree"):
-            rules[key.path] = at_least_one
-    return rules
-
-
 def _validate(cfg: JobConfig, origins: dict[str, str]) -> None:
-    """Raise ConfigError for the first out-of-range value, saying where it was set."""
+    """Raise ConfigError for the first value outside its field's `check`, saying where it was set;
+    then the one relation between keys that concerns the config file alone (warmup steps or ratio)."""
 
     def where(path: str) -> str:
         return f" (from {origins[path]})" if path in origins else ""
 
-    for path, (ok, must) in _range_rules().items():
-        section, name = path.split(".")
-        value = getattr(getattr(cfg, section), name)
-        if not ok(value):
-            raise ConfigError(f"{path} must be {must}, got {value!r}{where(path)}")
+    for section, keys in _schema().items():
+        if section == "grad_scaler" and cfg.training.mixed_precision_param != "float16":
+            continue  # the loss scaler's ranges matter only in the one precision that scales the loss
+        for key in keys.values():
+            value = getattr(getattr(cfg, section), key.name)
+            if key.check and not key.check.ok(value):
+                note = f" ({key.check.note})" if key.check.note else ""
+                raise ConfigError(f"{key.path} must be {key.check.must}{note}, got {value!r}{where(key.path)}")
     sched = cfg.lr_scheduler
     if sched.warmup_steps > 0 and sched.warmup_ratio > 0:
         raise ConfigError(
@@ -278,9 +257,10 @@ def help_text() -> str:
         lines += ["", f"[{section}]"]
         for key in section_keys.values():
             choices = f" [choices: {_choices_text(key.choices)}]" if key.choices else ""
+            check = f" [must be {key.check.must}]" if key.check else ""
             lines.append(
                 f"  --{key.path:<{width}}({_type_name(key.type)}, default: {toml_value(key.default)})  "
-                f"{key.help}{choices}"
+                f"{key.help}{choices}{check}"
             )
     return "\n".join(lines)
 
@@ -291,7 +271,8 @@ def reference_markdown() -> str:
     for section_keys in _schema().values():
         for key in section_keys.values():
             choices = f" ({_choices_text(key.choices)})" if key.choices else ""
-            meaning = f"{key.help}{choices}".replace("|", "\\|")
+            check = f" (must be {key.check.must})" if key.check else ""
+            meaning = f"{key.help}{choices}{check}".replace("|", "\\|")
             lines.append(f"| `{key.path}` | {_type_name(key.type)} | `{toml_value(key.default)}` | {meaning} |")
     return "\n".join(lines)
 

@@ -10,7 +10,7 @@ from titanlm.data.datasets import (
     window_sample,
 )
 from titanlm.data.demo import DemoAssets, ensure_demo_assets, generate_corpus
-from titanlm.data.loader import build_dataloader, build_valid_dataloader
+from titanlm.data.loader import build_dataloader, build_valid_dataloader, load_run_tokenizer
 from titanlm.data.mixing import parse_dataset_weights
 from titanlm.data.packing import Documents, PackedDataset, PackedRows, PackPlan, pack, packed_sample
 from titanlm.data.tokenizer import SentencePieceTokenizer, Tokenizer, build_tokenizer
@@ -30,6 +30,7 @@ __all__ = [
     "TextTokenDataset",
     "Tokenizer",
     "build_dataloader",
+    "load_run_tokenizer",
     "build_valid_dataloader",
     "build_tokenizer",
     "cut_window",

@@ -151,6 +151,15 @@ def _assets(folder: str) -> DemoAssets:
     return DemoAssets(os.path.join(folder, "corpus.txt"), os.path.join(folder, "tokenizer.model"))
 
 
+def demo_assets(cache_folder: str) -> DemoAssets:
+    """Where the demo corpus and tokenizer of `cache_folder` are, built or not (`ensure_demo_assets` builds)."""
+    return _assets(os.path.join(_cache_root(cache_folder), DEMO_VERSION))
+
+
+def _cache_root(cache_folder: str) -> str:
+    return os.path.abspath(os.path.expanduser(cache_folder))
+
+
 def ensure_demo_assets(cache_folder: str) -> DemoAssets:
     """Create the demo corpus and tokenizer once under `cache_folder`, safely across processes.
 
@@ -158,7 +167,7 @@ def ensure_demo_assets(cache_folder: str) -> DemoAssets:
     building; the build happens in a temporary sibling renamed into place, so a crash never leaves
     a half-built folder that later calls would trust.
     """
-    parent = os.path.abspath(os.path.expanduser(cache_folder))
+    parent = _cache_root(cache_folder)
     final = os.path.join(parent, DEMO_VERSION)
     if os.path.isdir(final):
         return _assets(final)

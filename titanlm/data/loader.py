@@ -1,14 +1,15 @@
-"""`build_dataloader`: the dataset named by the config, batched by a resumable StatefulDataLoader;
-`build_valid_dataloader`: one fixed pass over `data.valid_folder`."""
+"""The run's data: `load_run_tokenizer` reads the plan's one tokenizer, `build_dataloader` batches the
+planned dataset with a resumable StatefulDataLoader, `build_valid_dataloader` makes one fixed pass
+over the validation folder."""
 
 from __future__ import annotations
 
 import warnings
+from typing import TYPE_CHECKING
 
 import numpy as np
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from titanlm.config.job_config import JobConfig
 from titanlm.data.binmeta import BinMetaFolder
 from titanlm.data.datasets import RandomTokenDataset, ShardedStream, TextTokenDataset
 from titanlm.data.demo import ensure_demo_assets
@@ -17,13 +18,23 @@ from titanlm.data.packing import PackedDataset, PackedRows
 from titanlm.data.tokenizer import Tokenizer, build_tokenizer
 from titanlm.errors import ConfigError, DataError
 
+if TYPE_CHECKING:  # the plan imports this package, so its types are only annotations here
+    from titanlm.plan import DataPlan, TokenizerPlan
 
-def _checked_tokenizer(path: str, vocab_size: int) -> Tokenizer:
-    tokenizer = build_tokenizer(path)
-    if tokenizer.vocab_size > vocab_size:
+
+def load_run_tokenizer(plan: TokenizerPlan | None, data: DataPlan) -> Tokenizer | None:
+    """The run's tokenizer (None when it has none), whose ids must fit the model's vocabulary. The demo
+    corpus's tokenizer is generated with the corpus, here on first use."""
+    if plan is None:
+        return None
+    if data.kind == "demo":
+        ensure_demo_assets(data.cache_folder)
+    tokenizer = build_tokenizer(plan.path)
+    if tokenizer.vocab_size > plan.model_vocab_size:
         raise ConfigError(
-            f"the tokenizer {path!r} has {tokenizer.vocab_size} tokens but the model's vocab_size "
-            f"is {vocab_size}; pick a model with vocab_size >= {tokenizer.vocab_size}, or another model.tokenizer_path"
+            f"the tokenizer {plan.path!r} (from {plan.origin}) has {tokenizer.vocab_size} tokens but the model's "
+            f"vocab_size is {plan.model_vocab_size}; pick a model with vocab_size >= {tokenizer.vocab_size}, or "
+            "another model.tokenizer_path"
         )
     return tokenizer
 
@@ -34,76 +45,67 @@ def _encode_lines(tokenizer: Tokenizer, corpus_path: str) -> list[np.ndarray]:
 
 
 def build_dataloader(
-    cfg: JobConfig,
-    dataset_kind: str,
-    dp_rank: int,
-    dp_world_size: int,
-    vocab_size: int,
-    tokenizer_path: str | None = None,
-) -> tuple[StatefulDataLoader, Tokenizer | None]:
+    data: DataPlan, tokenizer: Tokenizer | None, dp_rank: int, dp_world_size: int
+) -> StatefulDataLoader:
     """This rank's loader of {"input_ids", "labels"} LongTensor [local_batch_size, seq_len] batches;
     bin data adds "position_ids", "document_ids" and "type_ids" (see `titanlm.data.packing`).
 
     Batches do not depend on data.num_workers (workers take turns by whole batches), and the
     loader's state_dict/load_state_dict resume the exact stream; for bin data also at another
-    data-parallel degree with the same global batch size. `tokenizer_path` is the model's as the
-    trainer resolved it (model.tokenizer_path, or model.hf_path's; None = model.tokenizer_path as
-    set); the demo corpus brings its own when it is empty.
-    The tokenizer is None only for random or bin data without one. `dataset_kind`: random, demo or
-    bin, as the plan resolved data.dataset.
+    data-parallel degree with the same global batch size. The demo corpus is encoded with
+    `tokenizer` (the plan's, see `load_run_tokenizer`).
     """
-    seq_len, batch_size, seed = cfg.training.seq_len, cfg.training.local_batch_size, cfg.debug.seed
-    common = dict(seq_len=seq_len, seed=seed, dp_rank=dp_rank, dp_world_size=dp_world_size, worker_block=batch_size)
-    path = cfg.model.tokenizer_path if tokenizer_path is None else tokenizer_path
+    common = dict(
+        seq_len=data.seq_len,
+        seed=data.seed,
+        dp_rank=dp_rank,
+        dp_world_size=dp_world_size,
+        worker_block=data.local_batch_size,
+    )
     dataset: ShardedStream
-    if dataset_kind == "demo":
-        assets = ensure_demo_assets(cfg.data.cache_folder)
-        tokenizer = _checked_tokenizer(path or assets.tokenizer_path, vocab_size)
-        dataset = TextTokenDataset(_encode_lines(tokenizer, assets.corpus_path), **common)
-    elif dataset_kind == "random":
-        tokenizer = _checked_tokenizer(path, vocab_size) if path else None
-        dataset = RandomTokenDataset(vocab_size=vocab_size, **common)
-    else:  # bin: already tokenized, the tokenizer is only for whoever decodes
-        tokenizer = _checked_tokenizer(path, vocab_size) if path else None
-        documents = BinMetaFolder(cfg.data.train_folder, cfg.data.min_length, vocab_size)
+    if data.kind == "demo":
+        assert tokenizer is not None, "the plan gives demo data the demo corpus's tokenizer"
+        corpus = _encode_lines(tokenizer, ensure_demo_assets(data.cache_folder).corpus_path)
+        dataset = TextTokenDataset(corpus, **common)
+    elif data.kind == "random":
+        dataset = RandomTokenDataset(vocab_size=data.vocab_size, **common)
+    else:  # bin: already tokenized
+        documents = BinMetaFolder(data.train_folder, data.min_length, data.vocab_size)
         dataset = PackedDataset(
             documents,
-            pack_sample_into_one=cfg.data.pack_sample_into_one,
-            weights=parse_dataset_weights(cfg.data.dataset_weights, documents.types),
+            pack_sample_into_one=data.pack_sample_into_one,
+            weights=parse_dataset_weights(list(data.dataset_weights), documents.types),
             **common,
         )
-    return _stateful_loader(dataset, batch_size, cfg.data.num_workers), tokenizer
+    return _stateful_loader(dataset, data.local_batch_size, data.num_workers)
 
 
-def build_valid_dataloader(
-    cfg: JobConfig, dp_rank: int, dp_world_size: int, vocab_size: int
-) -> StatefulDataLoader | None:
-    """This rank's finite loader over `data.valid_folder`, or None when it is not set.
+def build_valid_dataloader(data: DataPlan, dp_rank: int, dp_world_size: int) -> StatefulDataLoader | None:
+    """This rank's finite loader over the validation folder, or None when the run does not validate.
 
     The documents are packed in stored order (no shuffle) like the training data; ranks take
     disjoint rows, and every rank gets the same number of full batches (the last ones padded:
     labels -100, type_ids -1), so no rank waits alone in a collective. Per-token "type_ids"
     index `loader.dataset.types` (the valid folder's types) for a loss per type.
     """
-    if not cfg.data.valid_folder:
+    if not data.valid_folder:
         return None
-    batch_size = cfg.training.local_batch_size
-    min_length = cfg.data.min_length
-    documents = BinMetaFolder(cfg.data.valid_folder, min_length, vocab_size, setting="data.valid_folder")
+    batch_size, min_length = data.local_batch_size, data.min_length
+    documents = BinMetaFolder(data.valid_folder, min_length, data.vocab_size, setting="data.valid_folder")
     if not documents.num_documents:
         raise DataError(
-            f"data.valid_folder = {cfg.data.valid_folder!r} holds no documents of at least data.min_length = "
+            f"data.valid_folder = {data.valid_folder!r} holds no documents of at least data.min_length = "
             f"{min_length} tokens, so validation would measure nothing; point it at validation data or set it to ''"
         )
     dataset = PackedRows(
         documents,
-        cfg.training.seq_len,
+        data.seq_len,
         dp_rank,
         dp_world_size,
         row_multiple=dp_world_size * batch_size,
-        pack_sample_into_one=cfg.data.pack_sample_into_one,
+        pack_sample_into_one=data.pack_sample_into_one,
     )
-    return _stateful_loader(dataset, batch_size, cfg.data.num_workers)
+    return _stateful_loader(dataset, batch_size, data.num_workers)
 
 
 def _stateful_loader(dataset: ShardedStream | PackedRows, batch_size: int, num_workers: int) -> StatefulDataLoader:

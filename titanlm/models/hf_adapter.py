@@ -400,6 +400,23 @@ def flavor_differences(args: ModelArgs, expected: ModelArgs) -> list[str]:
     ]
 
 
+class ModelMismatchError(ConversionError):
+    """A model named by settings or flags is not the model that weights, a config.json or a record hold."""
+
+
+def model_mismatch(named: str, source: str, differences: list[str], fix: str) -> ModelMismatchError:
+    """The one "disagrees with the weights" error: `named` (how the user named the model) against
+    `source` (what holds the other one), every difference, and the fix."""
+    return ModelMismatchError(f"{named} disagrees with {source} ({'; '.join(differences)}); {fix}")
+
+
+def check_model_matches(named: str, expected: ModelArgs, source: str, found: ModelArgs, fix: str) -> None:
+    """Refuse the architecture `named` names (`expected`) when it computes otherwise than `found`."""
+    differences = flavor_differences(found, expected)
+    if differences:
+        raise model_mismatch(named, source, differences, fix)
+
+
 def check_flavor(args: ModelArgs, name: str, flavor: str, source: str) -> None:
     """Refuse a flavor that does not match the weights, listing every field that differs."""
     expected = flavor_args(name, flavor)
@@ -413,12 +430,8 @@ def check_flavor(args: ModelArgs, name: str, flavor: str, source: str) -> None:
                 getattr(expected, field),
                 flavor,
             )
-    differences = flavor_differences(args, expected)
-    if differences:
-        raise ConversionError(
-            f"--model.name {name} --model.flavor {flavor} is a flavor that does not match the weights "
-            f"in {source} ({'; '.join(differences)}); pass the flavor the weights were made with"
-        )
+    named = f"--model.name {name} --model.flavor {flavor}"
+    check_model_matches(named, expected, f"the weights in {source}", args, "pass the flavor the weights were made with")
 
 
 def flavor_args(name: str, flavor: str) -> ModelArgs:

@@ -24,7 +24,8 @@ from titanlm.models.hf_adapter import (
     ConversionError,
     StateDict,
     args_from_hf_config,
-    flavor_differences,
+    check_model_matches,
+    model_mismatch,
 )
 from titanlm.models.hf_checkpoint import (
     check_hf_weights,
@@ -76,18 +77,18 @@ def resolve_model_spec(model: Model) -> ModelSpec:
     config = read_json(config_path)
     args = args_from_hf_config(config, str(config_path))
     family = FAMILY_OF_MODEL_TYPE[config["model_type"]]
+    source = f"model.hf_path {folder}"
     if model.name and model.name != family:
-        raise ModelSpecError(
-            f"model.name = {model.name!r} disagrees with model.hf_path {folder}, whose config.json describes a "
-            f"{family} model; drop model.name (the folder decides) or point hf_path at a {model.name} model"
+        raise model_mismatch(
+            f"model.name = {model.name!r}",
+            source,
+            [f"its config.json describes a {family} model"],
+            f"drop model.name (the folder decides) or point hf_path at a {model.name} model",
         )
     if model.flavor:
-        differences = flavor_differences(args, get_model_args(model.name or family, model.flavor))
-        if differences:
-            raise ModelSpecError(
-                f"model.flavor = {model.flavor!r} disagrees with model.hf_path {folder} ({'; '.join(differences)}); "
-                "drop model.flavor (the folder decides) or point hf_path at that model"
-            )
+        expected = get_model_args(model.name or family, model.flavor)
+        fix = "drop model.flavor (the folder decides) or point hf_path at that model"
+        check_model_matches(f"model.flavor = {model.flavor!r}", expected, source, args, fix)
     if not tokenizer:
         found = tokenizer_file(folder)
         if found is None:
@@ -193,12 +194,10 @@ def checkpoint_spec(folder: str | Path, name: str | None = None, flavor: str | N
                 "--model.name and --model.flavor as the checkpoint was trained"
             )
         return ModelSpec(name, get_model_args(name, flavor), flavor)
+    source = f"{folder}/{RECORD_FILE}"
     if name and name != recorded.family:
-        raise ModelSpecError(f"--model.name {name} disagrees with {folder}/{RECORD_FILE} ({recorded.family}); drop it")
+        raise model_mismatch(f"--model.name {name}", source, [f"it records a {recorded.family} model"], "drop it")
     if flavor:
-        differences = flavor_differences(recorded.args, get_model_args(name or recorded.family, flavor))
-        if differences:
-            raise ModelSpecError(
-                f"--model.flavor {flavor} disagrees with {folder}/{RECORD_FILE} ({'; '.join(differences)}); drop it"
-            )
+        expected = get_model_args(name or recorded.family, flavor)
+        check_model_matches(f"--model.flavor {flavor}", expected, source, recorded.args, "drop it")
     return recorded

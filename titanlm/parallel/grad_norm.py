@@ -20,12 +20,13 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 
-def _by_layout(grads: list[torch.Tensor]) -> list[list[torch.Tensor]]:
-    """Gradients grouped so that each group can go through one foreach kernel."""
+def _by_layout(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """Gradients (or parameters, laid out as their gradients) grouped so that each group can go through
+    one foreach kernel."""
     groups: dict[object, list[torch.Tensor]] = defaultdict(list)
-    for grad in grads:
-        key = (grad.device_mesh, tuple(grad.placements)) if isinstance(grad, DTensor) else None
-        groups[key].append(grad)
+    for tensor in tensors:
+        key = (tensor.device_mesh, tuple(tensor.placements)) if isinstance(tensor, DTensor) else None
+        groups[key].append(tensor)
     return list(groups.values())
 
 
@@ -34,11 +35,11 @@ def scale_grads_(grads: list[torch.Tensor], factor: float) -> None:
         torch._foreach_mul_(group, factor)
 
 
-def clip_grads_(grads: list[torch.Tensor], max_norm: float, total_norm: torch.Tensor) -> None:
-    """Scale gradients down so their global norm is at most `max_norm` (no-op below it)."""
-    coefficient = max_norm / (float(total_norm) + 1e-6)
-    if coefficient < 1.0:
-        scale_grads_(grads, coefficient)
+def clip_grads_(params: list[torch.Tensor], max_norm: float, total_norm: torch.Tensor) -> None:
+    """Scale the gradients of `params` down so that their global norm, `total_norm`, is at most `max_norm`:
+    torch's clip_grads_with_norm_ once per layout, as one foreach kernel cannot mix meshes."""
+    for group in _by_layout(params):
+        torch.nn.utils.clip_grads_with_norm_(group, max_norm, total_norm, foreach=True)
 
 
 def global_grad_norm(

@@ -61,7 +61,7 @@ class ParallelDims:
         if product != world_size:
             raise ParallelismError(
                 f"[parallelism] degrees multiply to {product} (dp_replicate {dp_replicate} x dp_shard "
-                f"{dp_shard} x cp {cp} x tp {tp} x pp {pp}) but {world_size} processes were launched; "
+                f"{dp_shard} x cp {cp} x tp {tp} x pp {pp}) but the world size is {world_size}; "
                 "make them equal, or set data_parallel_shard_degree = -1 to infer it"
             )
         return cls(dp_replicate, dp_shard, cp, tp, pp, world_size)

@@ -38,18 +38,11 @@ def parallelize(model: Transformer, meshes: Meshes, plan: RunPlan) -> None:
     if plan.dims.cp > 1:
         apply_cp(model, meshes.world["cp"])
     apply_ac(model, plan.activation_checkpoint, plan.recomputed_layers)
-    model.loss_chunk_tokens = plan.loss_chunk_tokens  # the loss's own recomputation, chunk by chunk
+    model.loss_chunk_tokens = plan.loss.chunk_tokens  # the loss's own recomputation, chunk by chunk
     if plan.compile:
         apply_compile(model)
     if plan.fsdp.enabled:
-        apply_fsdp(
-            model,
-            meshes.fsdp,
-            plan.precision.param_dtype,
-            plan.precision.reduce_dtype,
-            plan.fsdp.reshard_after_forward,
-            plan.fsdp.cpu_offload,
-        )
+        apply_fsdp(model, meshes.fsdp, plan.fsdp, plan.precision)
 
 
 def build_model_parts(plan: RunPlan, meshes: Meshes, device: torch.device, seed: int) -> list[Transformer]:
