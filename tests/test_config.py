@@ -299,6 +299,19 @@ def test_invalid_toml_names_file_and_parser_message(tmp_path):
     assert path in message and "invalid TOML" in message and "line 2" in message
 
 
+def test_a_toml_file_with_a_byte_order_mark_loads(tmp_path):
+    path = tmp_path / "bom.toml"
+    path.write_bytes(b"\xef\xbb\xbf[training]\nsteps = 7\n")
+    assert load_config(["--job.config_file", str(path)]).training.steps == 7
+
+
+def test_a_toml_file_that_is_not_utf8_names_the_file(tmp_path):
+    path = tmp_path / "latin1.toml"
+    path.write_bytes('[job]\ndescription = "caf\xe9"\n'.encode("latin-1"))
+    message = config_error(["--job.config_file", str(path)])
+    assert str(path) in message and "invalid TOML" in message
+
+
 def test_toml_section_must_be_a_table(tmp_path):
     path = write_toml(tmp_path, "training = 3\n")
     message = config_error(["--job.config_file", path])
@@ -379,11 +392,11 @@ def test_help_lists_every_field_and_exits_0(capsys, flag):
         load_config(["--training.steps", "3", flag])
     assert info.value.code == 0
     out = capsys.readouterr().out
-    assert out.startswith("usage:")
+    assert out.startswith("usage: python -m titanlm.train [-h] [--job.config_file FILE.toml]")
     for section, f in all_keys(JobConfig()):
         assert f"--{section}.{f.name} " in out
         assert f"[{section}]" in out
-    assert "(int, default: 200)  number of optimizer steps [must be >= 1]" in out
+    assert "(int, default: 100)  number of optimizer steps [must be >= 1]" in out
     assert '[choices: "", llama3, internlm, internlm2]' in out
 
 

@@ -30,7 +30,7 @@ def refused(error: type[TitanlmError], match: str, *flags: str, world: int = 1, 
 
 def test_accumulation_steps_are_global_over_local_times_dp() -> None:
     plan = plan_of("--training.local_batch_size", "2", "--training.global_batch_size", "16", world=4)
-    assert (plan.dims.dp, plan.batch.accumulation_steps, plan.batch.tokens_per_step) == (4, 2, 16 * 2048)
+    assert (plan.dims.dp, plan.batch.accumulation_steps, plan.batch.tokens_per_step) == (4, 2, 16 * 128)
     assert plan_of("--training.local_batch_size", "3", world=2).batch.global_batch_size == 6  # -1 = local x dp
 
 
@@ -323,7 +323,7 @@ def test_attention_auto_is_sdpa_on_cpu_and_a_fast_kernel_on_cuda_with_or_without
 
 
 def test_dataset_kind_and_the_data_paths_it_would_ignore() -> None:
-    assert resolve(load_config(["--model.flavor", "debug"]), 1, "cpu").data.kind == "random"  # auto, no folder
+    assert resolve(load_config(["--model.flavor", "debug"]), 1, "cpu").data.kind == "demo"  # auto, no folder
     assert plan_of("--data.dataset", "auto", "--data.train_folder", "some/folder").data.kind == "bin"
     refused(
         ConfigError,

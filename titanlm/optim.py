@@ -52,3 +52,17 @@ def lr_factor(step: int, cfg: LRScheduler, total_steps: int) -> float:
 
 def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: LRScheduler, total_steps: int) -> LambdaLR:
     return LambdaLR(optimizer, lambda step: lr_factor(step, cfg, total_steps))
+
+
+def continue_schedule(scheduler: LambdaLR, peak_lr: float, step: int) -> None:
+    """Set the learning rate of the step after `step` by this run's schedule and peak `peak_lr`.
+
+    A resumed optimizer and scheduler carry what the saved run's schedule set (its peak, and the lr it
+    computed for the next step); a run that changed training.steps, the warmup or optimizer.lr must
+    follow its own from the first resumed step. Unchanged settings give the saved values exactly."""
+    scheduler.base_lrs = [peak_lr for _ in scheduler.optimizer.param_groups]
+    scheduler.last_epoch = step
+    rates = [base * factor(step) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, rate in zip(scheduler.optimizer.param_groups, rates):
+        group["initial_lr"], group["lr"] = peak_lr, rate
+    scheduler._last_lr = rates  # what get_last_lr() reports: LambdaLR keeps it only in this attribute

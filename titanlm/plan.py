@@ -25,6 +25,7 @@ from titanlm.data.demo import demo_assets
 from titanlm.errors import CheckpointError, ConfigError, ParallelismError, UnsupportedError
 from titanlm.models.flavors import ModelArgs
 from titanlm.models.spec import ModelSpec, resolve_model_spec, warn_beyond_trained_length
+from titanlm.optim import warmup_steps
 from titanlm.parallel.parallel_dims import ParallelDims
 
 # What a checkpoint holds (titanlm.checkpoint.content saves and loads these parts).
@@ -260,6 +261,21 @@ class RunPlan:
     @property
     def model_args(self) -> ModelArgs:
         return self.model.args
+
+    @property
+    def schedule(self) -> dict[str, float | int | str]:
+        """The settings that shape the run's progress, by config key, as checkpoints record them: a resume
+        that changes one is told so (`Trainer.restore`)."""
+        sched = self.lr_scheduler
+        return {
+            "training.steps": self.loop.steps,
+            "training.global_batch_size": self.batch.global_batch_size,
+            "optimizer.lr": self.optimizer.lr,
+            "lr_scheduler.warmup_steps": sched.warmup_steps,
+            "lr_scheduler.warmup_ratio": sched.warmup_ratio,
+            "lr_scheduler.decay_type": sched.decay_type,
+            "lr_scheduler.min_lr_factor": sched.min_lr_factor,
+        }
 
 
 def resolve(cfg: JobConfig, world_size: int, device_type: str) -> RunPlan:
@@ -589,7 +605,7 @@ def resolve_dataset(cfg: JobConfig) -> str:
     refused, so a path the user gave is never silently unused."""
     kind = cfg.data.dataset
     if kind == "auto":
-        return "bin" if cfg.data.train_folder else "random"
+        return "bin" if cfg.data.train_folder else "demo"
     if kind != "bin" and cfg.data.train_folder:
         raise ConfigError(
             f"data.train_folder = {cfg.data.train_folder!r} is set but data.dataset = {kind!r} would not read it; "
@@ -637,8 +653,16 @@ def resolve_tokenizer(cfg: JobConfig, model: ModelSpec, data: DataPlan) -> Token
 
 
 def resolve_loop(cfg: JobConfig) -> tuple[LoopPlan, list[str]]:
-    """The loop's schedule, and a note for each validation setting that cannot take effect as written."""
+    """The loop's schedule, and a note for each setting that cannot take effect as written: a warmup
+    that never ends, validation without data or data never validated on."""
     valid_folder, valid_every, notes = cfg.data.valid_folder, cfg.data.valid_every, []
+    warmup = warmup_steps(cfg.lr_scheduler, cfg.training.steps)
+    if warmup >= cfg.training.steps:
+        key = "warmup_steps" if cfg.lr_scheduler.warmup_steps else "warmup_ratio"
+        notes.append(
+            f"lr_scheduler.{key} gives {warmup} warmup steps, but training.steps is {cfg.training.steps}: the "
+            "learning rate never reaches optimizer.lr and never decays; shorten the warmup or train longer"
+        )
     if valid_every and not valid_folder:
         notes.append(f"data.valid_every = {valid_every} has no data.valid_folder to validate on; no validation runs")
         valid_every = 0

@@ -37,7 +37,7 @@ from titanlm.errors import INTERRUPTED_EXIT_CODE, USER_ERROR_EXIT_CODE, TitanlmE
 from titanlm.loss_scaler import build_loss_scaler
 from titanlm.metrics import LOG_FORMAT, MetricsLogger, Throughput, epoch_tokens, plan_line
 from titanlm.models.transformer import param_count
-from titanlm.optim import build_lr_scheduler, build_optimizer
+from titanlm.optim import build_lr_scheduler, build_optimizer, continue_schedule
 from titanlm.parallel.parallelize import build_model_parts
 from titanlm.plan import RunPlan, resolve
 from titanlm.step import build_model_step
@@ -180,6 +180,7 @@ class Trainer:
             inf_nan_skip_batches=self.update.skipped,
             loss_scaler=self.loss_scaler.state_dict(),
             consecutive_skips=self.update.consecutive_skips,
+            schedule=self.plan.schedule,
         )
 
     def restore(self, state: TrainState | None) -> None:
@@ -189,6 +190,28 @@ class Trainer:
         self.step, self.num_consumed_tokens = state.step, state.num_consumed_tokens
         self.update.skipped, self.update.consecutive_skips = state.inf_nan_skip_batches, state.consecutive_skips
         self.loss_scaler.load_state_dict(state.loss_scaler)
+        self._warn_schedule_changes(state.schedule or {})
+        continue_schedule(self.lr_scheduler, self.plan.optimizer.lr, self.step)
+
+    def _warn_schedule_changes(self, saved: dict[str, float | int | str]) -> None:
+        """Say which settings that shape the run differ from the checkpoint's: the schedule follows this
+        run's from the first resumed step, and a changed global batch changes what a step means."""
+        if not self.dist.is_main:
+            return
+        for key, now in self.plan.schedule.items():
+            before = saved.get(key, now)
+            if before == now:
+                continue
+            if key == "training.global_batch_size":
+                logger.warning(
+                    f"training.global_batch_size is {now} at world size {self.plan.world_size}, but the checkpoint "
+                    f"trained with {before} samples per step; set training.global_batch_size = {before} to keep it"
+                )
+            else:
+                logger.warning(
+                    f"{key} is {now} in this run but {before} in the checkpoint: the learning-rate schedule follows "
+                    f"{key} = {now} from step {self.step + 1} on"
+                )
 
     def train(self) -> list[dict[str, float | int | None]]:
         """Run to `training.steps`, or until a stop file or signal asks to stop after a save; returns

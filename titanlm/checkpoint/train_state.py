@@ -36,6 +36,8 @@ class TrainState:
     `consecutive_skips` is the number of inf/NaN steps skipped in a row up to and including
     `step` (0 when `step` updated the weights). It travels in the RNG blob: DCP refuses to load
     a key that the checkpoint lacks, so a new key would make every older checkpoint unloadable.
+    So does `schedule`, the settings that shaped the saved run's schedule (`RunPlan.schedule`), which
+    a resume compares with its own; None for checkpoints saved before it was recorded.
     """
 
     step: int = 0
@@ -43,6 +45,7 @@ class TrainState:
     inf_nan_skip_batches: int = 0
     loss_scaler: dict[str, float | int] | None = None
     consecutive_skips: int = 0
+    schedule: dict[str, Any] | None = None
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -50,7 +53,9 @@ class TrainState:
             "num_consumed_tokens": self.num_consumed_tokens,
             "inf_nan_skip_batches": self.inf_nan_skip_batches,
             "loss_scaler": pickle.dumps(self.loss_scaler),
-            "rng": pickle.dumps({**capture_rng(), "consecutive_skips": self.consecutive_skips}),
+            "rng": pickle.dumps(
+                {**capture_rng(), "consecutive_skips": self.consecutive_skips, "schedule": self.schedule}
+            ),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -61,4 +66,5 @@ class TrainState:
         self.loss_scaler = pickle.loads(state["loss_scaler"])
         rng = pickle.loads(state["rng"])
         self.consecutive_skips = int(rng.get("consecutive_skips", 0))  # absent before the counter existed
+        self.schedule = rng.get("schedule")
         restore_rng(rng)

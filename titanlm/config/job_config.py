@@ -109,8 +109,8 @@ class Model:
 
 @dataclass
 class Training:
-    steps: int = opt(200, "number of optimizer steps", check=at_least(1))
-    seq_len: int = opt(2048, "tokens per sample (InternEvo SEQ_LEN)", check=at_least(1))
+    steps: int = opt(100, "number of optimizer steps", check=at_least(1))
+    seq_len: int = opt(128, "tokens per sample (InternEvo SEQ_LEN)", check=at_least(1))
     local_batch_size: int = opt(8, "samples per micro-batch on each data-parallel rank (micro_bsz)", check=at_least(1))
     global_batch_size: int = opt(
         -1,
@@ -167,7 +167,7 @@ class Data:
     dataset: str = opt(
         "auto",
         "random (random tokens), demo (bundled generated corpus + its tokenizer), bin (InternEvo "
-        "bin/meta folder); auto = bin when train_folder is set, else random",
+        "bin/meta folder); auto = bin when train_folder is set, else demo",
         choices=("auto", "random", "demo", "bin"),
     )
     train_folder: str = opt("", "InternEvo tokenized folder (type sub-folders of *.bin + *.bin.meta)")

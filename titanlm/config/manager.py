@@ -14,7 +14,6 @@ import sys
 import typing
 from collections.abc import Callable
 from functools import cache
-from pathlib import Path
 from typing import Any
 
 try:
@@ -180,10 +179,11 @@ def _parse_cli(argv: list[str]) -> dict[str, Any]:
 
 
 def _read_toml(path: str) -> dict[str, Any]:
-    """'section.field' -> checked value from a TOML file, whose top level must be all tables."""
+    """'section.field' -> checked value from a TOML file, whose top level must be all tables. A UTF-8
+    byte-order mark (what some Windows editors write) is allowed."""
     try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
+        with open(path, encoding="utf-8-sig") as f:
+            data = tomllib.loads(f.read())
     except FileNotFoundError:
         raise ConfigError(f"config file '{path}' does not exist (from --job.config_file); check the path") from None
     except OSError as e:
@@ -247,7 +247,8 @@ def help_text() -> str:
     keys = [key for section in _schema().values() for key in section.values()]
     width = max(len(key.path) for key in keys) + 2
     lines = [
-        f"usage: {Path(sys.argv[0]).name} [-h] [--job.config_file FILE.toml] [--section.field VALUE ...]",
+        "usage: python -m titanlm.train [-h] [--job.config_file FILE.toml] [--section.field VALUE ...]",
+        "   or: torchrun --nproc_per_node N -m titanlm.train [the same flags]",
         "",
         "Values come from the dataclass defaults, then the TOML file, then these flags (which win).",
         "Write --section.field VALUE or --section.field=VALUE; a bool flag alone means true;",
