@@ -17,6 +17,7 @@ from trainer_runs import TINY_ARGS, read_metrics, run_in_process
 from titanlm.config import load_config
 from titanlm.data.binmeta import BinWriter
 from titanlm.metrics import METRIC_KEYS, STEP_KEYS, MetricsLogger, epoch_tokens, plan_line, read_runs
+from titanlm.plan import resolve
 from titanlm.train import main
 
 EVERY_OTHER = ["--metrics.log_freq", "2"]  # 5 steps: logged at 1, 2, 4 and 5
@@ -48,8 +49,8 @@ def test_eta_is_the_mean_step_time_so_far_times_the_steps_left(every_step) -> No
 
 
 def test_eta_follows_the_last_20_steps_only() -> None:
-    cfg = load_config(["--training.steps", "40"])
-    metrics = MetricsLogger(cfg, is_main=False)  # writes nothing
+    plan = resolve(load_config(["--training.steps", "40"]), 1, "cpu")
+    metrics = MetricsLogger(plan.output, plan.loop.steps, is_main=False)  # writes nothing
     records = [
         {
             "step": step,
@@ -135,6 +136,28 @@ def test_a_resume_drops_the_records_written_after_its_checkpoint(tmp_path) -> No
     assert [(r["step"], r["loss"]) for r in run.records] == [(1, 9.0), (2, 8.0), (3, 17.0), (4, 16.0), (5, 15.0)]
 
 
+@pytest.mark.parametrize(
+    ("bad_line", "problem"),
+    [
+        (b"[1, 2]", "is not a JSON object"),
+        (b"\xff\xfe not utf-8", "is not UTF-8 text"),
+        (b'{"step": "3", "loss": 1.0}', "has \"step\" '3', not an integer"),
+        (b'{"event": "start", "resumed_from_step": 0}', 'is a start record without its "run" id'),
+        (b'{"step": 3, "lo', "is not valid JSON"),
+    ],
+)
+def test_a_bad_line_in_metrics_jsonl_is_skipped_with_one_warning_naming_it(tmp_path, caplog, bad_line, problem):
+    """One line appended by hand or by another tool must not block every resume and plot of the folder."""
+    start = b'{"event": "start", "run": "a", "resumed_from_step": 0, "time": "t0"}\n'
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(start + b'{"step": 1, "loss": 2.0}\n' + bad_line + b'\n{"step": 2, "loss": 1.0}\n')
+    with caplog.at_level(logging.WARNING, logger="titanlm"):
+        (run,) = read_runs(str(path))
+    assert run.id == "a" and [r["step"] for r in run.records] == [1, 2]
+    (warning,) = caplog.messages
+    assert warning.startswith(f"{path} line 3 {problem}") and warning.endswith("skipped it")
+
+
 def test_enable_wandb_without_wandb_fails_at_start_with_one_line(tmp_path, monkeypatch, capsys) -> None:
     monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed
     with pytest.raises(SystemExit) as exit_info:
@@ -180,3 +203,25 @@ def test_wandb_offline_run_logs_every_step(tmp_path, monkeypatch) -> None:
     assert sorted(history) == [1, 2, 3, 4, 5]
     assert [history[r["step"]]["loss"] for r in run.records] == [r["loss"] for r in run.records]
     assert "tgs" in history[2] and "tgs" not in history[3]  # the same records as metrics.jsonl
+
+
+def test_the_step_line_shows_the_eta_as_a_clock_and_leaves_out_unknown_figures() -> None:
+    from titanlm.metrics import format_line
+
+    line = format_line({"step": 10, "loss": 3.557871, "mfu": None, "lr": 0.003, "eta": 3725.4})
+    assert line == "step=10,loss=3.55787,lr=0.003,eta=1:02:05"
+    assert format_line({"step": 1, "eta": 4.6}) == "step=1,eta=0:00:05"
+
+
+def test_a_resume_after_a_line_cut_short_keeps_its_start_record_on_a_line_of_its_own(tmp_path) -> None:
+    """A run killed in the middle of writing a record leaves no newline; the next run's start record must not
+    be glued onto that fragment, or the resume would lose the steps it redoes."""
+    plan = resolve(load_config(["--job.dump_folder", str(tmp_path), "--data.dataset", "random"]), 1, "cpu")
+    (tmp_path / "metrics.jsonl").write_text('{"event": "start", "run": "r1", "resumed_from_step": 0}\n{"step": 1, "lo')
+    metrics = MetricsLogger(plan.output, plan.loop.steps, is_main=True)
+    try:
+        metrics.start(resumed_from_step=0)
+    finally:
+        metrics.close()
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert lines[1] == '{"step": 1, "lo' and json.loads(lines[2])["event"] == "start"

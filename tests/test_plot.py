@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import struct
 import sys
 from pathlib import Path
@@ -76,12 +77,97 @@ def test_by_default_loss_and_validation_loss_get_a_panel_each(runs, tmp_path) ->
     assert list(fig.axes[1].get_lines()[0].get_xdata()) == [2, 4]
 
 
-def test_smoothing_adds_a_mean_beside_each_faint_raw_curve(runs) -> None:
+def test_smoothing_adds_a_smoothed_curve_beside_each_faint_raw_curve(runs) -> None:
     fig = plot.figure([plot.load(str(runs["seed1"]))], ["loss"], smooth=3)
-    raw, mean = fig.axes[0].get_lines()
-    assert raw.get_alpha() < 1 and mean.get_alpha() is None
-    values = list(raw.get_ydata())
-    assert list(mean.get_ydata())[1] == pytest.approx(sum(values[:3]) / 3)
+    raw, smooth = fig.axes[0].get_lines()
+    assert raw.get_alpha() < 1 and smooth.get_alpha() is None
+    assert list(smooth.get_ydata()) == plot.smoothed(list(raw.get_ydata()), 3)
+
+
+def write_runs(path: Path, runs: dict[str, list[float]]) -> Path:
+    """A metrics.jsonl holding one fresh run per id, with these losses and a falling lr."""
+    lines = []
+    for run_id, losses in runs.items():
+        lines.append({"event": "start", "run": run_id, "resumed_from_step": 0, "time": "t"})
+        lines += [{"step": s, "loss": v, "lr": 1.0 / s} for s, v in enumerate(losses, start=1)]
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path
+
+
+def test_smoothing_is_tensorboards_debiased_average_and_starts_at_the_raw_value() -> None:
+    values, n = [7.6, 3.0, 6.0, 2.0, 2.5, 1.0], 4
+    weight = (n - 1) / (n + 1)
+    # oracle: at each point, the mean of the values so far weighted by weight ** age
+    expected = [
+        sum(weight ** (i - j) * values[j] for j in range(i + 1)) / sum(weight ** (i - j) for j in range(i + 1))
+        for i in range(len(values))
+    ]
+    assert plot.smoothed(values, n) == pytest.approx(expected)
+    assert plot.smoothed(values, n)[0] == 7.6
+
+
+def test_schedules_are_drawn_raw_when_the_loss_is_smoothed(tmp_path) -> None:
+    run = plot.load(str(write_runs(tmp_path / "a", {"r1": [5.0, 4.0, 3.5, 3.0, 2.0]})))
+    fig = plot.figure([run], ["loss", "lr"], smooth=3)
+    assert lines_per_panel(fig) == {"loss": ["_child0", "a (smoothed over ~3)"], "lr": ["a"]}
+    assert list(fig.axes[1].get_lines()[0].get_ydata()) == [1.0, 1 / 2, 1 / 3, 1 / 4, 1 / 5]
+
+
+def test_log_y_draws_every_panel_on_a_log_scale(tmp_path) -> None:
+    folder = write_runs(tmp_path / "a", {"r1": [5.0, 4.0, 3.5]})
+    assert plot.main([str(folder), "-o", str(tmp_path / "c.png"), "--keys", "loss,lr", "--log_y"]) == 0
+    fig = plot.figure([plot.load(str(folder))], ["loss", "lr"], log_y=True)
+    assert [ax.get_yscale() for ax in fig.axes] == ["log", "log"]
+
+
+def test_the_legend_names_the_run_drawn_when_the_folder_holds_several(tmp_path, capsys) -> None:
+    folder = write_runs(tmp_path / "a", {"20261208-010000-aaaaaa": [3.0, 2.0], "20261208-020000-bbbbbb": [4.0, 1.0]})
+    single = write_runs(tmp_path / "b", {"20261208-030000-cccccc": [3.0, 2.0]})
+    curves = [plot.load(str(folder)), plot.load(f"{folder}@1"), plot.load(str(single))]
+    assert [c.label for c in curves] == ["a (run 20261208-020000-bbbbbb)", "a@1 (run 20261208-010000-aaaaaa)", "b"]
+    assert lines_per_panel(plot.figure(curves, ["loss"])) == {"loss": [c.label for c in curves]}
+
+
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        (["--smooth", "-3"], "error: --smooth -3 must be 0 or more (0 and 1 draw the raw curves only)"),
+        (["--compare", "--tolerance", "nan"], "error: --tolerance nan must be a number, 0 or more"),
+        (["--compare", "--tolerance", "-1"], "error: --tolerance -1.0 must be a number, 0 or more"),
+        (["-o", "{tmp}"], "error: -o {tmp} is a folder; name the PNG to write, e.g. {tmp}/curves.png"),
+        (
+            ["-o", "{tmp}/a/metrics.jsonl/c.png"],
+            "error: {tmp}/a/metrics.jsonl is a file, where an output folder must go; move it away or choose another -o",
+        ),
+    ],
+)
+def test_a_bad_option_is_one_line(tmp_path, capsys, args, error) -> None:
+    folder = write_runs(tmp_path / "a", {"r1": [5.0, 4.0]})
+    runs = [str(folder), str(folder)] if "--compare" in args else [str(folder)]
+    assert plot.main([*runs, *(a.replace("{tmp}", str(tmp_path)) for a in args)]) == 2
+    assert capsys.readouterr().err == error.replace("{tmp}", str(tmp_path)) + "\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]  # nothing written
+
+
+def test_an_output_without_a_suffix_is_written_under_that_very_name(tmp_path, capsys) -> None:
+    folder = write_runs(tmp_path / "a", {"r1": [5.0, 4.0]})
+    assert plot.main([str(folder), "-o", str(tmp_path / "curves")]) == 0
+    assert png_size(tmp_path / "curves") == (640, 420) and not (tmp_path / "curves.png").exists()
+    assert f"wrote {tmp_path / 'curves'}:" in capsys.readouterr().out
+
+
+def test_a_bad_line_in_metrics_jsonl_is_one_warning_and_the_rest_is_plotted(tmp_path, caplog) -> None:
+    folder = write_runs(tmp_path / "a", {"r1": [5.0, 4.0]})
+    with (folder / "metrics.jsonl").open("ab") as f:
+        f.write(b'{"step": "3", "loss": 3.0}\n\xff\n{"step": 3, "loss": 3.0}\n')
+    assert plot.main([str(folder), "-o", str(tmp_path / "c.png")]) == 0
+    metrics = folder / "metrics.jsonl"
+    assert caplog.messages == [
+        f"{metrics} line 4 has \"step\" '3', not an integer; skipped it",
+        f"{metrics} line 5 is not UTF-8 text (invalid start byte); skipped it",
+    ]
+    assert [r["step"] for r in plot.load(str(folder)).run.records] == [1, 2, 3]
 
 
 def test_the_token_axis_counts_every_step_including_those_not_logged(runs) -> None:
@@ -128,7 +214,7 @@ def test_two_fresh_runs_in_one_folder_are_told_apart_and_the_newest_is_shown(tmp
     newest, oldest = plot.load(str(tmp_path)), plot.load(f"{tmp_path}@1")
     assert [r["loss"] for r in newest.run.records] == [r["loss"] for r in second]
     assert [r["loss"] for r in oldest.run.records] == [r["loss"] for r in first]
-    assert newest.note.startswith("run 2 of 2") and oldest.label == f"{tmp_path.name}@1"
+    assert newest.note.startswith("run 2 of 2") and oldest.label == f"{tmp_path.name}@1 (run {oldest.run.id})"
     assert plot.main([f"{tmp_path}@1", f"{tmp_path}@-1", "--compare"]) == 1
     assert plot.main([f"{tmp_path}@{newest.run.id}", str(tmp_path), "--compare"]) == 0
     assert plot.main([f"{tmp_path}@3", "--compare", str(tmp_path)]) == 2

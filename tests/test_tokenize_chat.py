@@ -47,7 +47,7 @@ def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def llama3_folder(tmp_path_factory: pytest.TempPathFactory, llama3_path: Path) -> Path:  # noqa: F811
+def llama3_folder(tmp_path_factory: pytest.TempPathFactory, llama3_path: Path) -> Path:
     """Meta's tokenizer.model beside a tokenizer_config.json with Llama 3's official template."""
     folder = tmp_path_factory.mktemp("llama3")
     shutil.copy(llama3_path, folder / "tokenizer.model")
@@ -107,7 +107,7 @@ def test_ids_equal_apply_chat_template_and_only_replies_with_end_of_turn_are_tra
     template: str,
     tiny_folder: Path,
     llama3_folder: Path,
-    llama3_hf_tokenizer,  # noqa: F811
+    llama3_hf_tokenizer,
 ) -> None:
     transformers = pytest.importorskip("transformers")
     if family == "llama3":
@@ -304,6 +304,54 @@ def test_a_bad_record_is_named_and_nothing_is_written(
     source = _write(tmp_path / "chats.jsonl", [GOOD, record, GOOD])
     assert _tokenize(source, tmp_path / "out", tiny_folder, "internlm2", "--split_ratio", 0) == 2
     _assert_one_error(capsys, f"{source} {expected}")
+    _assert_nothing_written(tmp_path, {"chats.jsonl"})
+
+
+@pytest.mark.parametrize("ratio", ["0.1", "0.9"])  # 2 records: round(0.2) = 0 in valid, round(1.8) = 2
+def test_a_bad_record_is_named_even_when_the_split_ratio_would_leave_a_split_empty(
+    tmp_path: Path, tiny_folder: Path, ratio: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for bad, expected in (("{oops", "line 2 is not valid JSON"), (json.dumps({"text": "hi"}), 'line 2: no "messages"')):
+        source = tmp_path / "chats.jsonl"
+        source.write_text(json.dumps(GOOD) + "\n" + bad + "\n")
+        assert _tokenize(source, tmp_path / "out", tiny_folder, "internlm2", "--split_ratio", ratio) == 2
+        _assert_one_error(capsys, f"{source} {expected}")
+    _assert_nothing_written(tmp_path, {"chats.jsonl"})
+
+
+def test_assistant_first_conversations_and_empty_replies_are_counted_in_warnings(
+    tmp_path: Path, tiny_folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    reply_first = [SYSTEM, {"role": "assistant", "content": "Welcome!"}, {"role": "user", "content": "Hi"}]
+    empty_reply = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": " "}]
+    records = _messages(
+        [reply_first, reply_first + [{"role": "assistant", "content": ""}], empty_reply, CONVERSATIONS[0]]
+    )
+    source = _write(tmp_path / "chats.jsonl", records)
+    assert _tokenize(source, tmp_path / "out", tiny_folder, "internlm2", "--split_ratio", 0) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert (
+        "warning: 2 conversations start with an assistant reply (no user turn before it), which is trained as an "
+        "answer to nothing" in out
+    )
+    assert "warning: 2 assistant replies are empty: only their end-of-turn token is trained" in out
+    assert len(_documents(tmp_path / "out")) == 4
+    source = _write(tmp_path / "chats.jsonl", _messages([CONVERSATIONS[0]]))
+    assert _tokenize(source, tmp_path / "plain", tiny_folder, "internlm2", "--split_ratio", 0) == 0
+    assert "warning" not in capsys.readouterr().out
+
+
+def test_a_split_whose_every_record_is_dropped_is_refused_and_nothing_is_written(
+    tmp_path: Path, tiny_folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    long = [{"role": "user", "content": "the quick brown fox " * 20}, {"role": "assistant", "content": "ok"}]
+    source = _write(tmp_path / "chats.jsonl", _messages([long, long]))
+    assert _tokenize(source, tmp_path / "out", tiny_folder, "internlm2", "--split_ratio", 0, "--max_length", 8) == 2
+    _assert_one_error(
+        capsys,
+        "every record of the train split was dropped (the prompt before its first reply fills --max_length 8), so "
+        "the split would be empty; nothing written: raise --max_length",
+    )
     _assert_nothing_written(tmp_path, {"chats.jsonl"})
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -22,8 +23,8 @@ import torch
 from hf_models import write_tiny_tokenizer
 from trainer_runs import REPO, TINY_ARGS, worker_env
 
+from titanlm import progress
 from titanlm.config import load_config
-from titanlm.data import ensure_demo_assets
 from titanlm.data.binmeta import BinMetaFolder, BinWriter
 from titanlm.errors import USER_ERROR_EXIT_CODE, DataError
 from titanlm.models.hf_checkpoint import write_safetensors
@@ -32,11 +33,6 @@ from titanlm.tools import common, convert, generate, inspect_data, plot, tokeniz
 from titanlm.train import main as train_main
 
 pytestmark = pytest.mark.filterwarnings("ignore:'set_vital' is deprecated")
-
-
-@pytest.fixture(scope="module")
-def demo_tokenizer(demo_cache) -> str:
-    return ensure_demo_assets(str(demo_cache)).tokenizer_path
 
 
 def _tool(module: str, *args: object) -> subprocess.CompletedProcess:
@@ -61,7 +57,7 @@ def _jsonl(path: Path, texts: list[str]) -> Path:
     return path
 
 
-# ---- the tokenizer is checked before any worker starts ------------------------------
+# ---- the tokenizer is checked before any worker starts -------------------------------------------
 
 
 @pytest.mark.slow
@@ -269,7 +265,7 @@ def _raise(error: Exception) -> None:
     raise error
 
 
-# ---- file modes follow the umask ----------------------------------------------------------------------
+# ---- file modes follow the umask -----------------------------------------------------------------
 
 
 @pytest.fixture(params=[0o022, 0o027], ids=["umask022", "umask027"])
@@ -334,7 +330,7 @@ def test_hf_safetensors_get_the_mode_of_a_plain_open(tmp_path: Path, umask: int)
         assert {oct(f.stat().st_mode & 0o777) for f in files} == {oct(0o666 & ~umask)}
 
 
-# ---- tokenize_alpaca never writes an empty split -------------------------------------
+# ---- tokenize_alpaca never writes an empty split -------------------------------------------------
 
 
 def _alpaca(tmp_path: Path, n: int) -> Path:
@@ -423,6 +419,73 @@ def _sft_tool(tmp_path: Path, tool: str, demo_tokenizer: str, n: int = 10) -> Ca
     )
 
 
+@pytest.mark.parametrize("tool", ["alpaca", "chat"])
+def test_the_sft_tools_log_records_done_rate_and_eta_as_plain_lines_off_a_terminal(
+    tmp_path: Path, demo_tokenizer, capsys, monkeypatch, tool: str
+) -> None:
+    monkeypatch.setattr(progress, "LOG_INTERVAL", 0)  # a line at every update
+    assert _sft_tool(tmp_path, tool, demo_tokenizer, n=10)() == 0
+    err = capsys.readouterr().err
+    name = {"alpaca": "tokenize_alpaca", "chat": "tokenize_chat"}[tool]
+    assert "\r" not in err and err.splitlines()[-1].startswith(f"{name}: 10/10 record (100%), ")
+    assert "record/s" in err and "ETA" in err
+
+
+# An empty input is a mistake upstream (an export that failed, the wrong file): exit 2, so that a
+# pipeline stops here rather than train on nothing, and write no output and no empty split.
+@pytest.mark.parametrize(
+    "name, content, expected",
+    [
+        ("empty.txt", "\n  \n", "holds no line with text"),
+        ("empty.jsonl", "\n", "holds no record"),
+        ("empty.json", "[]", "holds no record"),
+    ],
+)
+def test_tokenize_an_empty_input_writes_nothing_and_says_so(
+    tmp_path: Path, demo_tokenizer, capsys, name: str, content: str, expected: str
+) -> None:
+    source = tmp_path / name
+    source.write_text(content)
+    for workers in ("1", "2"):
+        argv = ["--text_input_path", str(source), "--bin_output_path", str(tmp_path / "out" / "en" / "d.bin")]
+        assert tokenize.main([*argv, "--tokenizer_path", demo_tokenizer, "--workers", workers]) == 2
+        assert capsys.readouterr().err == f"error: {source} {expected}; nothing written\n"
+    assert _tree(tmp_path) == [name]
+
+
+@pytest.mark.parametrize("tool", ["alpaca", "chat"])
+def test_the_sft_tools_refuse_an_empty_input_and_write_nothing(tmp_path: Path, demo_tokenizer, capsys, tool: str):
+    run = _sft_tool(tmp_path, tool, demo_tokenizer, n=0)
+    before = _tree(tmp_path)
+    assert run() == 2
+    _one_line(capsys.readouterr().err, "holds no records")
+    assert _tree(tmp_path) == before
+
+
+def test_a_file_where_an_output_folder_must_go_is_one_line_naming_it(tmp_path: Path, demo_tokenizer, capsys) -> None:
+    blocker = tmp_path / "out"
+    blocker.write_text("not a folder")
+    source = _jsonl(tmp_path / "raw.jsonl", ["a b c"])
+    argv = ["--text_input_path", str(source), "--bin_output_path", str(blocker / "en" / "d.bin")]
+    assert tokenize.main([*argv, "--tokenizer_path", demo_tokenizer, "--workers", "1"]) == 2
+    _one_line(capsys.readouterr().err, f"{blocker} is a file, where an output folder must go", "--bin_output_path")
+    for tool in ("alpaca", "chat"):
+        run = _sft_tool(tmp_path, tool, demo_tokenizer)
+        for in_the_way in (blocker, blocker / "train" / "en"):  # OUTPUT_DIR, or a split's folder in it
+            if blocker.is_dir():
+                shutil.rmtree(blocker)
+            blocker.unlink(missing_ok=True)
+            in_the_way.parent.mkdir(parents=True, exist_ok=True)
+            in_the_way.write_text("not a folder")
+            before = _tree(tmp_path)
+            for overwrite in ((), ("--overwrite",)):
+                assert run("--split_ratio", "0.5", *overwrite) == 2
+                _one_line(
+                    capsys.readouterr().err, f"{in_the_way} is a file, where an output folder must go", "OUTPUT_DIR"
+                )
+                assert _tree(tmp_path) == before
+
+
 def _contents(folder: Path) -> dict[str, bytes]:
     """Every file under `folder`, hidden temporary files included, with its bytes."""
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
@@ -477,7 +540,7 @@ def test_alpaca_that_fails_finishing_a_split_leaves_the_earlier_splits_as_they_w
     assert sorted(os.listdir(tmp_path)) == ["alpaca.json", "out"]  # no staging folder left
 
 
-# ---- the trainer's refusals: data.valid_folder, data.min_length, float8 -------------------
+# ---- the trainer's refusals: data.valid_folder, data.min_length, float8 --------------------------
 
 
 def _bin_data(root: Path) -> list[str]:
@@ -502,6 +565,21 @@ def test_a_missing_valid_folder_names_data_valid_folder(tmp_path: Path, capsys) 
     )
     assert f"data folder {tmp_path / 'nope'} does not exist" in err and "check data.valid_folder" in err
     assert "data.train_folder" not in err
+
+
+@pytest.mark.slow  # dataloader worker processes
+def test_bad_data_met_in_a_dataloader_worker_is_the_same_one_line_as_without_workers(tmp_path: Path, capsys) -> None:
+    flags = _bin_data(tmp_path / "train")
+    path = tmp_path / "train" / "en" / "d.bin"
+    offset = int(BinMetaFolder(str(tmp_path / "train")).files[0].meta[10, 0])
+    with open(path, "r+b") as f:  # line 11 of 20: read only when training reaches it
+        f.seek(offset)
+        f.write(b"XX")
+    lines = [
+        _refused(tmp_path / f"workers{n}", capsys, *flags, "--training.steps", "20", "--data.num_workers", str(n))
+        for n in (0, 1)
+    ]
+    assert lines[1] == lines[0] and f"{path} line 11 (byte {offset}) is not a JSON object" in lines[0]
 
 
 def test_a_negative_min_length_names_data_min_length(tmp_path: Path, capsys) -> None:
@@ -534,7 +612,6 @@ def test_float8_rowwise_with_float8_all_gather_is_refused_whatever_the_world_siz
     assert _ROWWISE_ALL_GATHER in _refused(tmp_path, capsys, *_ROWWISE_ALL_GATHER_FLAGS)  # one rank, through main
 
 
-@pytest.mark.slow
 @pytest.mark.multiprocess
 def test_float8_rowwise_with_float8_all_gather_is_refused_on_two_ranks_with_the_same_message(tmp_path: Path) -> None:
     command = [

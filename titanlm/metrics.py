@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import logging.handlers
 import os
 import resource
 import time
@@ -113,12 +114,24 @@ def plan_line(done_steps: int, steps: int, global_batch: int, seq_len: int, data
 
 
 def format_line(record: dict[str, Any]) -> str:
+    """The record as the log's key=value line: numbers to 6 significant digits, the ETA as h:mm:ss, and
+    figures that are unknown on this device (None, e.g. mfu without a known peak) left out."""
     parts = []
     for key, value in record.items():
-        if isinstance(value, float):
+        if value is None:
+            continue
+        if key == "eta":
+            value = _clock(value)
+        elif isinstance(value, float):
             value = f"{value:.6g}"
         parts.append(f"{key}={value}")
     return ",".join(parts)
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}"
 
 
 def _as_numbers(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -144,15 +157,18 @@ def read_runs(path: str) -> list[Run]:
     """The runs in a metrics.jsonl, in the order they last started (the newest last).
 
     A resume continues its run from the step it resumed at: records of later steps, written
-    before the crash that the resume undoes, are dropped. A line cut short by a killed run is skipped.
+    before the crash that the resume undoes, are dropped. A line that is not a record (cut short by a
+    killed run, not UTF-8, not a JSON object, a step that is not a whole number, a start record without
+    its run id) is skipped with one warning naming the file and line, so that one bad line appended to
+    the file never blocks a resume or a plot.
     """
     runs: dict[str, Run] = {}
     run = None
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            record, problem = _record(raw)
+            if problem:
+                logger.warning(f"{path} line {number} {problem}; skipped it")
                 continue
             if record.get("event") == "start":
                 run = runs.pop(record["run"], None) or Run(record["run"], [])
@@ -163,6 +179,42 @@ def read_runs(path: str) -> list[Run]:
                     run = runs.setdefault("", Run("", []))
                 run.records.append(record)
     return list(runs.values())
+
+
+def _record(raw: bytes) -> tuple[dict[str, Any], str]:
+    """A metrics.jsonl line as a record, or what is wrong with it (blank lines are empty records)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return {}, f"is not UTF-8 text ({e.reason})"
+    if not text.strip():
+        return {}, ""
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as e:
+        return {}, f"is not valid JSON ({e.msg}; cut short by a killed run?)"
+    if not isinstance(record, dict):
+        return {}, "is not a JSON object"
+    if record.get("event") == "start":
+        if not isinstance(record.get("run"), str) or not _is_step(record.get("resumed_from_step")):
+            return {}, 'is a start record without its "run" id (a string) and "resumed_from_step" (an integer)'
+    elif "step" in record and not _is_step(record["step"]):
+        return {}, f'has "step" {record["step"]!r}, not an integer'
+    return record, ""
+
+
+def _is_step(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _ends_a_line(path: str) -> bool:
+    """Whether the file is empty or its last byte ends a line."""
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        if f.tell() == 0:
+            return True
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
 
 
 class MetricsLogger:
@@ -179,26 +231,38 @@ class MetricsLogger:
         self._output = output
         self.folder = output.dump_folder
         self._jsonl_path = os.path.join(self.folder, "metrics.jsonl")
-        self._log_file = self._jsonl = self._tb = self._wandb = None
+        self._log_file = self._jsonl = self._tb = self._wandb = self._early = None
         if not is_main:
             return
+        # Nothing is written before `start`, which comes once the start-up has loaded what it loads, so that a
+        # refused start leaves no files behind; the log lines until then wait here for train.log.
+        self._early = logging.handlers.MemoryHandler(1 << 20, flushLevel=logging.CRITICAL + 1, flushOnClose=False)
+        logger.addHandler(self._early)
+
+    def start(self, resumed_from_step: int) -> None:
+        """Write the dump folder's files, and open the run's record: a resumed run continues the newest run
+        in metrics.jsonl (same id, in W&B too), a run from step 0 starts a new one."""
+        if not self.is_main:
+            return
+        output = self._output
         os.makedirs(self.folder, exist_ok=True)
         self._log_file = logging.FileHandler(os.path.join(self.folder, "train.log"), encoding="utf-8")
         self._log_file.setFormatter(logging.Formatter(LOG_FORMAT))
+        logger.removeHandler(self._early)
+        self._early.setTarget(self._log_file)
+        self._early.flush()
+        self._early.close()
+        self._early = None
         logger.addHandler(self._log_file)
         with open(os.path.join(self.folder, "config.toml"), "w", encoding="utf-8") as f:
             f.write(output.config_toml)
         self._jsonl = open(self._jsonl_path, "a", encoding="utf-8")
+        if not _ends_a_line(self._jsonl_path):  # a run killed mid-write: never glue the next record onto it
+            self._jsonl.write("\n")
         if output.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(os.path.join(self.folder, "tb"))
-
-    def start(self, resumed_from_step: int) -> None:
-        """Open the run's record: a resumed run continues the newest run in metrics.jsonl (same id, in
-        W&B too), a run from step 0 starts a new one."""
-        if not self.is_main:
-            return
         runs = read_runs(self._jsonl_path) if resumed_from_step else []
         run_id = runs[-1].id if runs and runs[-1].id else f"{datetime.now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
         start = {
@@ -262,6 +326,9 @@ class MetricsLogger:
             self._wandb.log(scalars, step=record["step"])
 
     def close(self) -> None:
+        if self._early is not None:  # a start that was refused: its lines were on the console
+            logger.removeHandler(self._early)
+            self._early.close()
         if self._log_file is not None:
             logger.removeHandler(self._log_file)
             self._log_file.close()

@@ -197,13 +197,16 @@ def encode_alpaca(
 ) -> list[int]:
     """Signed ids of Alpaca record number `index` (named in errors), cut to `max_length` tokens.
 
-    "input" may be missing (treated as empty); "instruction" and "output" are required strings.
+    "input" may be missing or null (how many exports write "no input"; treated as empty); "instruction" and
+    "output" are required strings.
     """
     if not isinstance(record, dict):
         raise DataError(f"record {index} is a {type(record).__name__}, not an object with instruction/output")
     fields = {}
     for key, required in (("instruction", True), ("input", False), ("output", True)):
-        value = record.get(key, None if required else "")
+        value = record.get(key)
+        if value is None and not required:
+            value = ""
         if not isinstance(value, str):
             problem = "is missing (or null)" if value is None else f"is a {type(value).__name__}, not a string"
             raise DataError(f'record {index}: key "{key}" {problem} (keys present: {sorted(record)})')

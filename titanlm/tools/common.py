@@ -29,6 +29,7 @@ from titanlm.data.binmeta import OutputExistsError
 from titanlm.data.tokenizer import Tokenizer, TokenizerFileError, build_tokenizer
 from titanlm.errors import USER_ERROR_EXIT_CODE, ConfigError, MissingFileError, TitanlmError
 from titanlm.files import give_default_mode
+from titanlm.models.hf_checkpoint import tokenizer_file
 
 Main = Callable[[Sequence[str] | None], int]
 Item = TypeVar("Item")
@@ -60,14 +61,22 @@ class WorkerDiedError(ChildProcessError):
 
 
 def load_tokenizer(path: str, argument: str) -> Tokenizer:
-    """The tokenizer at `path`; the errors name `argument`, the tool's flag or positional argument
-    that gave the path (`build_tokenizer`'s own messages name the trainer's config key)."""
-    full = os.path.expanduser(path)
-    if not os.path.isfile(full):
-        problem = "is a folder, not a file" if os.path.isdir(full) else "does not exist"
+    """The tokenizer at `path`, a file or (as model.tokenizer_path allows) an HF model or tokenizer folder
+    holding one; the errors name `argument`, the tool's flag or positional argument that gave the path
+    (`build_tokenizer`'s own messages name the trainer's config key)."""
+    full = Path(path).expanduser()
+    if full.is_dir():
+        found = tokenizer_file(full)
+        if found is None:
+            raise MissingFileError(
+                f"tokenizer {path} is a folder without tokenizer.json or tokenizer.model; check {argument} (a "
+                "tokenizer file, or a folder that has one)"
+            )
+        path = str(found)
+    elif not full.is_file():
         raise MissingFileError(
-            f"tokenizer {path} {problem}; check {argument} (a SentencePiece .model, tiktoken ranks file or "
-            "HF tokenizer.json)"
+            f"tokenizer {path} does not exist; check {argument} (a SentencePiece .model, tiktoken ranks file, "
+            "HF tokenizer.json, or a folder that has one)"
         )
     try:
         return build_tokenizer(path)
@@ -170,9 +179,22 @@ def _split_files(output_dir: str | Path, split: str) -> tuple[Path, Path]:
     return target, Path(f"{target}.meta")
 
 
+def check_output_folder(folder: str | os.PathLike, argument: str) -> None:
+    """Refuse a file where the output folder `folder`, or a folder above it, must go, in one line naming
+    the file and `argument` (the flag or argument that gave the output); missing folders are fine."""
+    path = Path(os.path.abspath(folder))
+    nearest = next(p for p in (path, *path.parents) if p.exists())  # the root exists
+    if not nearest.is_dir():
+        raise OutputExistsError(
+            f"{nearest} is a file, where an output folder must go; move it away or choose another {argument}"
+        )
+
+
 def check_outputs(output_dir: str, splits: list[str], overwrite: bool) -> None:
-    """Unless `overwrite`, refuse to replace the files of the `splits` written, or to leave those of
-    a split not written beside them, from an earlier run."""
+    """Refuse a file where a split's folder must go; unless `overwrite`, refuse to replace the files of
+    the `splits` written, or to leave those of a split not written beside them, from an earlier run."""
+    for split in SPLITS:
+        check_output_folder(_split_files(output_dir, split)[0].parent, "OUTPUT_DIR")
     if overwrite:
         return
     for split in SPLITS:

@@ -1,7 +1,7 @@
 """Loss curves from metrics.jsonl files, and an exact comparison of two runs' losses.
 
     python -m titanlm.tools.plot RUN [RUN ...] -o curves.png [--keys loss,valid_loss,lr] [--smooth 20]
-        [--x step|tokens]
+        [--x step|tokens] [--log_y]
     python -m titanlm.tools.plot RUN_A RUN_B --compare [--tolerance 0]
 
 A RUN is a dump folder (holding metrics.jsonl) or a metrics.jsonl file. A file can hold several
@@ -9,8 +9,12 @@ runs: every trainer start appends a start record, a resume continues its run and
 step 0 begins a new one. The newest run is used; RUN@N picks the N-th run of the file instead (1
 is the oldest, -2 the one before the newest) and RUN@ID the run with that id.
 
-The plot has one panel per key and one line per run, labelled with the run's folder name; --smooth
-N adds a centred moving average over N points next to each raw (faint) curve.
+The plot has one panel per key and one line per run, labelled with the run's folder name, and with
+the run's id (its start time) when the file holds several runs. --smooth N draws each curve smoothed
+next to its raw (faint) self: TensorBoard's debiased exponential moving average, with weight
+(N - 1) / (N + 1), so that it averages about the last N points and starts at the first raw value.
+Schedules (lr, loss_scale) are always drawn raw: a smoothed schedule shows values never used.
+--log_y draws the values on a log scale.
 
 --compare prints, for two runs, the per-step difference of the loss (or of --keys): the largest
 absolute and relative difference and the first step that differs. It exits 1 when a difference
@@ -27,12 +31,13 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from titanlm.errors import DataError
+from titanlm.errors import ConfigError, DataError
 from titanlm.extras import require
 from titanlm.metrics import Run, read_runs
-from titanlm.tools.common import run_cli
+from titanlm.tools.common import check_output_folder, run_cli
 
 DEFAULT_KEYS = ("loss", "valid_loss")
+RAW_KEYS = ("lr", "loss_scale")  # schedules: never smoothed
 _PANEL_INCHES = (6.4, 4.2)
 DPI = 100
 
@@ -76,6 +81,8 @@ def load(spec: str) -> Curves:
     folder = os.path.basename(os.path.dirname(os.path.abspath(file)))
     label = f"{folder}@{choice}" if choice else folder
     run = runs[index]
+    if len(runs) > 1:  # which of the file's runs the legend shows
+        label += f" (run {run.id})" if run.id else f" (run {index + 1} of {len(runs)})"
     steps = [r["step"] for r in run.records]
     note = f"run {index + 1} of {len(runs)} in {file} (id {run.id or 'none'}, steps {min(steps)}-{max(steps)})"
     return Curves(label, run, note)
@@ -103,19 +110,28 @@ def _tokens(records: list[dict[str, Any]]) -> list[float]:
 def series(run: Run, key: str, x: str = "step") -> tuple[list[float], list[float]]:
     """(x, value) of every record of the run with a value for `key`; x is the step or the tokens."""
     xs = _tokens(run.records) if x == "tokens" else [r["step"] for r in run.records]
-    points = [(at, r[key]) for at, r in zip(xs, run.records) if r.get(key) is not None]
+    points = [(at, r[key]) for at, r in zip(xs, run.records) if _is_number(r.get(key))]
     return [at for at, _ in points], [value for _, value in points]
 
 
-def moving_average(values: list[float], n: int) -> list[float]:
-    """The mean of the n values centred on each point (fewer at the ends), so the curve does not lag."""
-    sums = [0.0]
+def _is_number(value: Any) -> bool:
+    """A value a curve can show (a string a script wrote by mistake is not)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def smoothed(values: list[float], n: int) -> list[float]:
+    """TensorBoard's smoothing: an exponential moving average with weight (n - 1) / (n + 1) (pandas'
+    `ewm(span=n)`), divided by the weight its terms have so far, so that the first point is the raw
+    value instead of a pull towards zero. A value that is not finite is kept and does not count."""
+    weight = (n - 1) / (n + 1)
+    out, average, counted = [], 0.0, 0
     for value in values:
-        sums.append(sums[-1] + value)
-    out = []
-    for i in range(len(values)):
-        start, stop = max(0, i - (n - 1) // 2), min(len(values), i - (n - 1) // 2 + n)
-        out.append((sums[stop] - sums[start]) / (stop - start))
+        if not math.isfinite(value):
+            out.append(value)
+            continue
+        average = average * weight + (1 - weight) * value
+        counted += 1
+        out.append(average / (1 - weight**counted))
     return out
 
 
@@ -132,12 +148,13 @@ def plotted_keys(curves: list[Curves], keys: list[str]) -> tuple[list[str], list
     return present, notes
 
 
-def figure(curves: list[Curves], keys: list[str], x: str = "step", smooth: int = 0):
-    """A matplotlib Figure: one panel per key, one line per run (plus its moving average with `smooth`)."""
+def figure(curves: list[Curves], keys: list[str], x: str = "step", smooth: int = 0, log_y: bool = False):
+    """A matplotlib Figure: one panel per key, one line per run (smoothed beside the faint raw curve with
+    `smooth`, except for RAW_KEYS), values on a log scale with `log_y`."""
     matplotlib = require("matplotlib", "plot", "plotting")
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import LogFormatter, MaxNLocator
 
     cols = min(2, len(keys))
     rows = math.ceil(len(keys) / cols)
@@ -150,16 +167,21 @@ def figure(curves: list[Curves], keys: list[str], x: str = "step", smooth: int =
             if not values:
                 continue
             color = colors[i % len(colors)]
-            # A series no longer than the window (e.g. a few validation points) would average to a flat line.
-            if 1 < smooth < len(values):
+            # A series no longer than the span (e.g. a few validation points) would smooth to a flat line.
+            if 1 < smooth < len(values) and key not in RAW_KEYS:
                 ax.plot(xs, values, color=color, alpha=0.25, linewidth=1)
-                ax.plot(xs, moving_average(values, smooth), color=color, label=f"{c.label} (mean of {smooth})")
+                ax.plot(xs, smoothed(values, smooth), color=color, label=f"{c.label} (smoothed over ~{smooth})")
             else:
                 ax.plot(xs, values, color=color, label=c.label, marker="." if len(values) < 50 else None)
         ax.set_title(key)
         ax.set_xlabel("tokens consumed" if x == "tokens" else "step")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(key)
+        if log_y:
+            ax.set_yscale("log")
+            # plain numbers (2, 3, 0.5), not 2 x 10^0: a loss spans less than a decade
+            ax.yaxis.set_major_formatter(LogFormatter())
+            ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(1, 0.4)))
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
     for ax in axes[len(keys) :]:
@@ -235,8 +257,10 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         metavar="N",
-        help="add a moving average over N points; the raw curve is drawn faint",
+        help="draw each curve smoothed over about the last N points (TensorBoard's smoothing, weight "
+        "(N-1)/(N+1)) beside its faint raw self; lr and loss_scale stay raw",
     )
+    parser.add_argument("--log_y", action="store_true", help="draw the values on a log scale")
     parser.add_argument(
         "--x",
         choices=("step", "tokens"),
@@ -257,10 +281,25 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_options(options: argparse.Namespace) -> None:
+    """Refuse, in one line, the values that would fail later or mean nothing."""
+    if options.smooth < 0:
+        raise ConfigError(f"--smooth {options.smooth} must be 0 or more (0 and 1 draw the raw curves only)")
+    if not options.tolerance >= 0:  # also refuses nan, which every comparison would pass
+        raise ConfigError(f"--tolerance {options.tolerance} must be a number, 0 or more")
+    if options.compare:
+        return
+    output = os.path.abspath(options.output)
+    if os.path.isdir(output):
+        raise ConfigError(f"-o {options.output} is a folder; name the PNG to write, e.g. {options.output}/curves.png")
+    check_output_folder(os.path.dirname(output), "-o")
+
+
 @run_cli
 def main(argv: list[str] | None = None) -> int:
     """Plot (exit 0) or compare (exit 0 if equal, 1 if not); bad input prints one line and exits 2."""
     options = _parser().parse_intermixed_args(argv)
+    _check_options(options)
     keys = [k.strip() for k in options.keys.split(",") if k.strip()] if options.keys else None
     if options.compare and len(options.runs) != 2:
         raise PlotError(f"--compare takes exactly two runs, got {len(options.runs)}")
@@ -279,9 +318,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note: {note}", file=sys.stderr)
     if not present:
         raise PlotError("nothing to plot")
-    fig = figure(curves, present, options.x, options.smooth)
+    fig = figure(curves, present, options.x, options.smooth, options.log_y)
     os.makedirs(os.path.dirname(os.path.abspath(options.output)), exist_ok=True)
-    fig.savefig(options.output, dpi=DPI)
+    # matplotlib would add ".png" to a name without a suffix, and the line below would name another file
+    fig.savefig(options.output, dpi=DPI, format=None if os.path.splitext(options.output)[1] else "png")
     print(f"wrote {options.output}: {', '.join(present)} for {len(curves)} run(s)")
     return 0
 

@@ -39,7 +39,8 @@ import numpy as np
 from titanlm.data.binmeta import BinWriter, encode_line
 from titanlm.data.tokenizer import Tokenizer
 from titanlm.errors import ConfigError, DataError, MissingFileError
-from titanlm.tools.common import check_workers, load_tokenizer, ordered_map, run_cli
+from titanlm.progress import progress
+from titanlm.tools.common import check_output_folder, check_workers, load_tokenizer, ordered_map, run_cli
 
 FORMATS = ("txt", "json", "jsonl")
 TEXT_KEYS = ("content", "text")  # read in this order; InternEvo's tool reads "content"
@@ -47,6 +48,7 @@ _CHUNK_DOCS = 1024
 _CHUNK_CHARS = 4 << 20  # also bounds a chunk of very long documents
 _READ_CHARS = 1 << 20
 _WHITESPACE = re.compile(r"\s*")
+_EMPTY = {"txt": "line with text", "jsonl": "record", "json": "record"}  # what an empty input lacks
 
 
 @dataclass(frozen=True)
@@ -258,13 +260,21 @@ def tokenize_file(
         raise MissingFileError(f"input {text_input_path} does not exist; check --text_input_path")
     fmt = _input_format(text_input_path, input_format)
     check_workers(workers)
+    check_output_folder(os.path.dirname(bin_output_path) or ".", "--bin_output_path")
     start = time.perf_counter()
     tokenizer = load_tokenizer(tokenizer_path, "--tokenizer_path")
     chunks = _chunks(iter_documents(text_input_path, fmt, _text_keys(text_key)))
     encode = functools.partial(_encode_named, _where(text_input_path, fmt))
-    with BinWriter(bin_output_path, meta_dtype="int32", overwrite=overwrite) as writer:
+    with (
+        BinWriter(bin_output_path, meta_dtype="int32", overwrite=overwrite) as writer,
+        progress(desc="tokenize", unit="doc") as bar,
+    ):
         for result in ordered_map(encode, chunks, workers, _set_tokenizer, (tokenizer,)):
             writer.write_lines(*result)
+            bar.set_postfix_str(f"{writer.num_tokens:,} tokens", refresh=False)
+            bar.update(len(result[1]))
+        if not writer.num_documents:  # raised inside the writer's block, so that it writes nothing
+            raise DataError(f"{text_input_path} holds no {_EMPTY[fmt]}; nothing written")
     return Stats(writer.num_documents, writer.num_tokens, time.perf_counter() - start)
 
 

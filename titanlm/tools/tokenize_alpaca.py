@@ -25,8 +25,9 @@ from contextlib import ExitStack
 from titanlm.data.binmeta import BinWriter
 from titanlm.data.chat_templates import TEMPLATES, encode_alpaca
 from titanlm.data.tokenizer import Tokenizer
-from titanlm.errors import DataError, MissingFileError, TitanlmError
+from titanlm.errors import ConfigError, DataError, MissingFileError, TitanlmError
 from titanlm.files import read_json_file
+from titanlm.progress import progress
 from titanlm.tools.common import (
     SPLITS,
     check_outputs,
@@ -48,9 +49,11 @@ def tokenize_alpaca(
     max_length: int = 2048,
     seed: int = 0,
     overwrite: bool = False,
-) -> dict[str, dict[str, int]]:
+) -> tuple[dict[str, dict[str, int]], list[str]]:
     """Write the splits that get records (see `split_indices`); returns per split written its
-    documents, tokens and masked (negative) tokens."""
+    documents, tokens and masked (negative) tokens, and the warnings about the records."""
+    if max_length < 1:
+        raise ConfigError(f"--max_length {max_length} must be at least 1")
     if not os.path.isfile(input_json):
         raise MissingFileError(f"input {input_json} does not exist")
     tokenizer = load_tokenizer(tokenizer_path, "the TOKENIZER argument")
@@ -61,8 +64,10 @@ def tokenize_alpaca(
         raise DataError(f"{input_json} holds no records")
     splits = written_splits(split_ratio)
     check_outputs(output_dir, splits, overwrite)
-    samples = [_encoded(tokenizer, r, i, template, max_length, input_json) for i, r in enumerate(records)]
+    with progress(records, desc="tokenize_alpaca", unit="record") as bar:  # closed, so an error starts a line
+        samples = [_encoded(tokenizer, r, i, template, max_length, input_json) for i, r in enumerate(bar)]
     indices = dict(zip(SPLITS, split_indices(len(samples), split_ratio, seed)))
+    warnings = _warnings(records, samples, max_length)
     summary = {}
     with staged_splits(output_dir, splits) as staged, ExitStack() as stack:
         for split in splits:
@@ -71,7 +76,22 @@ def tokenize_alpaca(
                 writer.write(samples[i])
             masked = sum(sum(t < 0 for t in samples[i]) for i in indices[split])
             summary[split] = {"documents": len(indices[split]), "tokens": writer.num_tokens, "masked_tokens": masked}
-    return summary
+    return summary, warnings
+
+
+def _warnings(records: list[dict], samples: list[list[int]], max_length: int) -> list[str]:
+    """What the summary warns about: samples that train on nothing or next to nothing."""
+    warnings = []
+    if empty := sum(not r["output"].strip() for r in records):
+        warnings.append(
+            f'warning: {empty:,} records have an empty "output": only the template\'s end of the answer is trained'
+        )
+    if cut := sum(all(t < 0 for t in sample) for sample in samples):
+        warnings.append(
+            f"warning: {cut:,} samples are cut inside their prompt by --max_length {max_length}, so no response "
+            "token is left and they train nothing; raise --max_length"
+        )
+    return warnings
 
 
 def _encoded(tok: Tokenizer, record: dict, index: int, template: str, max_length: int, input_json: str) -> list[int]:
@@ -109,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the train/valid split")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     args = parser.parse_args(argv)
-    summary = tokenize_alpaca(
+    summary, warnings = tokenize_alpaca(
         args.input_json,
         args.output_dir,
         args.tokenizer,
@@ -126,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
         s = summary[split]
         share = s["masked_tokens"] / max(s["tokens"], 1)
         print(f"{split}: {s['documents']:,} samples, {s['tokens']:,} tokens ({share:.1%} masked prompt tokens)")
+    for warning in warnings:
+        print(warning)
     return 0
 
 

@@ -62,6 +62,7 @@ from titanlm.data.tokenizer import Tokenizer
 from titanlm.errors import ConfigError, DataError, MissingFileError
 from titanlm.files import read_json_file
 from titanlm.models.hf_checkpoint import tokenizer_file
+from titanlm.progress import progress
 from titanlm.tools.common import (
     SPLITS,
     check_outputs,
@@ -109,6 +110,11 @@ class Encoded:
     # Input-only tokens with id 0 that are some position's target: -0 is 0, so a loader reads
     # them as trained (InternEvo's masks id 0 as padding; titanlm's predicts it).
     zero_targets: int = 0
+    # Oddities trained as they are, which the summary warns about: a conversation whose first turn
+    # (after any system message) is the assistant's, so its first reply answers nothing; replies
+    # with no text, so only their end-of-turn token is trained.
+    assistant_first: bool = False
+    empty_replies: int = 0
 
 
 @dataclass(frozen=True)
@@ -128,16 +134,20 @@ class ChatEncoder:
         chat = render_chat(self.tok, self.template, messages)
         if not chat.assistant_spans:
             raise ConfigError("the template renders none of its assistant messages, so nothing would be trained")
+        oddities = {
+            "assistant_first": next(m["role"] for m in messages if m["role"] != "system") == "assistant",
+            "empty_replies": sum(m["role"] == "assistant" and not m["content"].strip() for m in messages),
+        }
         chat, fit = fit_length(chat, self.max_length)
         if chat is None:
-            return Encoded(None, fit)
+            return Encoded(None, fit, **oddities)
         ids = chat.ids
         signed = [-i for i in ids]
         for start, end in chat.assistant_spans:
             signed[start:end] = ids[start:end]
         zeros = signed[1:].count(0) - sum(ids[max(start, 1) : end].count(0) for start, end in chat.assistant_spans)
         trained = sum(end - start for start, end in chat.assistant_spans)
-        return Encoded(encode_line(signed), fit, len(ids), trained, len(chat.assistant_spans), zeros)
+        return Encoded(encode_line(signed), fit, len(ids), trained, len(chat.assistant_spans), zeros, **oddities)
 
 
 # ---- reading the input ---------------------------------------------------------------------
@@ -202,12 +212,16 @@ class Summary:
     splits: dict[str, SplitSummary] = field(default_factory=lambda: {split: SplitSummary() for split in SPLITS})
     fits: Counter = field(default_factory=Counter)
     zero_targets: int = 0
+    assistant_first: int = 0
+    empty_replies: int = 0
     written: list[str] = field(default_factory=lambda: list(SPLITS))  # the splits that get records
 
     def add(self, encoded: Encoded, split: str) -> None:
         self.records += 1
         self.fits[encoded.fit] += 1
         self.zero_targets += encoded.zero_targets
+        self.assistant_first += encoded.assistant_first
+        self.empty_replies += encoded.empty_replies
         if encoded.line is not None:
             s = self.splits[split]
             s.conversations += 1
@@ -219,6 +233,8 @@ class Summary:
         self.records += other.records
         self.fits += other.fits
         self.zero_targets += other.zero_targets
+        self.assistant_first += other.assistant_first
+        self.empty_replies += other.empty_replies
         for split, s in self.splits.items():
             o = other.splits[split]
             s.conversations += o.conversations
@@ -319,17 +335,31 @@ def tokenize_chat(
     num_records, items = read_records(input_path)
     if not num_records:
         raise DataError(f"{input_path} holds no records")
+    try:
+        valid = split_indices(num_records, split_ratio, seed)[1]
+    except ConfigError:  # a bad record is the first thing to fix: name it, as a run would (a few records)
+        _set_encoder(encoder)
+        encode_chunk([("train", *item) for item in items])
+        raise
     in_valid = np.zeros(num_records, dtype=bool)
-    in_valid[split_indices(num_records, split_ratio, seed)[1]] = True
+    in_valid[valid] = True
     split_items = (("valid" if in_valid[i] else "train", *item) for i, item in enumerate(items))
     summary = Summary(written=splits)
     with staged_splits(output_dir, splits) as staged, ExitStack() as stack:
         writers = {split: stack.enter_context(BinWriter(staged[split], "int64")) for split in splits}
+        bar = stack.enter_context(progress(total=num_records, desc="tokenize_chat", unit="record"))
         for chunk in ordered_map(encode_chunk, _chunks(split_items), workers, _set_encoder, (encoder,)):
             for split, (data, sizes, counts) in chunk.parts.items():
                 if sizes:
                     writers[split].write_lines(data, sizes, counts)
             summary.merge(chunk.summary)
+            bar.update(chunk.summary.records)
+        for split in splits:  # raised inside the staging block, so that nothing is written
+            if not summary.splits[split].conversations:
+                raise DataError(
+                    f"every record of the {split} split was dropped (the prompt before its first reply fills "
+                    f"--max_length {max_length}), so the split would be empty; nothing written: raise --max_length"
+                )
     summary.seconds = time.perf_counter() - start_time
     return summary
 
@@ -350,6 +380,15 @@ def format_summary(summary: Summary, max_length: int, workers: int) -> list[str]
         lines.append(
             f"--max_length {max_length}: cut {fits['turns']:,} after the last reply that fits and {fits['reply']:,} "
             f"inside its first reply; dropped {fits['dropped']:,} (the prompt before the first reply fills it)"
+        )
+    if summary.assistant_first:
+        lines.append(
+            f"warning: {summary.assistant_first:,} conversations start with an assistant reply (no user turn before "
+            "it), which is trained as an answer to nothing"
+        )
+    if summary.empty_replies:
+        lines.append(
+            f"warning: {summary.empty_replies:,} assistant replies are empty: only their end-of-turn token is trained"
         )
     if summary.zero_targets:
         lines.append(
