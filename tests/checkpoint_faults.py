@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from safetensors import SafetensorError
 from torch.distributed.checkpoint.filesystem import FileSystem
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -40,6 +41,25 @@ def full_disk(shard_prefix: str = "__", during: str = ".tmp-") -> Iterator[None]
         yield
     finally:
         FileSystem.create_stream = original
+
+
+@contextmanager
+def full_disk_for_safetensors() -> Iterator[None]:
+    """safetensors files (HF exports) fail after a few bytes as on a full disk, with the error safetensors
+    raises there: its own type, the OS error only in the message (as seen on a full tmpfs)."""
+    import titanlm.models.hf_checkpoint as hf_checkpoint
+
+    original = hf_checkpoint.save_file
+
+    def save_file(tensors, filename, metadata=None):  # noqa: ANN001, ANN202 - safetensors' signature
+        Path(filename).write_bytes(b"partial")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    hf_checkpoint.save_file = save_file
+    try:
+        yield
+    finally:
+        hf_checkpoint.save_file = original
 
 
 def overwrite_bytes(path: Path, count: int = 64) -> None:

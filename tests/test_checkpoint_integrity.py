@@ -12,15 +12,18 @@ import logging
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
-from checkpoint_faults import full_disk, overwrite_bytes
+from checkpoint_faults import full_disk, full_disk_for_safetensors, overwrite_bytes
 from trainer_runs import REPO, read_metrics, run_in_process, worker_env
 
 from titanlm.checkpoint import CheckpointError, manifest
 from titanlm.checkpoint.folder_lock import LOCK_FILE, FolderLock
+from titanlm.models.spec import RECORD_FILE
 
 CKPT = ["--checkpoint.enable", "--checkpoint.interval", "2", "--debug.deterministic"]
 
@@ -99,6 +102,38 @@ def test_a_damaged_newest_checkpoint_stops_the_resume_naming_the_file_and_the_pr
     ]
 
 
+@pytest.mark.parametrize(
+    "gap, said",
+    [
+        pytest.param("empty table", r"titanlm_manifest\.json is unreadable \(its table of files is empty", id="empty"),
+        pytest.param("shard not listed", r"__0_0\.distcp is not listed in titanlm_manifest\.json", id="unlisted"),
+        pytest.param("stray file", r"notes\.txt is not listed in titanlm_manifest\.json", id="stray"),
+        pytest.param(
+            "manifest deleted", r"titanlm_manifest\.json is missing, though titanlm_model\.json shows", id="deleted"
+        ),
+    ],
+)
+def test_a_manifest_that_does_not_cover_every_file_of_the_checkpoint_is_damage(saved, tmp_path, gap, said) -> None:
+    run = copy_of(saved, tmp_path)
+    step = run / "checkpoint" / "step-5"
+    overwrite_bytes(step / "__0_0.distcp")  # what a manifest with a gap would let through
+    found = json.loads((step / manifest.MANIFEST).read_text())
+    if gap == "empty table":
+        (step / manifest.MANIFEST).write_text(json.dumps({**found, "files": {}}))
+    elif gap == "shard not listed":
+        del found["files"]["__0_0.distcp"]
+        (step / manifest.MANIFEST).write_text(json.dumps(found))
+    elif gap == "stray file":
+        found["files"]["__0_0.distcp"]["crc32"] = manifest.crc32_of(str(step / "__0_0.distcp"))
+        (step / manifest.MANIFEST).write_text(json.dumps(found))
+        (step / "notes.txt").write_text("copied in later")
+    else:
+        (step / manifest.MANIFEST).unlink()
+    with pytest.raises(CheckpointError, match=rf"step-5 is damaged: {said}.*resume from step-4") as error:
+        run_in_process(run, [*CKPT, "--training.steps", "7"])
+    assert "\n" not in str(error.value)
+
+
 def test_verify_off_still_checks_sizes_but_not_checksums(saved, tmp_path) -> None:
     run = copy_of(saved, tmp_path)
     step = run / "checkpoint" / "step-5"
@@ -113,7 +148,9 @@ def test_verify_off_still_checks_sizes_but_not_checksums(saved, tmp_path) -> Non
 def test_a_checkpoint_without_manifest_that_dcp_cannot_read_is_one_line(saved, tmp_path) -> None:
     run = copy_of(saved, tmp_path)
     step = run / "checkpoint" / "step-5"
-    (step / manifest.MANIFEST).unlink()  # as saved by an older titanlm
+    (step / manifest.MANIFEST).unlink()  # as saved by a titanlm before manifests: its model record is version 1
+    record = json.loads((step / RECORD_FILE).read_text())
+    (step / RECORD_FILE).write_text(json.dumps({**record, "version": 1}))
     (step / "__0_0.distcp").write_bytes(b"short")
     with pytest.raises(CheckpointError, match=r"step-5 could not be read \(.*\); it is damaged or incomplete") as error:
         run_in_process(run, [*CKPT, "--training.steps", "7"])
@@ -137,6 +174,23 @@ def test_a_full_disk_stops_with_one_line_removes_its_partial_save_and_keeps_the_
 
     resumed = run_in_process(dump, CKPT)  # the disk has room again
     assert [(r["step"], r["loss"]) for r in resumed] == [(r["step"], r["loss"]) for r in saved[1][2:]]
+
+
+@pytest.mark.slow
+def test_a_full_disk_during_the_final_hf_export_is_one_line_and_keeps_every_checkpoint(tmp_path) -> None:
+    dump = tmp_path / "run"
+    folder = dump / "checkpoint"
+    with full_disk_for_safetensors(), pytest.raises(CheckpointError) as error:
+        run_in_process(dump, [*CKPT, "--checkpoint.last_save_in_hf"])
+    line = str(error.value)
+    assert "\n" not in line
+    assert line.startswith(f"checkpoint.folder {folder} is full (")
+    assert "free): exporting step-5 failed and its partial files were removed; step-5 (" in line
+    assert line.endswith(
+        f"then export it with python -m titanlm.tools.convert dcp_to_hf {folder / 'step-5'} {folder / 'step-5-hf'}"
+    )
+    assert names(folder) == ["step-2", "step-4", "step-5"]  # no step-5-hf.tmp-* left behind
+    assert manifest.damage(str(folder / "step-5"), checksums=True) is None
 
 
 @pytest.fixture
@@ -263,6 +317,75 @@ def test_a_second_job_on_the_folder_is_refused_naming_the_holder_and_a_dead_hold
     assert LOCK_FILE not in names(tmp_path)
 
 
+@contextmanager
+def held_by_another_job(folder: Path) -> Iterator[int]:
+    """A live process holding the lock of `folder`, as a running job does; yields its pid."""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import time; from titanlm.checkpoint.folder_lock import FolderLock; "
+            f"FolderLock({str(folder)!r}, 'job.dump_folder').acquire(); print('held', flush=True); time.sleep(300)",
+        ],
+        cwd=REPO,
+        env=worker_env(),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        yield holder.pid
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def live_job(saved, tmp_path_factory) -> Iterator[tuple[Path, int]]:
+    """Job A: a copy of the saved run in <tmp>/a, whose folder a live process holds; yields (a, its pid)."""
+    import shutil
+
+    a = tmp_path_factory.mktemp("jobs") / "a"
+    shutil.copytree(saved[0], a)
+    with held_by_another_job(a) as pid:
+        yield a, pid
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "folders",
+    [
+        "checkpoint folder by absolute path",
+        "checkpoint folder by relative path",
+        "checkpoint folder through a symlink",
+        "dump folder inside",
+        "dump folder above",
+    ],
+)
+def test_a_job_is_refused_any_folder_that_overlaps_a_live_job_s_and_touches_nothing_there(
+    live_job, tmp_path, folders
+) -> None:
+    a, pid = live_job
+    b = tmp_path / "b"
+    flags = {
+        "checkpoint folder by absolute path": ["--checkpoint.folder", str(a / "checkpoint")],
+        "checkpoint folder by relative path": ["--checkpoint.folder", os.path.relpath(a / "checkpoint", b)],
+        "checkpoint folder through a symlink": ["--checkpoint.folder", str(tmp_path / "link")],
+        "dump folder inside": [],
+        "dump folder above": [],
+    }[folders]
+    (tmp_path / "link").symlink_to(a / "checkpoint")
+    dump = {"dump folder inside": a / "b", "dump folder above": a.parent}.get(folders, b)
+    relation = {"dump folder inside": "lies inside", "dump folder above": "holds"}.get(folders, "lies inside")
+    before = {p.relative_to(a).as_posix(): p.stat().st_mtime_ns for p in a.rglob("*")}
+    with pytest.raises(
+        CheckpointError, match=rf"{relation} {a}, a folder of another titanlm job \(host .+, pid {pid}, started .+\)"
+    ):
+        run_in_process(dump, [*CKPT, "--checkpoint.keep_latest_k", "1", "--training.steps", "7", *flags])
+    assert {p.relative_to(a).as_posix(): p.stat().st_mtime_ns for p in a.rglob("*")} == before
+    assert not b.exists()  # the refused job wrote nothing of its own either
+
+
 @pytest.mark.slow
 def test_the_lock_is_exclusive_between_processes_and_released_with_the_process(tmp_path) -> None:
     FolderLock(str(tmp_path), "job.dump_folder").acquire()  # this process holds it
@@ -280,6 +403,36 @@ def test_a_failed_start_leaves_no_checkpoint_folder_and_no_lock(tmp_path) -> Non
     with pytest.raises(CheckpointError, match="initial_load_path"):
         run_in_process(tmp_path, [*CKPT, "--checkpoint.initial_load_path", str(tmp_path / "missing")])
     assert "checkpoint" not in names(tmp_path) and LOCK_FILE not in names(tmp_path)
+
+
+def contents(folder: Path) -> dict[str, bytes | None]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() if p.is_file() else None for p in folder.rglob("*")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source", ["missing", "a file", "a checkpoint folder", "damaged"])
+def test_a_refused_start_creates_no_folder_and_changes_nothing_in_an_existing_one(saved, tmp_path, source) -> None:
+    import shutil
+
+    run = copy_of(saved, tmp_path)
+    (tmp_path / "a-file").write_text("")
+    shutil.copytree(run / "checkpoint" / "step-5", tmp_path / "damaged")
+    overwrite_bytes(tmp_path / "damaged" / "__0_0.distcp")
+    path = {
+        "missing": tmp_path / "missing",
+        "a file": tmp_path / "a-file",
+        "a checkpoint folder": run / "checkpoint",
+        "damaged": tmp_path / "damaged",
+    }[source]
+    new = [*CKPT, "--checkpoint.folder", str(tmp_path / "new-checkpoints" / "c")]
+    with pytest.raises(CheckpointError, match="initial_load_path"):
+        run_in_process(tmp_path / "new" / "run", [*new, "--checkpoint.initial_load_path", str(path)])
+    assert not (tmp_path / "new").exists() and not (tmp_path / "new-checkpoints").exists()
+
+    before = contents(run)  # a run's folder: its train.log, config.toml and metrics stay as they are
+    with pytest.raises(CheckpointError, match="initial_load_path"):
+        run_in_process(run, ["--checkpoint.initial_load_path", str(path)])
+    assert contents(run) == before
 
 
 def test_an_unusable_dump_folder_with_checkpoints_off_is_one_line(tmp_path) -> None:

@@ -17,6 +17,7 @@ before then interrupts at once: there is nothing to save yet.
 
 from __future__ import annotations
 
+import codecs
 import enum
 import logging
 import os
@@ -27,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from titanlm.distributed import launched_by_torchrun
-from titanlm.errors import INTERRUPTED_EXIT_CODE
+from titanlm.errors import INTERRUPTED_EXIT_CODE, CheckpointError
 
 logger = logging.getLogger("titanlm")
 
@@ -45,7 +46,12 @@ class Action(enum.IntEnum):
 class StopRequests:
     def __init__(self, stop_file: str, is_main: bool, device: torch.device) -> None:
         """Requests from `stop_file` now, and from signals once `listen` is called. Only rank 0 reads the
-        stop file, so that ranks never act on different versions of it."""
+        stop file, so that ranks never act on different versions of it; a folder in its place is refused."""
+        if os.path.isdir(stop_file):
+            raise CheckpointError(
+                f"checkpoint.stop_file {stop_file} is a folder; the stop file is a file holding N or -N: remove "
+                "the folder, or set checkpoint.stop_file to a file's path"
+            )
         self.stop_file = stop_file
         self.is_main = is_main
         self.device = device
@@ -99,12 +105,19 @@ class StopRequests:
         return Action(file_action)
 
     def _read_stop_file(self, step: int) -> Action:
-        """InternEvo's convention: the file holds N (save at step N, then stop) or -N (save and go on)."""
+        """InternEvo's convention: the file holds N (save at step N, then stop) or -N (save and go on), as
+        UTF-8 (with or without BOM) or UTF-16 with BOM (PowerShell's `>`). A file that cannot be read or
+        holds something else is ignored with a warning: it never stops the run."""
         try:
-            with open(self.stop_file, encoding="utf-8") as f:
-                text = f.read().strip()
+            with open(self.stop_file, "rb") as f:
+                raw = f.read()
         except FileNotFoundError:
             return Action.NONE
+        except OSError as error:  # e.g. made a folder, or unreadable, while the run goes on
+            self._warn_once(f"stop file {self.stop_file} cannot be read ({error.strerror}); ignored")
+            return Action.NONE
+        utf16 = raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE))
+        text = raw.decode("utf-16" if utf16 else "utf-8-sig", errors="replace").strip()
         try:
             target = int(text)
         except ValueError:

@@ -26,12 +26,14 @@ from titanlm.data import build_dataloader, build_valid_dataloader, load_run_toke
 from titanlm.data.datasets import Batch
 from titanlm.distributed import (
     DistInfo,
+    env_rank,
     exit_with_launcher,
     init_distributed,
     launched_by_torchrun,
     report_error,
     set_determinism,
     shutdown,
+    traceback_requested,
 )
 from titanlm.errors import INTERRUPTED_EXIT_CODE, USER_ERROR_EXIT_CODE, TitanlmError, TrainingDiverged
 from titanlm.loss_scaler import build_loss_scaler
@@ -77,6 +79,8 @@ class Trainer:
         self.tokenizer = load_run_tokenizer(plan.tokenizer, plan.data)
         self.dataloader = build_dataloader(plan.data, self.tokenizer, dp_rank, plan.dims.dp)
         self.valid_loader = build_valid_dataloader(plan.data, dp_rank, plan.dims.dp)
+        # Before the checkpointer, which locks (and may create) the folders: a refused start writes nothing.
+        self.stop_requests = StopRequests(plan.checkpoint.stop_file, self.dist.is_main, self.device)
         self.checkpointer = CheckpointManager(
             plan.checkpoint,
             plan.model,
@@ -87,7 +91,6 @@ class Trainer:
             dp_rank,
             self.device,
         )
-        self.stop_requests = StopRequests(plan.checkpoint.stop_file, self.dist.is_main, self.device)
         self.metrics = MetricsLogger(plan.output, plan.loop.steps, self.dist.is_main)
         self.throughput = Throughput(plan, self.device)
         self.step = 0
@@ -298,13 +301,13 @@ def main(argv: list[str] | None = None) -> None:
     after Ctrl-C (see StopRequests)."""
     exit_with_launcher()
     cfg = load_config_or_exit(argv, report=report_error)
-    configure_logging(is_main=int(os.environ.get("RANK", "0")) == 0)
+    configure_logging(is_main=env_rank() == 0)
     trainer = None
     try:
         trainer = build_trainer(cfg)
         trainer.train()
     except TitanlmError as error:
-        if os.environ.get("TITANLM_TRACEBACK"):
+        if traceback_requested():
             raise
         hint = " (set TITANLM_TRACEBACK=1 for the traceback)" if error.exit_code == USER_ERROR_EXIT_CODE else ""
         report_error(f"error: {error}{hint}")

@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 
 from titanlm.checkpoint import layout
 from titanlm.errors import CheckpointError
 
+# Rust libraries (safetensors) raise their own error types, with the OS error only in the message:
+# "Error while serializing: I/O error: No space left on device (os error 28)".
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
 # Below this much free space a failed write is taken for a full disk: torch.save's zip writer turns the
 # ENOSPC of a short write into "RuntimeError: ... unexpected pos", losing the OSError.
 _FULL_BYTES = 64 << 20
@@ -58,7 +62,8 @@ def _free_bytes(folder: str) -> int:
 
 def _os_error(error: BaseException) -> OSError | None:
     """The file-system error behind a failed save, looking inside DCP's CheckpointException (which
-    carries each failed rank's exception) and through exception chains."""
+    carries each failed rank's exception), through exception chains, and into the message of an error
+    that names an OS error (safetensors')."""
     seen: set[int] = set()
     pending = [error]
     while pending:
@@ -68,6 +73,10 @@ def _os_error(error: BaseException) -> OSError | None:
         seen.add(id(current))
         if isinstance(current, OSError) and current.errno is not None:
             return current
+        named = _RUST_OS_ERROR.search(str(current))
+        if named:
+            code = int(named.group(1))
+            return OSError(code, os.strerror(code))
         failures = getattr(current, "failures", None)
         if isinstance(failures, dict):
             pending += [pair[0] if isinstance(pair, tuple) else pair for pair in failures.values()]

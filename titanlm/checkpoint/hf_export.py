@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from titanlm.checkpoint import layout
 from titanlm.checkpoint.diagnosis import failure_line, file_system_failure
@@ -71,7 +72,8 @@ def export_final(saved: str, folder: str, step: int, attempt: str, spec: ModelSp
         os.makedirs(tmp)
         export_hf_folder(read_model_state(saved), spec, Path(tmp), dtype)
     except BaseException as error:
-        failure = file_system_failure(error, folder) if isinstance(error, (OSError, RuntimeError)) else None
+        written = isinstance(error, (OSError, RuntimeError, SafetensorError))  # what a failed write raises
+        failure = file_system_failure(error, folder) if written else None
         shutil.rmtree(tmp, ignore_errors=True)
         if failure is None:
             raise

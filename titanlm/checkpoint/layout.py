@@ -27,6 +27,7 @@ import shutil
 from pathlib import Path
 
 METADATA = ".metadata"  # written by DCP last, by the coordinator rank
+STEP_PREFIX = "step-"  # the start of the name of every folder below: checkpoints, exports, .tmp and .deleting
 _COMPLETE = re.compile(r"step-(\d+)")
 _OURS = re.compile(r"step-\d+(-model|-hf)?(\.tmp-.+|\.deleting)")
 

@@ -374,7 +374,8 @@ class CheckpointManager:
             self.release_locks()
 
     def release_locks(self) -> None:
-        """Give up the folder locks (also after a failed start, so that nothing is left behind)."""
-        for lock in self._locks:
+        """Give up the folder locks (also after a failed start, so that nothing is left behind); the last first,
+        as its folders may lie inside those the first one created."""
+        for lock in reversed(self._locks):
             lock.release()
         self._locks.clear()

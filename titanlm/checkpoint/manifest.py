@@ -11,7 +11,10 @@ about a quarter of the save time (docs/benchmarks.md), and async saves pay it in
 Each rank checksums the files it wrote (DCP names them `__<rank>_<n>.distcp`), so the cost is
 spread like the write; rank 0 adds the rest (.metadata, the model record) and writes the file.
 Loads check every size, and the checksums unless `checkpoint.verify = false`, again spread over
-the ranks. Checkpoints written before manifests existed have none and are loaded unchecked.
+the ranks; a file the manifest does not list is damage too, as nothing is written into a checkpoint
+after its manifest. Checkpoints written before manifests existed have none and are loaded unchecked;
+their model record (titanlm_model.json, written just before the manifest) tells them apart: from
+version 2 on, a checkpoint without a manifest has lost it.
 """
 
 from __future__ import annotations
@@ -24,9 +27,11 @@ from typing import Any
 
 from titanlm.errors import CheckpointError
 from titanlm.files import read_json_file
+from titanlm.models.spec import RECORD_FILE
 
 MANIFEST = "titanlm_manifest.json"
 FORMAT = 1
+RECORD_VERSION_WITH_MANIFEST = 2  # the first version of titanlm_model.json that titanlm wrote with a manifest
 _CHUNK = 16 << 20
 
 FileEntry = dict[str, Any]  # {"size": int, "crc32": "8 hex digits"}
@@ -76,10 +81,14 @@ def write_manifest(folder: str, pieces: list[dict[str, FileEntry]], **facts: Any
 
 
 def read_manifest(folder: str) -> dict[str, Any] | None:
-    """The manifest of a checkpoint, or None for one saved without (older titanlm, other tools)."""
+    """The manifest of a checkpoint, or None for one saved without (older titanlm, other tools). A manifest
+    that is unreadable, lists no files, or is missing from a checkpoint whose record shows a titanlm that
+    writes one is returned as {"problem": what is wrong, "files": {}}: damage."""
     path = os.path.join(folder, MANIFEST)
     if not os.path.isfile(path):
-        return None
+        if _record_version(folder) < RECORD_VERSION_WITH_MANIFEST:
+            return None
+        return {"problem": f"{MANIFEST} is missing, though {RECORD_FILE} shows a titanlm that writes one", "files": {}}
     try:
         manifest = read_json_file(path, CheckpointError, fix="", expect=dict)
         files = manifest.get("files")
@@ -88,15 +97,30 @@ def read_manifest(folder: str) -> dict[str, Any] | None:
             for entry in files.values()
         ):
             raise ValueError("no table of files with size and crc32")
+        if not files:
+            raise ValueError("its table of files is empty")
     except ValueError as error:  # read_json_file's CheckpointError (an unreadable file too) is one
-        return {"unreadable": f"{MANIFEST} is unreadable ({error})", "files": {}}
+        return {"problem": f"{MANIFEST} is unreadable ({error})", "files": {}}
     return manifest
 
 
+def _record_version(folder: str) -> int:
+    """The version of the checkpoint's model record; 0 without one, or with one that cannot tell."""
+    path = os.path.join(folder, RECORD_FILE)
+    if not os.path.isfile(path):
+        return 0
+    try:
+        version = read_json_file(path, CheckpointError, fix="", expect=dict).get("version")
+    except ValueError:  # an unreadable record is reported where the record is read
+        return 0
+    return version if isinstance(version, int) else 0
+
+
 def size_problem(folder: str, manifest: dict[str, Any]) -> str | None:
-    """The first file that is missing or has another size than at save time, described; None if all match."""
-    if "unreadable" in manifest:
-        return manifest["unreadable"]
+    """The first file that is missing, has another size than at save time or is not listed, described; None
+    if all match."""
+    if "problem" in manifest:
+        return manifest["problem"]
     for name, entry in sorted(manifest["files"].items()):
         path = os.path.join(folder, name)
         if not os.path.isfile(path):
@@ -104,6 +128,10 @@ def size_problem(folder: str, manifest: dict[str, Any]) -> str | None:
         size = os.path.getsize(path)
         if size != entry["size"]:
             return f"{name} has {size:,} bytes, {entry['size']:,} when saved (truncated or overwritten)"
+    unlisted = [name for name in _files(folder) if name not in manifest["files"]]
+    if unlisted:
+        more = f" (and {len(unlisted) - 1} more)" if len(unlisted) > 1 else ""
+        return f"{unlisted[0]}{more} is not listed in {MANIFEST} (added or renamed after the save)"
     return None
 
 

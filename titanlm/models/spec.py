@@ -41,7 +41,7 @@ logger = logging.getLogger("titanlm")
 DEFAULT_NAME, DEFAULT_FLAVOR = "llama3", "debug"
 RECORD_FILE = "titanlm_model.json"
 RECORD_TOKENIZER_DIR = "tokenizer"
-_RECORD_VERSION = 1
+_RECORD_VERSION = 2  # 2: the checkpoint also has a manifest (checkpoint/manifest.py)
 
 
 class ModelSpecError(ConversionError):
