@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from checkpoint_faults import full_disk_for_safetensors
 from hf_models import hf_llama, perturb_norms_and_biases
 from safetensors.torch import load_file, save_file
 
 from titanlm.checkpoint import manifest
+from titanlm.data.tokenizer import export_hf_tokenizer
 from titanlm.models import FLAVORS, ModelArgs, Transformer
 from titanlm.models.hf_adapter import (
     ConversionError,
@@ -282,9 +287,157 @@ def test_a_non_empty_output_folder_is_refused_unless_overwrite_and_inputs_stay_i
     assert _convert("hf_to_dcp", tmp_path / "hf", tmp_path / "hf", "--overwrite") == 2
     assert "is the input folder" in capsys.readouterr().err
 
+    assert _convert("hf_to_dcp", tmp_path / "hf", tmp_path / "out", "--overwrite") == 2  # not an earlier conversion
+    assert "holds files that are not a DCP checkpoint; --overwrite replaces only" in capsys.readouterr().err
+
+    (tmp_path / "out" / "keep.txt").unlink()
+    assert _convert("hf_to_dcp", tmp_path / "hf", tmp_path / "out") == 0
+    (tmp_path / "out" / "keep.txt").write_text("not ours")
     assert _convert("hf_to_dcp", tmp_path / "hf", tmp_path / "out", "--overwrite") == 0
     assert (tmp_path / "out" / ".metadata").exists() and (tmp_path / "out" / "keep.txt").exists()
     assert {path.name: path.read_bytes() for path in (tmp_path / "hf").iterdir()} == inputs
+
+
+def _contents(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _checkpoint_with_tokenizer(folder: Path, demo_tokenizer: str, seed: int) -> Path:
+    """A converted checkpoint as the trainer reads it: the model, its record with the tokenizer, a manifest."""
+    hf_llama(GQA, seed=seed).save_pretrained(folder.parent / f"hf-{seed}")
+    export_hf_tokenizer(demo_tokenizer, folder.parent / f"hf-{seed}")
+    assert _convert("hf_to_dcp", folder.parent / f"hf-{seed}", folder) == 0
+    assert (folder / "tokenizer").is_dir() and manifest.damage(str(folder), checksums=True) is None
+    return folder
+
+
+def _run_folder(folder: Path, demo_tokenizer: str) -> Path:
+    _checkpoint_with_tokenizer(folder / "step-9", demo_tokenizer, seed=10)
+    return folder
+
+
+def _notes_folder(folder: Path, demo_tokenizer: str) -> Path:
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("make", "what"),
+    [
+        (lambda folder, tok: _checkpoint_with_tokenizer(folder, tok, seed=10), "is a DCP checkpoint"),
+        (_run_folder, "is a run's checkpoint folder"),
+        (_notes_folder, "holds files that are not a Hugging Face model folder"),
+    ],
+    ids=["dcp-step", "run-folder", "other-files"],
+)
+def test_overwrite_refuses_an_output_folder_that_is_not_an_earlier_export(
+    tmp_path: Path, demo_tokenizer: str, capsys: pytest.CaptureFixture[str], make, what: str
+) -> None:
+    source = _checkpoint_with_tokenizer(tmp_path / "step-7", demo_tokenizer, seed=9)
+    out = make(tmp_path / "out", demo_tokenizer)
+    before = _contents(out)
+    capsys.readouterr()
+    assert _convert("dcp_to_hf", source, out, "--overwrite") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: OUT_DIR '{out}' {what}")
+    assert "--overwrite replaces only an earlier Hugging Face export or an empty folder" in err
+    assert _contents(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no staging folder left
+
+
+def test_overwrite_replaces_an_earlier_export_and_keeps_files_it_did_not_write(
+    tmp_path: Path, demo_tokenizer: str
+) -> None:
+    source = _checkpoint_with_tokenizer(tmp_path / "step-7", demo_tokenizer, seed=9)
+    assert _convert("dcp_to_hf", source, tmp_path / "out", "--max_shard_size", "40KB") == 0
+    (tmp_path / "out" / "README.md").write_text("model card")
+    assert _convert("dcp_to_hf", source, tmp_path / "out", "--overwrite") == 0
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert "model.safetensors" in names and not [n for n in names if n.startswith("model-")]  # no stale shard
+    assert "README.md" in names and "tokenizer.model" in names
+
+
+def _small_disk(tmp_path: Path, options: str) -> Path:
+    """A tmpfs mounted with `options`, where this machine lets a test mount one (root on Linux)."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount)], capture_output=True, text=True
+    )
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({result.stderr.strip()})")
+    return mount
+
+
+def _first_export(tmp_path: Path, demo_tokenizer: str, out: Path) -> tuple[Path, dict[str, bytes]]:
+    source = _checkpoint_with_tokenizer(tmp_path / "step-7", demo_tokenizer, seed=9)
+    assert _convert("dcp_to_hf", source, out, "--dtype", "bfloat16") == 0
+    return source, _contents(out)
+
+
+def _size(folder: Path, pattern: str = "*") -> int:
+    return sum(p.stat().st_size for p in folder.glob(pattern))
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_earlier_export(
+    tmp_path: Path, demo_tokenizer: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A disk that holds a bfloat16 export, and the tokenizer and half the weights of a float32 one beside it."""
+    source, before = _first_export(tmp_path, demo_tokenizer, tmp_path / "first")
+    weights = _size(tmp_path / "first", "*.safetensors")
+    room = _size(tmp_path / "first") + (_size(tmp_path / "first") - weights) + weights  # float32: twice the weights
+    disk = _small_disk(tmp_path, f"size={room // 1024 + 8}k")
+    try:
+        shutil.copytree(tmp_path / "first", disk / "hf")
+        capsys.readouterr()
+        assert _convert("dcp_to_hf", source, disk / "hf", "--overwrite", "--dtype", "float32") == 2
+        err = capsys.readouterr().err
+        after, left = _contents(disk / "hf"), sorted(p.name for p in disk.iterdir())
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(f"error: OUT_DIR '{disk / 'hf'}' cannot be written (No space left on device;")
+    assert "the partial output was removed and the earlier files there are untouched" in err
+    assert after == before and left == ["hf"]
+
+
+def test_safetensors_running_out_of_space_is_one_line_naming_the_folder(
+    tmp_path: Path, demo_tokenizer: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The injected form of the test above, for machines that cannot mount a tmpfs: safetensors reports
+    a full disk as a SafetensorError whose message alone carries the OS error."""
+    source, before = _first_export(tmp_path, demo_tokenizer, tmp_path / "hf")
+    capsys.readouterr()
+    with full_disk_for_safetensors():
+        assert _convert("dcp_to_hf", source, tmp_path / "hf", "--overwrite") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith(f"error: OUT_DIR '{tmp_path / 'hf'}' cannot be written (No space left on device;")
+    assert _contents(tmp_path / "hf") == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("direction", ["dcp_to_hf", "hf_to_dcp"])
+def test_a_read_only_file_system_is_one_line_naming_the_folder(
+    tmp_path: Path, demo_tokenizer: str, capsys: pytest.CaptureFixture[str], direction: str
+) -> None:
+    source = _checkpoint_with_tokenizer(tmp_path / "step-7", demo_tokenizer, seed=9)
+    source = source if direction == "dcp_to_hf" else tmp_path / "hf-9"
+    mount = _small_disk(tmp_path, "ro,size=64k")
+    try:
+        capsys.readouterr()
+        assert _convert(direction, source, mount / "out") == 2
+        err = capsys.readouterr().err
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+    assert err.count("\n") == 1
+    assert (
+        err == f"error: OUT_DIR '{mount / 'out'}' cannot be written (Read-only file system: {mount}); nothing was "
+        "written; choose another OUT_DIR\n"
+    )
 
 
 def _without_safetensors(folder: Path) -> None:

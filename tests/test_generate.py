@@ -19,6 +19,7 @@ import torch.distributed.checkpoint as dcp
 from hf_models import INTERNLM2_TEMPLATE, hf_llama, perturb_norms_and_biases, write_tiny_tokenizer
 
 from titanlm.checkpoint.hf_export import export_hf_folder
+from titanlm.checkpoint.manifest import write_manifest
 from titanlm.data.chat_templates import render_chat
 from titanlm.data.tokenizer import build_tokenizer
 from titanlm.models import ModelArgs, Transformer
@@ -63,6 +64,13 @@ def _hf_folder(folder: Path, args: ModelArgs, seed: int, tokenizer: Path):
     for file in tokenizer.parent.iterdir():
         shutil.copy(file, folder / file.name)
     return model
+
+
+def _save_checkpoint(folder: Path, model: Transformer, spec: ModelSpec) -> None:
+    """A DCP checkpoint as titanlm writes one: the model, its record, and the manifest last."""
+    dcp.save({"model": model.state_dict()}, checkpoint_id=folder, no_dist=True)
+    write_record(folder, spec)
+    write_manifest(str(folder), [], step=0)
 
 
 def _generate(capsys: pytest.CaptureFixture[str], *argv: object) -> list[dict]:
@@ -219,8 +227,7 @@ def test_a_dcp_checkpoint_generates_what_the_hf_folder_with_its_weights_does(
     hf = _hf_folder(tmp_path / "hf", LLAMA32, seed=3, tokenizer=tokenizer)
     model = Transformer(LLAMA32)
     model.load_state_dict(from_hf_state_dict(hf.state_dict()))
-    dcp.save({"model": model.state_dict()}, checkpoint_id=tmp_path / "step-5", no_dist=True)
-    write_record(tmp_path / "step-5", ModelSpec("llama3", LLAMA32, tokenizer_path=str(tokenizer)))
+    _save_checkpoint(tmp_path / "step-5", model, ModelSpec("llama3", LLAMA32, tokenizer_path=str(tokenizer)))
     shutil.rmtree(tmp_path / "tokenizer")  # the checkpoint's own copy must do
 
     sampled = (
@@ -296,8 +303,7 @@ def test_internlm2_chat_prompt_equals_transformers_with_the_official_template(
     transformers = pytest.importorskip("transformers")
     model = Transformer(LLAMA30)
     model.init_weights(seed=4)
-    dcp.save({"model": model.state_dict()}, checkpoint_id=tmp_path / "ckpt", no_dist=True)
-    write_record(tmp_path / "ckpt", ModelSpec("internlm2", LLAMA30, tokenizer_path=str(tiny_tokenizer)))
+    _save_checkpoint(tmp_path / "ckpt", model, ModelSpec("internlm2", LLAMA30, tokenizer_path=str(tiny_tokenizer)))
     prompts = ("What is the colour of the sky?", "Hello")
     results = _generate(
         capsys, "--checkpoint", tmp_path / "ckpt", "--chat", "--system", "Be brief.", *_prompts(*prompts), *GREEDY
@@ -343,6 +349,96 @@ def test_internlm_v1_chat_prompt_is_the_alpaca_template_prompt(
     chat = render_chat(tok, "internlm", CONVERSATION[1:3])
     ((start, end),) = chat.assistant_spans
     assert tok.decode(chat.ids[start:end]) == "It is blue.<eoa>\n"
+
+
+# ---- vocabulary, context and input files ---------------------------------------------------
+
+# The debug flavors' vocabulary (2048 ids), which the demo tokenizer (512 pieces) does not fill.
+DEMO_SIZED = replace(LLAMA30, vocab_size=2048, max_seq_len=64)
+
+
+def _demo_checkpoint(folder: Path, demo_tokenizer: str, seed: int = 0) -> Path:
+    """A DCP checkpoint of a 2048-id model recording the 512-piece demo tokenizer, as a debug run saves."""
+    model = Transformer(DEMO_SIZED)
+    model.init_weights(seed=seed)
+    _save_checkpoint(folder, model, ModelSpec("llama3", DEMO_SIZED, tokenizer_path=demo_tokenizer))
+    return folder
+
+
+def test_ids_the_tokenizer_cannot_decode_are_never_sampled_and_the_sizes_are_said_once(
+    tmp_path: Path, demo_tokenizer: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With random weights 3 ids in 4 lie beyond the tokenizer: at temperature 1 one is sure to come up."""
+    checkpoint = _demo_checkpoint(tmp_path / "step-1", demo_tokenizer)
+    argv = [
+        "--checkpoint",
+        checkpoint,
+        *_prompts("Once upon a time", "The"),
+        "--temperature",
+        1,
+        "--max_new_tokens",
+        24,
+    ]
+    assert main([str(arg) for arg in argv]) == 0
+    out, err = capsys.readouterr()
+    assert out.count("### Completion") == 2
+    assert err.count("ids 512 and above are never sampled") == 1
+    assert "the model has 2048 token ids and its tokenizer 512" in err
+    for result in _generate(capsys, *argv, "--seed", 1):
+        assert result["completion_ids"] and max(result["completion_ids"]) < 512
+
+
+def test_a_prompt_longer_than_the_context_is_refused_unless_allow_overflow_keeps_its_end(
+    tmp_path: Path, demo_tokenizer: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    checkpoint = _demo_checkpoint(tmp_path / "step-1", demo_tokenizer)
+    text = " ".join(f"word{i}" for i in range(100))
+    ids = build_tokenizer(demo_tokenizer).encode(text, bos=True, eos=False)
+    assert len(ids) > DEMO_SIZED.max_seq_len
+    argv = ["--checkpoint", str(checkpoint), "--prompt", "hi", "--prompt", text, "--max_new_tokens", "2"]
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == (
+        f"error: prompt 2 has {len(ids)} tokens, more than the model's context of 64 positions; shorten it, or "
+        "pass --allow_overflow to keep its last 64 tokens\n"
+    )
+
+    results = _generate(capsys, *argv, "--allow_overflow", "--temperature", 0)
+    assert [r["prompt_ids"] for r in results][1] == ids[-64:]
+    assert len(results) == 2 and all(r["completion_ids"] for r in results)
+    assert main([*argv, "--allow_overflow"]) == 0
+    assert f"prompt 2 has {len(ids)} tokens, more than the model's context of 64 positions: kept its last 64" in (
+        capsys.readouterr().err
+    )
+
+
+def test_a_byte_order_mark_in_the_prompts_file_is_not_part_of_the_prompt(
+    tmp_path: Path, tiny_tokenizer: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _hf_folder(tmp_path / "hf", LLAMA30, seed=0, tokenizer=tiny_tokenizer)
+    (tmp_path / "prompts.txt").write_text("What\nthe cat\n", encoding="utf-8-sig")
+    results = _generate(capsys, "--checkpoint", tmp_path / "hf", "--prompts_file", tmp_path / "prompts.txt", *GREEDY)
+    tok = build_tokenizer(str(tiny_tokenizer))
+    assert [r["prompt"] for r in results] == ["What", "the cat"]
+    assert [r["prompt_ids"] for r in results] == [tok.encode(p, bos=True, eos=False) for p in ("What", "the cat")]
+
+
+def test_help_shows_each_default(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    shown = " ".join(capsys.readouterr().out.split())  # argparse wraps lines at the terminal's width
+    for default in (
+        "(default: 128)",
+        "(default: 0.7)",
+        "(default: 0, all)",
+        "(default: 1.0, all)",
+        "seed of the sampling (default: 0)",
+        "(default: 16)",
+        "(default: auto)",
+        "(default: the model family's)",
+        "(default: the checkpoint's)",
+    ):
+        assert default in shown, default
 
 
 # ---- errors --------------------------------------------------------------------------------

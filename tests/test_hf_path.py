@@ -5,6 +5,7 @@ transformers loads. transformers is the oracle throughout (CPU, fp32)."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -265,7 +266,11 @@ def _train_main(tmp_path: Path, *argv: str) -> subprocess.CompletedProcess:
             "rope_parameters type 'yarn' is not supported",
         ),
         (lambda f: (f / "model.safetensors").unlink(), [], "has neither model.safetensors nor"),
-        (lambda f: (f / "tokenizer.model").unlink(), [], "has no tokenizer (tokenizer.json or tokenizer.model)"),
+        (
+            lambda f: [(f / name).unlink() for name in ("tokenizer.json", "tokenizer.model")],
+            [],
+            "has no tokenizer (tokenizer.json or tokenizer.model)",
+        ),
         (lambda f: None, ["--model.flavor", "debug"], "model.flavor = 'debug' disagrees with model.hf_path"),
         (lambda f: None, ["--model.name", "internlm2"], "model.name = 'internlm2' disagrees with model.hf_path"),
         (lambda f: (f / "model.safetensors").write_bytes(b"\x00" * 64), [], "cannot be read"),
@@ -335,7 +340,7 @@ def test_first_log_lines_say_where_weights_tokenizer_and_data_come_from(tmp_path
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"weights: model from Hugging Face folder {folder}" in result.stdout
-    assert f"tokenizer: {folder / 'tokenizer.model'}" in result.stdout
+    assert f"tokenizer: {folder / 'tokenizer.json'}" in result.stdout  # the export's, beside its tokenizer.model
     assert "data: random tokens" in result.stdout
     assert f"checkpoints to {tmp_path / 'run' / 'checkpoint'}" in result.stdout
     assert read_metrics(tmp_path / "run")[0]["step"] == 1
@@ -344,9 +349,81 @@ def test_first_log_lines_say_where_weights_tokenizer_and_data_come_from(tmp_path
 def test_tokenizer_path_may_name_a_folder_holding_the_tokenizer(tmp_path: Path, demo_cache: Path) -> None:
     folder = hf_folder(tmp_path / "hf", ODD, demo_cache)
     spec = resolve_model_spec(load_config(["--model.tokenizer_path", str(folder)]).model)
-    assert spec.tokenizer_path == str(folder / "tokenizer.model")
+    assert spec.tokenizer_path == str(folder / "tokenizer.json")  # the export's, preferred to its tokenizer.model
     with pytest.raises(ModelSpecError, match="is a folder without tokenizer.json or tokenizer.model"):
         resolve_model_spec(load_config(["--model.tokenizer_path", str(tmp_path)]).model)
+
+
+EXPORT_TEXTS = (
+    "Hello world",
+    "12 + 30 = 42",
+    "  two  spaces, a tab\tand\r\nCRLF  ",
+    "naïve ünicode ✓, ＦＵＬＬwidth ① and 日本語",
+    "emoji 🦙 don't",
+    "",
+)
+
+
+def _unigram_model(folder: Path, demo_cache: Path) -> str:
+    """A small SentencePiece Unigram model of the demo corpus, byte fallback on."""
+    import sentencepiece as spm
+
+    lines = Path(ensure_demo_assets(str(demo_cache)).corpus_path).read_text().splitlines()
+    folder.mkdir()
+    with open(folder / "unigram.model", "wb") as model:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(lines[:2000]),
+            model_writer=model,
+            model_type="unigram",
+            vocab_size=400,
+            byte_fallback=True,
+            minloglevel=2,
+        )
+    return str(folder / "unigram.model")
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "sentencepiece-bpe-demo",
+        pytest.param("sentencepiece-bpe-llama2", marks=pytest.mark.slow),  # 32k pieces: ~2 s
+        "sentencepiece-unigram",
+        pytest.param("tiktoken-llama3", marks=pytest.mark.slow),  # building its 128k merges takes seconds
+        "tokenizer.json",
+    ],
+)
+def test_every_exported_tokenizer_loads_in_transformers_and_encodes_as_titanlm(
+    tmp_path: Path, demo_cache: Path, request: pytest.FixtureRequest, kind: str
+) -> None:
+    """A bare SentencePiece or tiktoken file is exported with a tokenizer.json built from it: transformers
+    loads that, and it and titanlm, reading the export back, give the ids of the original file."""
+    transformers = _transformers()
+    if kind == "sentencepiece-bpe-demo":
+        source = ensure_demo_assets(str(demo_cache)).tokenizer_path
+    elif kind == "sentencepiece-bpe-llama2":
+        source = str(request.getfixturevalue("mistral_path"))
+    elif kind == "sentencepiece-unigram":
+        source = _unigram_model(tmp_path / "unigram", demo_cache)
+    elif kind == "tiktoken-llama3":
+        source = str(request.getfixturevalue("llama3_path"))
+    else:  # a bare tokenizer.json, without the tokenizer_config.json of an HF folder
+        from hf_models import write_tiny_tokenizer
+
+        source = str(tmp_path / "tokenizer.json")
+        shutil.copy(write_tiny_tokenizer(tmp_path / "tiny"), source)
+    (tmp_path / "export").mkdir()
+    ours = export_hf_tokenizer(source, tmp_path / "export")
+    assert (tmp_path / "export" / "tokenizer.json").is_file()
+
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "export")
+    read_back = build_tokenizer(str(tmp_path / "export" / "tokenizer.json"))
+    for text in EXPORT_TEXTS:
+        expected = ours.encode(text, bos=True, eos=False)
+        assert theirs(text).input_ids == expected, text
+        assert theirs(text, add_special_tokens=False).input_ids == ours.encode(text, bos=False, eos=False), text
+        assert read_back.encode(text, bos=True, eos=False) == expected, text
+        assert theirs.decode(expected, skip_special_tokens=True) == ours.decode(expected[1:]), text
+    assert (read_back.vocab_size, read_back.bos_id, read_back.eos_id) == (ours.vocab_size, ours.bos_id, ours.eos_id)
 
 
 @pytest.mark.slow

@@ -16,7 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hf_models import write_tiny_tokenizer
 
+from titanlm import progress
 from titanlm.data import ensure_demo_assets
 from titanlm.data.binmeta import BinMetaFolder
 from titanlm.data.chat_templates import encode_alpaca
@@ -32,32 +34,12 @@ from titanlm.tools import inspect_data, tokenize, tokenize_alpaca
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _package_file(package: str, relative: str) -> str:
-    module = pytest.importorskip(package, reason=f"{package} (dev extra) is not installed")
-    return str(Path(module.__file__).parent / relative)
-
-
-@pytest.fixture(scope="module")
-def llama3_path() -> str:
-    return _package_file("llama_models", "llama3/tokenizer.model")
-
-
-@pytest.fixture(scope="module")
-def mistral_path() -> str:
-    return _package_file("mistral_common", "data/tokenizer.model.v1")
-
-
-@pytest.fixture(scope="module")
-def demo_tokenizer(demo_cache) -> str:
-    return ensure_demo_assets(str(demo_cache)).tokenizer_path
-
-
 # ---- tokenizers ----------------------------------------------------------------------------
 
 
 def test_llama3_tiktoken_file_matches_meta_reference(llama3_path):
-    tok = build_tokenizer(llama3_path)
-    assert isinstance(tok, TiktokenTokenizer) and detect_tokenizer_type(llama3_path) == "tiktoken"
+    tok = build_tokenizer(str(llama3_path))
+    assert isinstance(tok, TiktokenTokenizer) and detect_tokenizer_type(str(llama3_path)) == "tiktoken"
     assert tok.encode("Hello world", bos=False, eos=False) == [9906, 1917]
     assert (tok.vocab_size, tok.bos_id, tok.eos_id) == (128256, 128000, 128001)
     assert [tok.token_id(n) for n in ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")] == [
@@ -68,7 +50,7 @@ def test_llama3_tiktoken_file_matches_meta_reference(llama3_path):
     assert tok.token_id("<|reserved_special_token_245|>") == 128255
     from llama_models.llama3.tokenizer import Tokenizer as MetaTokenizer
 
-    meta = MetaTokenizer(Path(llama3_path))
+    meta = MetaTokenizer(llama3_path)
     assert tok.special_tokens == meta.special_tokens
     for text in ("naïve ünicode ✓ 12345\n\n  x", "don't <|eot_id|> stop", "a" * 30_000 + " " * 30_000 + "b"):
         assert tok.encode(text) == meta.encode(text, bos=True, eos=True)
@@ -77,8 +59,8 @@ def test_llama3_tiktoken_file_matches_meta_reference(llama3_path):
 
 
 def test_llama2_layout_sentencepiece(mistral_path):
-    tok = build_tokenizer(mistral_path)
-    assert isinstance(tok, SentencePieceTokenizer) and detect_tokenizer_type(mistral_path) == "sentencepiece"
+    tok = build_tokenizer(str(mistral_path))
+    assert isinstance(tok, SentencePieceTokenizer) and detect_tokenizer_type(str(mistral_path)) == "sentencepiece"
     assert (tok.vocab_size, tok.token_id("<unk>"), tok.bos_id, tok.eos_id) == (32000, 0, 1, 2)
     ids = tok.encode("Hello world\nnaïve ✓")
     assert ids[0] == 1 and ids[-1] == 2 and tok.decode(ids) == "Hello world\nnaïve ✓"
@@ -160,6 +142,37 @@ def test_tokenize_json_file_holding_one_record(tmp_path, demo_tokenizer):
     assert _run_tokenize(one, tmp_path / "en" / "d.bin", demo_tokenizer) == 0
     data = BinMetaFolder(str(tmp_path))
     assert data.num_documents == 1 and data.read(0).tolist() == build_tokenizer(demo_tokenizer).encode("just one")
+
+
+@pytest.mark.parametrize("tokenizer", ["sentencepiece", "tokenizer.json"])
+@pytest.mark.parametrize("fmt", ["txt", "json", "jsonl"])
+def test_tokenize_reads_a_byte_order_mark_as_no_text(tmp_path, demo_tokenizer, fmt, tokenizer):
+    """Windows editors start UTF-8 files with one; a byte-level tokenizer.json would make it 3 token ids."""
+    path = demo_tokenizer if tokenizer == "sentencepiece" else str(write_tiny_tokenizer(tmp_path / "tiny"))
+    plain = _write_inputs(tmp_path)[fmt]
+    with_bom = tmp_path / f"bom.{fmt}"
+    with_bom.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())
+    for source in (plain, with_bom):
+        assert _run_tokenize(source, tmp_path / source.stem / "en" / "d.bin", path, "--workers", "1") == 0
+    data = BinMetaFolder(str(tmp_path / "bom"))
+    assert data.read(0).tolist() == build_tokenizer(path).encode(DOCS[0])
+    for suffix in ("", ".meta"):
+        assert (tmp_path / "bom" / "en" / f"d.bin{suffix}").read_bytes() == (
+            tmp_path / "raw" / "en" / f"d.bin{suffix}"
+        ).read_bytes()
+
+
+def test_tokenize_logs_documents_done_rate_and_tokens_as_plain_lines_off_a_terminal(
+    tmp_path, demo_tokenizer, capsys, monkeypatch
+):
+    monkeypatch.setattr(progress, "LOG_INTERVAL", 0)  # a line at every update
+    inp = _write_inputs(tmp_path)["jsonl"]
+    assert _run_tokenize(inp, tmp_path / "en" / "d.bin", demo_tokenizer, "--workers", "1") == 0
+    err = capsys.readouterr().err
+    tokens = int(np.load(tmp_path / "en" / "d.bin.meta")[:, 1].sum())
+    assert "\r" not in err and re.fullmatch(
+        rf"tokenize: {len(DOCS)} doc, [\d.]+doc/s, 00:00 elapsed, {tokens:,} tokens", err.splitlines()[-1]
+    )
 
 
 @pytest.mark.slow
@@ -293,8 +306,42 @@ def test_alpaca_errors_name_the_record(tmp_path, demo_tokenizer, capsys):
     assert 'record 2: key "instruction" is a int' in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("max_length", ["0", "-5"])
+def test_alpaca_refuses_a_max_length_below_1(tmp_path, demo_tokenizer, capsys, max_length):
+    assert _run_alpaca(tmp_path, _alpaca(4), demo_tokenizer, "--max_length", max_length) == 2
+    assert capsys.readouterr().err == f"error: --max_length {max_length} must be at least 1\n"
+    assert not (tmp_path / "sft").exists()
+
+
+def test_alpaca_reads_a_null_input_as_an_empty_one(tmp_path, demo_tokenizer):
+    records = _alpaca(4)
+    assert _run_alpaca(tmp_path, records, demo_tokenizer, "--split_ratio", "0", out="empty") == 0
+    nulls = [{**r, "input": r["input"] or None} for r in records]
+    assert _run_alpaca(tmp_path, nulls, demo_tokenizer, "--split_ratio", "0", out="null") == 0
+    assert _split(tmp_path, "train", "null") == _split(tmp_path, "train", "empty")
+
+
+def test_alpaca_warns_with_counts_about_empty_outputs_and_samples_cut_inside_their_prompt(
+    tmp_path, demo_tokenizer, capsys
+):
+    records = _alpaca(6)
+    records[1]["output"] = records[4]["output"] = ""
+    records[2]["instruction"] = records[3]["input"] = records[5]["input"] = "the red cat sees a dog. " * 10
+    assert _run_alpaca(tmp_path, records, demo_tokenizer, "--split_ratio", "0", "--max_length", "80") == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[2:] == [
+        'warning: 2 records have an empty "output": only the template\'s end of the answer is trained',
+        "warning: 3 samples are cut inside their prompt by --max_length 80, so no response token is left and they "
+        "train nothing; raise --max_length",
+    ]
+    samples = _split(tmp_path, "train")
+    assert [i for i, sample in enumerate(samples) if max(sample) < 0] == [2, 3, 5]
+    assert _run_alpaca(tmp_path, _alpaca(6), demo_tokenizer, "--split_ratio", "0", out="plain") == 0
+    assert "warning" not in capsys.readouterr().out
+
+
 def test_internlm_template_decodes_to_the_template_text(tmp_path, mistral_path):
-    tok = build_tokenizer(mistral_path)  # keeps newlines, unlike the demo model's normalizer
+    tok = build_tokenizer(str(mistral_path))  # keeps newlines, unlike the demo model's normalizer
     record = {"instruction": "Name a colour.", "input": "Not red.", "output": "Blue."}
     ids = encode_alpaca(tok, record, 0)
     prompt = [-t for t in ids if t < 0]
@@ -310,9 +357,9 @@ def test_llama3_template_matches_meta_chat_format(tmp_path, llama3_path):
     from llama_models.llama3.chat_format import ChatFormat
     from llama_models.llama3.tokenizer import Tokenizer as MetaTokenizer
 
-    chat = ChatFormat(MetaTokenizer(Path(llama3_path)))
+    chat = ChatFormat(MetaTokenizer(llama3_path))
     record = {"instruction": "Name a colour.", "input": "Not red.", "output": "Blue."}
-    assert _run_alpaca(tmp_path, [record], llama3_path, "--template", "llama3", "--split_ratio", "0") == 0
+    assert _run_alpaca(tmp_path, [record], str(llama3_path), "--template", "llama3", "--split_ratio", "0") == 0
     (ids,) = _split(tmp_path, "train")
     prompt = chat.encode_dialog_prompt([RawMessage(role="user", content="Name a colour.\n\nNot red.")]).tokens
     reply, _ = chat.encode_message(RawMessage(role="assistant", content="Blue.", stop_reason="end_of_turn"), None)
@@ -338,6 +385,39 @@ def test_inspect_data_reports_types_masks_and_samples(tmp_path, demo_tokenizer, 
     out = capsys.readouterr().out
     assert "no problems found" in out and "en " in out and "masked (negative) tokens:" in out
     assert out.count("--- document") == 2 and "⟦<|User|>:Give 0 tips." in out and "<|Bot|>:⟧" in out
+
+
+def test_inspect_data_takes_a_tokenizer_folder_as_the_trainer_does(tmp_path, demo_tokenizer, capsys):
+    """An HF model or tokenizer folder names its tokenizer, as model.tokenizer_path and tokenize_chat allow."""
+    assert _run_alpaca(tmp_path, _alpaca(4), demo_tokenizer, "--split_ratio", "0") == 0
+    capsys.readouterr()
+    root = str(tmp_path / "sft" / "train")
+    assert inspect_data.main([root, "--tokenizer", demo_tokenizer, "--samples", "1"]) == 0
+    from_file = capsys.readouterr().out
+    assert inspect_data.main([root, "--tokenizer", str(Path(demo_tokenizer).parent), "--samples", "1"]) == 0
+    assert capsys.readouterr().out == from_file
+    assert inspect_data.main([root, "--tokenizer", str(tmp_path)]) == 2
+    assert "is a folder without tokenizer.json or tokenizer.model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["absent"], "data folder {tmp}/absent does not exist or is not a folder; check the ROOT argument"),
+        (
+            ["absent", "--validate"],
+            "data folder {tmp}/absent does not exist or is not a folder; check the ROOT argument",
+        ),
+        (["sft/train", "--samples", "-1"], "--samples -1 is negative; pass 0 (print no document) or more"),
+    ],
+    ids=["missing-folder", "missing-folder-validate", "negative-samples"],
+)
+def test_inspect_data_bad_arguments_are_one_line_and_status_2(tmp_path, demo_tokenizer, capsys, argv, message):
+    assert _run_alpaca(tmp_path, _alpaca(4), demo_tokenizer, "--split_ratio", "0") == 0
+    capsys.readouterr()
+    assert inspect_data.main([str(tmp_path / argv[0]), *argv[1:]]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == f"error: {message.format(tmp=tmp_path)}\n"
 
 
 @pytest.mark.slow

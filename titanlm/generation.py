@@ -76,9 +76,17 @@ def sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator)
 
 @torch.no_grad()
 def generate(
-    model: Transformer, prompts: Sequence[Sequence[int]], sampling: Sampling, stop_ids: Collection[int], pad_id: int = 0
+    model: Transformer,
+    prompts: Sequence[Sequence[int]],
+    sampling: Sampling,
+    stop_ids: Collection[int],
+    pad_id: int = 0,
+    vocab_size: int | None = None,
 ) -> list[Completion]:
-    """Continue each prompt (token ids) until a token of `stop_ids` or `sampling.max_new_tokens`."""
+    """Continue each prompt (token ids) until a token of `stop_ids` or `sampling.max_new_tokens`.
+
+    Ids from `vocab_size` on (a tokenizer smaller than the model's embedding, as the debug flavors'
+    2048 ids with a 512-piece tokenizer) are never chosen: the tokenizer could not decode them."""
     if not prompts or not all(prompts):
         raise ValueError("every prompt needs at least one token")
     device = model.tok_embeddings.weight.device
@@ -95,7 +103,7 @@ def generate(
     chosen, logprobs = [], []
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     for step in range(sampling.max_new_tokens):
-        token = sample(logits, sampling, generator)
+        token = sample(_decodable(logits, vocab_size), sampling, generator)
         chosen.append(token)
         logprobs.append(logits.log_softmax(dim=-1).gather(-1, token[:, None])[:, 0])
         done |= torch.isin(token, stops)
@@ -104,6 +112,15 @@ def generate(
         logits = model(token[:, None], (lengths + step)[:, None], cache=cache)[:, -1].float()
     rows = zip(torch.stack(chosen, dim=1).tolist(), torch.stack(logprobs, dim=1).tolist())
     return [_until_stop(ids, row_logprobs, set(stop_ids)) for ids, row_logprobs in rows]
+
+
+def _decodable(logits: torch.Tensor, vocab_size: int | None) -> torch.Tensor:
+    """`logits` with the ids from `vocab_size` on at -inf; unchanged when `vocab_size` is None or covers them all."""
+    if vocab_size is None or vocab_size >= logits.shape[-1]:
+        return logits
+    masked = logits.clone()
+    masked[:, vocab_size:] = float("-inf")
+    return masked
 
 
 def _until_stop(ids: list[int], logprobs: list[float], stop_ids: set[int]) -> Completion:

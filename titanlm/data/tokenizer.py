@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import re
 import shutil
@@ -20,9 +21,12 @@ import sentencepiece as spm
 import tiktoken
 import tokenizers
 
+from titanlm.data.tokenizer_json import sentencepiece_json, tiktoken_json, with_bos_first
 from titanlm.errors import DataError, MissingFileError
 from titanlm.files import read_json_file
 from titanlm.models.hf_checkpoint import tokenizer_files
+
+logger = logging.getLogger("titanlm")
 
 _HINT = "set --model.tokenizer_path to a SentencePiece .model, tiktoken ranks file or HF tokenizer.json"
 
@@ -309,9 +313,11 @@ def export_hf_tokenizer(tokenizer_path: str, out_dir: Path) -> Tokenizer:
     """Copy a tokenizer into an HF model folder so that transformers' AutoTokenizer loads it; return it.
 
     An HF tokenizer folder is copied with its companions (tokenizer_config.json, special tokens,
-    generation_config.json, remote tokenization code). A bare SentencePiece or tiktoken file gets the
-    tokenizer_config.json that tells transformers how to read it, with its bos/eos (and, for
-    tiktoken, Llama 3's 256 special tokens); without one transformers would guess Llama 2's.
+    generation_config.json, remote tokenization code). A bare SentencePiece or tiktoken file is
+    copied as tokenizer.model beside the tokenizer.json built from it (see tokenizer_json.py), which
+    every transformers version loads and which encodes as the file does, and the tokenizer_config.json
+    with its bos/eos (and, for tiktoken, Llama 3's 256 special tokens); without one transformers would
+    guess Llama 2's.
     """
     tokenizer = build_tokenizer(tokenizer_path)
     source = Path(tokenizer_path).expanduser()
@@ -322,9 +328,30 @@ def export_hf_tokenizer(tokenizer_path: str, out_dir: Path) -> Tokenizer:
         name = file.name if has_config or file != source else _HF_TOKENIZER_NAME[kind]
         shutil.copy2(file, out_dir / name)
     if not has_config:
-        config = _hf_tokenizer_config(tokenizer, kind)
+        built = _tokenizer_json(tokenizer, kind)
+        if built is not None:
+            (out_dir / "tokenizer.json").write_text(built)
+        config = _hf_tokenizer_config(tokenizer, kind, fast=kind == "huggingface" or built is not None)
         (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return tokenizer
+
+
+def _tokenizer_json(tokenizer: Tokenizer, kind: str) -> str | None:
+    """The tokenizer.json to write for a bare tokenizer file, or None to keep the copy (or write none)."""
+    bos = _piece(tokenizer, tokenizer.bos_id) if tokenizer.bos_id >= 0 else None
+    if kind == "huggingface":
+        return with_bos_first(tokenizer.path, bos)
+    if isinstance(tokenizer, TiktokenTokenizer):
+        ranks = load_tiktoken_ranks(tokenizer.path)
+        return tiktoken_json(ranks, tokenizer.special_tokens, LLAMA3_SPLIT_PATTERN, bos)
+    built = sentencepiece_json(tokenizer.path, bos)
+    if built is None:
+        logger.warning(
+            f"{tokenizer.path} is a SentencePiece word or char model, which a tokenizer.json cannot express: the "
+            "export has its tokenizer.model only, which transformers reads with the sentencepiece package "
+            "(LlamaTokenizer)"
+        )
+    return built
 
 
 _HF_TOKENIZER_NAME = {
@@ -332,15 +359,12 @@ _HF_TOKENIZER_NAME = {
     "tiktoken": "tokenizer.model",
     "huggingface": "tokenizer.json",
 }
-_HF_TOKENIZER_CLASS = {
-    "sentencepiece": "LlamaTokenizer",
-    "tiktoken": "PreTrainedTokenizerFast",
-    "huggingface": "PreTrainedTokenizerFast",
-}
 
 
-def _hf_tokenizer_config(tokenizer: Tokenizer, kind: str) -> dict:
-    config: dict = {"tokenizer_class": _HF_TOKENIZER_CLASS[kind], "add_bos_token": True, "add_eos_token": False}
+def _hf_tokenizer_config(tokenizer: Tokenizer, kind: str, fast: bool) -> dict:
+    """What transformers reads beside the tokenizer: the tokenizer.json (`fast`) or a SentencePiece file."""
+    tokenizer_class = "PreTrainedTokenizerFast" if fast else "LlamaTokenizer"
+    config: dict = {"tokenizer_class": tokenizer_class, "add_bos_token": True, "add_eos_token": False}
     for role, token_id in (("bos_token", tokenizer.bos_id), ("eos_token", tokenizer.eos_id)):
         if token_id >= 0:
             config[role] = _piece(tokenizer, token_id)

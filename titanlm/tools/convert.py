@@ -11,7 +11,9 @@ Checkpoints from before records existed need `--model.name`/`--model.flavor`. Ke
 the model are checked in full before anything is written, and inputs are only ever read.
 
 Output is written into a temporary sibling folder and moved into place only when complete, so a
-failed conversion never damages an earlier one in OUT_DIR.
+failed conversion (a full or read-only disk: one line) never damages an earlier one in OUT_DIR.
+--overwrite replaces only such an earlier conversion (an HF export for dcp_to_hf, a DCP checkpoint
+for hf_to_dcp); another checkpoint, a run's checkpoint folder or other files are refused.
 """
 
 from __future__ import annotations
@@ -28,8 +30,12 @@ from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
+from safetensors import SafetensorError
+from torch.distributed.checkpoint.api import CheckpointException
 
+from titanlm.checkpoint.diagnosis import file_system_failure
 from titanlm.checkpoint.hf_export import LAYOUTS, export_hf_folder
+from titanlm.checkpoint.layout import Kind, classify
 from titanlm.checkpoint.manifest import write_manifest
 from titanlm.checkpoint.single_process import (
     MODEL_KEY,
@@ -57,6 +63,7 @@ _HF_OUTPUTS = (
     "tokenization_*.py",
 )
 _DCP_OUTPUTS = ("*.distcp", ".metadata", "titanlm_model.json", "tokenizer")
+_OUTPUT_NAMES = {Kind.HF: "Hugging Face export", Kind.DCP: "DCP conversion"}
 _SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
 
@@ -71,7 +78,7 @@ def hf_to_dcp(
     its model record and, when the folder has one, its tokenizer."""
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     spec, state = read_hf_folder(hf_dir, name, flavor)
-    with _staged_output(out_dir, hf_dir, overwrite, _DCP_OUTPUTS) as staging:
+    with _staged_output(out_dir, hf_dir, overwrite, _DCP_OUTPUTS, Kind.DCP) as staging:
         single_process_dcp(dcp.save, {MODEL_KEY: state}, staging)
         write_record(staging, spec)
         write_manifest(str(staging), [], step=0, consecutive_skips=0)  # written last: covers every file above
@@ -103,7 +110,7 @@ def dcp_to_hf(
     if tokenizer_path:
         spec = replace(spec, tokenizer_path=tokenizer_path)
     target = DTYPES[dtype] if dtype else dcp_model_entries(dcp_dir)["tok_embeddings.weight"].properties.dtype
-    with _staged_output(out_dir, dcp_dir, overwrite, _HF_OUTPUTS) as staging:
+    with _staged_output(out_dir, dcp_dir, overwrite, _HF_OUTPUTS, Kind.HF) as staging:
         files = export_hf_folder(read_model_state(dcp_dir), spec, staging, target, layout, shard_bytes)
     return [out_dir / file.name for file in files]
 
@@ -119,33 +126,58 @@ def parse_size(text: str) -> int:
 class _staged_output:
     """A temporary sibling of OUT_DIR to write into, moved into place only when the block succeeds.
 
-    OUT_DIR is checked first (never the input folder; empty or absent unless --overwrite). On
-    success an --overwrite replaces only the files an earlier conversion wrote there (`outputs`),
-    so stale shards cannot sit beside a new index; on failure the staging folder is removed and
-    OUT_DIR is untouched.
+    OUT_DIR is checked first: never the input folder; empty or absent, or with --overwrite a folder of
+    the kind this direction writes (`kind`: an earlier conversion), never another checkpoint, a run's
+    checkpoint folder or a folder of other files. On success an --overwrite replaces only the files an
+    earlier conversion wrote there (`outputs`), so stale shards cannot sit beside a new index; on
+    failure the staging folder is removed and OUT_DIR is untouched, and a failure of the file system
+    (a full disk, a read-only one) is one line naming OUT_DIR.
     """
 
-    def __init__(self, out_dir: Path, in_dir: Path, overwrite: bool, outputs: Sequence[str]) -> None:
+    def __init__(self, out_dir: Path, in_dir: Path, overwrite: bool, outputs: Sequence[str], kind: Kind) -> None:
         if out_dir.resolve() == in_dir.resolve():
             raise ConversionError(f"OUT_DIR '{out_dir}' is the input folder; write the conversion to another folder")
         if out_dir.exists() and not out_dir.is_dir():
             raise ConversionError(f"OUT_DIR '{out_dir}' exists and is not a folder; choose another path")
-        if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-            raise ConversionError(
-                f"OUT_DIR '{out_dir}' exists and is not empty; choose a new or empty folder, or pass "
-                "--overwrite to replace the files an earlier conversion wrote there"
-            )
+        if out_dir.exists() and any(out_dir.iterdir()):
+            if not overwrite:
+                raise ConversionError(
+                    f"OUT_DIR '{out_dir}' exists and is not empty; choose a new or empty folder, or pass "
+                    "--overwrite to replace the files an earlier conversion wrote there"
+                )
+            found = classify(str(out_dir))
+            if found is not kind:
+                what = f"is {found.value}" if found is not Kind.NONE else f"holds files that are not {kind.value}"
+                raise ConversionError(
+                    f"OUT_DIR '{out_dir}' {what}; --overwrite replaces only an earlier {_OUTPUT_NAMES[kind]} or an "
+                    "empty folder: choose another OUT_DIR"
+                )
         self.out_dir, self.outputs = out_dir, outputs
         self.staging = out_dir.parent / f".{out_dir.name}.tmp-{secrets.token_hex(4)}"
 
     def __enter__(self) -> Path:
-        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        self.staging.mkdir()
+        try:
+            self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+            self.staging.mkdir()
+        except OSError as error:
+            where = error.filename if error.filename != str(self.staging) else self.out_dir.parent
+            raise ConversionError(
+                f"OUT_DIR '{self.out_dir}' cannot be written ({error.strerror}: {where}); nothing was written; "
+                "choose another OUT_DIR"
+            ) from None
         return self.staging
 
-    def __exit__(self, error_type: type | None, *rest: Any) -> None:
-        if error_type is not None:
+    def __exit__(self, error_type: type | None, error: BaseException | None, *rest: Any) -> None:
+        if error is not None:
+            failure = _file_system_failure(error, self.out_dir.parent)
             shutil.rmtree(self.staging, ignore_errors=True)
+            if failure is not None:
+                free = shutil.disk_usage(self.out_dir.parent).free
+                raise ConversionError(
+                    f"OUT_DIR '{self.out_dir}' cannot be written ({failure}; {free / 2**20:.1f} MiB free there); the "
+                    "partial output was removed and the earlier files there are untouched; free space or choose "
+                    "another OUT_DIR"
+                ) from None
             return
         if not self.out_dir.exists():
             self.staging.rename(self.out_dir)
@@ -159,6 +191,15 @@ class _staged_output:
         for path in self.staging.iterdir():
             path.rename(self.out_dir / path.name)
         self.staging.rmdir()
+
+
+def _file_system_failure(error: BaseException, folder: Path) -> str | None:
+    """What went wrong when writing the output failed on the file system (a full or read-only disk), or
+    None for anything else: a bug keeps its traceback."""
+    if not isinstance(error, (OSError, RuntimeError, SafetensorError, CheckpointException)):
+        return None
+    failure = file_system_failure(error, str(folder))
+    return failure[1] if failure else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,7 +270,7 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument(
             "--overwrite",
             action="store_true",
-            help="write into a non-empty OUT_DIR, replacing an earlier conversion's files",
+            help="replace an earlier conversion in OUT_DIR (its files only; a folder of any other kind is refused)",
         )
     return parser
 

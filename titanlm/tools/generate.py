@@ -2,12 +2,16 @@
 
     python -m titanlm.tools.generate --checkpoint PATH --prompt "Once upon a time" [--prompt ...]
         [--prompts_file FILE] [--chat [--system TEXT]] [--max_new_tokens 128] [--temperature 0.7]
-        [--top_k 0] [--top_p 1.0] [--seed 0] [--json]
+        [--top_k 0] [--top_p 1.0] [--seed 0] [--allow_overflow] [--json]
 
 PATH is a Hugging Face model folder (config.json, safetensors, tokenizer files) or a titanlm DCP
 checkpoint folder (a trainer's step-N or a `convert hf_to_dcp` output, saved under any parallel
 layout: DCP reassembles the full tensors). The model and tokenizer come from the folder; older
 checkpoints without a model record need --model.name/--model.flavor and --tokenizer_path.
+
+A prompt longer than the model's context (its max_position_embeddings) is refused, or with
+--allow_overflow cut to its last tokens that fit. Ids the tokenizer cannot decode (a debug flavor's
+2048 ids beside the 512-piece demo tokenizer) are never sampled.
 
 Decoding stops at the tokenizer's end-of-sequence and end-of-turn tokens (and the eos ids of a
 generation_config.json beside the tokenizer) or after --max_new_tokens. With --json, each prompt
@@ -158,7 +162,11 @@ def _check_options(options: argparse.Namespace) -> None:
         raise GenerateError("--system and --chat_format shape a chat prompt; add --chat")
 
 
-def _check_prompts(prompts: list[list[int]], spec: ModelSpec) -> None:
+def _checked_prompts(prompts: list[list[int]], spec: ModelSpec, allow_overflow: bool) -> list[list[int]]:
+    """The prompts, each refused when the model cannot read it, or, when longer than the model's context,
+    refused or (`allow_overflow`) cut to its last tokens that fit, with a warning."""
+    context = spec.args.max_seq_len
+    fitted = []
     for index, ids in enumerate(prompts):
         if not ids:
             raise GenerateError(f"prompt {index + 1} is empty and the tokenizer has no BOS to start from; give it text")
@@ -167,6 +175,16 @@ def _check_prompts(prompts: list[list[int]], spec: ModelSpec) -> None:
                 f"the tokenizer {spec.tokenizer_path} gives id {max(ids)}, beyond the model's vocabulary of "
                 f"{spec.args.vocab_size}; pass the model's own tokenizer with --tokenizer_path"
             )
+        if len(ids) > context:
+            problem = f"prompt {index + 1} has {len(ids)} tokens, more than the model's context of {context} positions"
+            if not allow_overflow:
+                raise GenerateError(
+                    f"{problem}; shorten it, or pass --allow_overflow to keep its last {context} tokens"
+                )
+            print(f"generate: {problem}: kept its last {context} (--allow_overflow)", file=sys.stderr)
+            ids = ids[-context:]
+        fitted.append(ids)
+    return fitted
 
 
 def _report(text: str, prompt_ids: list[int], completion: Completion, tok: Tokenizer, as_json: bool) -> str:
@@ -202,20 +220,38 @@ def _parser() -> argparse.ArgumentParser:
         "--prompts_file", help="text file with one prompt a line, blank lines skipped; they follow any --prompt"
     )
     parser.add_argument(
-        "--max_new_tokens", type=int, default=Sampling.max_new_tokens, help="most tokens to generate per prompt"
+        "--max_new_tokens",
+        type=int,
+        default=Sampling.max_new_tokens,
+        help="most tokens to generate per prompt (default: %(default)s)",
     )
-    parser.add_argument("--temperature", type=float, default=Sampling.temperature, help="0 = greedy decoding")
     parser.add_argument(
-        "--top_k", type=int, default=Sampling.top_k, help="sample among the k likeliest tokens; 0 = all"
+        "--temperature",
+        type=float,
+        default=Sampling.temperature,
+        help="0 = greedy decoding (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--top_k",
+        type=int,
+        default=Sampling.top_k,
+        help="sample among the k likeliest tokens; 0 = all (default: %(default)s, all)",
     )
     parser.add_argument(
         "--top_p",
         type=float,
         default=Sampling.top_p,
-        help="sample among the likeliest tokens that together have probability top_p; 1 = all",
+        help="sample among the likeliest tokens that together have probability top_p; 1 = all "
+        "(default: %(default)s, all)",
     )
-    parser.add_argument("--seed", type=int, default=Sampling.seed, help="seed of the sampling")
-    parser.add_argument("--batch_size", type=int, default=16, help="prompts decoded together")
+    parser.add_argument("--seed", type=int, default=Sampling.seed, help="seed of the sampling (default: %(default)s)")
+    parser.add_argument("--batch_size", type=int, default=16, help="prompts decoded together (default: %(default)s)")
+    parser.add_argument(
+        "--allow_overflow",
+        action="store_true",
+        help="a prompt longer than the model's context keeps its last tokens that fit, with a warning, instead of "
+        "being refused",
+    )
     parser.add_argument(
         "--chat",
         action="store_true",
@@ -237,9 +273,16 @@ def _parser() -> argparse.ArgumentParser:
         dest="flavor",
         help="flavor the checkpoint was trained as, for checkpoints without titanlm_model.json",
     )
-    parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda or cuda:N")
     parser.add_argument(
-        "--dtype", choices=["auto", *DTYPES], default="auto", help="auto = bfloat16 on cuda, float32 on cpu"
+        "--device",
+        default="auto",
+        help="auto (cuda if available, else cpu), cpu, cuda or cuda:N (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=["auto", *DTYPES],
+        default="auto",
+        help="auto = bfloat16 on cuda, float32 on cpu (default: %(default)s)",
     )
     parser.add_argument("--json", action="store_true", help="one JSON object per prompt, one a line")
     return parser
@@ -256,8 +299,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     spec, state = load_checkpoint(options.checkpoint, options.tokenizer_path, options.name, options.flavor)
     tok = build_tokenizer(spec.tokenizer_path)
     chat_format = (options.chat_format or spec.family) if options.chat else ""
-    prompts = encode_prompts(tok, texts, chat_format, options.system)
-    _check_prompts(prompts, spec)
+    prompts = _checked_prompts(encode_prompts(tok, texts, chat_format, options.system), spec, options.allow_overflow)
+    if tok.vocab_size < spec.args.vocab_size:  # the debug flavors' 2048 ids with the 512-piece demo tokenizer
+        print(
+            f"generate: the model has {spec.args.vocab_size} token ids and its tokenizer {tok.vocab_size}; ids "
+            f"{tok.vocab_size} and above are never sampled",
+            file=sys.stderr,
+        )
     stops = stop_ids(tok, spec.tokenizer_path)
     model = inference_model(spec.args, state, device, dtype)
     del state
@@ -268,7 +316,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     for first in range(0, len(prompts), options.batch_size):
         batch = prompts[first : first + options.batch_size]
-        for offset, completion in enumerate(generate(model, batch, sampling, stops, max(tok.pad_id, 0))):
+        completions = generate(model, batch, sampling, stops, max(tok.pad_id, 0), tok.vocab_size)
+        for offset, completion in enumerate(completions):
             print(_report(texts[first + offset], batch[offset], completion, tok, options.json), flush=True)
     return 0
 

@@ -12,13 +12,14 @@ exits 1 listing every problem.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import numpy as np
 
 from titanlm.data.binmeta import BinMetaFolder, DataFormatError, validate_folder
 from titanlm.data.tokenizer import Tokenizer
-from titanlm.errors import ConfigError
+from titanlm.errors import ConfigError, MissingFileError
 from titanlm.tools.common import load_tokenizer, run_cli
 
 _MASK_SCAN_DOCUMENTS = 1000
@@ -100,7 +101,10 @@ def report(folder: BinMetaFolder, tokenizer: Tokenizer | None, samples: int) -> 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m titanlm.tools.inspect_data", description=__doc__.split("\n")[0])
     parser.add_argument("root", metavar="ROOT", help="data folder holding type sub-folders (en, cn, code, ...)")
-    parser.add_argument("--tokenizer", help="decode samples (and check ids against its vocabulary) with this")
+    parser.add_argument(
+        "--tokenizer",
+        help="decode samples (and check ids against its vocabulary) with this tokenizer file, or the folder holding it",
+    )
     parser.add_argument("--samples", type=int, default=3, help="documents to print, spread over the folder")
     parser.add_argument("--min_length", type=int, default=0, help="drop documents shorter than this, as training does")
     parser.add_argument("--validate", action="store_true", help="check the folder; exit 1 listing the problems")
@@ -110,6 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.min_length < 0:
         raise ConfigError(f"--min_length {args.min_length} is negative; pass 0 (keep every document) or more")
+    if args.samples < 0:
+        raise ConfigError(f"--samples {args.samples} is negative; pass 0 (print no document) or more")
+    if not os.path.isdir(args.root):  # nothing to inspect, as opposed to a folder with problems (exit 1)
+        raise MissingFileError(f"data folder {args.root} does not exist or is not a folder; check the ROOT argument")
     tokenizer = load_tokenizer(args.tokenizer, "--tokenizer") if args.tokenizer else None
     vocab_size = tokenizer.vocab_size if tokenizer else None
     if args.validate:
