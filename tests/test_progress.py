@@ -45,3 +45,17 @@ def test_on_a_terminal_progress_is_a_redrawn_bar():
     with progress(total=2, desc="tokenize", unit="doc", file=terminal) as bar:
         bar.update(2)
     assert "\r" in terminal.getvalue() and "2/2" in terminal.getvalue()
+
+
+def test_converting_weights_shows_the_bytes_written_and_read(tmp_path, monkeypatch, capsys):
+    import torch
+
+    from titanlm import progress as progress_module
+    from titanlm.models.hf_checkpoint import _load_safetensors, write_safetensors
+
+    monkeypatch.setattr(progress_module, "LOG_INTERVAL", 0.0)
+    state = {f"w{i}": torch.zeros(256) for i in range(4)}  # 1 KiB each: 4 shards of 1 KiB
+    files = write_safetensors(state, tmp_path, shard_bytes=1024)
+    assert len(files) == 5  # and the index
+    assert "write: 4.10k/4.10k B (100%)" in capsys.readouterr().err
+    assert torch.equal(_load_safetensors(files[0])["w0"], state["w0"])

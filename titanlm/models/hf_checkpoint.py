@@ -26,6 +26,7 @@ from titanlm.models.hf_adapter import (
     to_hf,
 )
 from titanlm.models.transformer import Transformer
+from titanlm.progress import progress
 
 Shapes = dict[str, tuple[int, ...]]
 HF_SINGLE = "model.safetensors"
@@ -184,8 +185,10 @@ def read_hf_model(
     files = check_hf_weights(hf_dir, args, model_type)
     ignored = _tied_output_names(model_type) if args.tie_embeddings else ()
     hf_state: StateDict = {}
-    for file in files:
-        hf_state.update(_load_safetensors(file))
+    with progress(total=sum(file.stat().st_size for file in files), desc="read", unit="B", unit_scale=True) as bar:
+        for file in files:
+            hf_state.update(_load_safetensors(file))
+            bar.update(file.stat().st_size)
     return args, from_hf({k: v for k, v in hf_state.items() if k not in ignored}, args, model_type)
 
 
@@ -231,18 +234,22 @@ def write_safetensors(state: StateDict, out_dir: Path, shard_bytes: int) -> list
         shards[-1][key] = tensor.contiguous()
         size += nbytes
     metadata = {"format": "pt"}  # transformers refuses safetensors files without it
-    if len(shards) == 1:
-        save_file(shards[0], out_dir / HF_SINGLE, metadata=metadata)
-        give_default_mode(out_dir / HF_SINGLE)
-        return [out_dir / HF_SINGLE]
-    files, weight_map = [], {}
-    for i, shard in enumerate(shards, start=1):
-        file = out_dir / f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, file, metadata=metadata)
-        give_default_mode(file)
-        weight_map.update(dict.fromkeys(shard, file.name))
-        files.append(file)
     total = sum(t.numel() * t.element_size() for t in state.values())
+    names = (
+        [HF_SINGLE]
+        if len(shards) == 1
+        else [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+    )
+    files, weight_map = [], {}
+    with progress(total=total, desc="write", unit="B", unit_scale=True) as bar:
+        for name, shard in zip(names, shards):
+            save_file(shard, out_dir / name, metadata=metadata)
+            give_default_mode(out_dir / name)
+            weight_map.update(dict.fromkeys(shard, name))
+            files.append(out_dir / name)
+            bar.update(sum(t.numel() * t.element_size() for t in shard.values()))
+    if len(shards) == 1:
+        return files
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out_dir / HF_INDEX).write_text(json.dumps(index, indent=2) + "\n")
     return [*files, out_dir / HF_INDEX]
