@@ -7,6 +7,7 @@ against the format and not against each other.
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import re
@@ -171,6 +172,35 @@ def _problem(root) -> str:
     problems = validate_folder(str(root))
     assert problems and problems[0] in str(info.value)
     return str(info.value)
+
+
+def test_a_symlink_loop_is_read_once_with_a_warning_naming_it(folder, caplog):
+    root, expected = folder
+    loop = os.path.join(root, "en", "sub", "again")
+    os.symlink(os.path.join("..", ".."), loop)  # en/sub/again -> the root
+    with caplog.at_level(logging.WARNING, logger="titanlm"):
+        data = BinMetaFolder(root)
+    assert data.num_documents == len(expected) and len(data.files) == 4  # not 41 times each
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{loop} links back to {os.path.realpath(root)}, which holds it (a symlink loop): its files are read "
+        "once, not again through the link; remove the link"
+    ]
+
+
+def test_two_links_to_one_folder_read_it_once_under_the_first_name(tmp_path, caplog):
+    _good(tmp_path, "shared/en/d.bin")
+    root = tmp_path / "data"
+    root.mkdir()
+    for name in ("code", "en"):
+        os.symlink(tmp_path / "shared" / "en", root / name)
+    with caplog.at_level(logging.WARNING, logger="titanlm"):
+        data = BinMetaFolder(str(root))
+    assert data.types == ["code"] and data.num_documents == 3
+    shared = os.path.realpath(tmp_path / "shared" / "en")
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{root / 'en'} leads to {shared}, which {root / 'code'} already leads to: its files are read once, "
+        f"through {root / 'code'}; remove one of the links"
+    ]
 
 
 def test_missing_or_empty_folder(tmp_path):

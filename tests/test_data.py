@@ -6,6 +6,7 @@ import multiprocessing as mp
 import os
 import re
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -33,10 +34,10 @@ SEQ = 8
 
 
 @pytest.fixture(scope="module")
-def demo_cache(tmp_path_factory: pytest.TempPathFactory) -> str:
-    cache = str(tmp_path_factory.mktemp("cache"))
-    ensure_demo_assets(cache)
-    return cache
+def demo_cache(demo_cache: Path) -> str:
+    """The session's demo cache, built, as the string a config's data.cache_folder holds."""
+    ensure_demo_assets(str(demo_cache))
+    return str(demo_cache)
 
 
 def _take(it, n: int) -> list:
@@ -381,6 +382,37 @@ def test_valid_folder_errors_name_data_valid_folder(tmp_path):
         r"data\.min_length = 31 tokens",
     ):
         valid_loader_for(cfg, 0, 1, 64)
+
+
+def _bin_folder(root: Path, docs: list[list[int]]) -> str:
+    with BinWriter(str(root / "en" / "d.bin")) as writer:
+        for tokens in docs:
+            writer.write(tokens)
+    return str(root)
+
+
+NO_LABEL = {
+    "every token a prompt token": [[-t for t in range(1 + 40 * d, 41 + 40 * d)] for d in range(20)],
+    "one-token documents": [[7 + d] for d in range(300)],
+}
+
+
+@pytest.mark.parametrize("docs", NO_LABEL.values(), ids=NO_LABEL.keys())
+def test_bin_data_with_no_token_to_predict_is_refused_at_start(tmp_path, docs):
+    """Such data would train at loss 0.0 without a word."""
+    cfg = _cfg(str(tmp_path), "bin")
+    cfg.data.train_folder = _bin_folder(tmp_path / "train", docs)
+    with pytest.raises(ValueError, match=r"^data\.train_folder = .*train' holds no token to predict .*loss 0"):
+        loader_for(cfg, 0, 1, 2048)
+
+
+@pytest.mark.parametrize("docs", NO_LABEL.values(), ids=NO_LABEL.keys())
+def test_a_valid_folder_with_no_token_to_score_is_refused_naming_data_valid_folder(tmp_path, docs):
+    """Validation would report nothing."""
+    cfg = _bin_cfg(tmp_path, [20, 30])
+    cfg.data.valid_folder = _bin_folder(tmp_path / "unscored", docs)
+    with pytest.raises(ValueError, match=r"^data\.valid_folder = .*unscored' holds no token to predict"):
+        valid_loader_for(cfg, 0, 1, 2048)
 
 
 def test_negative_min_length_is_refused_naming_the_key():

@@ -8,6 +8,7 @@ which otherwise see nothing: torchrun starts each in a session of its own.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -21,8 +22,10 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, P
 from trainer_runs import REPO, TINY_ARGS, read_metrics, run_in_process, worker_env
 
 from titanlm.distributed import init_distributed, report_error
+from titanlm.errors import CheckpointError, DataError
 from titanlm.launch import Relay, failure_code
 from titanlm.stop import Action, StopRequests
+from titanlm.train import main as train_main
 
 CONFIG = ["--job.config_file", str(REPO / "train_configs" / "debug_model.toml")]  # run_train.sh's default
 # Runs until a signal stops it, and saves only then.
@@ -150,6 +153,104 @@ def test_a_rank_without_an_error_file_prints_its_error_with_its_rank(monkeypatch
     monkeypatch.delenv("TORCHELASTIC_ERROR_FILE", raising=False)
     report_error("error: data folder data/pretrain does not exist")
     assert capsys.readouterr().err == "rank 3: error: data folder data/pretrain does not exist\n"
+
+
+# ---- a launch environment that cannot start a job: one line, exit 2 -------------------------------
+
+LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+
+
+def one_error_line(err: str, expected: str) -> None:
+    assert len(err.splitlines()) == 1 and "error: " in err and expected in err, err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "env, expected",
+    [
+        ({"WORLD_SIZE": "2", "RANK": "0"}, "MASTER_ADDR and MASTER_PORT are not set"),
+        ({"WORLD_SIZE": "2", "RANK": "abc"}, "RANK='abc' is not a whole number"),
+        ({"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "localhost", "MASTER_PORT": "x"}, "MASTER_PORT='x'"),
+    ],
+    ids=["no MASTER_ADDR", "RANK=abc", "MASTER_PORT=x"],
+)
+def test_a_process_environment_that_cannot_join_a_job_is_one_line_with_exit_2(
+    tmp_path, monkeypatch, capsys, env, expected
+) -> None:
+    """`RANK=.. WORLD_SIZE=.. python -m titanlm.train`, as a job script started by hand may run it."""
+    for name in (*LAUNCH_VARIABLES, "TORCHELASTIC_ERROR_FILE", "TITANLM_TRACEBACK"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit) as info:
+        train_main([*TINY_ARGS, "--job.dump_folder", str(tmp_path / "run")])
+    assert info.value.code == 2
+    one_error_line(capsys.readouterr().err, expected)
+
+
+@pytest.mark.parametrize("value, traceback", [("0", False), ("", False), ("off", False), ("1", True)])
+def test_titanlm_traceback_0_keeps_the_one_line_and_1_shows_the_traceback(
+    tmp_path, monkeypatch, capsys, value, traceback
+) -> None:
+    monkeypatch.setenv("TITANLM_TRACEBACK", value)
+    missing = str(tmp_path / "nope")
+    argv = [*TINY_ARGS, "--job.dump_folder", str(tmp_path / "run"), "--data.dataset", "bin"]
+    argv += ["--data.train_folder", missing]
+    if traceback:
+        with pytest.raises(DataError, match="nope does not exist"):
+            train_main(argv)
+        return
+    with pytest.raises(SystemExit) as info:
+        train_main(argv)
+    assert info.value.code == 2
+    one_error_line(capsys.readouterr().err, f"data folder {missing} does not exist")
+
+
+def launch_env(**variables: str) -> dict[str, str]:
+    """This environment without the launch variables, plus `variables`."""
+    env = {k: v for k, v in worker_env().items() if k not in (*LAUNCH_VARIABLES, "NGPU", "NNODES", "NODE_RANK")}
+    return {**{k: v for k, v in env.items() if not k.startswith(("SLURM_", "PET_"))}, **variables}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "env, expected",
+    [
+        ({"NGPU": "0"}, "NGPU=0"),
+        ({"NGPU": "abc"}, "NGPU=abc"),
+        ({"NNODES": "two"}, "NNODES=two"),
+        ({"NNODES": "2", "MASTER_ADDR": "localhost"}, "NNODES=2 needs NODE_RANK"),
+        ({"NNODES": "2", "NODE_RANK": "2", "MASTER_ADDR": "localhost"}, "NODE_RANK=2"),
+        ({"NNODES": "2", "NODE_RANK": "1"}, "NNODES=2 needs MASTER_ADDR"),
+    ],
+    ids=["NGPU=0", "NGPU=abc", "NNODES=two", "no NODE_RANK", "NODE_RANK=2", "no MASTER_ADDR"],
+)
+def test_run_train_sh_refuses_a_variable_it_cannot_launch_with_in_one_line_with_exit_2(tmp_path, env, expected) -> None:
+    command = ["bash", str(REPO / "scripts" / "run_train.sh"), *TINY_ARGS]
+    result = subprocess.run(
+        command, cwd=tmp_path, env=launch_env(PYTHON=sys.executable, **env), capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    one_error_line(result.stderr, expected)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--nproc_per_node", "0"], "--nproc_per_node '0'"),
+        (["--nproc_per_node", "abc"], "--nproc_per_node 'abc'"),
+        (["--nnodes", "2", "--master_port", "29591"], "--nnodes 2 needs --node_rank"),
+    ],
+    ids=["no process", "not a number", "no node rank"],
+)
+def test_the_launcher_refuses_arguments_that_cannot_start_a_job_in_one_line_with_exit_2(
+    tmp_path, args, expected
+) -> None:
+    command = [sys.executable, "-m", "titanlm.launch", *args, "-m", "titanlm.train", *TINY_ARGS]
+    result = subprocess.run(command, cwd=tmp_path, env=launch_env(), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stderr[-3000:]
+    one_error_line(result.stderr, expected)
 
 
 @pytest.mark.multiprocess
@@ -364,3 +465,38 @@ def test_a_torchrun_worker_takes_every_sigint_as_a_stop_request(tmp_path, monkey
         assert stop.stopped_by == signal.SIGINT and stop.exit_code == 0  # the launcher exits 130
     finally:
         stop.close()
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "utf-8-sig", "utf-16-le BOM", "utf-16-be BOM"])
+def test_a_stop_file_is_read_as_editors_and_powershell_write_it(tmp_path, encoding) -> None:
+    init_distributed()
+    stop_file = tmp_path / "STOP"
+    text = " 3\r\n"
+    if encoding.endswith("BOM"):  # PowerShell's `>` writes UTF-16 with a byte-order mark
+        codec = encoding.removesuffix(" BOM")
+        stop_file.write_bytes("\ufeff".encode(codec) + text.encode(codec))
+    else:
+        stop_file.write_bytes(text.encode(encoding))
+    stop = StopRequests(str(stop_file), True, torch.device("cpu"))
+    assert [stop.poll(step) for step in (2, 3)] == [Action.NONE, Action.SAVE_AND_STOP]
+
+
+def test_a_stop_file_that_is_no_step_or_cannot_be_read_is_ignored_with_one_warning(tmp_path, caplog) -> None:
+    init_distributed()
+    stop_file = tmp_path / "STOP"
+    stop_file.write_bytes(b"\x80\x81 five")
+    stop = StopRequests(str(stop_file), True, torch.device("cpu"))
+    with caplog.at_level(logging.WARNING, logger="titanlm"):
+        assert [stop.poll(step) for step in (1, 2)] == [Action.NONE, Action.NONE]
+        assert caplog.text.count("not an integer step N or -N; ignored") == 1
+        stop_file.unlink()
+        stop_file.mkdir()  # while the run goes on
+        assert [stop.poll(step) for step in (3, 4)] == [Action.NONE, Action.NONE]
+        assert caplog.text.count(f"stop file {stop_file} cannot be read (Is a directory); ignored") == 1
+
+
+def test_a_folder_at_the_stop_file_s_path_is_refused_at_start_and_nothing_is_written(tmp_path) -> None:
+    (tmp_path / "STOP").mkdir()
+    with pytest.raises(CheckpointError, match=rf"^checkpoint.stop_file {tmp_path / 'STOP'} is a folder; "):
+        run_in_process(tmp_path / "run", ["--checkpoint.enable", "--checkpoint.stop_file", str(tmp_path / "STOP")])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["STOP"]

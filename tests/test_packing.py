@@ -25,6 +25,7 @@ from titanlm.data import (
     parse_dataset_weights,
 )
 from titanlm.data.binmeta import BinWriter
+from titanlm.errors import CheckpointError
 
 pytestmark = pytest.mark.filterwarnings("ignore:'set_vital' is deprecated")
 
@@ -404,6 +405,23 @@ def test_resume_refuses_a_position_the_new_degree_cannot_split(corpus):
     with pytest.raises(ValueError, match="consumed 1 samples, not a multiple of 4"):
         four.load_state_dict(state)
         next(iter(four))
+
+
+@pytest.mark.slow  # a dataloader worker process
+def test_an_error_a_dataloader_worker_meets_is_the_one_line_the_main_process_would_raise(corpus):
+    """torch re-raises a worker's exception with the worker's traceback in its message; the loader keeps
+    the error's type and its own line."""
+    messages = []
+    for workers in (0, 1):
+        cfg = bin_cfg(corpus[0], batch=1, workers=workers)
+        one = loader_for(cfg, 0, 1, VOCAB)[0]
+        take(one, 1)
+        four = loader_for(cfg, 0, 4, VOCAB)[0]
+        four.load_state_dict(one.state_dict())  # 1 sample consumed: not a multiple of 4
+        with pytest.raises(CheckpointError) as info:
+            next(iter(four))
+        messages.append(str(info.value))
+    assert messages[1] == messages[0] and "consumed 1 samples, not a multiple of 4" in messages[0]
 
 
 def test_valid_loader_covers_every_document_once(corpus, tmp_path):

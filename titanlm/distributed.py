@@ -16,6 +16,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from titanlm.errors import TitanlmError
+
 logger = logging.getLogger("titanlm")
 
 # titanlm.launch tells its workers its pid, so that one whose launcher died while it was still starting
@@ -46,30 +48,78 @@ PROCESS_GROUP_TIMEOUT_S = 600
 def init_distributed(timeout_s: int = PROCESS_GROUP_TIMEOUT_S) -> DistInfo:
     """CUDA + NCCL when a GPU is present, else CPU + gloo; never assume CUDA.
 
-    Without torchrun's RANK/WORLD_SIZE variables a one-process group is created in memory,
-    so the single-process path runs the very same FSDP code as a multi-process job.
+    Without torchrun's RANK/WORLD_SIZE variables (or with WORLD_SIZE=1 and no MASTER_ADDR) a
+    one-process group is created in memory, so the single-process path runs the very same FSDP
+    code as a multi-process job.
     """
     use_cuda = torch.cuda.is_available()
     backend = "nccl" if use_cuda else "gloo"
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        # Under `srun --gpus-per-task=1` each task sees one GPU whatever its local rank.
-        device = torch.device("cuda", local_rank % torch.cuda.device_count()) if use_cuda else torch.device("cpu")
-        if use_cuda:
-            torch.cuda.set_device(device)
-        if not dist.is_initialized():
-            dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
-    else:
-        rank, world_size, local_rank = 0, 1, 0
-        device = torch.device("cuda", 0) if use_cuda else torch.device("cpu")
-        if use_cuda:
-            torch.cuda.set_device(device)
-        if not dist.is_initialized():
-            dist.init_process_group(
-                backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timedelta(seconds=timeout_s)
-            )
+    joins = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    rank, world_size, local_rank = job_position() if joins else (0, 1, 0)
+    # Under `srun --gpus-per-task=1` each task sees one GPU whatever its local rank.
+    device = torch.device("cuda", local_rank % torch.cuda.device_count()) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        timeout = timedelta(seconds=timeout_s)
+        if world_size > 1 or os.environ.get("MASTER_ADDR"):
+            dist.init_process_group(backend, timeout=timeout)
+        else:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     return DistInfo(rank, local_rank, world_size, device)
+
+
+class LaunchError(TitanlmError):
+    """A variable torchrun sets for each process (RANK, WORLD_SIZE, ...) that cannot make a job."""
+
+
+_LAUNCH_HINT = (
+    "launch with scripts/run_train.sh or torchrun, which set RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and "
+    "MASTER_PORT for each process, or unset RANK and WORLD_SIZE to train in one process"
+)
+
+
+def job_position() -> tuple[int, int, int]:
+    """(rank, world size, local rank) of a process that joins a job, from torchrun's variables, checked."""
+    values = []
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        text = os.environ.get(name, "0")
+        try:
+            values.append(int(text))
+        except ValueError:
+            raise LaunchError(f"{name}={text!r} is not a whole number; {_LAUNCH_HINT}") from None
+    rank, world_size, local_rank = values
+    if not 0 <= rank < world_size or local_rank < 0:
+        raise LaunchError(
+            f"RANK={rank} must be from 0 to WORLD_SIZE - 1 (WORLD_SIZE={world_size}) and LOCAL_RANK={local_rank} "
+            f"not negative; {_LAUNCH_HINT}"
+        )
+    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
+    if world_size > 1 and missing:
+        raise LaunchError(
+            f"RANK={rank} and WORLD_SIZE={world_size} make this process one of a {world_size}-process job, but "
+            f"{' and '.join(missing)} {'are' if len(missing) > 1 else 'is'} not set (rank 0's host and a free "
+            f"port); {_LAUNCH_HINT}"
+        )
+    port = os.environ.get("MASTER_PORT", "")
+    if port and not (port.isdigit() and 0 < int(port) < 65536):
+        raise LaunchError(f"MASTER_PORT={port!r} is not a port number (1 to 65535); {_LAUNCH_HINT}")
+    return rank, world_size, local_rank
+
+
+def env_rank() -> int:
+    """This process's rank as RANK gives it, for logging and error lines: 0 without RANK, and when RANK is
+    not a number (init_distributed refuses it; the error has to be printed first)."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+def traceback_requested() -> bool:
+    """Whether TITANLM_TRACEBACK asks `main` to re-raise a user error with its traceback: any value but
+    empty, 0, false, no or off."""
+    return os.environ.get("TITANLM_TRACEBACK", "").strip().lower() not in ("", "0", "false", "no", "off")
 
 
 def set_determinism(seed: int, deterministic: bool) -> None:
@@ -102,7 +152,7 @@ def report_error(line: str) -> None:
     same error, has failed too when the launcher looks. Without an error file (Slurm's task per GPU, a
     rank started by hand) another rank prints the line on stderr, prefixed with its rank.
     """
-    rank = int(os.environ.get("RANK", "0"))
+    rank = env_rank()
     if rank == 0:
         print(line, file=sys.stderr, flush=True)
     error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")

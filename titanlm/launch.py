@@ -1,5 +1,5 @@
 """torchrun, with the signals and exit codes a cluster job needs: `python -m titanlm.launch` takes torchrun's
-arguments (scripts/run_train.sh runs it) and runs torchrun's agent in this process, with three changes.
+arguments (scripts/run_train.sh runs it) and runs torchrun's agent in this process, with four changes.
 
 - SIGTERM and SIGUSR1 (scancel, `sbatch --signal`) are relayed to the workers, which save after their
   current step and stop (titanlm/stop.py); the launcher waits for them however long the save
@@ -10,6 +10,8 @@ arguments (scripts/run_train.sh runs it) and runs torchrun's agent in this proce
   printed), and the failure is one line instead of torchrun's ChildFailedError report: rank 0's error
   line when --local-ranks-filter hides rank 0's output, another rank's when only that rank failed, else
   the exit code. A worker killed by signal N gives 128 + N, as a shell would.
+- Arguments that cannot start a job (no process per node, several nodes but no --node_rank) are one
+  line and exit 2, not a traceback, nor a wait for a node that never comes.
 
 SIGHUP and SIGQUIT keep torchrun's handling. The relay finds the workers as this process's children in
 /proc, so it needs Linux; elsewhere the workers only learn of the launcher's end from its death
@@ -18,6 +20,7 @@ SIGHUP and SIGQUIT keep torchrun's handling. The relay finds the workers as this
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import signal
@@ -148,8 +151,39 @@ def shown(local_rank: int, local_ranks_filter: str) -> bool:
     return not local_ranks_filter or local_rank in {int(r) for r in local_ranks_filter.split(",")}
 
 
+def launch_problem(args: argparse.Namespace) -> str | None:
+    """What in torchrun's arguments cannot start a job, as the line to say; None when nothing.
+
+    `args.node_rank` is None when --node_rank was left out: torchrun's default 0 would make every node of a
+    multi-node job node 0, and each wait for the others."""
+    nproc = args.nproc_per_node
+    if nproc not in ("auto", "cpu", "gpu", "xpu") and not (nproc.isdigit() and int(nproc) >= 1):
+        return f"--nproc_per_node {nproc!r} is not a number of processes per node (1 or more), nor auto, cpu or gpu"
+    try:
+        min_nodes, max_nodes = torchrun.parse_min_max_nnodes(args.nnodes)
+    except (ValueError, RuntimeError):
+        min_nodes = max_nodes = 0
+    if not 1 <= min_nodes <= max_nodes:
+        return f"--nnodes {args.nnodes!r} is not a number of nodes (1 or more), nor a range MIN:MAX of them"
+    if args.standalone or args.rdzv_backend != "static" or max_nodes == 1:
+        return None
+    if args.node_rank is None:
+        return f"--nnodes {args.nnodes} needs --node_rank, this node's number from 0 to {max_nodes - 1}, one per node"
+    if not 0 <= args.node_rank < max_nodes:
+        return f"--node_rank {args.node_rank} is not from 0 to {max_nodes - 1} (--nnodes {args.nnodes})"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = torchrun.parse_args(argv)
+    parser = torchrun.get_args_parser()
+    if "PET_NODE_RANK" not in os.environ:  # torchrun's other way to give it
+        parser.set_defaults(node_rank=None)  # to tell a node rank left out from torchrun's default 0
+    args = parser.parse_args(argv)
+    problem = launch_problem(args)
+    if problem:
+        say(f"error: {problem}")
+        return USER_ERROR_EXIT_CODE
+    args.node_rank = args.node_rank or 0
     args.signals_to_handle = "SIGHUP,SIGQUIT"  # not the relayed ones: torchrun would install its own handlers
     os.environ[LAUNCHER_PID_ENV] = str(os.getpid())
     relay = Relay()

@@ -15,6 +15,7 @@ format lives in one file.
 from __future__ import annotations
 
 import json
+import logging
 import mmap
 import os
 import tempfile
@@ -26,6 +27,8 @@ import numpy as np
 
 from titanlm.errors import DataError
 from titanlm.files import publish
+
+logger = logging.getLogger("titanlm")
 
 BIN_SUFFIX = ".bin"
 META_SUFFIX = ".bin.meta"
@@ -164,8 +167,9 @@ def _find_bins(root: str, setting: str) -> tuple[list[tuple[str, str]], list[str
     if not os.path.isdir(root):
         return [], [f"data folder {root} does not exist or is not a folder; check {setting}"]
     found, problems = [], []
+    reached = {os.path.realpath(root): root}  # real folder -> the path the walk reached it by
     for folder, dirs, names in os.walk(root, followlinks=True):
-        dirs.sort()
+        dirs[:] = _new_folders(folder, sorted(dirs), reached)
         for name in sorted(names):
             path = os.path.join(folder, name)
             if name.endswith(META_SUFFIX):
@@ -189,6 +193,30 @@ def _find_bins(root: str, setting: str) -> tuple[list[tuple[str, str]], list[str
         )
     found.sort()
     return found, problems
+
+
+def _new_folders(folder: str, names: list[str], reached: dict[str, str]) -> list[str]:
+    """The sub-folders of `folder` that lead to a real folder the walk has not reached yet. Symlinks are
+    followed, but one back to a folder above (a loop, which os.walk would follow 40 levels deep, reading
+    every file 41 times) or a second way to the same folder is skipped, with a warning naming it."""
+    kept = []
+    for name in names:
+        path = os.path.join(folder, name)
+        real = os.path.realpath(path)
+        if real not in reached:
+            reached[real] = path
+            kept.append(name)
+        elif (os.path.realpath(folder) + os.sep).startswith(real + os.sep):
+            logger.warning(
+                f"{path} links back to {real}, which holds it (a symlink loop): its files are read once, not "
+                "again through the link; remove the link"
+            )
+        else:
+            logger.warning(
+                f"{path} leads to {real}, which {reached[real]} already leads to: its files are read once, "
+                f"through {reached[real]}; remove one of the links"
+            )
+    return kept
 
 
 def _load_meta(bin_path: str) -> np.ndarray:

@@ -1,22 +1,24 @@
 """The run's data: `load_run_tokenizer` reads the plan's one tokenizer, `build_dataloader` batches the
 planned dataset with a resumable StatefulDataLoader, `build_valid_dataloader` makes one fixed pass
-over the validation folder."""
+over the validation folder. A folder whose rows sampled at start hold no token to predict is refused, and
+a user error met in a dataloader worker comes out as the one line it is in the main process."""
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import numpy as np
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from titanlm.data.binmeta import BinMetaFolder
-from titanlm.data.datasets import RandomTokenDataset, ShardedStream, TextTokenDataset
+from titanlm.data.datasets import Batch, RandomTokenDataset, ShardedStream, TextTokenDataset
 from titanlm.data.demo import ensure_demo_assets
 from titanlm.data.mixing import parse_dataset_weights
 from titanlm.data.packing import PackedDataset, PackedRows
 from titanlm.data.tokenizer import Tokenizer, build_tokenizer
-from titanlm.errors import ConfigError, DataError
+from titanlm.errors import ConfigError, DataError, TitanlmError
 
 if TYPE_CHECKING:  # the plan imports this package, so its types are only annotations here
     from titanlm.plan import DataPlan, TokenizerPlan
@@ -77,6 +79,7 @@ def build_dataloader(
             weights=parse_dataset_weights(list(data.dataset_weights), documents.types),
             **common,
         )
+        _require_labels(dataset, "data.train_folder", data.train_folder, "training would run at loss 0")
     return _stateful_loader(dataset, data.local_batch_size, data.num_workers)
 
 
@@ -105,10 +108,64 @@ def build_valid_dataloader(data: DataPlan, dp_rank: int, dp_world_size: int) -> 
         row_multiple=dp_world_size * batch_size,
         pack_sample_into_one=data.pack_sample_into_one,
     )
+    _require_labels(dataset, "data.valid_folder", data.valid_folder, "validation would measure nothing")
     return _stateful_loader(dataset, batch_size, data.num_workers)
+
+
+def _require_labels(dataset: PackedDataset | PackedRows, setting: str, folder: str, consequence: str) -> None:
+    """Refuse a folder whose rows sampled at start hold no label; cheap, and it leaves the stream as it was."""
+    if not dataset.any_labelled():
+        raise DataError(
+            f"{setting} = {folder!r} holds no token to predict in the rows sampled across it: every token is a "
+            f"prompt token (stored negative) or the last of its document (one-token documents), so {consequence}; "
+            "tokenize it with the responses to learn, or raise data.min_length to drop short documents"
+        )
 
 
 def _stateful_loader(dataset: ShardedStream | PackedRows, batch_size: int, num_workers: int) -> StatefulDataLoader:
     with warnings.catch_warnings():  # torchdata 0.11 calls torch.set_vital, deprecated in newer torch
         warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
-        return StatefulDataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
+        return _Loader(dataset, batch_size=batch_size, num_workers=num_workers)
+
+
+class _Loader(StatefulDataLoader):
+    """A StatefulDataLoader that re-raises a user error from a worker process as the worker raised it.
+
+    torch re-raises a worker's exception in the main process as the same type with, for its message,
+    "Caught X in DataLoader worker process N." and the worker's traceback: the trainer's one error line
+    would be twenty. The workers start, and may fail (loading a state), in `iter`."""
+
+    def __iter__(self) -> Iterator[Batch]:
+        try:
+            return _Batches(super().__iter__())
+        except TitanlmError as error:
+            _raise_as_in_the_worker(error)
+            raise
+
+
+class _Batches:
+    def __init__(self, batches: Iterator[Batch]) -> None:
+        self._batches = batches
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self
+
+    def __next__(self) -> Batch:
+        try:
+            return next(self._batches)
+        except TitanlmError as error:
+            _raise_as_in_the_worker(error)
+            raise
+
+
+def _raise_as_in_the_worker(error: TitanlmError) -> None:
+    """Raise `error` with the message it had in the dataloader worker that raised it; return when it was
+    raised in this process."""
+    text, kind = str(error), type(error)
+    if not text.startswith(f"Caught {kind.__name__} in DataLoader worker process "):
+        return
+    # The traceback, which torch formats into the message, ends with "module.Class: message".
+    marker = f"\n{kind.__module__}.{kind.__qualname__}: "
+    at = text.rfind(marker)
+    if at >= 0:
+        raise kind(text[at + len(marker) :].rstrip("\n")) from None

@@ -32,6 +32,7 @@ A packed sample (every value a LongTensor [seq_len]):
 from __future__ import annotations
 
 from bisect import bisect_right
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -43,6 +44,9 @@ from titanlm.data.datasets import Sample, ShardedStream
 from titanlm.data.mixing import shuffled_order, weighted_order
 from titanlm.errors import ConfigError, DataError
 from titanlm.loss import IGNORE_INDEX
+
+# How many rows, spread over the data, the start-up check reads for a token to predict.
+LABEL_CHECK_ROWS = 16
 
 
 class Documents(Protocol):
@@ -145,6 +149,14 @@ def packed_sample(
     return {key: torch.from_numpy(value) for key, value in arrays.items()}
 
 
+def any_labelled(row: Callable[[int], Sample], num_rows: int) -> bool:
+    """Whether any of LABEL_CHECK_ROWS rows spread evenly over rows 0..num_rows-1 has a label: a cheap check
+    at start that the data is not all prompt tokens or one-token documents, which would train at loss 0.
+    `row` must be a pure function of the row number, so the check leaves the data stream as it was."""
+    picks = np.unique(np.linspace(0, num_rows - 1, min(LABEL_CHECK_ROWS, num_rows)).round().astype(np.int64))
+    return any(bool((row(int(r))["labels"] != IGNORE_INDEX).any()) for r in picks)
+
+
 class PackedDataset(ShardedStream):
     """The endless stream of packed rows: epoch after epoch, each reshuffled (or re-mixed by type
     `weights`, see `weighted_order`) with `np.random.default_rng((seed, epoch))`.
@@ -212,6 +224,10 @@ class PackedDataset(ShardedStream):
         plan = self.epoch_plan(epoch)
         return packed_sample(self.documents, self._doc_types, plan, row, self.pack_sample_into_one)
 
+    def any_labelled(self) -> bool:
+        """Whether rows sampled over the first epoch have a token to predict (see `any_labelled`)."""
+        return any_labelled(self.sample, self.epoch_plan(0).num_rows)
+
     def type_token_shares(self, start: int, stop: int) -> dict[str, float]:
         """Share of the (non-padding) tokens per type in global samples [start, stop), e.g. the
         samples a run has consumed, to log the achieved mix next to `data.dataset_weights`."""
@@ -270,11 +286,13 @@ class PackedRows(Dataset):
     def __getitem__(self, j: int) -> Sample:
         if not 0 <= j < self._len:
             raise IndexError(j)
-        row = j * self.dp_world_size + self.dp_rank
-        return packed_sample(
-            self.documents,
-            self._doc_types,
-            self.plan,
-            row if row < self.plan.num_rows else None,
-            self.pack_sample_into_one,
-        )
+        return self.row(j * self.dp_world_size + self.dp_rank)
+
+    def row(self, row: int) -> Sample:
+        """Row `row` of all ranks' rows; an all-padding row past the packed ones."""
+        packed = row if row < self.plan.num_rows else None
+        return packed_sample(self.documents, self._doc_types, self.plan, packed, self.pack_sample_into_one)
+
+    def any_labelled(self) -> bool:
+        """Whether rows sampled over the packed ones have a token to score (see `any_labelled`)."""
+        return any_labelled(self.row, self.plan.num_rows)
