@@ -335,11 +335,13 @@ def test_loader_global_batch_is_independent_of_dp(demo_cache):
     assert torch.equal(torch.cat(parts)[[0, 2, 1, 3]], single)
 
 
-def test_random_and_auto_loaders(tmp_path):
-    loader, tok = loader_for(_cfg(str(tmp_path), "auto"), 0, 1, vocab_size=50)
+def test_random_loader_needs_no_tokenizer_and_auto_without_a_folder_is_the_demo(tmp_path, demo_cache):
+    loader, tok = loader_for(_cfg(str(tmp_path), "random"), 0, 1, vocab_size=50)
     batch = next(iter(loader))
     assert tok is None and int(batch["input_ids"].max()) < 50
     assert not os.listdir(tmp_path)  # random data needs no demo assets
+    loader, tok = loader_for(_cfg(demo_cache, "auto"), 0, 1, vocab_size=2048)
+    assert tok is not None and tok.vocab_size == 512  # the demo corpus, with its own tokenizer
 
 
 def test_loader_errors(demo_cache, tmp_path):

@@ -21,11 +21,12 @@ from titanlm.checkpoint.hf_export import export_hf_folder
 from titanlm.config import load_config
 from titanlm.data.demo import ensure_demo_assets
 from titanlm.data.tokenizer import build_tokenizer, export_hf_tokenizer
+from titanlm.errors import MissingFileError
 from titanlm.models import FLAVORS, ModelArgs, Transformer, count_params
 from titanlm.models.flavors import RopeScaling
 from titanlm.models.hf_adapter import args_from_hf_config, hf_config
 from titanlm.models.hf_checkpoint import read_hf_model
-from titanlm.models.spec import ModelSpec, ModelSpecError, read_record, resolve_model_spec
+from titanlm.models.spec import ModelSpec, read_record, resolve_model_spec
 from titanlm.tools.convert import main as convert
 from titanlm.train import build_trainer
 
@@ -350,7 +351,7 @@ def test_tokenizer_path_may_name_a_folder_holding_the_tokenizer(tmp_path: Path, 
     folder = hf_folder(tmp_path / "hf", ODD, demo_cache)
     spec = resolve_model_spec(load_config(["--model.tokenizer_path", str(folder)]).model)
     assert spec.tokenizer_path == str(folder / "tokenizer.json")  # the export's, preferred to its tokenizer.model
-    with pytest.raises(ModelSpecError, match="is a folder without tokenizer.json or tokenizer.model"):
+    with pytest.raises(MissingFileError, match="is a folder without tokenizer.json or tokenizer.model; check model"):
         resolve_model_spec(load_config(["--model.tokenizer_path", str(tmp_path)]).model)
 
 

@@ -17,7 +17,8 @@ from titanlm.config import load_config
 from titanlm.data.binmeta import BinMetaFolder
 from titanlm.data.tokenizer import build_tokenizer
 from titanlm.loss import IGNORE_INDEX, token_cross_entropy
-from titanlm.tools.tokenize_chat import main, resolve_tokenizer
+from titanlm.models.hf_checkpoint import tokenizer_file_at
+from titanlm.tools.tokenize_chat import main
 from titanlm.train import build_trainer
 
 SYSTEM = {"role": "system", "content": "Be brief."}
@@ -119,7 +120,7 @@ def test_ids_equal_apply_chat_template_and_only_replies_with_end_of_turn_are_tra
     assert (
         _tokenize(source, tmp_path / "out", folder, family if template == "builtin" else "hf", "--split_ratio", 0) == 0
     )
-    tok = build_tokenizer(resolve_tokenizer(str(folder)))
+    tok = build_tokenizer(tokenizer_file_at(str(folder), "a test"))
     documents = _documents(tmp_path / "out")
     assert len(documents) == len(CONVERSATIONS)  # --split_ratio 0: all in train, in input order
     for ids, conversation in zip(documents, CONVERSATIONS):

@@ -14,6 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from titanlm.errors import MissingFileError
 from titanlm.files import give_default_mode, read_json_file
 from titanlm.models.flavors import ModelArgs
 from titanlm.models.hf_adapter import (
@@ -115,6 +116,28 @@ def tokenizer_file(folder: Path) -> Path | None:
         if (folder / name).is_file():
             return folder / name
     return None
+
+
+def tokenizer_file_at(path: str, setting: str, must_exist: bool = True) -> str:
+    """The tokenizer file a setting names: the file itself, or the one an HF model or tokenizer folder
+    holds (tokenizer.json first); the error names `setting`, the key or flag that gave the path. Without
+    `must_exist` a path that is no folder is taken as it is, to be checked where it is read (a dry run
+    plans for machines whose files this one may not have)."""
+    full = Path(path).expanduser()
+    if full.is_dir():
+        found = tokenizer_file(full)
+        if found is None:
+            raise MissingFileError(
+                f"tokenizer {path} is a folder without tokenizer.json or tokenizer.model; check {setting} (a "
+                "tokenizer file, or a folder that has one)"
+            )
+        return str(found)
+    if must_exist and not full.is_file():
+        raise MissingFileError(
+            f"tokenizer {path} does not exist; check {setting} (a SentencePiece .model, tiktoken ranks file, "
+            "HF tokenizer.json, or a folder that has one)"
+        )
+    return path
 
 
 def tokenizer_files(tokenizer: Path) -> list[Path]:

@@ -33,6 +33,7 @@ from titanlm.models.hf_checkpoint import (
     read_json,
     require_dir,
     tokenizer_file,
+    tokenizer_file_at,
     tokenizer_files,
 )
 
@@ -67,7 +68,11 @@ def resolve_model_spec(model: Model) -> ModelSpec:
     With `hf_path`, `name`/`flavor` are optional; when set they must agree with the folder, since a
     user who names both expects one model and must not silently get the other.
     """
-    tokenizer = _tokenizer_setting(model.tokenizer_path)
+    tokenizer = (
+        tokenizer_file_at(model.tokenizer_path, "model.tokenizer_path", must_exist=False)
+        if model.tokenizer_path
+        else ""
+    )
     if not model.hf_path:
         name, flavor = model.name or DEFAULT_NAME, model.flavor or DEFAULT_FLAVOR
         return ModelSpec(name, get_model_args(name, flavor, model.n_layers), flavor, tokenizer_path=tokenizer)
@@ -108,22 +113,6 @@ def read_hf_folder(folder: Path, name: str | None = None, flavor: str | None = N
     family = name or FAMILY_OF_MODEL_TYPE[read_json(folder / "config.json")["model_type"]]
     tokenizer = tokenizer_file(folder)
     return ModelSpec(family, args, flavor or "", str(folder), str(tokenizer) if tokenizer else ""), state
-
-
-def _tokenizer_setting(path: str) -> str:
-    """model.tokenizer_path as a file: a folder (an HF model or tokenizer folder) gives its tokenizer file."""
-    if not path:
-        return ""
-    full = Path(path).expanduser()
-    if full.is_dir():
-        found = tokenizer_file(full)
-        if found is None:
-            raise ModelSpecError(
-                f"model.tokenizer_path {path} is a folder without tokenizer.json or tokenizer.model; point it at "
-                "the tokenizer file or a folder that has one"
-            )
-        return str(found)
-    return path
 
 
 def warn_beyond_trained_length(args: ModelArgs, seq_len: int) -> None:

@@ -27,9 +27,9 @@ import numpy as np
 
 from titanlm.data.binmeta import OutputExistsError
 from titanlm.data.tokenizer import Tokenizer, TokenizerFileError, build_tokenizer
-from titanlm.errors import USER_ERROR_EXIT_CODE, ConfigError, MissingFileError, TitanlmError
+from titanlm.errors import USER_ERROR_EXIT_CODE, ConfigError, TitanlmError
 from titanlm.files import give_default_mode
-from titanlm.models.hf_checkpoint import tokenizer_file
+from titanlm.models.hf_checkpoint import tokenizer_file_at
 
 Main = Callable[[Sequence[str] | None], int]
 Item = TypeVar("Item")
@@ -64,20 +64,7 @@ def load_tokenizer(path: str, argument: str) -> Tokenizer:
     """The tokenizer at `path`, a file or (as model.tokenizer_path allows) an HF model or tokenizer folder
     holding one; the errors name `argument`, the tool's flag or positional argument that gave the path
     (`build_tokenizer`'s own messages name the trainer's config key)."""
-    full = Path(path).expanduser()
-    if full.is_dir():
-        found = tokenizer_file(full)
-        if found is None:
-            raise MissingFileError(
-                f"tokenizer {path} is a folder without tokenizer.json or tokenizer.model; check {argument} (a "
-                "tokenizer file, or a folder that has one)"
-            )
-        path = str(found)
-    elif not full.is_file():
-        raise MissingFileError(
-            f"tokenizer {path} does not exist; check {argument} (a SentencePiece .model, tiktoken ranks file, "
-            "HF tokenizer.json, or a folder that has one)"
-        )
+    path = tokenizer_file_at(path, argument)
     try:
         return build_tokenizer(path)
     except TokenizerFileError as e:  # its fix says to set the trainer's key; here the user sets `argument`

@@ -44,7 +44,6 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -61,7 +60,7 @@ from titanlm.data.chat_templates import (
 from titanlm.data.tokenizer import Tokenizer
 from titanlm.errors import ConfigError, DataError, MissingFileError
 from titanlm.files import read_json_file
-from titanlm.models.hf_checkpoint import tokenizer_file
+from titanlm.models.hf_checkpoint import tokenizer_file_at
 from titanlm.progress import progress
 from titanlm.tools.common import (
     SPLITS,
@@ -285,17 +284,6 @@ def encode_chunk(items: list[Item]) -> Chunk:
 # ---- the tool ------------------------------------------------------------------------------
 
 
-def resolve_tokenizer(path: str) -> str:
-    """A tokenizer file, or the tokenizer file in a folder (tokenizer.json, else tokenizer.model)."""
-    full = Path(path).expanduser()
-    found = tokenizer_file(full) if full.is_dir() else full if full.is_file() else None
-    if found is None:
-        raise MissingFileError(
-            f"tokenizer {path} is neither a tokenizer file nor a folder with tokenizer.json or tokenizer.model"
-        )
-    return str(found)
-
-
 def build_encoder(tokenizer_path: str, template: str, system: str = "", max_length: int = 2048) -> ChatEncoder:
     """The encoder of `template` for the tokenizer at `tokenizer_path` (a file or a folder), checked on
     a short conversation so that a template the tokenizer cannot express fails here, once."""
@@ -303,7 +291,7 @@ def build_encoder(tokenizer_path: str, template: str, system: str = "", max_leng
         raise ConfigError(f"--template {template} is unknown; choose one of {', '.join(TEMPLATES)}")
     if max_length < 1:
         raise ConfigError(f"--max_length {max_length} must be at least 1")
-    path = resolve_tokenizer(tokenizer_path)
+    path = tokenizer_file_at(tokenizer_path, "the TOKENIZER argument")
     tok = load_tokenizer(path, "the TOKENIZER argument")
     chat_format = load_hf_chat_template(tok, path) if template == "hf" else template
     encoder = ChatEncoder(tok, chat_format, system, max_length)
