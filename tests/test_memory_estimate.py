@@ -107,6 +107,7 @@ def test_a_cuda_target_computes_in_bfloat16_and_keeps_fp32_shards() -> None:
     assert "cuda's dtypes (bfloat16 parameters)" in cuda.note
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_keeps_the_earlier_micro_batches_gradients_through_the_step() -> None:
     one, two = traced(SMALL), traced((*SMALL, "--training.global_batch_size", "8"))
     assert two.peak_gib - one.peak_gib == pytest.approx(one.grads_gib, rel=0.01)

@@ -19,6 +19,7 @@ def lrs(records: list[dict]) -> dict[int, float]:
     return {r["step"]: r["lr"] for r in records}
 
 
+@pytest.mark.slow
 def test_a_resume_with_more_steps_follows_the_longer_schedule_from_its_first_step(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -32,6 +33,7 @@ def test_a_resume_with_more_steps_follows_the_longer_schedule_from_its_first_ste
     assert "from step 5 on" in caplog.text
 
 
+@pytest.mark.slow
 def test_a_resume_with_a_new_peak_lr_uses_it_at_once(tmp_path: Path) -> None:
     run_in_process(tmp_path / "run", [*CKPT, "--training.steps", "4"])
     resumed = run_in_process(tmp_path / "run", [*CKPT, "--training.steps", "8", "--optimizer.lr", "2e-3"])
