@@ -51,7 +51,7 @@ from titanlm.models.flops import training_flops
 from titanlm.models.hf_adapter import hf_config, to_hf_state_dict
 from titanlm.models.transformer import canonical_param_name, param_count
 from titanlm.parallel.float8 import apply_float8
-from titanlm.train import Trainer
+from titanlm.train import Trainer, build_trainer
 
 Batch = dict[str, torch.Tensor]
 
@@ -129,7 +129,7 @@ def titanlm_trainer(args: argparse.Namespace) -> Trainer:
         overrides.append("--compile.enable")
     if args.float8:
         overrides.append("--float8.enable")
-    return Trainer(load_config(overrides))
+    return build_trainer(load_config(overrides))
 
 
 def full_state_on_cpu(trainer: Trainer) -> dict[str, torch.Tensor]:

@@ -16,7 +16,7 @@ import time
 
 import titanlm
 from titanlm.config import load_config
-from titanlm.train import Trainer
+from titanlm.train import build_trainer
 
 TINY = [
     "--model.flavor",
@@ -43,7 +43,7 @@ def main() -> None:
     rounds = []
     for _ in range(options.rounds):
         with tempfile.TemporaryDirectory() as folder:
-            trainer = Trainer(
+            trainer = build_trainer(
                 load_config(
                     [
                         *TINY,

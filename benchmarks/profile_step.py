@@ -17,7 +17,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from titanlm.config import load_config
-from titanlm.train import Trainer
+from titanlm.train import build_trainer
 
 KINDS = [  # first match wins; kernel names vary by library, so these are substrings, lower case
     ("communication", ("nccl", "all_gather", "reduce_scatter", "allreduce", "gloo")),
@@ -50,7 +50,7 @@ def pop_int(argv: list[str], flag: str, default: int) -> int:
 def main(argv: list[str]) -> None:
     steps, top = pop_int(argv, "--steps", 3), pop_int(argv, "--top", 25)
     cfg = load_config(["--data.dataset", "random", "--training.steps", str(10**9), *argv])
-    trainer = Trainer(cfg)
+    trainer = build_trainer(cfg)
     vocab, seq, batch = trainer.plan.model_args.vocab_size, cfg.training.seq_len, cfg.training.local_batch_size
     tokens = torch.randint(0, vocab, (batch, seq + 1), generator=torch.Generator().manual_seed(0))
     micro_batch = {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}

@@ -1,4 +1,4 @@
-"""Regenerate the configuration table in README.md from the config dataclasses."""
+"""Regenerate the configuration reference table in docs/configuration.md from the config dataclasses."""
 
 from pathlib import Path
 
@@ -6,8 +6,8 @@ from titanlm.config import reference_markdown
 
 START, END = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
 
-readme = Path(__file__).resolve().parents[1] / "README.md"
-text = readme.read_text(encoding="utf-8")
+page = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
+text = page.read_text(encoding="utf-8")
 head, rest = text.split(START)
 _, tail = rest.split(END)
-readme.write_text(f"{head}{START}\n{reference_markdown()}\n{END}{tail}", encoding="utf-8")
+page.write_text(f"{head}{START}\n{reference_markdown()}\n{END}{tail}", encoding="utf-8")

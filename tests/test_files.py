@@ -97,8 +97,8 @@ def _manifest(folder: Path) -> Reader:
 
     def read() -> object:
         manifest = read_manifest(str(folder))
-        if "unreadable" in manifest:  # damage, which the checkpoint's loader reports as such
-            raise CheckpointError(manifest["unreadable"])
+        if "problem" in manifest:  # damage, which the checkpoint's loader reports as such
+            raise CheckpointError(manifest["problem"])
         return manifest
 
     return folder / MANIFEST, read, json.loads((folder / MANIFEST).read_text())

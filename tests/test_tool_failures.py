@@ -229,7 +229,7 @@ def _tool_mains(tmp_path: Path) -> dict[str, tuple[Callable[[list[str]], int], l
         "tokenize_chat": (
             tokenize_chat.main,
             [absent, str(tmp_path / "o"), absent, "--template", "internlm2"],
-            f"tokenizer {absent} is neither a tokenizer file nor a folder",
+            f"tokenizer {absent} does not exist; check the TOKENIZER argument",
         ),
         "inspect_data": (inspect_data.main, [str(tmp_path), "--min_length", "-1"], "--min_length -1 is negative"),
         "convert": (convert.main, ["hf_to_dcp", absent, str(tmp_path / "o")], f"'{absent}' is not an existing folder"),

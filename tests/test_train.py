@@ -192,7 +192,7 @@ def test_a_checkpoint_of_the_other_precision_leaves_the_loss_scale_as_it_starts(
 
 def test_parallel_degrees_that_do_not_fit_the_world_are_rejected() -> None:
     cfg = load_config(["--parallelism.data_parallel_shard_degree", "3"])
-    with pytest.raises(ParallelismError, match=r"multiply to 3 .* but 2 processes"):
+    with pytest.raises(ParallelismError, match=r"multiply to 3 .* but the world size is 2"):
         ParallelDims.from_config(cfg.parallelism, world_size=2)
     cfg = load_config(["--parallelism.tensor_parallel_degree", "4"])
     with pytest.raises(ParallelismError, match="world size 6 is not divisible"):
