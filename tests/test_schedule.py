@@ -1,5 +1,6 @@
-"""A resume follows the schedule of the run it continues as, not the one that saved: a changed
-training.steps, warmup or peak lr takes effect from the first resumed step, and the log says what changed."""
+"""The run's schedule: a resume follows the schedule of the run it continues as, not the one that saved (a
+changed training.steps, warmup or peak lr takes effect from the first resumed step, and the log says what
+changed), and settings that cannot take effect as written are noted at start."""
 
 from __future__ import annotations
 
@@ -65,3 +66,14 @@ def test_a_warmup_as_long_as_the_run_is_noted() -> None:
     assert any("lr_scheduler.warmup_steps gives 10 warmup steps, but training.steps is 10" in n for n in plan.notes)
     ratio = resolve(load_config(["--training.steps", "10", "--lr_scheduler.warmup_ratio", "0.5"]), 1, "cpu")
     assert not any("warmup" in note for note in ratio.notes)
+
+
+def test_validation_settings_that_cannot_take_effect_are_noted_and_the_folder_is_not_read() -> None:
+    every = resolve(load_config(["--data.valid_every", "5"]), 1, "cpu")
+    assert every.loop.valid_every == 0 and not every.data.valid_folder
+    assert "data.valid_every = 5 has no data.valid_folder to validate on; no validation runs" in every.notes
+    folder = resolve(load_config(["--data.valid_folder", "/no/such/folder"]), 1, "cpu")
+    assert folder.loop.valid_every == 0 and not folder.data.valid_folder  # never read, so never refused
+    assert any("data.valid_folder = '/no/such/folder' is not read: data.valid_every is 0" in n for n in folder.notes)
+    both = resolve(load_config(["--data.valid_folder", "v", "--data.valid_every", "5"]), 1, "cpu")
+    assert both.loop.valid_every == 5 and both.data.valid_folder == "v" and not both.notes
