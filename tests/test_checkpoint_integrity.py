@@ -283,40 +283,6 @@ def test_the_newest_checkpoint_before_skipped_steps_survives_keep_latest_k(tmp_p
     assert manifest.read_manifest(str(tmp_path / "checkpoint" / "step-5"))["consecutive_skips"] == 3
 
 
-@pytest.mark.slow
-def test_a_second_job_on_the_folder_is_refused_naming_the_holder_and_a_dead_holder_is_taken_over(
-    tmp_path, caplog
-) -> None:
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import sys, time; from titanlm.checkpoint.folder_lock import FolderLock; "
-            f"FolderLock({str(tmp_path)!r}, 'job.dump_folder').acquire(); print('held', flush=True); time.sleep(60)",
-        ],
-        cwd=REPO,
-        env=worker_env(),
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(
-            CheckpointError,
-            match=rf"job.dump_folder {tmp_path} is in use by another titanlm job "
-            rf"\(host .+, pid {holder.pid}, started .+\)",
-        ):
-            run_in_process(tmp_path, CKPT)
-        assert names(tmp_path) == [LOCK_FILE]  # the refused job wrote nothing: no checkpoint/, no metrics
-    finally:
-        holder.kill()
-        holder.wait(timeout=30)
-    with caplog.at_level(logging.INFO, logger="titanlm"):
-        run_in_process(tmp_path, [*CKPT, "--training.steps", "2"])
-    assert "from a job that ended (host" in caplog.text and f"pid {holder.pid}" in caplog.text
-    assert LOCK_FILE not in names(tmp_path)
-
-
 @contextmanager
 def held_by_another_job(folder: Path) -> Iterator[int]:
     """A live process holding the lock of `folder`, as a running job does; yields its pid."""
@@ -338,6 +304,23 @@ def held_by_another_job(folder: Path) -> Iterator[int]:
     finally:
         holder.kill()
         holder.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_a_second_job_on_the_folder_is_refused_naming_the_holder_and_a_dead_holder_is_taken_over(
+    tmp_path, caplog
+) -> None:
+    with held_by_another_job(tmp_path) as pid:
+        with pytest.raises(
+            CheckpointError,
+            match=rf"job.dump_folder {tmp_path} is in use by another titanlm job \(host .+, pid {pid}, started .+\)",
+        ):
+            run_in_process(tmp_path, CKPT)
+        assert names(tmp_path) == [LOCK_FILE]  # the refused job wrote nothing: no checkpoint/, no metrics
+    with caplog.at_level(logging.INFO, logger="titanlm"):
+        run_in_process(tmp_path, [*CKPT, "--training.steps", "2"])
+    assert "from a job that ended (host" in caplog.text and f"pid {pid}" in caplog.text
+    assert LOCK_FILE not in names(tmp_path)
 
 
 @pytest.fixture(scope="module")
