@@ -267,7 +267,7 @@ def help_text() -> str:
 
 
 def reference_markdown() -> str:
-    """The README's configuration table, generated so the documentation cannot drift."""
+    """The configuration table of docs/configuration.md, generated so the documentation cannot drift."""
     lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
     for section_keys in _schema().values():
         for key in section_keys.values():
