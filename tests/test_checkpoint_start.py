@@ -111,16 +111,16 @@ def test_a_resume_needs_the_step_folder_to_be_a_complete_dcp_checkpoint(tmp_path
 
 
 def test_initial_load_path_must_be_one_checkpoint_or_an_hf_folder(tmp_path) -> None:
-    def check(path: Path) -> None:
-        check_source(Start("checkpoint.initial_load_path", str(path), ("model",), INITIAL_FIX))
+    def check(path: Path) -> Start:
+        return check_source(Start("checkpoint.initial_load_path", str(path), ("model",), INITIAL_FIX))
 
     run = tmp_path / "run"
     dcp(run / "step-2")
     dcp(run / "step-10")
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "config.json").write_text("{}")
-    check(run / "step-10")
-    check(tmp_path / "hf")
+    assert not check(run / "step-10").hf_folder
+    assert check(tmp_path / "hf").hf_folder  # read directly, as every rank learns from rank 0's check
     with pytest.raises(CheckpointError, match=r"is a checkpoint folder, not one checkpoint; .* e\.g\. .*run/step-10$"):
         check(run)
     with pytest.raises(CheckpointError, match=r"has no \.metadata file, so it is not a DCP checkpoint"):

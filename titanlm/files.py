@@ -89,3 +89,14 @@ def read_json_file(
         found = _JSON_NAMES.get(type(value), "null")
         raise error(f"{path} holds a JSON {found}, not a JSON {_JSON_NAMES[expect]}{end}")
     return value
+
+
+TOKENIZER_FILE_FIX = "fix it, or copy the model's tokenizer files again"
+
+
+def read_tokenizer_json(path: str | os.PathLike, error: type[TitanlmError]) -> dict:
+    """A JSON object file that goes with a tokenizer (tokenizer_config.json, tokenizer.json), or {} when
+    the tokenizer has none; a malformed one is `error`, naming the file."""
+    if not os.path.isfile(path):
+        return {}
+    return read_json_file(path, error, TOKENIZER_FILE_FIX, dict)

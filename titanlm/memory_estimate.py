@@ -178,7 +178,7 @@ def _traced_step(plan: RunPlan, fake: bool) -> MemoryEstimate:
     from torch.distributed._tools.mem_tracker import MemTracker
 
     device = torch.device(_TRACE_DEVICE)
-    traced_plan = replace(plan, compile=False, loss=replace(plan.loss, compiled=False))
+    traced_plan = replace(plan, compile=False)
     global_tokens = plan.batch.global_batch_size * plan.batch.seq_len
     # Meshes hold real rank tensors: they are built outside the fake mode (as torch's own estimator
     # does), and so is the meta-device model under FSDP, hence a mode that accepts real inputs.

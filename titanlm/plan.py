@@ -76,12 +76,12 @@ class LoopPlan:
 
 @dataclass(frozen=True)
 class TokenizerPlan:
-    """The run's one tokenizer: its file, the setting it comes from (for errors and the log) and the
-    model vocabulary its ids must fit in (checked where the file is read, `titanlm.data.load_run_tokenizer`)."""
+    """The run's one tokenizer: its file and the setting it comes from (for errors and the log). Its ids
+    must fit the model's vocabulary (`DataPlan.vocab_size`), checked where the file is read
+    (`titanlm.data.load_run_tokenizer`)."""
 
     path: str
     origin: str  # model.tokenizer_path, model.hf_path or "the demo corpus"
-    model_vocab_size: int
 
 
 @dataclass(frozen=True)
@@ -105,10 +105,9 @@ class DataPlan:
 @dataclass(frozen=True)
 class LossPlan:
     """`chunk_tokens` > 0: the model computes the output projection and loss that many tokens at a time;
-    otherwise the step computes the loss of whole logits, compiled with the blocks when `compiled`."""
+    otherwise the step computes the loss of whole logits (compiled with the blocks under `RunPlan.compile`)."""
 
     chunk_tokens: int
-    compiled: bool
 
     @property
     def chunked(self) -> bool:
@@ -242,7 +241,7 @@ class RunPlan:
     attention_reason: str  # why `auto` chose it, for the dry run; "" when model.attention_backend named it
     activation_checkpoint: str  # none, full or selective
     recomputed_layers: int  # blocks that recompute in backward (all but full mode's layer_fraction rest)
-    compile: bool  # torch.compile each block
+    compile: bool  # torch.compile each block, and the step's loss of whole logits
     loss: LossPlan
     optimizer_implementation: str  # fused, foreach or for-loop: `auto` resolved where the parameters live
     data: DataPlan
@@ -322,8 +321,7 @@ def resolve(cfg: JobConfig, world_size: int, device_type: str) -> RunPlan:
         activation_checkpoint=cfg.activation_checkpoint.mode,
         recomputed_layers=recomputed,
         compile=cfg.compile.enable,
-        # A chunked loss runs inside the model, whose blocks compile; only whole logits use the step's own loss.
-        loss=LossPlan(cfg.training.loss_chunk_tokens, compiled=cfg.compile.enable),
+        loss=LossPlan(cfg.training.loss_chunk_tokens),
         optimizer_implementation=resolve_optimizer_implementation(cfg, device_type, fsdp),
         data=data,
         tokenizer=tokenizer,
@@ -646,9 +644,9 @@ def resolve_tokenizer(cfg: JobConfig, model: ModelSpec, data: DataPlan) -> Token
     else the demo corpus's own; None for random or bin data without one."""
     if model.tokenizer_path:
         origin = "model.tokenizer_path" if cfg.model.tokenizer_path else "model.hf_path"
-        return TokenizerPlan(model.tokenizer_path, origin, data.vocab_size)
+        return TokenizerPlan(model.tokenizer_path, origin)
     if data.kind == "demo":
-        return TokenizerPlan(demo_assets(data.cache_folder).tokenizer_path, "the demo corpus", data.vocab_size)
+        return TokenizerPlan(demo_assets(data.cache_folder).tokenizer_path, "the demo corpus")
     return None
 
 

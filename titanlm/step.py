@@ -46,7 +46,7 @@ class ModelStep:
         # Pipeline stages share the grad norm and the loss over it; None without pipeline parallelism.
         self.pp_group: dist.ProcessGroup | None = meshes.world["pp"].get_group() if plan.pipeline.degree > 1 else None
         self.cp_rank = meshes.world["cp"].get_local_rank()
-        self.loss_fn: LossFn = torch.compile(token_cross_entropy) if plan.loss.compiled else token_cross_entropy
+        self.loss_fn: LossFn = torch.compile(token_cross_entropy) if plan.compile else token_cross_entropy
 
     def loss_context(self) -> AbstractContextManager:
         """Vocab-sharded cross-entropy (forward and backward) under loss parallelism."""

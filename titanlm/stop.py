@@ -43,15 +43,20 @@ class Action(enum.IntEnum):
     SAVE_AND_STOP = 2  # stop file N at step N, or a signal
 
 
+def check_stop_file(stop_file: str) -> None:
+    """Refuse a folder where the stop file goes: it could never be read. Rank 0 checks, as it alone reads
+    the file (`titanlm.checkpoint.rank0.on_rank0` gives every rank its verdict)."""
+    if os.path.isdir(stop_file):
+        raise CheckpointError(
+            f"checkpoint.stop_file {stop_file} is a folder; the stop file is a file holding N or -N: remove "
+            "the folder, or set checkpoint.stop_file to a file's path"
+        )
+
+
 class StopRequests:
     def __init__(self, stop_file: str, is_main: bool, device: torch.device) -> None:
         """Requests from `stop_file` now, and from signals once `listen` is called. Only rank 0 reads the
-        stop file, so that ranks never act on different versions of it; a folder in its place is refused."""
-        if os.path.isdir(stop_file):
-            raise CheckpointError(
-                f"checkpoint.stop_file {stop_file} is a folder; the stop file is a file holding N or -N: remove "
-                "the folder, or set checkpoint.stop_file to a file's path"
-            )
+        stop file, so that ranks never act on different versions of it (`check_stop_file` vets its path)."""
         self.stop_file = stop_file
         self.is_main = is_main
         self.device = device

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 import torch
 
 from titanlm.checkpoint import CheckpointManager, TrainState
+from titanlm.checkpoint.rank0 import on_rank0
 from titanlm.config import JobConfig, load_config_or_exit
 from titanlm.data import build_dataloader, build_valid_dataloader, load_run_tokenizer
 from titanlm.data.datasets import Batch
@@ -43,7 +44,7 @@ from titanlm.optim import build_lr_scheduler, build_optimizer, continue_schedule
 from titanlm.parallel.parallelize import build_model_parts
 from titanlm.plan import RunPlan, resolve
 from titanlm.step import build_model_step
-from titanlm.stop import StopRequests
+from titanlm.stop import StopRequests, check_stop_file
 from titanlm.update import OptimizerUpdate
 from titanlm.validation import validation_metrics
 
@@ -80,6 +81,7 @@ class Trainer:
         self.dataloader = build_dataloader(plan.data, self.tokenizer, dp_rank, plan.dims.dp)
         self.valid_loader = build_valid_dataloader(plan.data, dp_rank, plan.dims.dp)
         # Before the checkpointer, which locks (and may create) the folders: a refused start writes nothing.
+        on_rank0(lambda: check_stop_file(plan.checkpoint.stop_file))  # before any folder is locked or created
         self.stop_requests = StopRequests(plan.checkpoint.stop_file, self.dist.is_main, self.device)
         self.checkpointer = CheckpointManager(
             plan.checkpoint,
@@ -95,14 +97,14 @@ class Trainer:
         self.throughput = Throughput(plan, self.device)
         self.step = 0
         self.num_consumed_tokens = 0
-        self._announce()
         try:
+            self._announce()
             self.restore(self.checkpointer.load())
+            self.stop_requests.listen()  # not before: a Ctrl-C while loading has nothing to save
+            self.metrics.start(resumed_from_step=self.step)
         except BaseException:
             self.close()  # a start that fails here (e.g. a damaged checkpoint) gives the folder lock back
             raise
-        self.stop_requests.listen()  # not before: a Ctrl-C while loading has nothing to save
-        self.metrics.start(resumed_from_step=self.step)
         batch = plan.batch
         logger.info(
             plan_line(

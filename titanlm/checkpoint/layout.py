@@ -14,8 +14,7 @@ are on disk, so a complete-looking name is always a complete checkpoint: a renam
 POSIX file systems. Nothing here deletes a `.tmp`: whether it is a crash's leftover or another
 job's live save is not knowable from its name, so it is reported and left for a person. Only
 complete checkpoints are removed, by keep_latest_k, and they lose their name before their files.
-These functions touch the file system; the manager calls them on rank 0 only, but for `classify`,
-which every rank asks of the folder it is about to read.
+These functions touch the file system; the manager calls them on rank 0 only.
 """
 
 from __future__ import annotations

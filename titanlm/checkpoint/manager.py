@@ -42,7 +42,6 @@ from titanlm.checkpoint.content import TrainingContent
 from titanlm.checkpoint.diagnosis import damage_fix, failure_line, file_system_failure
 from titanlm.checkpoint.folder_lock import FolderLock, lock_run_folders
 from titanlm.checkpoint.hf_export import export_final
-from titanlm.checkpoint.layout import Kind
 from titanlm.checkpoint.rank0 import on_rank0
 from titanlm.checkpoint.start import Start, check_folder, check_source, choose_start
 from titanlm.checkpoint.train_state import TrainState
@@ -128,8 +127,7 @@ class CheckpointManager:
         if plan.enabled:
             check_folder(plan)
             steps = layout.complete_steps(plan.folder)
-        start = choose_start(plan, self.spec.hf_path, steps)
-        check_source(start)
+        start = check_source(choose_start(plan, self.spec.hf_path, steps))
         if start.origin == "resume" and plan.initial_load_path:
             logger.info(
                 f"resuming from {start.source}; checkpoint.initial_load_path only seeds runs without checkpoints"
@@ -158,7 +156,7 @@ class CheckpointManager:
         if start.source is None:
             return None
         began = time.perf_counter()
-        if layout.classify(start.source) is Kind.HF:
+        if start.hf_folder:
             self.content.load_hf(start.source, start.parts, self.spec.args)
         else:
             self._verify(start.source)

@@ -27,11 +27,10 @@ from typing import Any
 
 from titanlm.errors import CheckpointError
 from titanlm.files import read_json_file
-from titanlm.models.spec import RECORD_FILE
+from titanlm.models.spec import RECORD_FILE, RECORD_VERSION_WITH_MANIFEST, record_version
 
 MANIFEST = "titanlm_manifest.json"
 FORMAT = 1
-RECORD_VERSION_WITH_MANIFEST = 2  # the first version of titanlm_model.json that titanlm wrote with a manifest
 _CHUNK = 16 << 20
 
 FileEntry = dict[str, Any]  # {"size": int, "crc32": "8 hex digits"}
@@ -86,7 +85,7 @@ def read_manifest(folder: str) -> dict[str, Any] | None:
     writes one is returned as {"problem": what is wrong, "files": {}}: damage."""
     path = os.path.join(folder, MANIFEST)
     if not os.path.isfile(path):
-        if _record_version(folder) < RECORD_VERSION_WITH_MANIFEST:
+        if record_version(folder) < RECORD_VERSION_WITH_MANIFEST:
             return None
         return {"problem": f"{MANIFEST} is missing, though {RECORD_FILE} shows a titanlm that writes one", "files": {}}
     try:
@@ -102,18 +101,6 @@ def read_manifest(folder: str) -> dict[str, Any] | None:
     except ValueError as error:  # read_json_file's CheckpointError (an unreadable file too) is one
         return {"problem": f"{MANIFEST} is unreadable ({error})", "files": {}}
     return manifest
-
-
-def _record_version(folder: str) -> int:
-    """The version of the checkpoint's model record; 0 without one, or with one that cannot tell."""
-    path = os.path.join(folder, RECORD_FILE)
-    if not os.path.isfile(path):
-        return 0
-    try:
-        version = read_json_file(path, CheckpointError, fix="", expect=dict).get("version")
-    except ValueError:  # an unreadable record is reported where the record is read
-        return 0
-    return version if isinstance(version, int) else 0
 
 
 def size_problem(folder: str, manifest: dict[str, Any]) -> str | None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from titanlm.checkpoint import layout
 from titanlm.checkpoint.diagnosis import check_writable
@@ -41,6 +41,7 @@ class Start:
     source: str | None = None
     parts: tuple[str, ...] = ()
     fix: str = ""
+    hf_folder: bool = False  # `source` is a Hugging Face folder, read directly, not a DCP checkpoint (check_source)
 
     def describe(self, seed: int) -> str:
         """Where the run's weights come from, for the first log lines."""
@@ -88,18 +89,22 @@ def resume_step(plan: CheckpointPlan, steps: list[int]) -> int | None:
     return load_step
 
 
-def check_source(start: Start) -> None:
-    """Refuse a source that is not one loadable checkpoint, saying what it is instead. A Hugging Face
-    folder is accepted from initial_load_path too: its weights are read directly (TrainingContent.load_hf);
-    model.hf_path was checked when the plan read its config.json."""
+def check_source(start: Start) -> Start:
+    """`start` with what kind of folder its source is, or an error for a source that is not one loadable
+    checkpoint, saying what it is instead. A Hugging Face folder is accepted from initial_load_path too:
+    its weights are read directly (TrainingContent.load_hf); model.hf_path was checked when the plan read
+    its config.json."""
     path = start.source
+    if path is None:
+        return start
+    start = replace(start, hf_folder=layout.classify(path) is Kind.HF)
     if start.origin == "resume" and layout.classify(path) is not Kind.DCP:
         raise CheckpointError(
             f"{path} has no {layout.METADATA} file, so it is not a complete DCP checkpoint (copied in "
             "part?); move it out of the folder, or pick another with checkpoint.load_step"
         )
     if start.origin != "checkpoint.initial_load_path":
-        return
+        return start
     key = f"checkpoint.initial_load_path {path}"
     if not os.path.isdir(path):
         raise CheckpointError(f"{key} is not a folder; point it at a step-N folder or a converted model")
@@ -114,6 +119,7 @@ def check_source(start: Start) -> None:
             f"{key} has no {layout.METADATA} file, so it is not a DCP checkpoint; point it at a step-N folder "
             "or a converted model"
         )
+    return start
 
 
 def check_folder(plan: CheckpointPlan) -> None:

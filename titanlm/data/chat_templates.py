@@ -30,7 +30,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from titanlm.data.tokenizer import HuggingFaceTokenizer, Tokenizer
 from titanlm.errors import ConfigError, DataError
-from titanlm.files import read_json_file, read_text_file
+from titanlm.files import read_text_file, read_tokenizer_json
 
 ROLES = ("system", "user", "assistant")
 # The special tokens that end a reply in these formats (beside the tokenizer's eos): decoding stops there.
@@ -391,12 +391,6 @@ def _compile(source: str, origin: str) -> Any:
         raise DataError(f"the chat template of {origin} is not valid Jinja2 (line {e.lineno}: {e.message})") from None
 
 
-def _read_config(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    return read_json_file(path, DataError, "fix it, or copy the model's tokenizer files again", dict)
-
-
 def _content(value: Any) -> str | None:
     """A token as tokenizer_config.json spells it: a string or an AddedToken dict."""
     value = value.get("content") if isinstance(value, dict) else value
@@ -408,7 +402,7 @@ def load_hf_chat_template(tok: Tokenizer, tokenizer_path: str) -> HFChatTemplate
     `chat_template`, as transformers reads them), checked on a short conversation: it renders, and
     every control token it writes is one token of `tok`."""
     folder = Path(tokenizer_path).parent
-    config = _read_config(folder / "tokenizer_config.json")
+    config = read_tokenizer_json(folder / "tokenizer_config.json", DataError)
     jinja_file = folder / "chat_template.jinja"
     if jinja_file.is_file():
         source, origin = read_text_file(jinja_file), str(jinja_file)
@@ -433,7 +427,7 @@ def load_hf_chat_template(tok: Tokenizer, tokenizer_path: str) -> HFChatTemplate
     listed += [(_content(t), True) for t in config.get("additional_special_tokens", [])]
     listed += [(name, True) for name in _BOS_EOS_NAMES if tok.token_id(name) in (tok.bos_id, tok.eos_id)]
     if isinstance(tok, HuggingFaceTokenizer):
-        tokenizer_json = _read_config(Path(tok.path))
+        tokenizer_json = read_tokenizer_json(tok.path, DataError)
         listed += [(t.get("content"), t.get("special", False)) for t in tokenizer_json.get("added_tokens", [])]
     added = {name: i for name, _ in listed if name and (i := tok.token_id(name)) is not None}
     special_ids = frozenset(added[name] for name, special in listed if special and name in added)

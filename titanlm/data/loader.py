@@ -32,10 +32,10 @@ def load_run_tokenizer(plan: TokenizerPlan | None, data: DataPlan) -> Tokenizer 
     if data.kind == "demo":
         ensure_demo_assets(data.cache_folder)
     tokenizer = build_tokenizer(plan.path)
-    if tokenizer.vocab_size > plan.model_vocab_size:
+    if tokenizer.vocab_size > data.vocab_size:
         raise ConfigError(
             f"the tokenizer {plan.path!r} (from {plan.origin}) has {tokenizer.vocab_size} tokens but the model's "
-            f"vocab_size is {plan.model_vocab_size}; pick a model with vocab_size >= {tokenizer.vocab_size}, or "
+            f"vocab_size is {data.vocab_size}; pick a model with vocab_size >= {tokenizer.vocab_size}, or "
             "another model.tokenizer_path"
         )
     return tokenizer

@@ -23,12 +23,15 @@ import tokenizers
 
 from titanlm.data.tokenizer_json import sentencepiece_json, tiktoken_json, with_bos_first
 from titanlm.errors import DataError, MissingFileError
-from titanlm.files import read_json_file
+from titanlm.files import read_tokenizer_json
 from titanlm.models.hf_checkpoint import tokenizer_files
 
 logger = logging.getLogger("titanlm")
 
-_HINT = "set --model.tokenizer_path to a SentencePiece .model, tiktoken ranks file or HF tokenizer.json"
+
+def _hint(setting: str) -> str:
+    return f"set {setting} to a SentencePiece .model, tiktoken ranks file or HF tokenizer.json"
+
 
 TOKENIZER_TYPES = ("auto", "sentencepiece", "tiktoken", "huggingface")
 
@@ -167,13 +170,11 @@ def load_tiktoken_ranks(path: str) -> dict[bytes, int]:
                 token_b64, rank = parts
                 ranks[base64.b64decode(token_b64, validate=True)] = int(rank)
             except ValueError:  # wrong field count, bad base64 (binascii.Error) or bad rank
-                raise TokenizerFileError(
-                    f"{path} line {line_no} is not `base64token rank`: {line[:80]!r}; {_HINT}"
-                ) from None
+                raise TokenizerFileError(f"{path} line {line_no} is not `base64token rank`: {line[:80]!r}") from None
     if sorted(ranks.values()) != list(range(len(ranks))):
         raise TokenizerFileError(
             f"{path}: the {len(ranks)} ranks are not 0..{len(ranks) - 1} without duplicates; "
-            f"the file is corrupt or not a tiktoken BPE file; {_HINT}"
+            "the file is corrupt or not a tiktoken BPE file"
         )
     return ranks
 
@@ -232,17 +233,11 @@ class HuggingFaceTokenizer(Tokenizer):
         self.path = path
         self._tok = tokenizers.Tokenizer.from_file(path)
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
-        config = self._config(os.path.join(os.path.dirname(path), "tokenizer_config.json"))
+        config = read_tokenizer_json(os.path.join(os.path.dirname(path), "tokenizer_config.json"), TokenizerFileError)
         self.bos_id = self._find(config.get("bos_token"), self._BOS_NAMES)
         self.eos_id = self._find(config.get("eos_token"), self._EOS_NAMES)
         pad = self._find(config.get("pad_token"), ())
         self.pad_id = pad if pad >= 0 else max(self.eos_id, 0)
-
-    @staticmethod
-    def _config(path: str) -> dict:
-        if not os.path.isfile(path):
-            return {}
-        return read_json_file(path, TokenizerFileError, "fix it, or copy the model's tokenizer files again", dict)
 
     def _find(self, configured: str | dict | None, names: tuple[str, ...]) -> int:
         if isinstance(configured, dict):
@@ -288,25 +283,25 @@ def detect_tokenizer_type(path: str) -> str:
     return "sentencepiece"
 
 
-def build_tokenizer(path: str, kind: str = "auto") -> Tokenizer:
+def build_tokenizer(path: str, kind: str = "auto", setting: str = "--model.tokenizer_path") -> Tokenizer:
     """Load the tokenizer stored at `path`; `kind` is one of TOKENIZER_TYPES, "auto" = detect it
-    from the file's content."""
+    from the file's content. Errors name `setting`, the key or flag that gave the path, as the fix."""
     full = os.path.expanduser(path)
     if not os.path.isfile(full):
-        raise MissingFileError(f"tokenizer file not found: {path!r}; {_HINT}")
+        raise MissingFileError(f"tokenizer file not found: {path!r}; {_hint(setting)}")
     if kind not in TOKENIZER_TYPES:
         raise ValueError(f"unknown tokenizer type {kind!r}; use one of {', '.join(TOKENIZER_TYPES)}")
     if kind == "auto":
         try:
             kind = detect_tokenizer_type(full)
         except OSError as e:  # e.g. no read permission
-            raise TokenizerFileError(f"cannot read {path!r} ({e.strerror}); {_HINT}") from None
+            raise TokenizerFileError(f"cannot read {path!r} ({e.strerror}); {_hint(setting)}") from None
     try:
         return _BUILDERS[kind](full)
-    except TokenizerFileError:
-        raise
+    except TokenizerFileError as e:  # a file its builder found malformed: the builder says where
+        raise TokenizerFileError(f"{e}; {_hint(setting)}") from None
     except Exception as e:  # each library has its own error types for a malformed file
-        raise TokenizerFileError(f"cannot load {path!r} as a {kind} tokenizer ({e}); {_HINT}") from e
+        raise TokenizerFileError(f"cannot load {path!r} as a {kind} tokenizer ({e}); {_hint(setting)}") from e
 
 
 def export_hf_tokenizer(tokenizer_path: str, out_dir: Path) -> Tokenizer:

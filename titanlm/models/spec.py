@@ -42,7 +42,8 @@ logger = logging.getLogger("titanlm")
 DEFAULT_NAME, DEFAULT_FLAVOR = "llama3", "debug"
 RECORD_FILE = "titanlm_model.json"
 RECORD_TOKENIZER_DIR = "tokenizer"
-_RECORD_VERSION = 2  # 2: the checkpoint also has a manifest (checkpoint/manifest.py)
+RECORD_VERSION = 2  # the version written now
+RECORD_VERSION_WITH_MANIFEST = 2  # from this version on, a checkpoint also has a manifest (checkpoint/manifest.py)
 
 
 class ModelSpecError(ConversionError):
@@ -141,13 +142,26 @@ def write_record(folder: str | Path, spec: ModelSpec) -> None:
             shutil.copy2(file, target / file.name)
         tokenizer = f"{RECORD_TOKENIZER_DIR}/{Path(spec.tokenizer_path).name}"
     record = {
-        "version": _RECORD_VERSION,
+        "version": RECORD_VERSION,
         "family": spec.family,
         "flavor": spec.flavor,
         "args": asdict(spec.args),
         "tokenizer": tokenizer,
     }
     (folder / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def record_version(folder: str | Path) -> int:
+    """The version of a checkpoint's model record; 0 without one, or with one that cannot tell (an
+    unreadable record is reported where `read_record` reads it)."""
+    path = Path(folder) / RECORD_FILE
+    if not path.is_file():
+        return 0
+    try:
+        version = read_json(path).get("version")
+    except ValueError:
+        return 0
+    return version if isinstance(version, int) else 0
 
 
 def read_record(folder: str | Path) -> ModelSpec | None:

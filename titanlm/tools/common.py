@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from titanlm.data.binmeta import OutputExistsError
-from titanlm.data.tokenizer import Tokenizer, TokenizerFileError, build_tokenizer
+from titanlm.data.tokenizer import Tokenizer, build_tokenizer
 from titanlm.errors import USER_ERROR_EXIT_CODE, ConfigError, TitanlmError
 from titanlm.files import give_default_mode
 from titanlm.models.hf_checkpoint import tokenizer_file_at
@@ -65,10 +65,7 @@ def load_tokenizer(path: str, argument: str) -> Tokenizer:
     holding one; the errors name `argument`, the tool's flag or positional argument that gave the path
     (`build_tokenizer`'s own messages name the trainer's config key)."""
     path = tokenizer_file_at(path, argument)
-    try:
-        return build_tokenizer(path)
-    except TokenizerFileError as e:  # its fix says to set the trainer's key; here the user sets `argument`
-        raise TokenizerFileError(str(e).replace("--model.tokenizer_path", argument)) from None
+    return build_tokenizer(path, setting=argument)
 
 
 def check_workers(workers: int) -> None:

@@ -297,7 +297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     texts = _read_prompts(options)
     device, dtype = resolve_device(options.device, options.dtype)
     spec, state = load_checkpoint(options.checkpoint, options.tokenizer_path, options.name, options.flavor)
-    tok = build_tokenizer(spec.tokenizer_path)
+    tok = build_tokenizer(spec.tokenizer_path, setting="--tokenizer_path")
     chat_format = (options.chat_format or spec.family) if options.chat else ""
     prompts = _checked_prompts(encode_prompts(tok, texts, chat_format, options.system), spec, options.allow_overflow)
     if tok.vocab_size < spec.args.vocab_size:  # the debug flavors' 2048 ids with the 512-piece demo tokenizer
